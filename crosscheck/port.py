@@ -1,0 +1,387 @@
+"""Torch <-> Flax weight porting, driven by the tables in :mod:`crosscheck.portmap`.
+
+* :func:`load_state_dict` — torch state dict -> Flax ``variables`` (validated).
+* :func:`to_state_dict` — Flax ``variables`` -> torch state dict (keys, layouts and buffers).
+* :func:`from_torch` — a torch module (the book's classes, users' copies of
+  them, the fused-QKV class, ``torch.nn.MultiheadAttention``) -> ``(flax_module, variables)``.
+* :func:`load_file` — ``.pt``/``.pth`` (``weights_only=True``) or ``.safetensors`` -> state dict.
+
+Every error names each offending key with the expected and the found shape.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from crosscheck import portmap as pm
+from crosscheck import registry
+from crosscheck.config import AttnConfig
+from crosscheck.errors import BadInputError, PortError
+
+StateDict = Mapping[str, Any]
+
+
+# --- arrays ------------------------------------------------------------------------------------
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor, JAX array or array-like as a numpy array (bfloat16 kept as ml_dtypes.bfloat16)."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            import ml_dtypes
+
+            return value.float().numpy().astype(ml_dtypes.bfloat16)
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in getattr(value, "shape", np.shape(value)))
+
+
+# --- flax module <-> variant + config ----------------------------------------------------------
+
+
+def config_of(flax_module) -> tuple[registry.Variant, AttnConfig]:
+    """The registry variant and :class:`AttnConfig` a jaxattn module was built with."""
+    name = type(flax_module).__name__
+    try:
+        variant = registry.get(name)
+    except KeyError as err:
+        raise BadInputError(f"not a jaxattn attention module: {name}") from err
+    if name == "TorchMultiheadAttention":
+        cfg = AttnConfig(
+            d_in=flax_module.embed_dim,
+            d_out=flax_module.embed_dim,
+            context_length=0,
+            dropout=flax_module.dropout,
+            num_heads=flax_module.num_heads,
+            qkv_bias=flax_module.bias,
+            causal=flax_module.causal,
+        )
+        return variant, cfg
+    fields = {f: getattr(flax_module, f) for f in AttnConfig.__dataclass_fields__ if hasattr(flax_module, f)}
+    return variant, AttnConfig(**{**dict(d_in=0, d_out=0, context_length=0), **fields})
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def check_state_dict(portmap: pm.PortMap, state_dict: StateDict, owner: str) -> dict[str, Any]:
+    """Validate ``state_dict`` against ``portmap``; return it with canonical keys.
+
+    Raises :class:`PortError` naming every missing, unexpected and mis-shaped key
+    (with expected and found shapes) and every buffer whose values are wrong.
+    """
+    canonical: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        canonical[pm.canonical_key(str(key))] = value
+    params = portmap.by_torch_key()
+    buffers = {b.torch_key: b for b in portmap.buffers}
+    problems: list[str] = []
+    for key, entry in params.items():
+        if key not in canonical:
+            problems.append(f"missing key {key!r} (expected shape {entry.torch_shape})")
+        elif _shape(canonical[key]) != entry.torch_shape:
+            problems.append(
+                f"key {key!r}: expected shape {entry.torch_shape}, found {_shape(canonical[key])}"
+            )
+    for key, value in canonical.items():
+        if key in params:
+            continue
+        if key in buffers:
+            buf = buffers[key]
+            if _shape(value) != buf.torch_shape:
+                problems.append(f"buffer {key!r}: expected shape {buf.torch_shape}, found {_shape(value)}")
+            elif not np.array_equal(to_numpy(value).astype(np.float32) != 0, buf.expected() != 0):
+                problems.append(f"buffer {key!r}: not the causal mask triu(ones({buf.torch_shape[0]}), 1)")
+            continue
+        problems.append(f"unexpected key {key!r} (shape {_shape(value)})")
+    if problems:
+        raise PortError(f"{owner}: state dict does not fit:\n  " + "\n  ".join(problems))
+    return canonical
+
+
+# --- torch -> flax -------------------------------------------------------------------------------
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def variables_from_state_dict(portmap: pm.PortMap, state_dict: StateDict, owner: str, dtype=None) -> dict:
+    """``{"params": ...}`` from a validated state dict, each array in Flax layout."""
+    canonical = check_state_dict(portmap, state_dict, owner)
+    params: dict = {}
+    for entry in portmap.entries:
+        array = pm.to_flax(entry.layout, to_numpy(canonical[entry.torch_key]))
+        if dtype is not None:
+            array = array.astype(dtype)
+        _set(params, entry.flax_path, np.ascontiguousarray(array))
+    return {"params": params}
+
+
+def load_state_dict(flax_module, state_dict: StateDict) -> dict:
+    """Flax ``variables`` for ``flax_module`` from a torch state dict (validated, exact)."""
+    import jax.numpy as jnp
+
+    variant, cfg = config_of(flax_module)
+    variables = variables_from_state_dict(variant.portmap(cfg), state_dict, variant.name)
+    import jax
+
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype=getattr(flax_module, "param_dtype", a.dtype)), variables)
+
+
+# --- flax -> torch -------------------------------------------------------------------------------
+
+
+def to_state_dict(flax_module, variables: Mapping, return_tensors: str = "np") -> dict[str, Any]:
+    """The torch state dict (keys, layouts, and the ``mask`` buffers) of Flax ``variables``.
+
+    ``return_tensors="np"`` gives numpy arrays; ``"pt"`` gives torch tensors,
+    ready for ``torch_module.load_state_dict``.
+    """
+    variant, cfg = config_of(flax_module)
+    portmap = variant.portmap(cfg)
+    params = variables.get("params", {})
+    out: dict[str, Any] = {}
+    problems = []
+    for entry in portmap.entries:
+        try:
+            value = np.asarray(_get(params, entry.flax_path))
+        except (KeyError, TypeError):
+            problems.append(f"missing Flax parameter {'/'.join(entry.flax_path)} (for {entry.torch_key!r})")
+            continue
+        if value.shape != entry.flax_shape:
+            problems.append(
+                f"Flax parameter {'/'.join(entry.flax_path)}: expected shape {entry.flax_shape}, found {value.shape}"
+            )
+            continue
+        out[entry.torch_key] = np.ascontiguousarray(pm.from_flax(entry.layout, value))
+    if problems:
+        raise PortError(f"{variant.name}: variables do not fit:\n  " + "\n  ".join(problems))
+    for buf in portmap.buffers:
+        out[buf.torch_key] = buf.expected()
+    if return_tensors == "pt":
+        import torch
+
+        return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}
+    if return_tensors != "np":
+        raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+    return out
+
+
+# --- config inference ----------------------------------------------------------------------------
+
+
+def infer_config(variant: registry.Variant, state_dict: StateDict) -> dict[str, Any]:
+    """The hyperparameters a state dict's keys and shapes pin down for ``variant``.
+
+    Returns only what is certain (``d_in``, ``d_out``, ``qkv_bias``, ``context_length``
+    from the ``mask`` buffer, ``num_heads`` for the wrapper); the caller supplies the rest.
+    """
+    sd = {pm.canonical_key(str(k)): v for k, v in state_dict.items()}
+    shapes = {k: _shape(v) for k, v in sd.items()}
+    found: dict[str, Any] = {}
+    name = variant.name
+    if name == "SimplifiedSelfAttention":
+        return found
+    if name == "SelfAttentionV1" and "W_query" in shapes and len(shapes["W_query"]) == 2:
+        found["d_in"], found["d_out"] = shapes["W_query"]
+        return found
+    if name == "TorchMultiheadAttention":
+        if "in_proj_weight" in shapes and len(shapes["in_proj_weight"]) == 2:
+            found["d_in"] = found["d_out"] = shapes["in_proj_weight"][1]
+        found["qkv_bias"] = "in_proj_bias" in shapes
+        return found
+    prefix = "heads.0." if name == "MultiHeadAttentionWrapper" else ""
+    if name == "MultiHeadAttentionCombinedQKV":
+        w = shapes.get("qkv.weight")
+        if w is not None and len(w) == 2:
+            found["d_out"], found["d_in"] = w[0] // 3, w[1]
+        found["qkv_bias"] = "qkv.bias" in shapes
+    else:
+        w = shapes.get(prefix + "W_query.weight")
+        if w is not None and len(w) == 2:
+            found["d_out"], found["d_in"] = w
+        found["qkv_bias"] = prefix + "W_query.bias" in shapes
+    mask = shapes.get(prefix + "mask")
+    if mask is not None and len(mask) == 2:
+        found["context_length"] = mask[0]
+    if name == "MultiHeadAttentionWrapper":
+        heads = {k.split(".")[1] for k in shapes if k.startswith("heads.") and k.count(".") >= 2}
+        if heads:
+            found["num_heads"] = len(heads)
+    return found
+
+
+# --- torch module -> flax -----------------------------------------------------------------------
+
+
+def _linear_attr(module, name: str):
+    sub = getattr(module, name, None)
+    return sub if sub is not None and hasattr(sub, "weight") and hasattr(sub, "in_features") else None
+
+
+def _dropout_p(module) -> float:
+    drop = getattr(module, "dropout", 0.0)
+    return float(getattr(drop, "p", drop) or 0.0)
+
+
+def recognise(torch_module) -> tuple[registry.Variant, AttnConfig]:
+    """Which variant a torch module is, and its config, from its structure and attributes."""
+    from torch import nn
+
+    cls = type(torch_module).__name__
+    sd = torch_module.state_dict()
+    if isinstance(torch_module, nn.MultiheadAttention):
+        m = torch_module
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            raise BadInputError(
+                "nn.MultiheadAttention with kdim/vdim != embed_dim, add_bias_kv or add_zero_attn is not supported"
+            )
+        variant = registry.get("TorchMultiheadAttention")
+        cfg = AttnConfig(
+            d_in=m.embed_dim, d_out=m.embed_dim, context_length=0, dropout=float(m.dropout),
+            num_heads=m.num_heads, qkv_bias=m.in_proj_bias is not None, causal=False,
+        )
+        return variant, cfg
+    heads = getattr(torch_module, "heads", None)
+    if isinstance(heads, nn.ModuleList) and len(heads) > 0:
+        _, head_cfg = recognise(heads[0])
+        variant = registry.get("MultiHeadAttentionWrapper")
+        return variant, head_cfg.replace(num_heads=len(heads))
+    values = "W_value" if hasattr(torch_module, "W_value") else "W_val"
+    has_qkv = all(hasattr(torch_module, n) for n in ("W_query", "W_key", values))
+    qkv, proj = _linear_attr(torch_module, "qkv"), _linear_attr(torch_module, "proj")
+    found = {}
+    if qkv is not None and proj is not None:
+        variant = registry.get("MultiHeadAttentionCombinedQKV")
+    elif has_qkv and _linear_attr(torch_module, "out_proj") is not None:
+        variant = registry.get("MultiHeadAttention")
+    elif has_qkv and _linear_attr(torch_module, "W_query") is not None:
+        variant = registry.get("CausalAttention" if "mask" in sd else "SelfAttentionV2")
+    elif has_qkv and isinstance(getattr(torch_module, "W_query"), nn.Parameter):
+        variant = registry.get("SelfAttentionV1")
+    elif not sd and "simplified" in cls.lower():
+        variant = registry.get("SimplifiedSelfAttention")
+    else:
+        raise BadInputError(
+            f"cannot recognise torch module {cls}: expected one of the book's attention classes "
+            f"(W_query/W_key/W_value, heads, qkv+proj) or torch.nn.MultiheadAttention"
+        )
+    found = infer_config(variant, sd)
+    if "num_heads" in variant.fields and variant.name != "MultiHeadAttentionWrapper":
+        num_heads = getattr(torch_module, "num_heads", None)
+        if num_heads is None:
+            raise BadInputError(f"{cls}: has no num_heads attribute; cannot split heads")
+        found["num_heads"] = int(num_heads)
+    if "context_length" in variant.fields and "context_length" not in found:
+        found["context_length"] = int(getattr(torch_module, "context_length", 0)) or 1 << 30
+    found["dropout"] = _dropout_p(torch_module)
+    cfg = AttnConfig(**{**dict(d_in=0, d_out=0, context_length=0), **found})
+    if variant.name == "SimplifiedSelfAttention":
+        cfg = AttnConfig(d_in=0, d_out=0, context_length=0)
+    return variant, cfg
+
+
+def from_torch(torch_module) -> tuple[Any, dict]:
+    """``(flax_module, variables)`` equivalent to ``torch_module``, with its weights ported.
+
+    Recognises the book's classes by structure (so users' own copies work),
+    the fused-QKV class and ``torch.nn.MultiheadAttention`` (``batch_first``
+    self-attention; pass ``causal=True`` to the Flax module when you feed torch a causal mask).
+    """
+    variant, cfg = recognise(torch_module)
+    flax_module = variant.flax_module(cfg)
+    return flax_module, load_state_dict(flax_module, torch_module.state_dict())
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A state dict from ``.pt``/``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors``.
+
+    Accepts a bare state dict or one nested under ``state_dict`` / ``model_state_dict``.
+    Raises :class:`BadInputError` naming the file and the problem.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise BadInputError(f"weights file not found: {path}")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise BadInputError(f"weights file is not a readable file: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file as st_load
+
+        try:
+            return dict(st_load(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise BadInputError(f"cannot read safetensors file {path}: {err}") from None
+        except Exception as err:  # safetensors raises bare Exceptions for some corruptions
+            raise BadInputError(f"cannot read safetensors file {path}: {err}") from None
+    if ext in (".pt", ".pth", ".bin"):
+        import pickle
+
+        import torch
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BadInputError(
+                f"cannot load {path} as a state dict with torch.load(weights_only=True): {first}"
+            ) from None
+        return _as_state_dict(obj, path)
+    raise BadInputError(f"unsupported weights format {ext or '(none)'} for {path}: use .pt, .pth or .safetensors")
+
+
+def _as_state_dict(obj: Any, path: str) -> dict[str, np.ndarray]:
+    if isinstance(obj, Mapping):
+        for nested in ("state_dict", "model_state_dict"):
+            if nested in obj and isinstance(obj[nested], Mapping):
+                obj = obj[nested]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise BadInputError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    out = {}
+    for key, value in obj.items():
+        if not hasattr(value, "shape"):
+            raise BadInputError(f"{path}: entry {key!r} is not a tensor ({type(value).__name__}); not a state dict")
+        out[str(key)] = to_numpy(value)
+    return out
+
+
+def save_file(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a state dict as ``.safetensors`` or ``.pt`` (by extension)."""
+    path = os.fspath(path)
+    arrays = {k: np.ascontiguousarray(to_numpy(v)) for k, v in state_dict.items()}
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file as st_save
+
+        st_save(arrays, path)
+    else:
+        import torch
+
+        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+
+
+def port_variables(
+    variant: registry.Variant, cfg: AttnConfig, state_dict: StateDict, dtype: Optional[Any] = None
+) -> dict:
+    """Validated Flax variables for ``variant`` at ``cfg`` (numpy leaves)."""
+    return variables_from_state_dict(variant.portmap(cfg), state_dict, variant.name, dtype)

@@ -1,0 +1,43 @@
+"""Input validation shared by the modules: errors that name the numbers.
+
+Shapes are static under ``jax.jit``, so these checks run once at trace time
+and cost nothing per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+
+def check_divisible(owner: str, d_out: int, num_heads: int) -> None:
+    if num_heads < 1:
+        raise ValueError(f"{owner}: num_heads must be >= 1, got {num_heads}")
+    if d_out % num_heads != 0:
+        raise ValueError(
+            f"{owner}: d_out={d_out} must be divisible by num_heads={num_heads}"
+        )
+
+
+def check_input(
+    owner: str,
+    shape: Sequence[int],
+    *,
+    d_in: Optional[int],
+    ranks: Sequence[int],
+    context_length: Optional[int] = None,
+) -> None:
+    """Raise ``ValueError`` if ``shape`` is not ``(batch, tokens, d_in)`` (or ``(tokens, d_in)``)."""
+    layouts = {2: "(tokens, d_in)", 3: "(batch, tokens, d_in)"}
+    if len(shape) not in ranks:
+        expected = " or ".join(f"rank {r} {layouts[r]}" for r in ranks)
+        raise ValueError(f"{owner}: expected input of {expected}, got shape {tuple(shape)}")
+    if d_in is not None and shape[-1] != d_in:
+        raise ValueError(
+            f"{owner}: last dimension of input must be d_in={d_in}, got shape {tuple(shape)}"
+        )
+    tokens = shape[-2]
+    if context_length is not None and tokens > context_length:
+        raise ValueError(
+            f"{owner}: tokens={tokens} exceeds context_length={context_length}"
+        )

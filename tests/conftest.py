@@ -1,0 +1,13 @@
+"""Shared fixtures. Strict dtype promotion catches silent float64/bf16 mixes in the core."""
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture
+def seed_inputs():
+    from crosscheck.seed import INPUTS
+
+    return INPUTS
