@@ -10,13 +10,11 @@ from collections.abc import Sequence
 from typing import Optional
 
 
-def check_divisible(owner: str, d_out: int, num_heads: int) -> None:
+def check_divisible(owner: str, d_out: int, num_heads: int, dim_name: str = "d_out") -> None:
     if num_heads < 1:
         raise ValueError(f"{owner}: num_heads must be >= 1, got {num_heads}")
     if d_out % num_heads != 0:
-        raise ValueError(
-            f"{owner}: d_out={d_out} must be divisible by num_heads={num_heads}"
-        )
+        raise ValueError(f"{owner}: {dim_name}={d_out} must be divisible by num_heads={num_heads}")
 
 
 def check_input(

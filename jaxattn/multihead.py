@@ -113,7 +113,7 @@ class TorchMultiheadAttention(nn.Module):
         self, x: Float[Array, "batch tokens embed_dim"], *, deterministic: bool = True
     ) -> Float[Array, "batch tokens embed_dim"]:
         owner = type(self).__name__
-        check_divisible(owner, self.embed_dim, self.num_heads)
+        check_divisible(owner, self.embed_dim, self.num_heads, "embed_dim")
         check_input(owner, x.shape, d_in=self.embed_dim, ranks=(3,))
         qkv = nn.Dense(
             3 * self.embed_dim, use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype, name="in_proj"

@@ -19,9 +19,12 @@ from jaxattn.checks import check_input
 class SimplifiedSelfAttention(nn.Module):
     """Section 3.3: ``softmax(x @ x.T) @ x`` with no weights and no scaling."""
 
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x: Float[Array, "*batch tokens d_in"]) -> Float[Array, "*batch tokens d_in"]:
         check_input(type(self).__name__, x.shape, d_in=None, ranks=(2, 3))
+        x = x.astype(self.dtype)
         attn_scores = core.attention_scores(x, x)  # (*b, T, T)
         attn_weights = core.masked_softmax(attn_scores)  # no 1/sqrt(d): the book's step 1
         self.sow("intermediates", "attn_scores", attn_scores)

@@ -11,3 +11,13 @@ def seed_inputs():
     from crosscheck.seed import INPUTS
 
     return INPUTS
+
+
+@pytest.fixture
+def without_typecheck():
+    """Turn jaxtyping's runtime checks off, to reach the ValueError a user without them gets."""
+    from jaxtyping import config
+
+    config.update("jaxtyping_disable", True)
+    yield
+    config.update("jaxtyping_disable", False)

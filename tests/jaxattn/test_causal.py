@@ -1,0 +1,122 @@
+"""Sections 3.5-3.6.1: causality, dropout and stacked heads, from identities that need no torch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+
+KEY = jax.random.key(0)
+
+
+def batch(seed_inputs, b=2):
+    return jnp.asarray(np.stack([seed_inputs] * b))
+
+
+class TestCausalAttention:
+    def test_first_token_context_is_its_own_value(self, seed_inputs):
+        module = jaxattn.CausalAttention(3, 2, 6, 0.0)
+        variables = module.init(KEY, batch(seed_inputs))
+        out = module.apply(variables, batch(seed_inputs))
+        w_value = variables["params"]["W_value"]["kernel"]
+        np.testing.assert_allclose(out[:, 0], batch(seed_inputs)[:, 0] @ w_value, atol=1e-6)
+
+    def test_receptive_field_is_causal(self):
+        """d context_vec[i] / d x[j] is zero for every j > i and non-zero for j <= i."""
+        module = jaxattn.CausalAttention(4, 3, 8, 0.0)
+        x = jax.random.normal(jax.random.key(1), (1, 8, 4))
+        variables = module.init(KEY, x)
+        for i in range(8):
+            grad = jax.grad(lambda x: module.apply(variables, x)[0, i].sum())(x)[0]
+            norms = np.abs(np.asarray(grad)).sum(-1)
+            assert np.all(norms[i + 1 :] == 0.0), f"token {i} sees the future: {norms}"
+            assert np.all(norms[: i + 1] > 0.0), f"token {i} misses its past: {norms}"
+
+    def test_weights_are_lower_triangular_and_rows_sum_to_one(self, seed_inputs):
+        module = jaxattn.CausalAttention(3, 2, 6, 0.0)
+        variables = module.init(KEY, batch(seed_inputs))
+        _, state = module.apply(variables, batch(seed_inputs), mutable=["intermediates"])
+        w = np.asarray(state["intermediates"]["attn_weights"][0])
+        assert np.all(np.triu(w[0], k=1) == 0)
+        np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
+
+    def test_shorter_input_than_context_length_uses_the_mask_prefix(self, seed_inputs):
+        module = jaxattn.CausalAttention(3, 2, 6, 0.0)
+        variables = module.init(KEY, batch(seed_inputs))
+        full = module.apply(variables, batch(seed_inputs))
+        prefix = module.apply(variables, batch(seed_inputs)[:, :4])
+        np.testing.assert_allclose(prefix, full[:, :4], atol=1e-6)  # causality: a prefix is unaffected
+
+
+class TestDropout:
+    """Dropout acts on the attention weights: with one-hot tokens and identity values the
+    output *is* the dropped weight matrix, which we compare with the sown pre-dropout weights."""
+
+    T, RATE = 48, 0.4
+
+    def setup_module_and_params(self):
+        module = jaxattn.CausalAttention(self.T, self.T, self.T, self.RATE)
+        x = jnp.eye(self.T)[None]  # one-hot tokens: values = W_value = identity
+        variables = module.init(KEY, x)
+        params = jax.tree.map(np.asarray, variables["params"])
+        params["W_value"]["kernel"] = np.eye(self.T, dtype=np.float32)
+        return module, {"params": params}, x
+
+    def test_training_zeroes_about_rate_and_rescales_the_rest(self):
+        module, variables, x = self.setup_module_and_params()
+        out, state = module.apply(
+            variables, x, deterministic=False, rngs={"dropout": jax.random.key(7)}, mutable=["intermediates"]
+        )
+        weights = np.asarray(state["intermediates"]["attn_weights"][0])[0]
+        out = np.asarray(out)[0]
+        causal = np.tril(np.ones((self.T, self.T), bool))
+        kept = (out != 0) & causal
+        dropped_fraction = 1 - kept.sum() / causal.sum()
+        assert abs(dropped_fraction - self.RATE) < 0.05  # 1176 draws: 4 sigma ~ 0.057
+        np.testing.assert_allclose(out[kept], weights[kept] / (1 - self.RATE), rtol=1e-5)
+        assert np.all(out[~causal] == 0)
+
+    def test_deterministic_equals_dropout_free_module(self):
+        module, variables, x = self.setup_module_and_params()
+        no_dropout = jaxattn.CausalAttention(self.T, self.T, self.T, 0.0)
+        np.testing.assert_array_equal(module.apply(variables, x), no_dropout.apply(variables, x))
+
+    def test_same_key_same_result(self):
+        module, variables, x = self.setup_module_and_params()
+        run = lambda k: module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(k)})  # noqa: E731
+        np.testing.assert_array_equal(run(3), run(3))
+        assert not np.array_equal(run(3), run(4))
+
+    def test_training_without_dropout_rng_fails_clearly(self):
+        module, variables, x = self.setup_module_and_params()
+        with pytest.raises(Exception, match="dropout"):
+            module.apply(variables, x, deterministic=False)
+
+
+class TestMultiHeadAttentionWrapper:
+    def test_output_is_the_concatenation_of_independent_heads(self, seed_inputs):
+        wrapper = jaxattn.MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=3)
+        x = batch(seed_inputs)
+        variables = wrapper.init(KEY, x)
+        assert set(variables["params"]) == {"heads_0", "heads_1", "heads_2"}
+        out = wrapper.apply(variables, x)
+        assert out.shape == (2, 6, 6)  # num_heads * d_out, as in the book
+        head = jaxattn.CausalAttention(3, 2, 6, 0.0)
+        for i in range(3):
+            one = head.apply({"params": variables["params"][f"heads_{i}"]}, x)
+            np.testing.assert_allclose(out[..., 2 * i : 2 * i + 2], one, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "module, shape, pattern",
+    [
+        (jaxattn.CausalAttention(3, 2, 6, 0.0), (1, 7, 3), r"tokens=7 exceeds context_length=6"),
+        (jaxattn.CausalAttention(3, 2, 6, 0.0), (6, 3), r"rank 3 \(batch, tokens, d_in\), got shape \(6, 3\)"),
+        (jaxattn.CausalAttention(3, 2, 6, 0.0), (1, 6, 5), r"d_in=3, got shape \(1, 6, 5\)"),
+        (jaxattn.MultiHeadAttentionWrapper(3, 2, 4, 0.0, 2), (2, 5, 3), r"tokens=5 exceeds context_length=4"),
+    ],
+)
+def test_bad_input_names_the_numbers(module, shape, pattern, without_typecheck):
+    with pytest.raises(ValueError, match=pattern):
+        module.init(KEY, jnp.ones(shape))
