@@ -1,0 +1,238 @@
+"""The real console script (``.venv/bin/crosscheck``) in subprocesses: exit codes, JSON, messages.
+
+Processes that do not depend on each other run two at a time (importing torch and JAX
+dominates); most bad-input cases use .safetensors weights so they never import torch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crosscheck import port, registry, torch_ref
+from crosscheck.bundle import read_outputs, write_outputs
+
+CROSSCHECK = str(Path(sys.executable).with_name("crosscheck"))
+ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+
+
+def run(args, cwd, timeout=300):
+    return subprocess.run([CROSSCHECK, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def run_all(jobs: dict, cwd) -> dict:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, args, cwd) for name, args in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(7)
+    mha = torch_ref.MultiHeadAttention(3, 4, 6, 0.0, num_heads=2)
+    torch.save(mha.state_dict(), d / "mha.pt")
+    port.save_file(mha.state_dict(), d / "mha.safetensors")
+    wrapper = torch_ref.MultiHeadAttentionWrapper(3, 2, 8, 0.0, num_heads=3, qkv_bias=True)
+    torch.save(wrapper.state_dict(), d / "wrapper.pt")
+    torch.save({"step": torch.tensor(1), "note": "x"}, d / "notsd.pt")
+    (d / "garbage.pt").write_bytes(b"not a pickle at all")
+    (d / "garbage.safetensors").write_bytes(b"\x00" * 16)
+    bad = dict(mha.state_dict())
+    bad["out_proj.weight"] = torch.zeros(4, 5)
+    torch.save(bad, d / "badshape.pt")
+    rng = np.random.default_rng(3)
+    nan = dict(mha.state_dict())
+    nan["W_key.weight"] = torch.full((4, 3), float("nan"))
+    port.save_file(nan, d / "nan.safetensors")
+    np.save(d / "x.npy", rng.random((2, 5, 3)).astype(np.float32))
+    np.save(d / "x_long.npy", rng.random((1, 7, 3)).astype(np.float32))
+    np.save(d / "x_int.npy", np.arange(15).reshape(5, 3))
+    np.save(d / "x_4d.npy", np.zeros((1, 1, 5, 3), np.float32))
+    np.save(d / "x_d4.npy", rng.random((5, 4)).astype(np.float32))
+    return d
+
+
+# --- the default run --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("default")
+    proc = run(["--json", "report.json"], d)
+    return proc, d
+
+
+@pytest.mark.slow
+def test_default_run_passes_with_every_variant_and_backend(default_run):
+    proc, d = default_run
+    assert proc.returncode == 0, proc.stderr
+    assert "all 24 checks passed" in proc.stdout
+    report = json.loads((d / "report.json").read_text())
+    assert report["passed"] is True
+    pairs = {(r["variant"], r["backend"]) for r in report["results"]}
+    assert pairs == {(v, b) for v in registry.names() for b in ("torch", "flax", "ttnn")}
+    for r in report["results"]:
+        for key in ("variant", "backend", "runtime", "max_abs_err", "max_rel_err", "pcc", "ulp", "passed", "thresholds", "shape"):
+            assert key in r
+        assert r["passed"] is True
+        assert (r["ulp"] is None) == (r["backend"] == "ttnn")  # ttnn computes in bfloat16
+        assert r["runtime"] == ("host" if r["backend"] == "ttnn" else "cpu")
+    assert report["ttnn_runtime"]["name"] == "host"
+    assert {"torch", "jax", "flax", "ttnn", "ttnn_reason"} <= set(report["versions"])
+    assert report["versions"]["torch"] == torch.__version__
+    assert set(report["configs"]) == set(registry.names())
+    assert report["configs"]["MultiHeadAttention"] == {
+        "d_in": 3, "d_out": 2, "context_length": 6, "dropout": 0.0, "num_heads": 2, "qkv_bias": False, "causal": True,
+    }
+
+
+@pytest.mark.slow
+def test_default_run_table_names_the_ttnn_runtime(default_run):
+    proc, _ = default_run
+    assert "ttnn (host model)" in proc.stdout
+    assert "\x1b[" not in proc.stdout  # NO_COLOR and not a terminal: no escape codes
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_documents_everything(tmp_path):
+    procs = run_all(
+        {"help": ["--help"], "bundle": ["bundle", "--help"], "export": ["bundle", "export", "--help"], "bench": ["bench", "--help"]},
+        tmp_path,
+    )
+    text = procs["help"].stdout
+    assert procs["help"].returncode == 0
+    for flag in (
+        "--variant", "--weights", "--num-heads", "--context-length", "--dropout", "--qkv-bias", "--d-out", "--d-in",
+        "--causal", "--no-causal", "--input", "--batch", "--tokens", "--seed", "--dtype", "--backends",
+        "--ttnn-runtime", "--ttnn-python", "--json", "--no-color", "-q",
+        "crosscheck bench", "bundle export", "bundle run", "bundle compare", "exit codes",
+    ):
+        assert flag in text, flag
+    assert "compare" in procs["bundle"].stdout and "--weights" in procs["export"].stdout
+    assert procs["bench"].returncode == 0 and procs["bench"].stdout.startswith("usage: crosscheck bench")
+    module = subprocess.run([sys.executable, "-m", "crosscheck", "--help"], capture_output=True, text=True, env=ENV)
+    assert module.returncode == 0 and module.stdout == text
+
+
+# --- weights files ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_state_dicts_round_trip(files):
+    procs = run_all(
+        {
+            "pt": ["--weights", "mha.pt", "--input", "x.npy", "--json", "pt.json", "-q"],
+            "st": ["--weights", "mha.safetensors", "--variant", "multiheadattention", "--input", "x.npy", "--json", "st.json", "-q"],
+        },
+        files,
+    )
+    for name, proc in procs.items():
+        assert proc.returncode == 0, (name, proc.stdout, proc.stderr)
+    assert procs["pt"].stdout == "all 3 checks passed\n"  # -q: one line
+    pt = json.loads((files / "pt.json").read_text())
+    st = json.loads((files / "st.json").read_text())
+    assert [r["variant"] for r in pt["results"]] == ["MultiHeadAttention"] * 3  # found by its keys
+    assert pt["configs"]["MultiHeadAttention"] == {
+        "d_in": 3, "d_out": 4, "context_length": 6, "dropout": 0.0, "num_heads": 2, "qkv_bias": False, "causal": True,
+    }
+    assert pt["results"][0]["shape"] == [2, 5, 4]
+    assert pt["input"]["source"] == "file"
+    # Same weights from either format: the very same numbers.
+    assert [r["max_abs_err"] for r in pt["results"]] == [r["max_abs_err"] for r in st["results"]]
+
+
+@pytest.mark.slow
+def test_tampered_outputs_fail_with_the_variant_named(files):
+    assert run(["bundle", "export", "b.safetensors", "--variant", "CausalAttention", "--variant", "TorchMultiheadAttention"], files).returncode == 0
+    proc = run(["bundle", "run", "b.safetensors", "o.safetensors", "--backend", "ttnn", "--ttnn-runtime", "host"], files)
+    assert proc.returncode == 0, proc.stderr
+    outputs, meta = read_outputs(files / "o.safetensors")
+    outputs["TorchMultiheadAttention"] = outputs["TorchMultiheadAttention"] + np.float32(0.1)  # offset: PCC-blind
+    write_outputs(files / "t.safetensors", outputs, meta)
+    procs = run_all(
+        {
+            "good": ["bundle", "compare", "b.safetensors", "o.safetensors", "--json", "good.json"],
+            "bad": ["bundle", "compare", "b.safetensors", "t.safetensors", "--json", "bad.json"],
+        },
+        files,
+    )
+    assert procs["good"].returncode == 0, procs["good"].stderr
+    bad = procs["bad"]
+    assert bad.returncode == 1
+    assert "mismatch in TorchMultiheadAttention" in bad.stderr and "Traceback" not in bad.stderr
+    assert "FAIL TorchMultiheadAttention / ttnn (host model): max abs err 0.1" in bad.stdout
+    report = json.loads((files / "bad.json").read_text())
+    assert report["failing_variants"] == ["TorchMultiheadAttention"]
+    assert [r["passed"] for r in report["results"]] == [True, False]
+
+
+# --- bad input: exit 2, one line, no traceback -----------------------------------------------
+
+BAD = {
+    "unknown variant": (["--variant", "nope"], "unknown variant 'nope'; known variants: SimplifiedSelfAttention"),
+    "missing weights": (["--weights", "missing.pt"], "weights file not found: missing.pt"),
+    "not a state dict": (["--weights", "notsd.pt"], "notsd.pt: entry 'note' is not a tensor (str); not a state dict"),
+    "unreadable pt": (["--weights", "garbage.pt"], "cannot load garbage.pt as a state dict"),
+    "unreadable safetensors": (["--weights", "garbage.safetensors"], "cannot read safetensors file garbage.safetensors"),
+    "wrong shape": (
+        ["--weights", "badshape.pt", "--variant", "MultiHeadAttention"],
+        "key 'out_proj.weight': expected shape (4, 4), found (4, 5)",
+    ),
+    "wrong keys": (
+        ["--weights", "mha.safetensors", "--variant", "CausalAttention"],
+        "CausalAttention: state dict does not fit: unexpected key 'out_proj.",
+    ),
+    "nan weights": (["--weights", "nan.safetensors"], "nan.safetensors: weight 'W_key.weight' has NaN or infinite values"),
+    "flag contradicts weights": (
+        ["--weights", "mha.safetensors", "--d-out", "6"],
+        "--d-out 6 contradicts the weights, whose shapes give d_out=4",
+    ),
+    "heads contradict wrapper": (
+        ["--weights", "wrapper.pt", "--num-heads", "2"],
+        "--num-heads 2 contradicts the weights, whose shapes give num_heads=3",
+    ),
+    "bias contradicts weights": (["--weights", "mha.safetensors", "--qkv-bias"], "--qkv-bias true contradicts the weights"),
+    "tokens beyond mask": (["--weights", "mha.safetensors", "--input", "x_long.npy"], "tokens=7, beyond context_length=6"),
+    "tokens beyond flag": (
+        ["--variant", "CausalAttention", "--tokens", "9", "--context-length", "6"],
+        "tokens=9, beyond context_length=6 (--context-length)",
+    ),
+    "input dtype": (["--input", "x_int.npy"], "dtype int64 is not a floating dtype"),
+    "input rank": (["--input", "x_4d.npy"], "expected shape (tokens, d_in) or (batch, tokens, d_in), got (1, 1, 5, 3)"),
+    "input vs weights d_in": (["--weights", "mha.safetensors", "--input", "x_d4.npy"], "last dimension is 4 but the weights take d_in=3"),
+    "missing input": (["--input", "nofile.npy"], "input file not found: nofile.npy"),
+    "heads do not divide": (["--variant", "MultiHeadAttention", "--num-heads", "3"], "d_out=2 must be divisible by num_heads=3"),
+    "input and random": (["--input", "x.npy", "--seed", "1"], "--input cannot be combined with --seed"),
+    "unknown backend": (["--backends", "torch,tpu"], "unknown backend(s) ['tpu']"),
+    "device without device": (["--variant", "SelfAttentionV2", "--ttnn-runtime", "device"], "ttnn runtime 'device' is not available"),
+    "bad ttnn python": (["--variant", "SelfAttentionV2", "--ttnn-python", "/no/python"], "python interpreter not found"),
+    "bad flag value": (["--num-heads", "0"], "argument --num-heads: must be >= 1, got 0"),
+    "unknown flag": (["--bogus"], "unrecognized arguments: --bogus"),
+    "json directory": (["--json", "no-such-dir/r.json"], "cannot write JSON report no-such-dir/r.json"),
+    "bundle not a bundle": (["bundle", "compare", "mha.safetensors", "mha.safetensors"], "not a crosscheck bundle"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(files):
+    return run_all({name: args for name, (args, _) in BAD.items()}, files)
+
+
+@pytest.mark.slow  # the first case waits for all 24 processes
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_2_with_one_line(bad_runs, case):
+    proc = bad_runs[case]
+    message = BAD[case][1]
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("crosscheck: error: ")
+    assert message in lines[0]
