@@ -3,9 +3,24 @@
 #   make test   builds .venv (and .venv-ttnn with the real ttnn) and runs every test
 PYTHON ?= python3
 VENV ?= .venv
+TTNN_VENV ?= .venv-ttnn
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: run test venv clean
+# CPython 3.12 is the only interpreter both pins fit: ttnn 0.81.1 ships cp310 and cp312 wheels (numpy<2),
+# JAX 0.7.0 needs Python >= 3.11. JAX 0.7.0 is the oldest JAX
+# jaxattn supports; flax 0.11.2 is the newest Flax whose own requirement (jax>=0.6.0) admits it
+# (flax 0.12.0 needs jax>=0.7.1). jaxtyping provides the pytest plugin pyproject's addopts name. torch is
+# never installed here: PyPI's wheel would pull GBs of CUDA libraries, and the worker needs none of it.
+TTNN_REQUIREMENTS = ttnn==0.81.1 'numpy<2' jax==0.7.0 jaxlib==0.7.0 flax==0.11.2 \
+	pytest hypothesis jaxtyping==0.3.11 beartype==0.23.1 safetensors ml_dtypes rich
+
+# Base interpreter for $(TTNN_VENV): pyenv's 3.12.1 if pyenv has it, else python3.12 on PATH (a pyenv shim
+# that does not resolve fails `-c pass` and is skipped). Empty when there is none.
+TTNN_BASE_PYTHON ?= $(shell \
+	if PYENV_VERSION=3.12.1 pyenv which python >/dev/null 2>&1; then PYENV_VERSION=3.12.1 pyenv which python; \
+	elif python3.12 -c pass >/dev/null 2>&1; then python3.12 -c 'import sys; print(sys.executable)'; fi)
+
+.PHONY: run test test-main test-conformance venv venv-ttnn clean
 
 venv: $(VENV)/.installed
 
@@ -15,11 +30,46 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,bench]'
 	touch $@
 
+venv-ttnn: $(TTNN_VENV)/.installed
+
+# Without a Python 3.12 no stamp is written, and `test-conformance` reports the skip.
+$(TTNN_VENV)/.installed: pyproject.toml Makefile
+	@if [ -z "$(TTNN_BASE_PYTHON)" ]; then \
+	  echo "no Python 3.12 found (pyenv 3.12.1, python3.12): not building $(TTNN_VENV)"; \
+	else \
+	  set -e; \
+	  echo "building $(TTNN_VENV) with $(TTNN_BASE_PYTHON)"; \
+	  "$(TTNN_BASE_PYTHON)" -m venv $(TTNN_VENV); \
+	  $(TTNN_VENV)/bin/pip install $(PIP_FLAGS) $(TTNN_REQUIREMENTS); \
+	  $(TTNN_VENV)/bin/pip install $(PIP_FLAGS) --no-deps -e .; \
+	  touch $@; \
+	fi
+
 run: $(VENV)/.installed
 	$(VENV)/bin/crosscheck
 
-test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest
+# Both sessions always run; the target fails if either failed.
+test: $(VENV)/.installed $(TTNN_VENV)/.installed
+	@status=0; \
+	$(MAKE) --no-print-directory test-main || status=1; \
+	$(MAKE) --no-print-directory test-conformance || status=1; \
+	exit $$status
+
+test-main: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest --ignore=tests/conformance
+
+# tests/conformance runs only in $(TTNN_VENV) (real ttnn 0.81.1, JAX 0.7.0 + Flax 0.11.2, numpy<2); the main
+# session ignores it. tests/jaxattn runs there again (tests not marked slow) to keep jaxattn working on the
+# oldest JAX it supports. pyproject addopts apply (jaxtyping's pytest plugin is installed in $(TTNN_VENV)).
+test-conformance: $(TTNN_VENV)/.installed
+	@if [ -f $(TTNN_VENV)/.installed ]; then \
+	  status=0; set -x; \
+	  $(TTNN_VENV)/bin/python -m pytest tests/conformance || status=1; \
+	  $(TTNN_VENV)/bin/python -m pytest -m "not slow" tests/jaxattn || status=1; \
+	  exit $$status; \
+	else \
+	  echo "SKIPPED tests/conformance: no Python 3.12 to build $(TTNN_VENV) (ttnn 0.81.1 + JAX 0.7.0 need it)"; \
+	fi
 
 clean:
-	rm -rf $(VENV) .venv-ttnn .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TTNN_VENV) .pytest_cache .hypothesis

@@ -1,0 +1,213 @@
+"""Bundles: the cases of a cross-check in one ``.safetensors`` file, for a second interpreter.
+
+The real ``ttnn`` wheel needs CPython 3.10-3.12 and numpy<2, and the torch reference
+may live elsewhere; a bundle carries everything a backend needs (variant, config,
+state dict, inputs) so that ``python -m crosscheck.tt.worker`` can run it in the
+other interpreter and write an outputs file back.
+
+Layout of a bundle file:
+
+* tensors ``"<variant>/weights/<torch key>"`` (the torch state dict, torch layouts)
+  and ``"<variant>/inputs"`` (``(tokens, d_in)`` or ``(batch, tokens, d_in)``);
+* metadata ``"crosscheck"`` = JSON ``{"format": "crosscheck-bundle", "version": 1,
+  "cases": [{"variant": ..., "config": {...}}, ...], "meta": {...}}``.
+
+An outputs file holds tensors ``"<variant>"`` (the context vectors) and metadata
+``"crosscheck"`` = JSON ``{"format": "crosscheck-outputs", "version": 1, "meta": {...}}``
+(backend, runtime name and description, versions).
+
+Only numpy and safetensors are imported here: no torch, no JAX.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from crosscheck.config import AttnConfig
+from crosscheck.errors import BadInputError
+
+FORMAT_VERSION = 1
+BUNDLE_FORMAT = "crosscheck-bundle"
+OUTPUTS_FORMAT = "crosscheck-outputs"
+_META_KEY = "crosscheck"
+_SEP = "/"
+_CONFIG_FIELDS = tuple(f.name for f in fields(AttnConfig))
+
+
+@dataclass
+class BundleCase:
+    """One variant to run: its config, its torch state dict and its inputs."""
+
+    variant: str
+    config: AttnConfig
+    state_dict: dict[str, np.ndarray]
+    inputs: np.ndarray
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _as_array(value: Any, what: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        from crosscheck.port import to_numpy
+
+        value = to_numpy(value)
+    array = np.ascontiguousarray(np.asarray(value))
+    if array.dtype == object:
+        raise BadInputError(f"{what}: not a numeric array")
+    return array
+
+
+def _config_from_json(raw: Any, where: str) -> AttnConfig:
+    if not isinstance(raw, dict):
+        raise BadInputError(f"{where}: config must be a JSON object, found {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_CONFIG_FIELDS))
+    if unknown:
+        raise BadInputError(f"{where}: unknown config fields {unknown}; known: {sorted(_CONFIG_FIELDS)}")
+    defaults = AttnConfig()
+    values = {}
+    for name, value in raw.items():
+        expected = type(getattr(defaults, name))
+        ok = isinstance(value, bool) if expected is bool else (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            if expected is float else isinstance(value, int) and not isinstance(value, bool)
+        )
+        if not ok:
+            raise BadInputError(f"{where}: config field {name!r} must be {expected.__name__}, found {value!r}")
+        values[name] = expected(value)
+    return AttnConfig(**values)
+
+
+def _read_header(path: str, what: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Tensors and the parsed ``crosscheck`` metadata of a safetensors file (validated container)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BadInputError(f"{what} not found: {path}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises bare Exceptions for some corruptions
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInputError(f"cannot read {what} {path}: not a safetensors file ({first})") from None
+    if _META_KEY not in metadata:
+        raise BadInputError(f"{path} is a safetensors file but not a crosscheck {what} (no {_META_KEY!r} metadata)")
+    try:
+        header = json.loads(metadata[_META_KEY])
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"{path}: {_META_KEY!r} metadata is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path}: {_META_KEY!r} metadata must be a JSON object")
+    return tensors, header
+
+
+def _check_format(header: dict, expected: str, path: str) -> None:
+    if header.get("format") != expected:
+        raise BadInputError(f"{path}: format is {header.get('format')!r}, expected {expected!r}")
+    if header.get("version") != FORMAT_VERSION:
+        raise BadInputError(
+            f"{path}: {expected} version {header.get('version')!r} is not supported (this crosscheck reads {FORMAT_VERSION})"
+        )
+
+
+def _write(path: str, tensors: Mapping[str, np.ndarray], header: dict) -> None:
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise BadInputError(f"cannot write {path}: directory {parent} does not exist")
+    try:
+        save_file(dict(tensors), path, metadata={_META_KEY: json.dumps(header, sort_keys=True)})
+    except OSError as err:
+        raise BadInputError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+# --- bundles -------------------------------------------------------------------------------------
+
+
+def write_bundle(path: str | os.PathLike, cases: Sequence[BundleCase], meta: Optional[Mapping[str, Any]] = None) -> None:
+    """Write ``cases`` to one ``.safetensors`` file (see the module docstring for the layout)."""
+    tensors: dict[str, np.ndarray] = {}
+    entries = []
+    for case in cases:
+        if not case.variant or _SEP in case.variant:
+            raise BadInputError(f"bundle case: invalid variant name {case.variant!r}")
+        if any(e["variant"] == case.variant for e in entries):
+            raise BadInputError(f"bundle case: variant {case.variant!r} appears twice; a bundle holds one case per variant")
+        for key, value in case.state_dict.items():
+            tensors[f"{case.variant}/weights/{key}"] = _as_array(value, f"{case.variant} weight {key!r}")
+        tensors[f"{case.variant}/inputs"] = _as_array(case.inputs, f"{case.variant} inputs")
+        entries.append({"variant": case.variant, "config": case.config.to_dict()})
+    if not entries:
+        raise BadInputError("a bundle needs at least one case")
+    header = {"format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "cases": entries, "meta": dict(meta or {})}
+    _write(os.fspath(path), tensors, header)
+
+
+def read_bundle(path: str | os.PathLike) -> list[BundleCase]:
+    """The cases of a bundle, validated; :class:`BadInputError` names the file and the problem."""
+    path = os.fspath(path)
+    tensors, header = _read_header(path, "bundle")
+    _check_format(header, BUNDLE_FORMAT, path)
+    entries = header.get("cases")
+    if not isinstance(entries, list) or not entries:
+        raise BadInputError(f"{path}: bundle has no cases")
+    cases, claimed = [], set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("variant"), str):
+            raise BadInputError(f"{path}: case {i} has no variant name")
+        variant = entry["variant"]
+        config = _config_from_json(entry.get("config"), f"{path}: case {variant!r}")
+        inputs_key = f"{variant}/inputs"
+        if inputs_key not in tensors:
+            raise BadInputError(f"{path}: case {variant!r} has no tensor {inputs_key!r}")
+        inputs = tensors[inputs_key]
+        if inputs.ndim not in (2, 3):
+            raise BadInputError(
+                f"{path}: {inputs_key!r} must be (tokens, d_in) or (batch, tokens, d_in), found shape {inputs.shape}"
+            )
+        prefix = f"{variant}/weights/"
+        state_dict = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        claimed.update([inputs_key, *(prefix + k for k in state_dict)])
+        cases.append(BundleCase(variant, config, state_dict, inputs))
+    stray = sorted(set(tensors) - claimed)
+    if stray:
+        raise BadInputError(f"{path}: tensors that belong to no case: {stray}")
+    return cases
+
+
+def read_bundle_meta(path: str | os.PathLike) -> dict:
+    """The free-form ``meta`` a bundle was written with."""
+    path = os.fspath(path)
+    _, header = _read_header(path, "bundle")
+    _check_format(header, BUNDLE_FORMAT, path)
+    return dict(header.get("meta") or {})
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+
+def write_outputs(path: str | os.PathLike, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    """Write each variant's context vectors and ``meta`` (backend, runtime, versions)."""
+    tensors = {name: _as_array(value, f"output {name!r}") for name, value in outputs.items()}
+    header = {"format": OUTPUTS_FORMAT, "version": FORMAT_VERSION, "meta": dict(meta)}
+    _write(os.fspath(path), tensors, header)
+
+
+def read_outputs(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """``(outputs, meta)`` of an outputs file written by :func:`write_outputs`."""
+    path = os.fspath(path)
+    tensors, header = _read_header(path, "outputs file")
+    _check_format(header, OUTPUTS_FORMAT, path)
+    meta = header.get("meta")
+    if not isinstance(meta, dict):
+        raise BadInputError(f"{path}: outputs metadata has no 'meta' object")
+    return tensors, meta

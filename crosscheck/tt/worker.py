@@ -1,0 +1,198 @@
+"""Run a bundle through one backend, possibly in another interpreter.
+
+    python -m crosscheck.tt.worker BUNDLE OUT [--backend ttnn|flax] [--ttnn-runtime auto|device|host]
+
+The real ``ttnn`` wheel wants CPython 3.10-3.12 with numpy<2, which need not be the
+interpreter that has torch. The engine writes a bundle (:mod:`crosscheck.bundle`), runs
+this module with the other interpreter (:func:`run_in_interpreter`) and reads the
+outputs back. ``--backend ttnn`` goes through :func:`crosscheck.tt.runtime.run_variant`
+(a real device when one is found, else the host model); ``--backend flax`` ports the
+state dict with :func:`crosscheck.port.port_variables` and runs the jitted jaxattn
+module, so it needs JAX and Flax only.
+
+Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+from crosscheck import bundle as bd
+from crosscheck.errors import BadInputError
+
+BACKENDS = ("ttnn", "flax")
+RUNTIMES = ("auto", "device", "host")
+
+
+def _variant(name: str):
+    from crosscheck import registry
+
+    try:
+        return registry.get(name)
+    except KeyError as err:
+        raise BadInputError(str(err.args[0])) from None
+
+
+def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
+    if value not in allowed:
+        raise BadInputError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# --- backends --------------------------------------------------------------------------------------
+
+
+def _run_flax(cases: list[bd.BundleCase]) -> tuple[dict[str, np.ndarray], dict]:
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import jaxlib
+
+    from crosscheck.port import port_variables
+
+    outputs = {}
+    for case in cases:
+        variant = _variant(case.variant)
+        variables = port_variables(variant, case.config, case.state_dict)
+        module = variant.flax_module(case.config)
+        variables = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), variables)
+        x = jnp.asarray(case.inputs, dtype=jnp.float32)
+        outputs[case.variant] = np.asarray(jax.jit(module.apply)(variables, x))
+    meta = {
+        "backend": "flax",
+        "runtime": "jax",
+        "runtime_description": f"JAX {jax.__version__} on {jax.default_backend()}",
+        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__},
+    }
+    return outputs, meta
+
+
+def _run_ttnn(cases: list[bd.BundleCase], runtime: str) -> tuple[dict[str, np.ndarray], dict]:
+    from crosscheck.tt import runtime as rt
+
+    outputs = {}
+    with rt.open_runtime(runtime) as opened:
+        for case in cases:
+            variant = _variant(case.variant)
+            x = np.asarray(case.inputs, dtype=np.float32)
+            outputs[case.variant] = np.asarray(rt.run_variant(opened, variant, case.config, case.state_dict, x))
+        meta = {
+            "backend": "ttnn",
+            "runtime": opened.name,
+            "runtime_description": opened.description,
+            "versions": dict(rt.ttnn_versions()),
+        }
+    return outputs, meta
+
+
+def run_cases(
+    cases: list[bd.BundleCase], backend: str = "ttnn", runtime: str = "auto"
+) -> tuple[dict[str, np.ndarray], dict]:
+    """``({variant: context_vec}, meta)`` of ``cases`` on ``backend``."""
+    _check_choice(backend, BACKENDS, "backend")
+    _check_choice(runtime, RUNTIMES, "ttnn runtime")
+    outputs, meta = _run_flax(cases) if backend == "flax" else _run_ttnn(cases, runtime)
+    meta["versions"] = {
+        **meta["versions"],
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    meta["python"] = sys.executable
+    return outputs, meta
+
+
+def run_bundle(bundle_path, out_path, backend: str = "ttnn", runtime: str = "auto") -> dict:
+    """Run every case of ``bundle_path`` on ``backend`` in this interpreter; write ``out_path``; return meta."""
+    _check_choice(backend, BACKENDS, "backend")
+    _check_choice(runtime, RUNTIMES, "ttnn runtime")
+    cases = bd.read_bundle(bundle_path)
+    outputs, meta = run_cases(cases, backend, runtime)
+    bd.write_outputs(out_path, outputs, meta)
+    return meta
+
+
+# --- another interpreter ---------------------------------------------------------------------------
+
+
+def _project_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_in_interpreter(
+    python: str,
+    bundle_path,
+    out_path,
+    backend: str = "ttnn",
+    runtime: str = "auto",
+    timeout: float = 600,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Run the worker with the interpreter ``python`` and return ``(outputs, meta)``.
+
+    This checkout goes first on the child's ``PYTHONPATH``, so the other interpreter needs only
+    its own packages (numpy, safetensors and ttnn or JAX+Flax), not an install of this project.
+    Raises :class:`BadInputError` for a missing interpreter, a timeout, or a failed run (carrying
+    the worker's last stderr line).
+    """
+    _check_choice(backend, BACKENDS, "backend")
+    _check_choice(runtime, RUNTIMES, "ttnn runtime")
+    python = os.fspath(python)
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise BadInputError(f"python interpreter not found or not executable: {python}")
+    bundle_path, out_path = os.path.abspath(os.fspath(bundle_path)), os.path.abspath(os.fspath(out_path))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), env.get("PYTHONPATH")) if p)
+    cmd = [python, "-m", "crosscheck.tt.worker", bundle_path, out_path, "--backend", backend, "--ttnn-runtime", runtime]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise BadInputError(f"worker ({python}) did not finish within {timeout:g} s") from None
+    except OSError as err:
+        raise BadInputError(f"cannot start python interpreter {python}: {err.strerror or err}") from None
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        last = lines[-1].strip() if lines else f"no stderr output, exit status {proc.returncode}"
+        raise BadInputError(f"worker ({python}, backend {backend}) failed with exit {proc.returncode}: {last}")
+    return bd.read_outputs(out_path)
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m crosscheck.tt.worker",
+        description="Run every case of a crosscheck bundle through one backend and write the outputs file.",
+    )
+    p.add_argument("bundle", help="bundle file (.safetensors) written by crosscheck")
+    p.add_argument("out", help="outputs file to write (.safetensors)")
+    p.add_argument("--backend", default="ttnn", choices=BACKENDS, help="ttnn (device or host model) or flax")
+    p.add_argument(
+        "--ttnn-runtime", default="auto", choices=RUNTIMES,
+        help="auto: a Tenstorrent device when one is found, else the host model",
+    )
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        meta = run_bundle(args.bundle, args.out, args.backend, args.ttnn_runtime)
+    except BadInputError as err:
+        # One line, so that run_in_interpreter can carry it (port errors list one problem a line).
+        print("error: " + "; ".join(line.strip() for line in str(err).splitlines() if line.strip()), file=sys.stderr)
+        return 2
+    except ImportError as err:
+        print(f"error: backend {args.backend} is not usable in {sys.executable}: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({meta['backend']}, {meta['runtime']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Every ttnn name, keyword and positional count the programs use exists in real ttnn 0.81.1.
+
+Each program of :mod:`crosscheck.tt.programs` (and the parameter port it needs) runs on the
+host model through a recording proxy; every module-level function call is logged as
+``(dotted name, positional count, keyword names)`` and checked against the real signature.
+Attribute reads (``ttnn.bfloat16``, ``ttnn.MathFidelity.HiFi4``) are checked to exist.
+"""
+
+import enum
+import inspect
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from crosscheck import registry
+from crosscheck.tt import host_model as hm
+from crosscheck.tt import programs, runtime
+from tests.conformance.helpers import call_problem, random_case, real_signatures, resolve, seed_config
+
+
+@dataclass
+class Log:
+    calls: set = field(default_factory=set)  # (dotted, nargs, keywords)
+    reads: set = field(default_factory=set)  # dotted names read
+
+
+class Recorder:
+    """A stand-in for the ``ttnn`` module that logs what the programs use of it."""
+
+    def __init__(self, target, log: Log, prefix: str = ""):
+        self._target, self._log, self._prefix = target, log, prefix
+
+    def __getattr__(self, name):
+        value = getattr(self._target, name)
+        dotted = self._prefix + name
+        self._log.reads.add(dotted)
+        if isinstance(value, (types.ModuleType, types.SimpleNamespace)) or (
+            inspect.isclass(value) and issubclass(value, enum.Enum)
+        ):
+            return Recorder(value, self._log, dotted + ".")
+        if callable(value) and not isinstance(value, enum.Enum):
+
+            def call(*args, **kwargs):
+                self._log.calls.add((dotted, len(args), tuple(sorted(kwargs))))
+                return value(*args, **kwargs)
+
+            return call
+        return value
+
+
+#: Seed config (generic programs, head_dim 1) and one whose head_dim is 32 (the SDPA programs), with biases.
+def _configs(variant):
+    cfg = seed_config(variant)
+    wide = cfg.replace(d_in=64, d_out=64, num_heads=2, qkv_bias=True, context_length=8)
+    return [("seed", cfg), ("head_dim_32", wide)]
+
+
+CASES = [(v, label, cfg) for v in registry.VARIANTS for label, cfg in _configs(v)]
+
+
+@pytest.fixture(scope="module")
+def usage():
+    log, ran = Log(), []
+    for variant, label, cfg in CASES:
+        state_dict, x = random_case(variant, cfg, batch=1)
+        device = hm.open_device(device_id=0)
+        try:
+            rt = runtime.Runtime("host", hm.DESCRIPTION, Recorder(hm, log), device)
+            out = runtime.run_variant(rt, variant, cfg, state_dict, x)
+        finally:
+            hm.close_device(device)
+        assert np.all(np.isfinite(out)), f"{variant.name} ({label}) gave non-finite outputs"
+        ran.append(runtime.program_name(variant, cfg))
+    return log, ran
+
+
+def test_every_program_ran(usage):
+    _, ran = usage
+    expected = set(programs.PROGRAMS) | {f.__name__ for f in programs.SDPA_PROGRAMS.values()}
+    assert set(ran) == expected, f"programs never run here: {sorted(expected - set(ran))}"
+
+
+def test_every_name_read_exists_in_real_ttnn(real_ttnn, usage):
+    log, _ = usage
+    missing = []
+    for dotted in sorted(log.reads):
+        try:
+            resolve(real_ttnn, dotted)
+        except AttributeError:
+            missing.append(dotted)
+    assert missing == [], f"the programs use names real ttnn 0.81.1 lacks: {missing}"
+    assert {"linear", "matmul", "softmax", "from_torch"} <= log.reads  # the proxy really saw the programs
+
+
+def test_every_call_fits_a_real_signature(real_ttnn, usage):
+    log, _ = usage
+    problems = []
+    for dotted, nargs, keywords in sorted(log.calls):
+        problem = call_problem(real_signatures(real_ttnn, dotted), nargs, keywords)
+        if problem:
+            problems.append(f"ttnn.{dotted}({nargs} positional, keywords {list(keywords)}): {problem}")
+    assert problems == [], "\n".join(problems)
+
+
+def test_call_check_can_fail(real_ttnn):
+    """A keyword ttnn does not have, a keyword-only passed positionally, a missing argument."""
+    assert "no keyword ['fidelity']" in call_problem(real_signatures(real_ttnn, "linear"), 2, ("fidelity",))
+    assert "at most 2 positional" in call_problem(real_signatures(real_ttnn, "softmax"), 3, ())
+    assert "missing required ['input_tensor_b']" in call_problem(real_signatures(real_ttnn, "matmul"), 1, ())

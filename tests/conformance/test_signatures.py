@@ -1,0 +1,64 @@
+"""The host model and the programs speak the real ttnn 0.81.1 API: names, keywords, kinds, defaults.
+
+Real signatures come from nanobind's ``__nb_signature__`` (default values as objects) or,
+for ttnn's Python-level ops (``from_torch``, ``to_torch``), from ``inspect.signature``.
+"""
+
+import pytest
+
+from crosscheck.tt import host_model as hm
+from tests.conformance.helpers import Param, host_signature, real_signatures, resolve, signature_problems
+
+
+@pytest.mark.parametrize("dotted", hm.IMPLEMENTED)
+def test_host_model_signature_equals_real(real_ttnn, dotted):
+    real = real_signatures(real_ttnn, dotted)
+    host = host_signature(resolve(hm, dotted), dotted)
+    assert signature_problems(real, host) == [], (
+        f"ttnn.{dotted}: host model ({', '.join(map(str, host))}) differs from every real overload:\n"
+        + "\n".join(", ".join(map(str, o.params)) for o in real)
+    )
+
+
+def test_signature_check_catches_a_wrong_kind_and_default(real_ttnn):
+    """The comparison itself can fail: softmax with positional memory_config, or numeric_stable=False."""
+    real = real_signatures(real_ttnn, "softmax")
+
+    def positional(input_tensor, dim=-1, memory_config=None, compute_kernel_config=None, numeric_stable=True): ...
+
+    def unstable(input_tensor, dim=-1, *, memory_config=None, compute_kernel_config=None, numeric_stable=False): ...
+
+    def right(input_tensor, dim=-1, *, memory_config=None, compute_kernel_config=None, numeric_stable=True): ...
+
+    assert "memory_config: kind positional != real keyword_only" in signature_problems(real, host_signature(positional))
+    assert "numeric_stable: default False != real True" in signature_problems(real, host_signature(unstable))
+    assert signature_problems(real, host_signature(right)) == []
+
+
+def test_real_signatures_read_values_of_nanobind_defaults(real_ttnn):
+    """ttnn-notes §2: linear's keywords, and typecast's two overloads, as 0.81.1 declares them."""
+    (linear,) = real_signatures(real_ttnn, "linear")
+    assert linear.params[:4] == (
+        Param("input_tensor_a", "positional", "<required>"),
+        Param("input_tensor_b", "positional", "<required>"),
+        Param("bias", "keyword_only", "None"),
+        Param("transpose_a", "keyword_only", "False"),
+    )
+    assert Param("prefetcher_pipes", "keyword_only", "[]") in linear.params
+    typecast = real_signatures(real_ttnn, "typecast")
+    assert [[p.name for p in o.params if p.kind == "positional"] for o in typecast] == [
+        ["input_tensor", "dtype"],
+        ["input_tensor", "input_dtype", "output_dtype"],
+    ]
+    (softmax,) = real_signatures(real_ttnn, "softmax")
+    assert Param("dim", "positional", "-1") in softmax.params
+
+
+def test_every_implemented_name_exists_in_real_ttnn(real_ttnn):
+    missing = []
+    for dotted in hm.IMPLEMENTED:
+        try:
+            resolve(real_ttnn, dotted)
+        except AttributeError:
+            missing.append(dotted)
+    assert missing == [], f"host model implements names real ttnn 0.81.1 lacks: {missing}"

@@ -1,0 +1,69 @@
+"""The bundle worker in this interpreter (Python 3.12, real ttnn installed, JAX 0.7.0) against the main venv.
+
+All eight variants go into one bundle. The ttnn backend (auto -> host model, no device here)
+must give exactly what the main venv's interpreter (Python 3.11, numpy 2, torch) gives for the
+same bundle; the flax backend on JAX 0.7.0 must agree with the main venv's newest JAX.
+"""
+
+import numpy as np
+import pytest
+
+from crosscheck import bundle as bd
+from crosscheck import registry
+from crosscheck.tt import worker
+from tests.conformance.helpers import MAIN_PYTHON, random_case, seed_config
+
+needs_main_venv = pytest.mark.skipif(not MAIN_PYTHON.exists(), reason=f"{MAIN_PYTHON} does not exist (make venv)")
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    cases = []
+    for i, variant in enumerate(registry.VARIANTS):
+        cfg = seed_config(variant)
+        state_dict, x = random_case(variant, cfg, seed=10 + i, batch=0 if variant.unbatched else 2)
+        cases.append(bd.BundleCase(variant.name, cfg, state_dict, x))
+    path = tmp_path_factory.mktemp("bundle") / "all.safetensors"
+    bd.write_bundle(path, cases)
+    return path
+
+
+@pytest.fixture(scope="module")
+def here(bundle_path, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("here")
+    results = {}
+    for backend in ("ttnn", "flax"):
+        meta = worker.run_bundle(bundle_path, out_dir / f"{backend}.safetensors", backend=backend, runtime="auto")
+        results[backend] = bd.read_outputs(out_dir / f"{backend}.safetensors")
+        assert results[backend][1] == meta
+    return results
+
+
+def test_ttnn_worker_runs_here_on_the_host_model(here):
+    outputs, meta = here["ttnn"]
+    assert meta["runtime"] == "host" and meta["versions"]["ttnn"] == "0.81.1"
+    assert sorted(outputs) == sorted(v.name for v in registry.VARIANTS)
+    assert all(np.all(np.isfinite(v)) for v in outputs.values())
+
+
+@needs_main_venv
+def test_ttnn_outputs_equal_the_main_venv_host_model(bundle_path, here, tmp_path):
+    outputs, meta = worker.run_in_interpreter(MAIN_PYTHON, bundle_path, tmp_path / "main.safetensors", runtime="host")
+    assert meta["versions"]["python"].startswith("3.11") and meta["versions"]["numpy"].startswith("2.")
+    for name, value in here["ttnn"][0].items():
+        np.testing.assert_array_equal(value, outputs[name], err_msg=name)
+
+
+@needs_main_venv
+@pytest.mark.slow  # starts the main venv's interpreter with JAX and torch (~5-10 s)
+def test_flax_on_jax_070_equals_the_main_venv_flax(bundle_path, here, tmp_path):
+    outputs, meta = worker.run_in_interpreter(MAIN_PYTHON, bundle_path, tmp_path / "main.safetensors", backend="flax")
+    assert here["flax"][1]["versions"]["jax"] == "0.7.0" and meta["versions"]["jax"] != "0.7.0"
+    for name, value in here["flax"][0].items():
+        np.testing.assert_allclose(value, outputs[name], atol=1e-6, err_msg=name)
+
+
+def test_ttnn_and_flax_agree_at_bf16_precision(here):
+    for name, value in here["flax"][0].items():
+        err = float(np.max(np.abs(here["ttnn"][0][name] - value)))
+        assert err < 0.05, f"{name}: max |ttnn host - flax| = {err}"
