@@ -27,7 +27,7 @@ class Variant:
     _portmap: Callable[[AttnConfig], pm.PortMap]
     _flax: Callable[[AttnConfig], Any]
     _torch: Callable[[AttnConfig], Any]
-    #: Name of the program in :mod:`crosscheck.ttnn.programs`.
+    #: Name of the program in :mod:`crosscheck.tt.programs`.
     ttnn_program: str
     _resolve: Optional[Callable[[AttnConfig], AttnConfig]] = None
     #: Config values this variant needs by default where the seed config does not fit it.

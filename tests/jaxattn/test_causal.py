@@ -22,6 +22,7 @@ class TestCausalAttention:
         w_value = variables["params"]["W_value"]["kernel"]
         np.testing.assert_allclose(out[:, 0], batch(seed_inputs)[:, 0] @ w_value, atol=1e-6)
 
+    @pytest.mark.slow
     def test_receptive_field_is_causal(self):
         """d context_vec[i] / d x[j] is zero for every j > i and non-zero for j <= i."""
         module = jaxattn.CausalAttention(4, 3, 8, 0.0)
