@@ -24,7 +24,7 @@ class CausalAttention(nn.Module):
     context_length: int
     dropout: float
     qkv_bias: bool = False
-    attention_impl: core.AttentionImpl = "naive"
+    attention_impl: core.AttentionImpl = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -57,7 +57,7 @@ class MultiHeadAttentionWrapper(nn.Module):
     dropout: float
     num_heads: int
     qkv_bias: bool = False
-    attention_impl: core.AttentionImpl = "naive"
+    attention_impl: core.AttentionImpl = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 

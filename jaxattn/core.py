@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from jaxattn import blockwise
 from jaxattn.masks import make_causal_mask
 
 AttentionImpl = Literal["naive", "blockwise", "xla", "auto"]
@@ -117,10 +118,33 @@ def causal_attention(
 ) -> tuple[Float[Array, "*batch q dv"], Optional[Float[Array, "*batch q k"]]]:
     """Causal self-attention through the chosen implementation.
 
+    * ``"naive"``: the book's path, full ``(q, k)`` weights (returned).
+    * ``"blockwise"``: :func:`jaxattn.blockwise.blockwise_causal_attention`, online
+      softmax over key blocks, ``O(tokens x block)`` memory; weights are ``None``.
+    * ``"xla"``: ``jax.nn.dot_product_attention(..., is_causal=True)``; weights are ``None``.
+    * ``"auto"``: ``"blockwise"`` from
+      :data:`jaxattn.blockwise.AUTO_BLOCKWISE_MIN_TOKENS` tokens on, else ``"naive"``.
+
+    With dropout active (``deterministic=False`` and ``dropout_rate > 0``) every
+    implementation runs the naive path, so the dropout draw is the same as the
+    book's (dropout on the full weights, inverted scaling) whatever ``impl`` says.
+
     Returns ``(context_vec, attn_weights)``; ``attn_weights`` is ``None`` for
     implementations that never materialise them.
     """
+    if impl not in ("naive", "blockwise", "xla", "auto"):
+        raise ValueError(f"causal_attention: impl must be 'naive', 'blockwise', 'xla' or 'auto', got {impl!r}")
     tokens = query.shape[-2]
+    if impl == "auto":
+        impl = "blockwise" if tokens >= blockwise.AUTO_BLOCKWISE_MIN_TOKENS else "naive"
+    dropout_active = not deterministic and dropout_rate > 0.0
+    if impl == "blockwise" and not dropout_active:
+        context_vec = blockwise.blockwise_causal_attention(
+            query, key, value, scale=scale, softmax_dtype=softmax_dtype
+        )
+        return context_vec, None
+    if impl == "xla" and not dropout_active:
+        return blockwise.xla_causal_attention(query, key, value, scale=scale), None
     mask = make_causal_mask(tokens)
     return naive_attention(
         query,

@@ -30,7 +30,7 @@ class MultiHeadAttention(nn.Module):
     dropout: float
     num_heads: int
     qkv_bias: bool = False
-    attention_impl: core.AttentionImpl = "naive"
+    attention_impl: core.AttentionImpl = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -65,7 +65,7 @@ class MultiHeadAttentionCombinedQKV(nn.Module):
     context_length: int
     dropout: float = 0.0
     qkv_bias: bool = False
-    attention_impl: core.AttentionImpl = "naive"
+    attention_impl: core.AttentionImpl = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 

@@ -1,0 +1,495 @@
+"""``crosscheck bench``: forward latency of jaxattn's multi-head attention against torch, same weights, same process.
+
+Implementations (``--impls``; default all):
+
+* ``jax-naive`` / ``jax-blockwise`` / ``jax-xla`` / ``jax-auto``: ``jaxattn.MultiHeadAttention``
+  with that ``attention_impl``, jitted (``jax.jit(module.apply)``).
+* ``jax-fused-blockwise``: the same weights with Q/K/V fused into one ``(d, 3d)`` matmul
+  (:func:`jaxattn.blockwise.fused_mha`), blockwise attention.
+* ``torch-book``: ``crosscheck.torch_ref.MultiHeadAttention``, eager.
+* ``torch-sdpa``: the book's projections around ``F.scaled_dot_product_attention(is_causal=True)``.
+* ``torch-compile``: ``torch.compile`` of the book class (a failure is caught and reported).
+
+Method: weights drawn once for the torch book class and ported to Flax with
+:func:`crosscheck.port.load_state_dict`; one input per shape shared by all; warm-up
+calls excluded (JAX's compile is timed separately, via ``lower().compile()``);
+then ``--repeats`` rounds in which every implementation runs once, round-robin,
+the order rotated each round; the median per implementation is reported with
+its speed ratio to the fastest torch implementation.
+
+Memory (``--memory``): ``analysis`` (default) reports, for JAX only, XLA's own
+``compiled.memory_analysis()`` (temp + argument + output bytes: what the
+program needs, not what the process holds) under ``memory``; ``rss`` also runs
+each implementation in a fresh subprocess and reports, under ``memory_rss``,
+its ``ru_maxrss`` high-water mark (whole process: interpreter, JAX/torch
+runtimes, weights, input) and the rise of that mark caused by the first forward.
+The table's memory column shows the RSS high-water mark when measured, else the analysis total.
+
+Recompilations (``--recompile-sweep``): a jitted ``MultiHeadAttention`` applied to
+a sweep of token counts with no bucketing, power-of-two buckets and multiples
+of 128 (:mod:`jaxattn.bucketing`); a Python counter inside the traced function
+counts traces (= compilations), checked against ``jax.jit``'s cache size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from crosscheck.errors import BadInputError
+
+JAX_IMPLS = ("jax-naive", "jax-blockwise", "jax-xla", "jax-auto", "jax-fused-blockwise")
+TORCH_IMPLS = ("torch-book", "torch-sdpa", "torch-compile")
+ALL_IMPLS = JAX_IMPLS + TORCH_IMPLS
+DTYPES = ("float32", "bfloat16")
+MIN_TOKENS, MAX_TOKENS = 1, 65536
+DEFAULT_SWEEP = tuple(range(100, 1025, 44))  # 22 lengths that are neither powers of two nor multiples of 128
+
+
+# --- arguments ---------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from err
+
+
+def _name_list(text: str) -> list[str]:
+    return [t.strip().lower() for t in text.replace(",", " ").split() if t.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``crosscheck bench`` options (GPT-2 small by default)."""
+    parser.add_argument("--tokens", type=_int_list, nargs="+", default=[[1024]],
+                        help="token counts, e.g. --tokens 128 256 1024 or --tokens 128,1024 (default 1024)")
+    parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
+    parser.add_argument("--d-model", type=int, default=768, help="d_in = d_out (default 768)")
+    parser.add_argument("--heads", type=int, default=12, help="number of heads (default 12)")
+    parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per shape (default 7)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per implementation (default 1)")
+    parser.add_argument("--impls", type=_name_list, nargs="+", default=None,
+                        help=f"subset of {', '.join(ALL_IMPLS)} (default all)")
+    parser.add_argument("--memory", choices=("analysis", "rss", "none"), default="analysis",
+                        help="peak memory: XLA memory_analysis (JAX only), per-impl subprocess RSS, or none")
+    parser.add_argument("--recompile-sweep", type=_int_list, nargs="*", default=None,
+                        help="count compilations over these token counts with/without bucketing "
+                        "(no value: 100,144,...,1024)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
+    parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG of latency vs tokens here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one impl, RSS mode
+
+
+def _validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
+    tokens = [t for group in args.tokens for t in (group if isinstance(group, list) else [group])]
+    if not tokens:
+        raise BadInputError("--tokens: give at least one token count")
+    for t in tokens:
+        if not MIN_TOKENS <= t <= MAX_TOKENS:
+            raise BadInputError(f"--tokens: {t} is outside [{MIN_TOKENS}, {MAX_TOKENS}]")
+    for name in ("batch", "d_model", "heads", "repeats"):
+        if getattr(args, name) < 1:
+            raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise BadInputError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.d_model % args.heads:
+        raise BadInputError(f"--d-model={args.d_model} must be divisible by --heads={args.heads}")
+    if args.dtype not in DTYPES:
+        raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    impls = list(ALL_IMPLS)
+    if args.impls:
+        impls = [i for group in args.impls for i in (group if isinstance(group, list) else [group])]
+        unknown = [i for i in impls if i not in ALL_IMPLS]
+        if unknown:
+            raise BadInputError(f"--impls: unknown {', '.join(unknown)}; choose from {', '.join(ALL_IMPLS)}")
+    return tokens, impls
+
+
+# --- building the implementations ------------------------------------------------------------------
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _book_torch(d_model: int, heads: int, context_length: int, dtype: str, seed: int):
+    import torch
+
+    from crosscheck.torch_ref import MultiHeadAttention
+
+    torch.manual_seed(seed)
+    module = MultiHeadAttention(d_model, d_model, context_length, 0.0, heads, qkv_bias=False)
+    return module.to(_torch_dtype(dtype)).eval()
+
+
+def _sdpa_class():
+    import torch
+    import torch.nn.functional as F
+
+    class SdpaMultiHeadAttention(torch.nn.Module):
+        """The book's ``MultiHeadAttention`` (same parameter names) on ``scaled_dot_product_attention``."""
+
+        def __init__(self, book):
+            super().__init__()
+            self.num_heads, self.head_dim, self.d_out = book.num_heads, book.head_dim, book.d_out
+            self.W_query, self.W_key, self.W_value, self.out_proj = book.W_query, book.W_key, book.W_value, book.out_proj
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            split = lambda y: y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731 (b, H, T, hd)
+            q, k, v = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
+            context_vec = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, H, T, hd)
+            return self.out_proj(context_vec.transpose(1, 2).reshape(b, t, self.d_out))
+
+    return SdpaMultiHeadAttention
+
+
+def _flax_state(book, d_model, heads, context_length, dtype, impl):
+    """A jaxattn ``MultiHeadAttention`` with ``impl`` and the book module's weights (ported)."""
+    import jax.numpy as jnp
+
+    import jaxattn
+    from crosscheck.port import load_state_dict
+
+    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    module = jaxattn.MultiHeadAttention(
+        d_model, d_model, context_length, 0.0, heads, attention_impl=impl, dtype=jdtype, param_dtype=jdtype
+    )
+    state = {k: v.float().numpy() for k, v in book.state_dict().items() if k != "mask"}
+    return module, load_state_dict(module, state)
+
+
+class Runner:
+    """One implementation at one shape: ``call()`` runs a forward and waits for it."""
+
+    def __init__(self, name: str, framework: str, call: Callable[[], Any], compile_s=None, memory_bytes=None):
+        self.name, self.framework, self.call = name, framework, call
+        self.compile_s, self.memory_bytes, self.status = compile_s, memory_bytes, "ok"
+        self.output: Optional[np.ndarray] = None
+
+
+def _jax_runner(name, book, x_np, args, context_length) -> Runner:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxattn.blockwise import fuse_qkv_params, fused_mha
+
+    impl = name.removeprefix("jax-")
+    fused = impl == "fused-blockwise"
+    module, variables = _flax_state(book, args.d_model, args.heads, context_length, args.dtype,
+                                    "blockwise" if fused else impl)
+    x = jnp.asarray(x_np, dtype=variables["params"]["out_proj"]["kernel"].dtype)
+    if fused:
+        params = fuse_qkv_params(variables["params"])
+        fn = jax.jit(lambda p, x: fused_mha(p, x, num_heads=args.heads, impl="blockwise"))
+    else:
+        params = variables
+        fn = jax.jit(module.apply)
+    start = time.perf_counter()
+    compiled = fn.lower(params, x).compile()
+    compile_s = time.perf_counter() - start
+    memory = None
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        memory = {
+            "temp_bytes": int(analysis.temp_size_in_bytes),
+            "argument_bytes": int(analysis.argument_size_in_bytes),
+            "output_bytes": int(analysis.output_size_in_bytes),
+        }
+        memory["total_bytes"] = sum(memory.values())
+    return Runner(name, "jax", lambda: compiled(params, x).block_until_ready(), compile_s, memory)
+
+
+def _torch_runner(name, book, x_np, args) -> Runner:
+    import torch
+
+    x = torch.from_numpy(x_np).to(_torch_dtype(args.dtype))
+    if name == "torch-book":
+        module = book
+    elif name == "torch-sdpa":
+        module = _sdpa_class()(book).eval()
+    else:
+        module = torch.compile(book)
+
+    def call():
+        with torch.inference_mode():
+            return module(x)
+
+    runner = Runner(name, "torch", call)
+    if name == "torch-compile":  # compile happens on the first call: time it, catch failure
+        start = time.perf_counter()
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - any compiler failure is a result to report
+            runner.status = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+        runner.compile_s = time.perf_counter() - start
+    return runner
+
+
+def build_runners(impls, tokens, args, book, context_length) -> list[Runner]:
+    rng = np.random.default_rng(args.seed)
+    x_np = rng.standard_normal((args.batch, tokens, args.d_model), dtype=np.float32)
+    runners = []
+    for name in impls:
+        if name.startswith("jax-"):
+            runners.append(_jax_runner(name, book, x_np, args, context_length))
+        else:
+            runners.append(_torch_runner(name, book, x_np, args))
+    return runners
+
+
+# --- timing ------------------------------------------------------------------------------------------
+
+
+def _to_numpy(out) -> np.ndarray:
+    if hasattr(out, "detach"):
+        return out.detach().float().numpy()
+    return np.asarray(out, dtype=np.float32)
+
+
+def max_abs_diffs(runners: list[Runner]) -> dict[str, Optional[float]]:
+    """Max |impl - reference| per implementation; the reference is torch-book if it ran, else the first."""
+    outs = {r.name: r.output for r in runners if r.output is not None}
+    if not outs:
+        return {}
+    ref = outs.get("torch-book", next(iter(outs.values())))
+    return {name: float(np.abs(out - ref).max()) for name, out in outs.items()}
+
+
+def time_round_robin(runners: list[Runner], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Per-implementation wall times: warm-up excluded, one call each per round, order rotated."""
+    live = [r for r in runners if r.status == "ok"]
+    for runner in live:
+        for _ in range(warmup):
+            runner.call()
+        runner.output = _to_numpy(runner.call())  # also a warm-up call; kept to check agreement
+    times: dict[str, list[float]] = {r.name: [] for r in live}
+    for rep in range(repeats):
+        shift = rep % max(len(live), 1)
+        for runner in live[shift:] + live[:shift]:
+            start = time.perf_counter()
+            runner.call()
+            times[runner.name].append(time.perf_counter() - start)
+    return times
+
+
+# --- memory: a fresh process per implementation ---------------------------------------------------
+
+
+def _max_rss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def run_child(args: argparse.Namespace) -> int:
+    """``--child IMPL``: set up one implementation, run one forward, print RSS figures as JSON."""
+    tokens, _ = _validate(args)
+    t = tokens[0]
+    book = _book_torch(args.d_model, args.heads, t if args.child.startswith("torch") else 1, args.dtype, args.seed)
+    rng = np.random.default_rng(args.seed)
+    x_np = rng.standard_normal((args.batch, t, args.d_model), dtype=np.float32)
+    if args.child.startswith("jax-"):
+        runner = _jax_runner(args.child, book, x_np, args, t)  # compiles (not run) before the baseline
+    else:
+        runner = _torch_runner(args.child, book, x_np, args)
+    before = _max_rss_bytes()
+    runner.call()
+    after = _max_rss_bytes()
+    print(json.dumps({"impl": args.child, "max_rss_bytes": after, "setup_rss_bytes": before,
+                      "forward_rss_rise_bytes": after - before, "status": runner.status}))
+    return 0
+
+
+def measure_rss(impl: str, tokens: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "crosscheck.bench", "--child", impl, "--tokens", str(tokens),
+           "--batch", str(args.batch), "--d-model", str(args.d_model), "--heads", str(args.heads),
+           "--dtype", args.dtype, "--seed", str(args.seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"status": f"failed: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- recompilation count -------------------------------------------------------------------------------
+
+
+def count_recompilations(sweep: list[int], args: argparse.Namespace, impl: str = "blockwise") -> dict:
+    """Compilations of one jitted ``MultiHeadAttention`` over ``sweep`` token counts, per bucketing policy."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxattn
+    from jaxattn.bucketing import bucketed
+
+    context_length = max(1 << (max(sweep) - 1).bit_length(), -(-max(sweep) // 128) * 128)
+    module = jaxattn.MultiHeadAttention(args.d_model, args.d_model, context_length, 0.0, args.heads,
+                                        attention_impl=impl)
+    variables = module.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, 1, args.d_model), jnp.float32))
+    rng = np.random.default_rng(args.seed)
+    out = {"sweep_tokens": list(sweep), "impl": impl, "batch": 1, "policies": {}}
+    for policy in ("none", "pow2", "multiple"):
+        traces = [0]
+
+        def apply(v, x):
+            traces[0] += 1  # runs once per trace, i.e. once per compilation
+            return module.apply(v, x)
+
+        jitted = jax.jit(apply)
+        call = bucketed(lambda x: jitted(variables, x), policy=policy, multiple=128, maximum=context_length)
+        start = time.perf_counter()
+        for t in sweep:
+            call(rng.standard_normal((1, t, args.d_model), dtype=np.float32)).block_until_ready()
+        cache_size = jitted._cache_size() if hasattr(jitted, "_cache_size") else None
+        out["policies"][policy] = {"compilations": traces[0], "jit_cache_size": cache_size,
+                                   "total_s": time.perf_counter() - start}
+    return out
+
+
+# --- output ----------------------------------------------------------------------------------------------
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def print_table(rows: list[dict], tokens: int) -> None:
+    shape_rows = [r for r in rows if r["tokens"] == tokens]
+    torch_ok = [r for r in shape_rows if r["framework"] == "torch" and r["median_s"] is not None]
+    fastest = min(torch_ok, key=lambda r: r["median_s"]) if torch_ok else None
+    by_name = {r["impl"]: r for r in shape_rows}
+    head = f"{'impl':<22}{'median':>11}{'vs fastest torch':>18}{'vs sdpa':>9}{'vs book':>9}{'compile':>10}{'memory':>14}"
+    print(head)
+    for r in shape_rows:
+        if r["median_s"] is None:
+            print(f"{r['impl']:<22}{r['status']}")
+            continue
+
+        def ratio(ref):
+            return f"{ref['median_s'] / r['median_s']:.2f}x" if ref and ref["median_s"] else "-"
+
+        mem = r.get("memory_rss") or r.get("memory") or {}
+        mem_bytes = mem.get("max_rss_bytes", mem.get("total_bytes"))
+        compile_s = "-" if r.get("compile_s") is None else f"{r['compile_s']:.2f}s"
+        print(f"{r['impl']:<22}{r['median_s'] * 1e3:>9.1f}ms{ratio(fastest):>18}{ratio(by_name.get('torch-sdpa')):>9}"
+              f"{ratio(by_name.get('torch-book')):>9}{compile_s:>10}{_fmt_bytes(mem_bytes):>14}")
+    diffs = {r["impl"]: r.get("max_abs_diff_vs_reference") for r in shape_rows}
+    print("max |out - torch-book| (or the first impl): "
+          + ", ".join(f"{k}={v:.1e}" for k, v in diffs.items() if v is not None))
+    if fastest:
+        print(f"(ratios = reference median / impl median; fastest torch: {fastest['impl']})")
+
+
+def write_plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        pts = sorted((r["tokens"], r["median_s"]) for r in rows if r["impl"] == impl and r["median_s"] is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("forward latency, median (s)")
+    ax.set_title("multi-head causal attention, forward")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+# --- entry points ------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark; returns the exit status (bad options raise :class:`BadInputError`)."""
+    if getattr(args, "child", None):
+        return run_child(args)
+    tokens_list, impls = _validate(args)
+    import jax
+    import torch
+
+    config = {"batch": args.batch, "d_model": args.d_model, "heads": args.heads, "dtype": args.dtype,
+              "repeats": args.repeats, "warmup": args.warmup, "impls": impls, "memory": args.memory,
+              "jax": jax.__version__, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+              "load_avg_at_start": list(os.getloadavg())}
+    print("crosscheck bench: " + ", ".join(f"{k}={v}" for k, v in config.items() if k != "impls"))
+    rows: list[dict] = []
+    for tokens in tokens_list:
+        context_length = tokens
+        book = _book_torch(args.d_model, args.heads, tokens if any(i.startswith("torch") for i in impls) else 1,
+                           args.dtype, args.seed)
+        runners = build_runners(impls, tokens, args, book, context_length)
+        times = time_round_robin(runners, args.repeats, args.warmup)
+        diffs = max_abs_diffs(runners)
+        for runner in runners:
+            row = {"impl": runner.name, "framework": runner.framework, "tokens": tokens, "batch": args.batch,
+                   "d_model": args.d_model, "heads": args.heads, "dtype": args.dtype,
+                   "median_s": statistics.median(times[runner.name]) if runner.name in times else None,
+                   "times_s": times.get(runner.name, []), "compile_s": runner.compile_s, "status": runner.status,
+                   "memory": None, "max_abs_diff_vs_reference": diffs.get(runner.name)}
+            if args.memory != "none" and runner.memory_bytes is not None:
+                row["memory"] = {"method": "xla memory_analysis (temp+argument+output)", **runner.memory_bytes}
+            rows.append(row)
+        del runners, book
+        if args.memory == "rss":
+            for row in rows:
+                if row["tokens"] == tokens:
+                    row["memory_rss"] = {"method": "subprocess ru_maxrss", **measure_rss(row["impl"], tokens, args)}
+        print(f"\n== tokens={tokens} batch={args.batch} d_model={args.d_model} heads={args.heads} {args.dtype} ==")
+        print_table(rows, tokens)
+    for row in rows:  # speed relative to the fastest torch row of the same shape
+        torch_ok = [r["median_s"] for r in rows if r["tokens"] == row["tokens"] and r["framework"] == "torch"
+                    and r["median_s"] is not None]
+        row["speedup_vs_fastest_torch"] = (min(torch_ok) / row["median_s"]) if torch_ok and row["median_s"] else None
+    result: dict[str, Any] = {"config": config, "results": rows}
+    if args.recompile_sweep is not None:
+        sweep = [t for g in args.recompile_sweep for t in (g if isinstance(g, list) else [g])] or list(DEFAULT_SWEEP)
+        rec = count_recompilations(sweep, args)
+        result["recompilation"] = rec
+        print(f"\n== recompilations over {len(sweep)} token counts ({min(sweep)}..{max(sweep)}), batch 1 ==")
+        for policy, r in rec["policies"].items():
+            print(f"{policy:<10} compilations={r['compilations']:>3}  jit cache={r['jit_cache_size']}  "
+                  f"sweep wall time={r['total_s']:.1f}s")
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.json_path}")
+    if args.plot_path:
+        write_plot(rows, args.plot_path)
+        print(f"wrote {args.plot_path}")
+    return 0
+
+
+def _cli(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m crosscheck.bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except BadInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

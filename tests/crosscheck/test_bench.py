@@ -1,0 +1,79 @@
+"""``crosscheck bench`` at a tiny shape: runs, agrees with torch, writes valid JSON and PNG, counts compilations."""
+
+import argparse
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the benchmark compares against torch")
+
+from crosscheck import bench  # noqa: E402
+
+TINY = ["--tokens", "8,20", "--batch", "2", "--d-model", "16", "--heads", "2", "--repeats", "2"]
+FAST_IMPLS = ["jax-naive", "jax-blockwise", "jax-xla", "jax-auto", "jax-fused-blockwise", "torch-book", "torch-sdpa"]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_tiny_run_writes_json_and_png(tmp_path):
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = parse(TINY + ["--impls", ",".join(FAST_IMPLS), "--json", str(json_path), "--plot", str(png_path)])
+    assert bench.main(args) == 0
+    result = json.loads(json_path.read_text())
+    rows = result["results"]
+    assert {(r["impl"], r["tokens"]) for r in rows} == {(i, t) for i in FAST_IMPLS for t in (8, 20)}
+    for row in rows:
+        assert row["framework"] == ("jax" if row["impl"].startswith("jax-") else "torch")
+        assert row["batch"] == 2 and row["median_s"] > 0 and len(row["times_s"]) == 2
+        # every implementation computed the torch book class's output on the same weights and input
+        assert row["max_abs_diff_vs_reference"] < 1e-5, row
+        if row["framework"] == "jax":
+            assert row["compile_s"] > 0 and row["memory"]["total_bytes"] >= row["memory"]["argument_bytes"] > 0
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torch_compile_failure_is_reported_not_raised(monkeypatch, tmp_path):
+    def broken_compile(module):
+        def fail(*_):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    json_path = tmp_path / "b.json"
+    args = parse(TINY[:2] + ["8"] + TINY[3:] + ["--impls", "torch-book,torch-compile", "--json", str(json_path)])
+    assert bench.main(args) == 0
+    rows = {r["impl"]: r for r in json.loads(json_path.read_text())["results"]}
+    assert rows["torch-compile"]["median_s"] is None
+    assert rows["torch-compile"]["status"] == "failed: RuntimeError: no C++ compiler"
+    assert rows["torch-book"]["median_s"] > 0
+
+
+def test_recompilations_counted_with_and_without_bucketing():
+    args = parse(["--d-model", "8", "--heads", "2"])
+    sweep = [3, 5, 6, 9, 100, 130]
+    rec = bench.count_recompilations(sweep, args)["policies"]
+    assert rec["none"]["compilations"] == 6  # one per distinct length
+    assert rec["pow2"]["compilations"] == 5  # 4, 8, 16, 128, 256
+    assert rec["multiple"]["compilations"] == 2  # 128, 256
+    for policy in rec.values():
+        assert policy["jit_cache_size"] in (None, policy["compilations"])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--tokens", "0"], "--tokens: 0 is outside"),
+        (["--d-model", "10", "--heads", "3"], "--d-model=10 must be divisible by --heads=3"),
+        (["--impls", "jax-naive,jax-magic"], "--impls: unknown jax-magic"),
+        (["--dtype", "float8"], "--dtype must be one of"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+    ],
+)
+def test_bad_options_exit_2_with_named_limit(argv, message, capsys):
+    assert bench._cli(argv) == 2
+    assert message in capsys.readouterr().err
