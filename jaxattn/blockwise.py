@@ -14,6 +14,17 @@ Here the sequence is cut into blocks of ``block_size`` tokens:
 * the ``(batch x head)`` rows go through the loops a few at a time
   (:data:`HEAD_GROUP`), which keeps each step's scores in cache.
 
+Two schedules share that idea (``method``):
+
+* ``"prefix"``: query block ``i`` meets its whole key prefix ``[0, (i+1) * block)``
+  at once — the off-diagonal part unmasked, the diagonal block masked — with one
+  exact softmax per query block. The query blocks are unrolled in Python, so it
+  is used up to :data:`PREFIX_MAX_BLOCKS` blocks (4096 tokens); it is the fastest
+  schedule measured on the GPT-2-small shape.
+* ``"online"``: ``lax.scan`` over key blocks with an online softmax, for any length.
+
+``method="auto"`` picks ``"prefix"`` when it fits, else ``"online"``.
+
 The book's semantics are kept: scores ``q @ k.T`` cast to ``softmax_dtype``,
 causal mask, *then* the ``1/sqrt(head_dim)`` scale, softmax, weights ``@ v``.
 Dropout is not implemented per block: :func:`jaxattn.core.causal_attention`
@@ -45,6 +56,14 @@ DEFAULT_BLOCK_SIZE = 256
 #: At most this many (batch x head) rows go through the block loops together (see below).
 HEAD_GROUP = 8
 
+#: The prefix schedule's query block and the most blocks it unrolls. Attention core alone,
+#: (48, 1024, 64) float32, 2-core CPU, medians of 9 (runs differ by up to 20%): block 128 with
+#: 2 rows per step 104-128 ms, block 256 132 ms, 4 rows 147 ms, 1 row 111-136 ms, two
+#: independent row chains 143 ms; the online schedule 230 ms; torch SDPA's core 97 ms.
+PREFIX_BLOCK_SIZE = 128
+PREFIX_ROW_GROUP = 2
+PREFIX_MAX_BLOCKS = 32
+
 
 def _pad_tokens(x: Float[Array, "n t d"], padded: int) -> Float[Array, "n padded d"]:
     """Zero-pad the token axis at the end: causal attention keeps trailing padding invisible to real tokens."""
@@ -58,17 +77,28 @@ def blockwise_causal_attention(
     value: Float[Array, "*batch tokens dv"],
     *,
     scale: Optional[float] = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: Optional[int] = None,
     softmax_dtype=jnp.float32,
+    method: str = "auto",
 ) -> Float[Array, "*batch tokens dv"]:
     """Causal self-attention ``softmax(mask(q @ k.T) * scale) @ v`` without the ``(tokens, tokens)`` weights.
 
     ``tokens`` need not be a multiple of ``block_size`` (the tail is zero-padded
-    and sliced off). Returns the context vectors in ``value.dtype``.
+    and sliced off). ``method`` is ``"prefix"``, ``"online"`` or ``"auto"`` (see the
+    module docstring); ``block_size`` defaults to :data:`PREFIX_BLOCK_SIZE` for the
+    prefix schedule and :data:`DEFAULT_BLOCK_SIZE` for the online one. Returns the
+    context vectors in ``value.dtype``.
     """
-    if block_size < 1:
+    if method not in ("auto", "prefix", "online"):
+        raise ValueError(f"blockwise_causal_attention: method must be 'auto', 'prefix' or 'online', got {method!r}")
+    if block_size is not None and block_size < 1:
         raise ValueError(f"blockwise_causal_attention: block_size must be >= 1, got {block_size}")
     *batch, tokens, head_dim = query.shape
+    if method == "auto":
+        prefix_block = block_size or PREFIX_BLOCK_SIZE
+        method = "prefix" if math.ceil(tokens / prefix_block) <= PREFIX_MAX_BLOCKS else "online"
+    if block_size is None:
+        block_size = PREFIX_BLOCK_SIZE if method == "prefix" else DEFAULT_BLOCK_SIZE
     if key.shape[-2] != tokens or value.shape[-2] != tokens:
         raise ValueError(
             "blockwise_causal_attention: causal self-attention needs as many keys as queries, got "
@@ -86,14 +116,16 @@ def blockwise_causal_attention(
     n = math.prod(batch)
     # A few (batch, head) rows at a time: each step's (group, block, block) scores then stay in
     # cache; measured ~25% faster than all 48 rows of the GPT-2-small shape at once.
-    group = max(g for g in range(1, min(n, HEAD_GROUP) + 1) if n % g == 0)
+    most = PREFIX_ROW_GROUP if method == "prefix" else HEAD_GROUP
+    group = max(g for g in range(1, min(n, most) + 1) if n % g == 0)
+    rows_fn = _prefix_rows if method == "prefix" else _blockwise_rows
 
     def flat(x):  # (*batch, T, d) -> (n // group, group, padded, d)
         x = _pad_tokens(x.reshape(n, tokens, x.shape[-1]), padded)
         return x.reshape(n // group, group, padded, x.shape[-1])
 
     def attend(qkv):
-        return _blockwise_rows(*qkv, num_blocks, block, jnp.asarray(scale, softmax_dtype), softmax_dtype)
+        return rows_fn(*qkv, num_blocks, block, jnp.asarray(scale, softmax_dtype), softmax_dtype)
 
     out = lax.map(attend, (flat(query), flat(key), flat(value)))  # (n // group, group, padded, dv)
     return out.reshape(n, padded, dv)[:, :tokens].reshape(*batch, tokens, dv)
@@ -145,6 +177,40 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
 
     out = lax.map(lambda args: query_block(*args), (jnp.arange(num_blocks), q_blocks))  # (nb, rows, block, dv)
     return out.swapaxes(0, 1).reshape(rows, padded, dv)
+
+
+def _prefix_rows(query, key, value, num_blocks: int, block: int, scale, softmax_dtype):
+    """Query block ``i`` against its key prefix, one exact softmax each: ``(rows, padded, d)`` -> ``(rows, padded, dv)``.
+
+    The prefix splits into the off-diagonal keys ``[0, i * block)``, which need no
+    mask, and the diagonal block, which does; both share the row maximum and
+    denominator, and the output is normalised once, after ``@ v``.
+    """
+    diagonal = jnp.tril(jnp.ones((block, block), dtype=jnp.bool_))
+    query = query.astype(softmax_dtype) * scale  # scaling q is scaling every score, at T x d cost
+
+    def scores(q, k):  # (rows, block, d) x (rows, keys, d) -> (rows, block, keys)
+        return jnp.einsum("nqd,nkd->nqk", q.astype(k.dtype), k).astype(softmax_dtype)
+
+    def weighted(p, v):  # (rows, block, keys) x (rows, keys, dv) -> (rows, block, dv)
+        return jnp.einsum("nqk,nkd->nqd", p.astype(v.dtype), v).astype(softmax_dtype)
+
+    outs = []
+    for i in range(num_blocks):  # unrolled: each block has its own prefix length
+        q = query[:, i * block : (i + 1) * block]
+        diag = slice(i * block, (i + 1) * block)
+        s_diag = jnp.where(diagonal, scores(q, key[:, diag]), -jnp.inf)  # (rows, block, block)
+        m = s_diag.max(axis=-1, keepdims=True)
+        if i > 0:
+            s_past = scores(q, key[:, : i * block])  # (rows, block, i * block), all visible
+            m = jnp.maximum(m, s_past.max(axis=-1, keepdims=True))
+        p_diag = jnp.exp(s_diag - m)
+        l, acc = p_diag.sum(axis=-1, keepdims=True), weighted(p_diag, value[:, diag])
+        if i > 0:
+            p_past = jnp.exp(s_past - m)
+            l, acc = l + p_past.sum(axis=-1, keepdims=True), acc + weighted(p_past, value[:, : i * block])
+        outs.append((acc / l).astype(value.dtype))  # (rows, block, dv)
+    return jnp.concatenate(outs, axis=1)  # (rows, padded, dv)
 
 
 def xla_causal_attention(

@@ -44,10 +44,11 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("method", ["prefix", "online"])
 @pytest.mark.parametrize("batch,tokens,head_dim,block_size", SHAPES)
-def test_blockwise_matches_naive_and_numpy(batch, tokens, head_dim, block_size):
+def test_blockwise_matches_naive_and_numpy(batch, tokens, head_dim, block_size, method):
     q, k, v = qkv(batch + (tokens, head_dim), dv=head_dim + 2)
-    out = blockwise_causal_attention(q, k, v, block_size=block_size)
+    out = blockwise_causal_attention(q, k, v, block_size=block_size, method=method)
     naive, _ = core.causal_attention(q, k, v, impl="naive")
     assert out.shape == naive.shape == batch + (tokens, head_dim + 2)
     np.testing.assert_allclose(out, naive, atol=TOL, rtol=0)
@@ -74,8 +75,12 @@ def test_blockwise_matches_torch_sdpa():
     np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("impl,block_size", [("blockwise", 4), ("blockwise", 16), ("xla", None)])
-def test_gradients_match_naive(impl, block_size):
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "impl,block_size,method",
+    [("blockwise", 4, "online"), ("blockwise", 16, "online"), ("blockwise", 4, "prefix"), ("xla", None, None)],
+)
+def test_gradients_match_naive(impl, block_size, method):
     q, k, v = qkv((2, 2, 13, 4), seed=7)
     cotangent = jnp.asarray(np.random.default_rng(8).normal(size=(2, 2, 13, 4)).astype(np.float32))
 
@@ -84,7 +89,7 @@ def test_gradients_match_naive(impl, block_size):
 
     naive = loss(lambda q, k, v: core.causal_attention(q, k, v, impl="naive")[0])
     if impl == "blockwise":
-        other = loss(lambda q, k, v: blockwise_causal_attention(q, k, v, block_size=block_size))
+        other = loss(lambda q, k, v: blockwise_causal_attention(q, k, v, block_size=block_size, method=method))
     else:
         other = loss(lambda q, k, v: core.causal_attention(q, k, v, impl=impl)[0])
     expected = jax.grad(naive, argnums=(0, 1, 2))(q, k, v)
@@ -93,14 +98,16 @@ def test_gradients_match_naive(impl, block_size):
         np.testing.assert_allclose(g, e, atol=TOL, rtol=0, err_msg=f"d loss / d {name}")
 
 
-def test_receptive_field_is_causal_across_blocks():
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prefix", "online"])
+def test_receptive_field_is_causal_across_blocks(method):
     """d out[i] / d x[j] is zero for j > i and non-zero for j <= i, with 4-token blocks over 11 tokens."""
     rng = np.random.default_rng(0)
     w_q, w_k, w_v = (jnp.asarray(rng.normal(size=(5, 4)).astype(np.float32)) for _ in range(3))
     x = jnp.asarray(rng.normal(size=(11, 5)).astype(np.float32))
 
     def out(x):
-        return blockwise_causal_attention(x @ w_q, x @ w_k, x @ w_v, block_size=4)  # (11, 4)
+        return blockwise_causal_attention(x @ w_q, x @ w_k, x @ w_v, block_size=4, method=method)  # (11, 4)
 
     jacobian = np.asarray(jax.jit(jax.jacrev(out))(x))  # (11, 4, 11, 5): d out[i, :] / d x[j, :]
     for i in range(11):
@@ -109,6 +116,7 @@ def test_receptive_field_is_causal_across_blocks():
         assert np.all(norms[: i + 1] > 0.0), f"token {i} misses its past: {norms}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["blockwise", "xla", "auto"])
 def test_modules_match_naive(impl):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 21, 12)).astype(np.float32))
@@ -124,6 +132,7 @@ def test_modules_match_naive(impl):
         assert ("attn_weights" in state["intermediates"]) == (impl == "auto")  # 21 tokens: auto is naive
 
 
+@pytest.mark.slow
 def test_dropout_in_training_falls_back_to_naive():
     """With dropout active every impl draws the book's dropout mask on the full weights: outputs are identical."""
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9, 6)).astype(np.float32))
@@ -154,6 +163,8 @@ def test_bad_impl_and_block_size_are_named(without_typecheck):
     q, k, v = qkv((4, 2))
     with pytest.raises(ValueError, match="impl must be"):
         core.causal_attention(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match="method must be 'auto', 'prefix' or 'online', got 'flash'"):
+        blockwise_causal_attention(q, k, v, method="flash")
     with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
         blockwise_causal_attention(q, k, v, block_size=0)
     with pytest.raises(ValueError, match="as many keys as queries"):
