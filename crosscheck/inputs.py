@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from crosscheck.errors import BadInputError
+from crosscheck.port import require_readable_file
 from crosscheck.seed import INPUTS
 
 #: Defaults of random inputs: one sentence as long as the seed sentence.
@@ -79,10 +80,7 @@ def _pick(obj: Any, path: str) -> Any:
 def load_input(path: Union[str, os.PathLike]) -> np.ndarray:
     """The input array stored in ``path`` (``.npy``, ``.pt``/``.pth``, ``.safetensors``), validated."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise BadInputError(f"input file not found: {path}")
-    if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise BadInputError(f"input file is not a readable file: {path}")
+    require_readable_file(path, "input")
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".npy":

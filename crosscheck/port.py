@@ -312,6 +312,14 @@ def from_torch(torch_module) -> tuple[Any, dict]:
 # --- files ---------------------------------------------------------------------------------------
 
 
+def require_readable_file(path: str, what: str) -> None:
+    """Raise :class:`BadInputError` unless ``path`` is an existing, readable file (``what``: "weights", "input")."""
+    if not os.path.exists(path):
+        raise BadInputError(f"{what} file not found: {path}")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise BadInputError(f"{what} file is not a readable file: {path}")
+
+
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A state dict from ``.pt``/``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors``.
 
@@ -319,10 +327,7 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises :class:`BadInputError` naming the file and the problem.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise BadInputError(f"weights file not found: {path}")
-    if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise BadInputError(f"weights file is not a readable file: {path}")
+    require_readable_file(path, "weights")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
         from safetensors import SafetensorError

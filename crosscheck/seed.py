@@ -19,3 +19,17 @@ INPUTS = np.array(
     ],
     dtype=np.float32,
 )
+
+#: The book's context vectors of section 3.3 (``softmax(x @ x.T) @ x``) for :data:`INPUTS`,
+#: as printed with 4 decimals in notebook 002 (``context_vector_fin``).
+CONTEXT_VECS = np.array(
+    [
+        [0.4421, 0.5931, 0.5790],
+        [0.4419, 0.6515, 0.5683],
+        [0.4431, 0.6496, 0.5671],
+        [0.4304, 0.6298, 0.5510],
+        [0.4671, 0.5910, 0.5266],
+        [0.4177, 0.6503, 0.5645],
+    ],
+    dtype=np.float32,
+)

@@ -6,20 +6,10 @@ import torch
 
 from crosscheck import engine, port, registry, torch_ref
 from crosscheck import inputs as inp
+from crosscheck.seed import CONTEXT_VECS
 from crosscheck.bundle import read_outputs, write_outputs
 from crosscheck.errors import BadInputError, MismatchError, PortError
 
-#: The book's context vectors of simplified self-attention on the seed sentence (notebook 002, In [51]).
-BOOK_SIMPLIFIED = np.array(
-    [
-        [0.4421, 0.5931, 0.5790],
-        [0.4419, 0.6515, 0.5683],
-        [0.4431, 0.6496, 0.5671],
-        [0.4304, 0.6298, 0.5510],
-        [0.4671, 0.5910, 0.5266],
-        [0.4177, 0.6503, 0.5645],
-    ]
-)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +35,8 @@ def test_default_run_every_variant_passes(default_report):
 def test_seed_sentence_matches_the_book():
     (case,), _, _ = engine.build_cases(["SimplifiedSelfAttention"])
     out32, _ = engine.torch_outputs(case)
-    np.testing.assert_allclose(out32, BOOK_SIMPLIFIED, atol=6e-5)
-    np.testing.assert_allclose(engine.flax_output(case), BOOK_SIMPLIFIED, atol=6e-5)
+    np.testing.assert_allclose(out32, CONTEXT_VECS, atol=6e-5)
+    np.testing.assert_allclose(engine.flax_output(case), CONTEXT_VECS, atol=6e-5)
 
 
 def test_default_weights_are_the_books_seeded_modules():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jaxattn
+from crosscheck.seed import CONTEXT_VECS  # notebook 002, In [51]
 
 # shared/seeds/001 and 002: "journey" (x^2) as the query.
 JOURNEY_SCORES = [0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865]
@@ -29,14 +30,7 @@ ALL_WEIGHTS = [
     [0.1526, 0.1958, 0.1975, 0.1367, 0.1879, 0.1295],
     [0.1385, 0.2184, 0.2128, 0.1420, 0.0988, 0.1896],
 ]
-CONTEXT_VECS = [
-    [0.4421, 0.5931, 0.5790],
-    [0.4419, 0.6515, 0.5683],
-    [0.4431, 0.6496, 0.5671],
-    [0.4304, 0.6298, 0.5510],
-    [0.4671, 0.5910, 0.5266],
-    [0.4177, 0.6503, 0.5645],
-]
+
 PRINTED = dict(atol=5e-5 + 1e-9)  # the notebooks print 4 decimals
 
 
