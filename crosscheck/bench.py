@@ -25,6 +25,13 @@ its ``ru_maxrss`` high-water mark (whole process: interpreter, JAX/torch
 runtimes, weights, input) and the rise of that mark caused by the first forward.
 The table's memory column shows the RSS high-water mark when measured, else the analysis total.
 
+Breakdown (``--breakdown``): the two pieces that dominate one forward, timed in
+their own round-robin with the same inputs: one projection matmul
+(``x @ W_query``, as ``nn.Linear`` in torch) and the attention core alone
+(``jaxattn.core.causal_attention(impl="auto")`` against
+``F.scaled_dot_product_attention(is_causal=True)`` on the same ``(b, H, T, hd)``
+query/key/value). It shows where a whole-MHA ratio comes from.
+
 Recompilations (``--recompile-sweep``): a jitted ``MultiHeadAttention`` applied to
 a sweep of token counts with no bucketing, power-of-two buckets and multiples
 of 128 (:mod:`jaxattn.bucketing`); a Python counter inside the traced function
@@ -87,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recompile-sweep", type=_int_list, nargs="*", default=None,
                         help="count compilations over these token counts with/without bucketing "
                         "(no value: 100,144,...,1024)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time one projection matmul and the attention core alone, JAX vs torch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
     parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG of latency vs tokens here")
@@ -253,6 +262,58 @@ def build_runners(impls, tokens, args, book, context_length) -> list[Runner]:
     return runners
 
 
+def build_piece_runners(tokens: int, args: argparse.Namespace, book) -> list[Runner]:
+    """One projection matmul and the attention core, each as a JAX and a torch runner on the same inputs."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import torch.nn.functional as F
+
+    from jaxattn import core
+
+    rng = np.random.default_rng(args.seed)
+    x_np = rng.standard_normal((args.batch, tokens, args.d_model), dtype=np.float32)
+    qkv_np = rng.standard_normal((3, args.batch, args.heads, tokens, args.d_model // args.heads), dtype=np.float32)
+    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    tdtype = _torch_dtype(args.dtype)
+    x, qkv = jnp.asarray(x_np, jdtype), jnp.asarray(qkv_np, jdtype)
+    kernel = jnp.asarray(book.W_query.weight.detach().float().numpy().T, jdtype)  # (d_in, d_out), as ported
+    projection = jax.jit(lambda x, w: x @ w).lower(x, kernel).compile()
+    attention = jax.jit(lambda q, k, v: core.causal_attention(q, k, v, impl="auto")[0]).lower(*qkv).compile()
+    x_t, qkv_t = torch.from_numpy(x_np).to(tdtype), torch.from_numpy(qkv_np).to(tdtype)
+
+    def torch_projection():
+        with torch.inference_mode():
+            return book.W_query(x_t)
+
+    def torch_attention():
+        with torch.inference_mode():
+            return F.scaled_dot_product_attention(qkv_t[0], qkv_t[1], qkv_t[2], is_causal=True)
+
+    return [
+        Runner("jax-projection", "jax", lambda: projection(x, kernel).block_until_ready()),
+        Runner("torch-projection", "torch", torch_projection),
+        Runner("jax-attention-core", "jax", lambda: attention(*qkv).block_until_ready()),
+        Runner("torch-attention-core", "torch", torch_attention),
+    ]
+
+
+def time_breakdown(tokens: int, args: argparse.Namespace, book) -> list[dict]:
+    """Rows for :func:`build_piece_runners`, timed round-robin; each JAX piece is checked against torch's."""
+    runners = build_piece_runners(tokens, args, book)
+    times = time_round_robin(runners, args.repeats, args.warmup)
+    outputs = {r.name: r.output for r in runners}
+    rows = []
+    for runner in runners:
+        piece = runner.name.split("-", 1)[1]
+        other = outputs[("torch-" if runner.framework == "jax" else "jax-") + piece]
+        rows.append({"piece": piece, "impl": runner.name, "framework": runner.framework, "tokens": tokens,
+                     "batch": args.batch, "median_s": statistics.median(times[runner.name]),
+                     "times_s": times[runner.name],
+                     "max_abs_diff_jax_vs_torch": float(np.abs(runner.output - other).max())})
+    return rows
+
+
 # --- timing ------------------------------------------------------------------------------------------
 
 
@@ -394,6 +455,18 @@ def print_table(rows: list[dict], tokens: int) -> None:
         print(f"(ratios = reference median / impl median; fastest torch: {fastest['impl']})")
 
 
+def print_breakdown(pieces: list[dict], tokens: int) -> None:
+    median = {r["impl"]: r["median_s"] for r in pieces if r["tokens"] == tokens}
+    print(f"\n-- breakdown at tokens={tokens}: the pieces alone, same inputs, own round-robin --")
+    print(f"{'piece':<16}{'jax':>11}{'torch':>11}{'jax speed vs torch':>20}")
+    for piece in ("projection", "attention-core"):
+        jax_s, torch_s = median[f"jax-{piece}"], median[f"torch-{piece}"]
+        print(f"{piece:<16}{jax_s * 1e3:>9.1f}ms{torch_s * 1e3:>9.1f}ms{torch_s / jax_s:>19.2f}x")
+    total = {fw: 4 * median[f"{fw}-projection"] + median[f"{fw}-attention-core"] for fw in ("jax", "torch")}
+    print(f"4 x projection + core: jax {total['jax'] * 1e3:.1f}ms, torch {total['torch'] * 1e3:.1f}ms "
+          "(one MHA forward is these plus the head split/merge and out_proj's bias)")
+
+
 def write_plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -434,6 +507,7 @@ def main(args: argparse.Namespace) -> int:
               "load_avg_at_start": list(os.getloadavg())}
     print("crosscheck bench: " + ", ".join(f"{k}={v}" for k, v in config.items() if k != "impls"))
     rows: list[dict] = []
+    pieces: list[dict] = []
     for tokens in tokens_list:
         context_length = tokens
         book = _book_torch(args.d_model, args.heads, tokens if any(i.startswith("torch") for i in impls) else 1,
@@ -457,11 +531,18 @@ def main(args: argparse.Namespace) -> int:
                     row["memory_rss"] = {"method": "subprocess ru_maxrss", **measure_rss(row["impl"], tokens, args)}
         print(f"\n== tokens={tokens} batch={args.batch} d_model={args.d_model} heads={args.heads} {args.dtype} ==")
         print_table(rows, tokens)
+        if args.breakdown:
+            book = _book_torch(args.d_model, args.heads, 1, args.dtype, args.seed)
+            pieces += time_breakdown(tokens, args, book)
+            print_breakdown(pieces, tokens)
+            del book
     for row in rows:  # speed relative to the fastest torch row of the same shape
         torch_ok = [r["median_s"] for r in rows if r["tokens"] == row["tokens"] and r["framework"] == "torch"
                     and r["median_s"] is not None]
         row["speedup_vs_fastest_torch"] = (min(torch_ok) / row["median_s"]) if torch_ok and row["median_s"] else None
     result: dict[str, Any] = {"config": config, "results": rows}
+    if args.breakdown:
+        result["breakdown"] = pieces
     if args.recompile_sweep is not None:
         sweep = [t for g in args.recompile_sweep for t in (g if isinstance(g, list) else [g])] or list(DEFAULT_SWEEP)
         rec = count_recompilations(sweep, args)

@@ -49,9 +49,11 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
-#: Key/query block size. Attention core alone, (4, 12, 1024, 64) float32, 2-core CPU, median of 5:
-#: 128 -> 0.29 s, 256 -> 0.20 s, 512 -> 0.28 s (naive: 0.86 s, same run).
-DEFAULT_BLOCK_SIZE = 256
+#: Key/query block size of the online schedule (the one used beyond 4096 tokens). Attention core
+#: alone, (12, T, 64) float32, 2-core CPU, medians of 3: T=8192: 256 -> 1.15 s, 512 -> 0.72 s,
+#: 1024 -> 0.70 s; T=16384: 256 -> 4.57 s, 512 -> 2.75 s, 1024 -> 2.59 s. 512 keeps most of the gain
+#: at half the per-step scores of 1024.
+DEFAULT_BLOCK_SIZE = 512
 
 #: At most this many (batch x head) rows go through the block loops together (see below).
 HEAD_GROUP = 8
@@ -108,7 +110,7 @@ def blockwise_causal_attention(
         scale = head_dim**-0.5
     dv = value.shape[-1]
     # As many blocks as block_size asks for, but evened out (rounded up to a multiple of 8) so
-    # the zero-padded tail stays small: 384 tokens -> 2 blocks of 192, not 2 of 256.
+    # the zero-padded tail stays small: 768 tokens -> 2 blocks of 384, not 2 of 512.
     num_blocks = math.ceil(tokens / block_size)
     block = min(block_size, -(-math.ceil(tokens / num_blocks) // 8) * 8)
     num_blocks = math.ceil(tokens / block)

@@ -36,6 +36,23 @@ def test_tiny_run_writes_json_and_png(tmp_path):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_breakdown_times_each_piece_in_both_frameworks_on_the_same_inputs(tmp_path, capsys):
+    json_path = tmp_path / "bench.json"
+    args = parse(TINY + ["--impls", "jax-auto,torch-sdpa", "--breakdown", "--json", str(json_path)])
+    assert bench.main(args) == 0
+    pieces = json.loads(json_path.read_text())["breakdown"]
+    assert {(r["impl"], r["tokens"]) for r in pieces} == {
+        (f"{fw}-{piece}", t) for fw in ("jax", "torch") for piece in ("projection", "attention-core") for t in (8, 20)
+    }
+    for row in pieces:
+        assert row["framework"] == row["impl"].split("-")[0] and row["batch"] == 2
+        assert row["median_s"] > 0 and len(row["times_s"]) == 2
+        # the JAX piece computed what torch's did: x @ W_query.T, and SDPA(is_causal=True)
+        assert row["max_abs_diff_jax_vs_torch"] < 1e-5, row
+    out = capsys.readouterr().out
+    assert "-- breakdown at tokens=20" in out and "4 x projection + core: jax" in out
+
+
 def test_torch_compile_failure_is_reported_not_raised(monkeypatch, tmp_path):
     def broken_compile(module):
         def fail(*_):
