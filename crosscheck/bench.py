@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -136,6 +135,17 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def _jax_dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _input_np(args: argparse.Namespace, tokens: int) -> np.ndarray:
+    """The ``(batch, tokens, d_model)`` float32 input every implementation of one shape gets."""
+    return np.random.default_rng(args.seed).standard_normal((args.batch, tokens, args.d_model), dtype=np.float32)
+
+
 def _book_torch(d_model: int, heads: int, context_length: int, dtype: str, seed: int):
     import torch
 
@@ -170,12 +180,10 @@ def _sdpa_class():
 
 def _flax_state(book, d_model, heads, context_length, dtype, impl):
     """A jaxattn ``MultiHeadAttention`` with ``impl`` and the book module's weights (ported)."""
-    import jax.numpy as jnp
-
     import jaxattn
     from crosscheck.port import load_state_dict
 
-    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    jdtype = _jax_dtype(dtype)
     module = jaxattn.MultiHeadAttention(
         d_model, d_model, context_length, 0.0, heads, attention_impl=impl, dtype=jdtype, param_dtype=jdtype
     )
@@ -251,8 +259,7 @@ def _torch_runner(name, book, x_np, args) -> Runner:
 
 
 def build_runners(impls, tokens, args, book, context_length) -> list[Runner]:
-    rng = np.random.default_rng(args.seed)
-    x_np = rng.standard_normal((args.batch, tokens, args.d_model), dtype=np.float32)
+    x_np = _input_np(args, tokens)
     runners = []
     for name in impls:
         if name.startswith("jax-"):
@@ -271,10 +278,10 @@ def build_piece_runners(tokens: int, args: argparse.Namespace, book) -> list[Run
 
     from jaxattn import core
 
-    rng = np.random.default_rng(args.seed)
-    x_np = rng.standard_normal((args.batch, tokens, args.d_model), dtype=np.float32)
-    qkv_np = rng.standard_normal((3, args.batch, args.heads, tokens, args.d_model // args.heads), dtype=np.float32)
-    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    x_np = _input_np(args, tokens)
+    qkv_shape = (3, args.batch, args.heads, tokens, args.d_model // args.heads)
+    qkv_np = np.random.default_rng(args.seed + 1).standard_normal(qkv_shape, dtype=np.float32)
+    jdtype = _jax_dtype(args.dtype)
     tdtype = _torch_dtype(args.dtype)
     x, qkv = jnp.asarray(x_np, jdtype), jnp.asarray(qkv_np, jdtype)
     kernel = jnp.asarray(book.W_query.weight.detach().float().numpy().T, jdtype)  # (d_in, d_out), as ported
@@ -362,8 +369,7 @@ def run_child(args: argparse.Namespace) -> int:
     tokens, _ = _validate(args)
     t = tokens[0]
     book = _book_torch(args.d_model, args.heads, t if args.child.startswith("torch") else 1, args.dtype, args.seed)
-    rng = np.random.default_rng(args.seed)
-    x_np = rng.standard_normal((args.batch, t, args.d_model), dtype=np.float32)
+    x_np = _input_np(args, t)
     if args.child.startswith("jax-"):
         runner = _jax_runner(args.child, book, x_np, args, t)  # compiles (not run) before the baseline
     else:
@@ -531,7 +537,7 @@ def main(args: argparse.Namespace) -> int:
                     row["memory_rss"] = {"method": "subprocess ru_maxrss", **measure_rss(row["impl"], tokens, args)}
         print(f"\n== tokens={tokens} batch={args.batch} d_model={args.d_model} heads={args.heads} {args.dtype} ==")
         print_table(rows, tokens)
-        if args.breakdown:
+        if args.breakdown:  # only W_query is used: a context-1 book skips the loop's (tokens, tokens) mask
             book = _book_torch(args.d_model, args.heads, 1, args.dtype, args.seed)
             pieces += time_breakdown(tokens, args, book)
             print_breakdown(pieces, tokens)
