@@ -1,10 +1,19 @@
 """jaxattn: the attention layers of *LLMs from scratch*, chapter 3, as pure Flax Linen modules.
 
-Depends on JAX and Flax only. The math lives in :mod:`jaxattn.core`; the
-modules own parameters (named as the torch ones) and call it.
+Depends on JAX and Flax only. Layers, bottom up:
+
+* :mod:`jaxattn.ops` and :mod:`jaxattn.masks`: array primitives and mask conventions;
+* :mod:`jaxattn.kernels`: one file per attention kernel (naive, blockwise, xla), arrays only;
+* :mod:`jaxattn.implementations`: the open table of kernels and what each supports;
+* :func:`dot_product_attention` (:mod:`jaxattn.attention`): the one attention core,
+  ``jax.nn.dot_product_attention``'s signature plus ``q_offset``; :mod:`jaxattn.core`
+  gathers the functional core in one import;
+* the Linen modules: own parameters (named as the torch ones), project, call the core.
 """
 
-from jaxattn import core, masks
+from jaxattn import core, implementations, masks
+from jaxattn.attention import dot_product_attention
+from jaxattn.base import AttentionModule
 from jaxattn.causal import CausalAttention, MultiHeadAttentionWrapper
 from jaxattn.multihead import MultiHeadAttention, MultiHeadAttentionCombinedQKV, TorchMultiheadAttention
 from jaxattn.self_attention import SelfAttentionV1, SelfAttentionV2, SimplifiedSelfAttention
@@ -23,4 +32,6 @@ VARIANTS = (
     TorchMultiheadAttention,
 )
 
-__all__ = [cls.__name__ for cls in VARIANTS] + ["core", "masks", "VARIANTS"]
+__all__ = [cls.__name__ for cls in VARIANTS] + [
+    "AttentionModule", "VARIANTS", "core", "dot_product_attention", "implementations", "masks",
+]

@@ -12,11 +12,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxattn import core
+from jaxattn.base import AttentionModule
 from jaxattn.checks import check_input
 
 
-class CausalAttention(nn.Module):
+class CausalAttention(AttentionModule):
     """One causal head: ``W_query``/``W_key``/``W_value`` projections, causal mask, dropout."""
 
     d_in: int
@@ -24,9 +24,6 @@ class CausalAttention(nn.Module):
     context_length: int
     dropout: float
     qkv_bias: bool = False
-    attention_impl: core.AttentionImpl = "auto"
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -35,16 +32,26 @@ class CausalAttention(nn.Module):
         check_input(
             type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length
         )
-        dense = lambda name: nn.Dense(  # noqa: E731 - three identical projections
-            self.d_out, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )
-        queries = dense("W_query")(x)  # (b, T, d_out)
-        keys = dense("W_key")(x)
-        values = dense("W_value")(x)
-        return attend_causal(self, queries, keys, values, self.dropout, deterministic, self.attention_impl)
+        b, tokens, _ = x.shape
+        # One head: (b, T, d_out) viewed as (b, T, 1, d_out) for the attention core.
+        queries = self.dense(self.d_out, self.qkv_bias, "W_query")(x).reshape(b, tokens, 1, self.d_out)
+        keys = self.dense(self.d_out, self.qkv_bias, "W_key")(x).reshape(b, tokens, 1, self.d_out)
+        values = self.dense(self.d_out, self.qkv_bias, "W_value")(x).reshape(b, tokens, 1, self.d_out)
+        context_vec = self.attend(
+            queries, keys, values, is_causal=True, rate=self.dropout, deterministic=deterministic
+        )  # (b, T, 1, d_out)
+        return context_vec.reshape(b, tokens, self.d_out)
+
+    def sown_weights(self, attn_weights):
+        """The book's single head: ``(b, T, T)``."""
+        return jnp.squeeze(attn_weights, axis=1)
+
+    def sown_context(self, context_vec):
+        """The book's single head: ``(b, T, d_out)``."""
+        return jnp.squeeze(context_vec, axis=2)
 
 
-class MultiHeadAttentionWrapper(nn.Module):
+class MultiHeadAttentionWrapper(AttentionModule):
     """Section 3.6.1: ``num_heads`` independent ``CausalAttention`` heads, concatenated.
 
     Each head maps ``d_in -> d_out``, so the output has ``num_heads * d_out``
@@ -57,23 +64,15 @@ class MultiHeadAttentionWrapper(nn.Module):
     dropout: float
     num_heads: int
     qkv_bias: bool = False
-    attention_impl: core.AttentionImpl = "auto"
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         if self.num_heads < 1:
             raise ValueError(f"{type(self).__name__}: num_heads must be >= 1, got {self.num_heads}")
         self.heads = [
             CausalAttention(
-                self.d_in,
-                self.d_out,
-                self.context_length,
-                self.dropout,
-                self.qkv_bias,
-                attention_impl=self.attention_impl,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
+                self.d_in, self.d_out, self.context_length, self.dropout, self.qkv_bias,
+                attention_impl=self.attention_impl, attention_fn=self.attention_fn,
+                dtype=self.dtype, param_dtype=self.param_dtype,
             )
             for _ in range(self.num_heads)
         ]
@@ -82,24 +81,3 @@ class MultiHeadAttentionWrapper(nn.Module):
         self, x: Float[Array, "batch tokens d_in"], *, deterministic: bool = True
     ) -> Float[Array, "batch tokens num_heads_times_d_out"]:
         return jnp.concatenate([head(x, deterministic=deterministic) for head in self.heads], axis=-1)
-
-
-def attend_causal(module: nn.Module, queries, keys, values, rate: float, deterministic: bool, impl):
-    """Causal attention for one module call: picks the dropout key, sows intermediates.
-
-    ``queries``/``keys``/``values`` are ``(..., T, head_dim)``; returns ``(..., T, head_dim)``.
-    """
-    rng = None if deterministic or rate == 0.0 else module.make_rng("dropout")
-    context_vec, attn_weights = core.causal_attention(
-        queries,
-        keys,
-        values,
-        dropout_rate=rate,
-        dropout_rng=rng,
-        deterministic=deterministic,
-        impl=impl,
-    )
-    if attn_weights is not None:
-        module.sow("intermediates", "attn_weights", attn_weights)
-    module.sow("intermediates", "context_vec", context_vec)
-    return context_vec

@@ -51,3 +51,15 @@ def to_additive_mask(
 def from_additive_mask(mask: Float[Array, "*batch q k"]) -> Bool[Array, "*batch q k"]:
     """Additive mask back to ours: anything below zero counts as masked."""
     return mask >= 0
+
+
+def make_offset_causal_mask(q_tokens: int, kv_tokens: int, q_offset=0) -> Bool[Array, "q_tokens kv_tokens"]:
+    """Boolean causal mask when the queries sit at positions ``q_offset ... q_offset + q_tokens - 1`` among the keys.
+
+    Query ``i`` may attend key ``j`` iff ``j <= q_offset + i`` (a KV cache's view:
+    the new tokens see the cached prefix and themselves). ``q_offset`` may be a
+    traced integer scalar. With ``q_offset=0`` and ``q_tokens == kv_tokens`` this is
+    :func:`make_causal_mask`.
+    """
+    q_positions = jnp.asarray(q_offset) + jnp.arange(q_tokens)[:, None]  # (q, 1)
+    return jnp.arange(kv_tokens)[None, :] <= q_positions  # (q, kv)

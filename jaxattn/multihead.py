@@ -7,6 +7,9 @@
   ``torch.nn.MultiheadAttention`` (``in_proj`` holds q, k, v stacked along the
   output, ``out_proj``), self-attention, ``batch_first``, optional causal mask.
   No torch is imported; only the layout is shared.
+
+All three project to ``(batch, tokens, heads, head_dim)`` and call the attention
+core through :meth:`jaxattn.base.AttentionModule.attend`.
 """
 
 from __future__ import annotations
@@ -15,13 +18,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxattn import core
-from jaxattn.causal import attend_causal
+from jaxattn.base import AttentionModule
 from jaxattn.checks import check_divisible, check_input
-from jaxattn.masks import make_causal_mask
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(AttentionModule):
     """The book's fused multi-head causal attention with an output projection."""
 
     d_in: int
@@ -30,9 +31,6 @@ class MultiHeadAttention(nn.Module):
     dropout: float
     num_heads: int
     qkv_bias: bool = False
-    attention_impl: core.AttentionImpl = "auto"
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -41,19 +39,20 @@ class MultiHeadAttention(nn.Module):
         owner = type(self).__name__
         check_divisible(owner, self.d_out, self.num_heads)
         check_input(owner, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
-        dense = lambda name, bias: nn.Dense(  # noqa: E731 - four projections alike
-            self.d_out, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )
-        queries = core.split_heads(dense("W_query", self.qkv_bias)(x), self.num_heads)  # (b, H, T, hd)
-        keys = core.split_heads(dense("W_key", self.qkv_bias)(x), self.num_heads)
-        values = core.split_heads(dense("W_value", self.qkv_bias)(x), self.num_heads)
-        context_vec = attend_causal(
-            self, queries, keys, values, self.dropout, deterministic, self.attention_impl
-        )  # (b, H, T, hd)
-        return dense("out_proj", True)(core.merge_heads(context_vec))  # (b, T, d_out)
+        b, tokens, _ = x.shape
+        head_dim = self.d_out // self.num_heads
+
+        def heads(name):  # (b, T, d_out) -> (b, T, H, hd): the book's view(b, T, H, hd)
+            return self.dense(self.d_out, self.qkv_bias, name)(x).reshape(b, tokens, self.num_heads, head_dim)
+
+        context_vec = self.attend(
+            heads("W_query"), heads("W_key"), heads("W_value"),
+            is_causal=True, rate=self.dropout, deterministic=deterministic,
+        )  # (b, T, H, hd)
+        return self.dense(self.d_out, True, "out_proj")(context_vec.reshape(b, tokens, self.d_out))  # (b, T, d_out)
 
 
-class MultiHeadAttentionCombinedQKV(nn.Module):
+class MultiHeadAttentionCombinedQKV(AttentionModule):
     """The book's bonus ``MultiHeadAttentionCombinedQKV``: ``qkv`` and ``proj`` linears.
 
     Argument order follows the book's class: ``(d_in, d_out, num_heads, context_length, dropout, qkv_bias)``.
@@ -65,9 +64,6 @@ class MultiHeadAttentionCombinedQKV(nn.Module):
     context_length: int
     dropout: float = 0.0
     qkv_bias: bool = False
-    attention_impl: core.AttentionImpl = "auto"
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -78,21 +74,16 @@ class MultiHeadAttentionCombinedQKV(nn.Module):
         check_input(owner, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
         b, tokens, _ = x.shape
         head_dim = self.d_out // self.num_heads
-        qkv = nn.Dense(
-            3 * self.d_out, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv"
-        )(x)  # (b, T, 3 * d_out)
+        qkv = self.dense(3 * self.d_out, self.qkv_bias, "qkv")(x)  # (b, T, 3 * d_out)
         qkv = qkv.reshape(b, tokens, 3, self.num_heads, head_dim)  # (b, T, 3, H, hd)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)  # (3, b, H, T, hd)
-        queries, keys, values = qkv[0], qkv[1], qkv[2]
-        context_vec = attend_causal(
-            self, queries, keys, values, self.dropout, deterministic, self.attention_impl
-        )  # (b, H, T, hd)
-        return nn.Dense(self.d_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(
-            core.merge_heads(context_vec)
-        )  # (b, T, d_out)
+        context_vec = self.attend(
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+            is_causal=True, rate=self.dropout, deterministic=deterministic,
+        )  # (b, T, H, hd)
+        return self.dense(self.d_out, True, "proj")(context_vec.reshape(b, tokens, self.d_out))  # (b, T, d_out)
 
 
-class TorchMultiheadAttention(nn.Module):
+class TorchMultiheadAttention(AttentionModule):
     """``torch.nn.MultiheadAttention(embed_dim, num_heads, dropout, bias, batch_first=True)`` as self-attention.
 
     ``in_proj`` maps ``embed_dim -> 3 * embed_dim`` (q, k, v stacked, as torch's
@@ -105,8 +96,6 @@ class TorchMultiheadAttention(nn.Module):
     dropout: float = 0.0
     bias: bool = True
     causal: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -115,19 +104,9 @@ class TorchMultiheadAttention(nn.Module):
         owner = type(self).__name__
         check_divisible(owner, self.embed_dim, self.num_heads, "embed_dim")
         check_input(owner, x.shape, d_in=self.embed_dim, ranks=(3,))
-        qkv = nn.Dense(
-            3 * self.embed_dim, use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype, name="in_proj"
-        )(x)  # (b, T, 3 * E)
-        q, k, v = jnp.split(qkv, 3, axis=-1)  # each (b, T, E)
-        queries = core.split_heads(q, self.num_heads)  # (b, H, T, hd)
-        keys = core.split_heads(k, self.num_heads)
-        values = core.split_heads(v, self.num_heads)
-        mask = make_causal_mask(x.shape[-2]) if self.causal else None
-        rng = None if deterministic or self.dropout == 0.0 else self.make_rng("dropout")
-        context_vec, attn_weights = core.naive_attention(
-            queries, keys, values, mask, dropout_rate=self.dropout, dropout_rng=rng, deterministic=deterministic
-        )  # (b, H, T, hd)
-        self.sow("intermediates", "attn_weights", attn_weights)
-        return nn.Dense(
-            self.embed_dim, use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj"
-        )(core.merge_heads(context_vec))  # (b, T, E)
+        b, tokens, _ = x.shape
+        head_dim = self.embed_dim // self.num_heads
+        qkv = self.dense(3 * self.embed_dim, self.bias, "in_proj")(x)  # (b, T, 3 * E)
+        q, k, v = (t.reshape(b, tokens, self.num_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))  # (b, T, H, hd)
+        context_vec = self.attend(q, k, v, is_causal=self.causal, rate=self.dropout, deterministic=deterministic)
+        return self.dense(self.embed_dim, self.bias, "out_proj")(context_vec.reshape(b, tokens, self.embed_dim))

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxattn import core
+from jaxattn import ops as core
 from jaxattn.checks import check_input
 
 

@@ -1,0 +1,171 @@
+"""The open table of attention implementations behind :func:`jaxattn.dot_product_attention`.
+
+Each :class:`Implementation` names a kernel (:mod:`jaxattn.kernels`) and declares
+what it supports: masks, bias, grouped kv heads, ``q_offset``, dropout, dtypes,
+platforms, and whether it returns the attention weights. ``implementation=None``
+("auto") takes the supporting implementation with the highest :attr:`Implementation.auto`
+score for the call (by platform, dtype and length); an explicit name that cannot
+serve a call raises ``ValueError`` with the implementation and the reason.
+
+Built in: ``naive``, ``blockwise``, ``xla``. More register with :func:`register`
+(the GPU kernels and ring attention will), without touching the dispatcher:
+
+    from jaxattn import implementations
+    implementations.register(implementations.Implementation("mine", my_kernel, platforms=("gpu",)))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from jaxattn.kernels.blockwise import blockwise_attention
+from jaxattn.kernels.naive import naive_attention
+from jaxattn.kernels.xla import xla_attention
+
+#: ``kernel(query, key, value, bias, mask, *, scale, is_causal, q_offset, dropout_rate, dropout_rng)``
+#: ``-> (context, attn_weights or None)``; see :mod:`jaxattn.kernels`.
+Kernel = Callable[..., tuple[Any, Optional[Any]]]
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+#: ``"auto"`` switches from the naive kernel to the blockwise one at this many query tokens
+#: (see the README's performance section for the sweep).
+AUTO_BLOCKWISE_MIN_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Call:
+    """What an implementation is asked to do: shapes, dtype, features and the platform it runs on."""
+
+    platform: str  # jax.default_backend(): "cpu", "gpu", "tpu"
+    dtype: str  # the query's dtype name
+    batch: int
+    q_tokens: int
+    kv_tokens: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    value_head_dim: int
+    has_mask: bool
+    has_bias: bool
+    is_causal: bool
+    q_offset: bool  # a non-zero or traced q_offset
+    dropout: bool
+    same_dtypes: bool  # query, key and value share one dtype
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One row of the table: a kernel and what it supports.
+
+    ``auto`` scores the implementation for a call it supports (higher wins; ``None``:
+    never picked automatically for that call). ``check`` may refuse a call for a
+    reason the flags cannot express, returning the reason.
+    """
+
+    name: str
+    kernel: Kernel
+    summary: str = ""
+    mask: bool = True
+    bias: bool = True
+    grouped_heads: bool = True
+    q_offset: bool = True
+    dropout: bool = False
+    returns_weights: bool = False
+    value_head_dim: bool = True  # value head_dim may differ from the query's
+    mixed_dtypes: bool = True  # query, key and value may differ in dtype
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+    platforms: Optional[tuple[str, ...]] = None  # None: every platform
+    auto: Callable[[Call], Optional[float]] = field(default=lambda call: None)
+    check: Callable[[Call], Optional[str]] = field(default=lambda call: None)
+
+    def refusal(self, call: Call) -> Optional[str]:
+        """Why this implementation cannot serve ``call``, or ``None`` when it can."""
+        needs = [
+            (call.has_mask and not self.mask, "a mask"),
+            (call.has_bias and not self.bias, "a bias"),
+            (call.kv_heads != call.heads and not self.grouped_heads, "grouped key/value heads"),
+            (call.q_offset and not self.q_offset, "a q_offset"),
+            (call.dropout and not self.dropout, "dropout (it needs the full attention weights)"),
+            (call.value_head_dim != call.head_dim and not self.value_head_dim,
+             f"a value head_dim ({call.value_head_dim}) other than the query's ({call.head_dim})"),
+            (not call.same_dtypes and not self.mixed_dtypes, "query, key and value of different dtypes"),
+        ]
+        missing = [what for lacking, what in needs if lacking]
+        if missing:
+            return "it does not support " + ", ".join(missing)
+        if call.dtype not in self.dtypes:
+            return f"it does not support dtype {call.dtype} (supports {', '.join(self.dtypes)})"
+        if self.platforms is not None and call.platform not in self.platforms:
+            return f"it runs on {', '.join(self.platforms)}, not on {call.platform}"
+        return self.check(call)
+
+
+_TABLE: dict[str, Implementation] = {}
+
+
+def register(implementation: Implementation, *, replace: bool = False) -> Implementation:
+    """Add ``implementation`` to the table (``replace=True`` to swap one of the same name)."""
+    if not implementation.name or implementation.name == "auto":
+        raise ValueError(f"an implementation needs a name other than 'auto', got {implementation.name!r}")
+    if implementation.name in _TABLE and not replace:
+        raise ValueError(f"implementation {implementation.name!r} is already registered (pass replace=True)")
+    _TABLE[implementation.name] = implementation
+    return implementation
+
+
+def unregister(name: str) -> None:
+    """Remove ``name`` from the table (tests and experiments)."""
+    _TABLE.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """The registered implementation names, in registration order."""
+    return tuple(_TABLE)
+
+
+def get(name: str) -> Implementation:
+    try:
+        return _TABLE[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention implementation {name!r}; known: {', '.join(_TABLE)} (or None / 'auto')"
+        ) from None
+
+
+def select(name: Optional[str], call: Call) -> Implementation:
+    """The implementation for ``call``: ``name`` if it can serve it, else the best ``auto`` choice."""
+    if name is not None and name != "auto":
+        chosen = get(name)
+        reason = chosen.refusal(call)
+        if reason is not None:
+            raise ValueError(f"attention implementation {chosen.name!r} cannot serve this call: {reason}")
+        return chosen
+    scored = [
+        (score, -i, impl)
+        for i, impl in enumerate(_TABLE.values())
+        if impl.refusal(call) is None and (score := impl.auto(call)) is not None
+    ]
+    if not scored:
+        raise ValueError(f"no registered attention implementation supports this call ({call}); known: {', '.join(_TABLE)}")
+    return max(scored, key=lambda t: t[:2])[2]
+
+
+register(Implementation(
+    "naive", naive_attention,
+    summary="the book's path: full (T, S) weights in float32, returned; the only one with dropout",
+    dropout=True, returns_weights=True,
+    auto=lambda call: 1.0,
+))
+register(Implementation(
+    "blockwise", blockwise_attention,
+    summary="online softmax over key blocks in pure JAX, O(T x block) memory, causal blocks skipped",
+    auto=lambda call: 2.0 if call.q_tokens >= AUTO_BLOCKWISE_MIN_TOKENS else None,
+))
+register(Implementation(
+    "xla", xla_attention,
+    summary="jax.nn.dot_product_attention(implementation='xla'), with q_offset and zero rows added",
+    value_head_dim=False, mixed_dtypes=False,
+))

@@ -1,0 +1,13 @@
+"""Attention kernels: one file each, arrays in and arrays out.
+
+Every kernel has the signature of :data:`jaxattn.implementations.Kernel`:
+
+    kernel(query, key, value, bias, mask, *, scale, is_causal, q_offset, dropout_rate, dropout_rng)
+        -> (context, attn_weights or None)
+
+with ``query (B, T, N, H)``, ``key (B, S, K, H)``, ``value (B, S, K, Hv)`` (``N % K == 0``;
+query head ``i`` reads kv head ``i // (N // K)``), ``bias``/``mask`` ``None`` or rank 4,
+broadcastable to ``(B, N, T, S)``, already checked by :func:`jaxattn.dot_product_attention`.
+A kernel knows arrays only: no module, no table, no global device choice. What each
+one supports is declared where it is registered (:mod:`jaxattn.implementations`).
+"""

@@ -1,0 +1,57 @@
+"""The XLA kernel: ``jax.nn.dot_product_attention(..., implementation="xla")`` with our edge cases.
+
+JAX's own attention does the work (grouped kv heads natively, no copies). Two
+things are added at the boundary: ``q_offset`` (JAX's ``is_causal`` is aligned at
+the top left, i.e. ``q_offset=0``; any other offset, or a traced one, becomes an
+explicit causal mask) and rows that see no key (JAX fills masked logits with a
+large negative number, so such a row gets the *mean* of the values, or NaN when
+a ``-inf`` bias masks it; here it gets zeros, as from every implementation).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from jaxattn.masks import make_offset_causal_mask
+
+
+def xla_attention(
+    query: Float[Array, "B T N H"],
+    key: Float[Array, "B S K H"],
+    value: Float[Array, "B S K H"],
+    bias: Optional[Float[Array, "#B #N #T #S"]] = None,
+    mask: Optional[Bool[Array, "#B #N #T #S"]] = None,
+    *,
+    scale: float,
+    is_causal: bool = False,
+    q_offset=0,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+) -> tuple[Float[Array, "B T N H"], None]:
+    if dropout_rate:
+        raise ValueError("xla_attention: dropout needs the full attention weights (use the naive kernel)")
+    q_tokens, kv_tokens = query.shape[1], key.shape[1]
+    top_left_causal = is_causal and isinstance(q_offset, int) and q_offset == 0
+    if is_causal and not top_left_causal:
+        causal = make_offset_causal_mask(q_tokens, kv_tokens, q_offset)[None, None]  # (1, 1, T, S)
+        mask = causal if mask is None else mask & causal
+    if bias is not None:
+        # A -inf bias entry is a masked key: as a mask it cannot turn a whole row into NaN.
+        finite = bias > -jnp.inf
+        mask = finite if mask is None else mask & finite
+        bias = jnp.where(finite, bias, 0).astype(bias.dtype)
+    out = jax.nn.dot_product_attention(
+        query, key, value, bias, mask, scale=scale, is_causal=top_left_causal, implementation="xla"
+    )
+    if mask is None:
+        return out, None  # with no mask (causal from the top left included) every row sees key 0
+    visible = mask
+    if top_left_causal:
+        visible = visible & make_offset_causal_mask(q_tokens, kv_tokens)[None, None]
+    seen = jnp.any(visible, axis=-1)  # (#B, #N, T|1)
+    seen = jnp.broadcast_to(seen, (query.shape[0], query.shape[2], q_tokens)).swapaxes(1, 2)  # (B, T, N)
+    return jnp.where(seen[..., None], out, jnp.zeros((), out.dtype)), None

@@ -1,0 +1,115 @@
+"""Array primitives of attention: scores, softmax, dropout, head split/merge.
+
+The lowest layer of :mod:`jaxattn`: plain functions of arrays that the kernels
+(:mod:`jaxattn.kernels`) and the modules build on. Arrays are *head-agnostic*
+here: ``(..., tokens, head_dim)`` with any leading batch / head dimensions.
+
+The book's order of operations (``ch03``): scores ``q @ k.T``, mask filled with
+``-inf``, *then* division by ``sqrt(head_dim)``, softmax, dropout on the weights,
+weights ``@ v``. Softmax runs in ``softmax_dtype`` (float32 by default) even when
+the projections compute in bfloat16/float16.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+
+def attention_scores(
+    query: Float[Array, "*batch q d"], key: Float[Array, "*batch k d"]
+) -> Float[Array, "*batch q k"]:
+    """Unnormalised scores ``omega = q @ k.T`` (the book's ``attn_scores``)."""
+    return jnp.einsum("...qd,...kd->...qk", query, key)
+
+
+def masked_softmax(
+    scores: Float[Array, "*batch q k"],
+    mask: Optional[Bool[Array, "*#batch q k"]] = None,
+    *,
+    scale: Optional[float] = None,
+    softmax_dtype=jnp.float32,
+) -> Float[Array, "*batch q k"]:
+    """``softmax(masked_fill(scores, ~mask, -inf) * scale)`` computed in ``softmax_dtype``.
+
+    The book's softmax: a row whose every key is masked gives NaN, exactly as in
+    torch. :func:`safe_softmax` is the one the attention core uses.
+    """
+    scores = scores.astype(softmax_dtype)
+    if mask is not None:
+        scores = jnp.where(mask, scores, -jnp.inf)
+    if scale is not None:
+        scores = scores * jnp.asarray(scale, softmax_dtype)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def safe_softmax(logits: Float[Array, "*batch q k"]) -> Float[Array, "*batch q k"]:
+    """Softmax over the last axis where ``-inf`` logits are masked keys and a row of only ``-inf`` gives zeros.
+
+    ``jax.nn.softmax`` and torch give NaN for such a row (``exp(-inf - -inf)``);
+    here the row maximum is replaced by 0 when it is not finite, so every
+    ``exp`` is 0, and the zero denominator is replaced by 1 (twice guarded, so
+    the gradient of the unused branch is never ``0 * inf``).
+    """
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    unnormalised = jnp.exp(logits - row_max)
+    denominator = unnormalised.sum(axis=-1, keepdims=True)
+    return unnormalised / jnp.where(denominator == 0.0, 1.0, denominator)
+
+
+def dropout(
+    x: Float[Array, "..."], rate: float, rng: Optional[PRNGKeyArray], deterministic: bool
+) -> Float[Array, "..."]:
+    """Inverted dropout: zero with probability ``rate``, scale survivors by ``1/(1-rate)``.
+
+    Same draw as ``flax.linen.Dropout`` (a Bernoulli keep-mask from ``rng``).
+    """
+    if deterministic or rate == 0.0:
+        return x
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    if rng is None:
+        raise ValueError("dropout with deterministic=False needs an rng (the 'dropout' stream)")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def attention_weights(
+    query: Float[Array, "*batch q d"],
+    key: Float[Array, "*batch k d"],
+    mask: Optional[Bool[Array, "*#batch q k"]] = None,
+    *,
+    scale: Optional[float] = None,
+    softmax_dtype=jnp.float32,
+) -> Float[Array, "*batch q k"]:
+    """Normalised weights ``alpha = softmax(q @ k.T / sqrt(d))`` (float, in ``softmax_dtype``)."""
+    if scale is None:
+        scale = key.shape[-1] ** -0.5
+    return masked_softmax(attention_scores(query, key), mask, scale=scale, softmax_dtype=softmax_dtype)
+
+
+def split_heads(x: Float[Array, "*batch tokens d_out"], num_heads: int) -> Float[Array, "*batch heads tokens head_dim"]:
+    """``(b, T, d_out) -> (b, heads, T, head_dim)``: the book's ``view`` + ``transpose(1, 2)``."""
+    *batch, tokens, d_out = x.shape
+    x = x.reshape(*batch, tokens, num_heads, d_out // num_heads)  # (b, T, H, hd)
+    return jnp.swapaxes(x, -3, -2)  # (b, H, T, hd)
+
+
+def merge_heads(x: Float[Array, "*batch heads tokens head_dim"]) -> Float[Array, "*batch tokens d_out"]:
+    """``(b, heads, T, head_dim) -> (b, T, d_out)``: ``transpose(1, 2)`` + ``view``."""
+    x = jnp.swapaxes(x, -3, -2)  # (b, T, H, hd)
+    *batch, tokens, heads, head_dim = x.shape
+    return x.reshape(*batch, tokens, heads * head_dim)  # (b, T, d_out)
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for float32 and narrower inputs, float64 for float64: where scores and softmax are computed.
+
+    (``jnp.promote_types(bfloat16, float32)`` would say the same, but strict dtype
+    promotion, which the tests turn on, refuses to be asked.)
+    """
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)

@@ -1,0 +1,90 @@
+"""Modules with an injected ``attention_fn`` (Flax's convention) against the torch reference, same weights."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+
+torch = pytest.importorskip("torch")
+from crosscheck import port, torch_ref  # noqa: E402 - needs torch
+
+TOL = 1e-5
+
+ATTENTION_FNS = {
+    "jax.nn.dot_product_attention": jax.nn.dot_product_attention,
+    **{f"jaxattn {impl}": functools.partial(jaxattn.dot_product_attention, implementation=impl)
+       for impl in ("naive", "blockwise", "xla")},
+}
+
+
+def torch_and_flax(name):
+    torch.manual_seed(0)
+    if name == "MultiHeadAttention":
+        ref = torch_ref.MultiHeadAttention(12, 8, 32, 0.0, num_heads=4, qkv_bias=True)
+        make = lambda fn: jaxattn.MultiHeadAttention(12, 8, 32, 0.0, 4, True, attention_fn=fn)  # noqa: E731
+    elif name == "MultiHeadAttentionCombinedQKV":
+        ref = torch_ref.MultiHeadAttentionCombinedQKV(12, 8, 2, 32)
+        make = lambda fn: jaxattn.MultiHeadAttentionCombinedQKV(12, 8, 2, 32, attention_fn=fn)  # noqa: E731
+    elif name == "CausalAttention":
+        ref = torch_ref.CausalAttention(12, 6, 32, 0.0)
+        make = lambda fn: jaxattn.CausalAttention(12, 6, 32, 0.0, attention_fn=fn)  # noqa: E731
+    else:
+        ref = torch_ref.MultiHeadAttentionWrapper(12, 3, 32, 0.0, num_heads=2)
+        make = lambda fn: jaxattn.MultiHeadAttentionWrapper(12, 3, 32, 0.0, 2, attention_fn=fn)  # noqa: E731
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    return ref.eval(), make, state
+
+
+@pytest.mark.parametrize("fn_name", list(ATTENTION_FNS))
+@pytest.mark.parametrize(
+    "name", ["MultiHeadAttention", "MultiHeadAttentionCombinedQKV", "CausalAttention", "MultiHeadAttentionWrapper"]
+)
+def test_injected_attention_fn_matches_torch(name, fn_name):
+    ref, make, state = torch_and_flax(name)
+    module = make(ATTENTION_FNS[fn_name])
+    variables = port.load_state_dict(module, state)
+    x = np.random.default_rng(1).normal(size=(2, 19, 12)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy()
+    with jax.default_matmul_precision("highest"):
+        out = jax.jit(module.apply)(variables, jnp.asarray(x))
+    np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_multihead_attention_goes_through_the_core(causal):
+    """torch.nn.MultiheadAttention, causal or not, against jaxattn with every implementation."""
+    torch.manual_seed(2)
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(2, 7, 8)).astype(np.float32))
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(7) if causal else None
+    with torch.no_grad():
+        expected = ref(x, x, x, attn_mask=mask, need_weights=False)[0].numpy()
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    for impl in ("naive", "blockwise", "xla"):
+        module = jaxattn.TorchMultiheadAttention(8, 2, causal=causal, attention_impl=impl)
+        with jax.default_matmul_precision("highest"):
+            out = module.apply(port.load_state_dict(module, state), jnp.asarray(x.numpy()))
+        np.testing.assert_allclose(out, expected, atol=TOL, rtol=0, err_msg=impl)
+
+
+def test_custom_attention_fn_receives_the_call_and_excludes_attention_impl(without_typecheck):
+    seen = {}
+
+    def spy(query, key, value, bias=None, mask=None, *, is_causal=False, **extra):
+        seen.update(shape=query.shape, kv=key.shape, is_causal=is_causal, extra=sorted(extra))
+        return jax.nn.dot_product_attention(query, key, value, bias, mask, is_causal=is_causal)
+
+    module = jaxattn.MultiHeadAttention(6, 4, 9, 0.5, num_heads=2, attention_fn=spy)
+    x = jnp.ones((1, 5, 6))
+    variables = module.init(jax.random.key(0), x)
+    module.apply(variables, x)
+    assert seen == {"shape": (1, 5, 2, 2), "kv": (1, 5, 2, 2), "is_causal": True, "extra": []}
+    module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert seen["extra"] == ["dropout_rate", "dropout_rng"]  # training: Flax's dropout arguments
+    with pytest.raises(ValueError, match="attention_impl='xla' chooses among jaxattn.dot_product_attention"):
+        module.clone(attention_impl="xla").apply(variables, x)
