@@ -60,6 +60,12 @@ subcommands (run `crosscheck bench --help`, `crosscheck bundle --help` for their
   crosscheck bundle compare BUNDLE OUTPUTS... [--json PATH]
                                                 torch reference from the bundle vs outputs files
 
+attention core:
+  --attention-impl NAME runs the Flax modules with that core (CausalAttention, the wrapper,
+  MultiHeadAttention, ...CombinedQKV, TorchMultiheadAttention); without --variant the
+  other variants run as usual, a named variant without a choice of core is an error (exit 2).
+  The report records the core (terminal header, JSON "attention_impl").
+
 exit codes: 0 all checks passed, 1 a mismatch (failing variants named), 2 bad usage or input.
 Colour follows the terminal; --no-color or NO_COLOR turns it off.
 """
@@ -123,6 +129,12 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
     i.add_argument("--batch", type=_positive_int, metavar="B", help="random inputs: batch size (default 1)")
     i.add_argument("--tokens", type=_positive_int, metavar="T", help="random inputs: tokens (default 6)")
     i.add_argument("--seed", type=_seed, metavar="S", help="random inputs: numpy seed (default 0)")
+    a = p.add_argument_group("attention core")
+    a.add_argument(
+        "--attention-impl", metavar="NAME",
+        help="attention core of the Flax modules that take one: auto (default: jaxattn picks by token count) "
+        "or a name from jaxattn.implementations.names(), e.g. naive, blockwise, xla",
+    )
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -275,6 +287,7 @@ def _run(args) -> int:
             ttnn_runtime=args.ttnn_runtime,
             ttnn_python=args.ttnn_python,
             dtype=args.dtype,
+            attention_impl=args.attention_impl,
             progress=bar,
             **_overrides(args),
         )
@@ -289,7 +302,10 @@ def _bundle(argv: Sequence[str]) -> int:
     from crosscheck import engine
 
     if args.action == "export":
-        cases = engine.export_bundle(args.out, args.variant, weights=args.weights, inputs=_inputs(args), **_overrides(args))
+        cases = engine.export_bundle(
+            args.out, args.variant, weights=args.weights, inputs=_inputs(args), attention_impl=args.attention_impl,
+            **_overrides(args),
+        )
         print(f"wrote {args.out}: {', '.join(c.variant.name for c in cases)}")
         return 0
     if args.action == "run":

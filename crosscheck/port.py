@@ -53,19 +53,7 @@ def config_of(flax_module) -> tuple[registry.Variant, AttnConfig]:
         variant = registry.get(name)
     except KeyError as err:
         raise BadInputError(f"not a jaxattn attention module: {name}") from err
-    if name == "TorchMultiheadAttention":
-        cfg = AttnConfig(
-            d_in=flax_module.embed_dim,
-            d_out=flax_module.embed_dim,
-            context_length=0,
-            dropout=flax_module.dropout,
-            num_heads=flax_module.num_heads,
-            qkv_bias=flax_module.bias,
-            causal=flax_module.causal,
-        )
-        return variant, cfg
-    fields = {f: getattr(flax_module, f) for f in AttnConfig.__dataclass_fields__ if hasattr(flax_module, f)}
-    return variant, AttnConfig(**{**dict(d_in=0, d_out=0, context_length=0), **fields})
+    return variant, variant.config_of(flax_module)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -191,48 +179,12 @@ def infer_config(variant: registry.Variant, state_dict: StateDict) -> dict[str, 
 
     Returns only what is certain (``d_in``, ``d_out``, ``qkv_bias``, ``context_length``
     from the ``mask`` buffer, ``num_heads`` for the wrapper); the caller supplies the rest.
+    Which keys tell what is the variant's own fact (:meth:`registry.Variant.infer_config`).
     """
-    sd = {pm.canonical_key(str(k)): v for k, v in state_dict.items()}
-    shapes = {k: _shape(v) for k, v in sd.items()}
-    found: dict[str, Any] = {}
-    name = variant.name
-    if name == "SimplifiedSelfAttention":
-        return found
-    if name == "SelfAttentionV1" and "W_query" in shapes and len(shapes["W_query"]) == 2:
-        found["d_in"], found["d_out"] = shapes["W_query"]
-        return found
-    if name == "TorchMultiheadAttention":
-        if "in_proj_weight" in shapes and len(shapes["in_proj_weight"]) == 2:
-            found["d_in"] = found["d_out"] = shapes["in_proj_weight"][1]
-        found["qkv_bias"] = "in_proj_bias" in shapes
-        return found
-    prefix = "heads.0." if name == "MultiHeadAttentionWrapper" else ""
-    if name == "MultiHeadAttentionCombinedQKV":
-        w = shapes.get("qkv.weight")
-        if w is not None and len(w) == 2:
-            found["d_out"], found["d_in"] = w[0] // 3, w[1]
-        found["qkv_bias"] = "qkv.bias" in shapes
-    else:
-        w = shapes.get(prefix + "W_query.weight")
-        if w is not None and len(w) == 2:
-            found["d_out"], found["d_in"] = w
-        found["qkv_bias"] = prefix + "W_query.bias" in shapes
-    mask = shapes.get(prefix + "mask")
-    if mask is not None and len(mask) == 2:
-        found["context_length"] = mask[0]
-    if name == "MultiHeadAttentionWrapper":
-        heads = {k.split(".")[1] for k in shapes if k.startswith("heads.") and k.count(".") >= 2}
-        if heads:
-            found["num_heads"] = len(heads)
-    return found
+    return variant.infer_config({pm.canonical_key(str(k)): _shape(v) for k, v in state_dict.items()})
 
 
 # --- torch module -> flax -----------------------------------------------------------------------
-
-
-def _linear_attr(module, name: str):
-    sub = getattr(module, name, None)
-    return sub if sub is not None and hasattr(sub, "weight") and hasattr(sub, "in_features") else None
 
 
 def _dropout_p(module) -> float:
@@ -240,50 +192,11 @@ def _dropout_p(module) -> float:
     return float(getattr(drop, "p", drop) or 0.0)
 
 
-def recognise(torch_module) -> tuple[registry.Variant, AttnConfig]:
-    """Which variant a torch module is, and its config, from its structure and attributes."""
-    from torch import nn
-
+def _book_config(variant: registry.Variant, torch_module) -> AttnConfig:
+    """A book-style module's config: what its state dict pins down, then its attributes."""
     cls = type(torch_module).__name__
-    sd = torch_module.state_dict()
-    if isinstance(torch_module, nn.MultiheadAttention):
-        m = torch_module
-        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-            raise BadInputError(
-                "nn.MultiheadAttention with kdim/vdim != embed_dim, add_bias_kv or add_zero_attn is not supported"
-            )
-        variant = registry.get("TorchMultiheadAttention")
-        cfg = AttnConfig(
-            d_in=m.embed_dim, d_out=m.embed_dim, context_length=0, dropout=float(m.dropout),
-            num_heads=m.num_heads, qkv_bias=m.in_proj_bias is not None, causal=False,
-        )
-        return variant, cfg
-    heads = getattr(torch_module, "heads", None)
-    if isinstance(heads, nn.ModuleList) and len(heads) > 0:
-        _, head_cfg = recognise(heads[0])
-        variant = registry.get("MultiHeadAttentionWrapper")
-        return variant, head_cfg.replace(num_heads=len(heads))
-    values = "W_value" if hasattr(torch_module, "W_value") else "W_val"
-    has_qkv = all(hasattr(torch_module, n) for n in ("W_query", "W_key", values))
-    qkv, proj = _linear_attr(torch_module, "qkv"), _linear_attr(torch_module, "proj")
-    found = {}
-    if qkv is not None and proj is not None:
-        variant = registry.get("MultiHeadAttentionCombinedQKV")
-    elif has_qkv and _linear_attr(torch_module, "out_proj") is not None:
-        variant = registry.get("MultiHeadAttention")
-    elif has_qkv and _linear_attr(torch_module, "W_query") is not None:
-        variant = registry.get("CausalAttention" if "mask" in sd else "SelfAttentionV2")
-    elif has_qkv and isinstance(getattr(torch_module, "W_query"), nn.Parameter):
-        variant = registry.get("SelfAttentionV1")
-    elif not sd and "simplified" in cls.lower():
-        variant = registry.get("SimplifiedSelfAttention")
-    else:
-        raise BadInputError(
-            f"cannot recognise torch module {cls}: expected one of the book's attention classes "
-            f"(W_query/W_key/W_value, heads, qkv+proj) or torch.nn.MultiheadAttention"
-        )
-    found = infer_config(variant, sd)
-    if "num_heads" in variant.fields and variant.name != "MultiHeadAttentionWrapper":
+    found = infer_config(variant, torch_module.state_dict())
+    if "num_heads" in variant.fields:
         num_heads = getattr(torch_module, "num_heads", None)
         if num_heads is None:
             raise BadInputError(f"{cls}: has no num_heads attribute; cannot split heads")
@@ -291,10 +204,28 @@ def recognise(torch_module) -> tuple[registry.Variant, AttnConfig]:
     if "context_length" in variant.fields and "context_length" not in found:
         found["context_length"] = int(getattr(torch_module, "context_length", 0)) or 1 << 30
     found["dropout"] = _dropout_p(torch_module)
-    cfg = AttnConfig(**{**dict(d_in=0, d_out=0, context_length=0), **found})
-    if variant.name == "SimplifiedSelfAttention":
-        cfg = AttnConfig(d_in=0, d_out=0, context_length=0)
-    return variant, cfg
+    return AttnConfig(**{**dict(d_in=0, d_out=0, context_length=0), **found})
+
+
+def recognise(torch_module) -> tuple[registry.Variant, AttnConfig]:
+    """Which variant a torch module is, and its config, from its structure and attributes.
+
+    Each registry entry recognises its own modules (:meth:`registry.Variant.recognises`);
+    the entries exclude each other, so at most one answers.
+    """
+    cls = type(torch_module).__name__
+    matches = [v for v in registry.VARIANTS if v.recognises(torch_module)]
+    if not matches:
+        raise BadInputError(
+            f"cannot recognise torch module {cls}: expected one of the book's attention classes "
+            f"(W_query/W_key/W_value, heads, qkv+proj) or torch.nn.MultiheadAttention"
+        )
+    if len(matches) > 1:
+        raise BadInputError(f"torch module {cls} looks like several variants: {', '.join(v.name for v in matches)}")
+    variant = matches[0]
+    if variant.torch_config is not None:
+        return variant, variant.torch_config(torch_module, recognise)
+    return variant, _book_config(variant, torch_module)
 
 
 def from_torch(torch_module) -> tuple[Any, dict]:

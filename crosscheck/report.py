@@ -1,4 +1,4 @@
-"""Views of a :class:`crosscheck.engine.Report`: the rich terminal table and the JSON file."""
+"""Views of a :class:`crosscheck.results.Report`: the rich terminal table and the JSON file."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import os
 from typing import Optional
 
-from crosscheck.engine import Report, Result
 from crosscheck.errors import BadInputError
+from crosscheck.results import Report, Result
 
 
 def backend_label(r: Result) -> str:
@@ -51,6 +51,10 @@ def render(report: Report, console, *, quiet: bool = False) -> None:
         if report.ttnn_runtime:
             where = f" via {report.ttnn_runtime['python']}" if report.ttnn_runtime.get("python") else ""
             console.print(f"ttnn runtime: {report.ttnn_runtime.get('name')} - {report.ttnn_runtime.get('description')}{where}")
+        if report.attention_impl is not None:
+            from crosscheck.flax_runner import describe_attention_impl
+
+            console.print(f"attention impl: {describe_attention_impl(report.attention_impl)}")
         v = report.versions
         ttnn = v.get("ttnn") or f"absent ({v.get('ttnn_reason')})"
         console.print(f"versions: torch {v.get('torch')}, jax {v.get('jax')}, flax {v.get('flax')}, ttnn {ttnn}")

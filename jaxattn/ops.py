@@ -49,16 +49,21 @@ def masked_softmax(
 def safe_softmax(logits: Float[Array, "*batch q k"]) -> Float[Array, "*batch q k"]:
     """Softmax over the last axis where ``-inf`` logits are masked keys and a row of only ``-inf`` gives zeros.
 
-    ``jax.nn.softmax`` and torch give NaN for such a row (``exp(-inf - -inf)``);
-    here the row maximum is replaced by 0 when it is not finite, so every
-    ``exp`` is 0, and the zero denominator is replaced by 1 (twice guarded, so
-    the gradient of the unused branch is never ``0 * inf``).
+    For float32/float64 logits. ``jax.nn.softmax`` and torch give NaN for such a row
+    (``exp(-inf - -inf)``); here the row maximum is replaced by 0 when it is not
+    finite, so every ``exp`` is 0, and the denominator gets ``eps**2`` added. A row
+    with a visible key has a denominator >= 1 (its maximum contributes ``exp(0)``), so
+    the addition is below half an ulp and changes nothing; a row without one gives
+    ``0 / eps**2 = 0``, and its gradient stays finite (``eps**4`` is still a normal
+    number). A ``where`` on the denominator would do the same but keeps XLA:CPU from
+    fusing the division: it costs one more ``(q, k)`` buffer (measured: 384 MiB
+    instead of 192 MiB of temporaries at 4 x 12 heads x 1024 tokens).
     """
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     unnormalised = jnp.exp(logits - row_max)
-    denominator = unnormalised.sum(axis=-1, keepdims=True)
-    return unnormalised / jnp.where(denominator == 0.0, 1.0, denominator)
+    tiny = jnp.asarray(jnp.finfo(logits.dtype).eps ** 2, logits.dtype)
+    return unnormalised / (unnormalised.sum(axis=-1, keepdims=True) + tiny)
 
 
 def dropout(

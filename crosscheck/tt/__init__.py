@@ -20,14 +20,12 @@ amplify errors (|scores| <= ~1 keeps softmax's sensitivity below 1). Outside tha
 regime (e.g. ``torch.rand`` weights at d_in=40, scores in the hundreds) the
 absolute error grows with the scores and only the PCC bar is meaningful.
 
-Roundings counted per program (reshape/permute/slice/concat and adding a 0 mask
-entry are exact):
-
-* ``SimplifiedSelfAttention``: x, scores, softmax weights, context                     -> 4
-* ``SelfAttentionV1/V2``, ``CausalAttention``, ``MultiHeadAttentionWrapper``: x, weight
-  (and bias), q/k/v, scores, the 1/sqrt(head_dim) scalar, scaled scores, weights, context -> 8
-* ``MultiHeadAttention``, ``...CombinedQKV``, ``TorchMultiheadAttention``: the 8 above
-  plus the out_proj weight and the out_proj output                                     -> 10
+Each program's count of roundings lives on its :class:`crosscheck.registry.Variant`
+(``bf16_roundings``; reshape/permute/slice/concat and adding a 0 mask entry are exact):
+4 for ``SimplifiedSelfAttention`` (x, scores, softmax weights, context); 8 for the
+single-head projections (x, weight and bias, q/k/v, scores, the 1/sqrt(head_dim)
+scalar, scaled scores, weights, context); 10 with an output projection (its weight and
+its output). :data:`BF16_ROUNDINGS` is the table read off the registry.
 
 PCC: 0.999, tt-metal's bar for bf16 linear layers (softmax tests use 0.997-0.999).
 Measured on the host model (seed sentence and 2x50x40 inputs): max-abs 1.4e-3 to
@@ -35,20 +33,13 @@ Measured on the host model (seed sentence and 2x50x40 inputs): max-abs 1.4e-3 to
 run with the programs' HiFi4 + fp32-accumulation + exact-exp kernel config.
 """
 
+from crosscheck import registry
+
 #: bfloat16 unit roundoff (RNE, 8-bit significand).
 BF16_UNIT_ROUNDOFF = 2.0**-8
 
-#: bf16 roundings on each variant's longest data path (see the module docstring).
-BF16_ROUNDINGS: dict[str, int] = {
-    "SimplifiedSelfAttention": 4,
-    "SelfAttentionV1": 8,
-    "SelfAttentionV2": 8,
-    "CausalAttention": 8,
-    "MultiHeadAttentionWrapper": 8,
-    "MultiHeadAttention": 10,
-    "MultiHeadAttentionCombinedQKV": 10,
-    "TorchMultiheadAttention": 10,
-}
+#: bf16 roundings on each variant's longest data path, from the registry (see the module docstring).
+BF16_ROUNDINGS: dict[str, int] = {v.name: v.bf16_roundings for v in registry.VARIANTS}
 
 #: THE ttnn tolerance table: variant -> (max-abs budget for unit-scale data, min PCC) vs torch float32.
 TTNN_BF16_TOLERANCE: dict[str, tuple[float, float]] = {

@@ -238,9 +238,7 @@ def _check_input(variant, cfg, x: np.ndarray) -> None:
         raise BadInputError(
             f"{variant.name}: tokens={x.shape[-2]} exceeds context_length={cfg.context_length}"
         )
-    if "num_heads" in variant.fields and variant.name != "MultiHeadAttentionWrapper":
-        if cfg.num_heads < 1 or cfg.d_out % cfg.num_heads:
-            raise BadInputError(f"{variant.name}: d_out={cfg.d_out} must be divisible by num_heads={cfg.num_heads}")
+    variant.check_heads(cfg)
     if not np.all(np.isfinite(x)):
         raise BadInputError(f"{variant.name}: input has NaN or inf values")
 

@@ -7,8 +7,8 @@ interpreter that has torch. The engine writes a bundle (:mod:`crosscheck.bundle`
 this module with the other interpreter (:func:`run_in_interpreter`) and reads the
 outputs back. ``--backend ttnn`` goes through :func:`crosscheck.tt.runtime.run_variant`
 (a real device when one is found, else the host model); ``--backend flax`` ports the
-state dict with :func:`crosscheck.port.port_variables` and runs the jitted jaxattn
-module, so it needs JAX and Flax only.
+state dict and runs the jitted jaxattn module through the engine's own Flax runner
+(:func:`crosscheck.flax_runner.run_flax`), so it needs JAX and Flax only.
 
 Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback).
 """
@@ -48,28 +48,25 @@ def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
 # --- backends --------------------------------------------------------------------------------------
 
 
-def _run_flax(cases: list[bd.BundleCase]) -> tuple[dict[str, np.ndarray], dict]:
+def _run_flax(cases: list[bd.BundleCase], attention_impl: Optional[str] = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The engine's own Flax runner (:func:`crosscheck.flax_runner.run_flax`) on every case, in float32."""
     import flax
     import jax
-    import jax.numpy as jnp
     import jaxlib
 
-    from crosscheck.port import port_variables
+    from crosscheck.flax_runner import check_attention_impl, run_flax
 
-    outputs = {}
-    for case in cases:
-        variant = _variant(case.variant)
-        variables = port_variables(variant, case.config, case.state_dict)
-        module = variant.flax_module(case.config)
-        variables = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), variables)
-        x = jnp.asarray(case.inputs, dtype=jnp.float32)
-        outputs[case.variant] = np.asarray(jax.jit(module.apply)(variables, x))
+    check_attention_impl(attention_impl)
+    outputs = {case.variant: run_flax(_variant(case.variant), case.config, case.state_dict, case.inputs,
+                                      attention_impl=attention_impl) for case in cases}
     meta = {
         "backend": "flax",
         "runtime": "jax",
         "runtime_description": f"JAX {jax.__version__} on {jax.default_backend()}",
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__},
     }
+    if attention_impl is not None:
+        meta["attention_impl"] = attention_impl
     return outputs, meta
 
 
@@ -92,12 +89,15 @@ def _run_ttnn(cases: list[bd.BundleCase], runtime: str) -> tuple[dict[str, np.nd
 
 
 def run_cases(
-    cases: list[bd.BundleCase], backend: str = "ttnn", runtime: str = "auto"
+    cases: list[bd.BundleCase], backend: str = "ttnn", runtime: str = "auto", attention_impl: Optional[str] = None
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """``({variant: context_vec}, meta)`` of ``cases`` on ``backend``."""
+    """``({variant: context_vec}, meta)`` of ``cases`` on ``backend``.
+
+    ``attention_impl``: the Flax modules' attention core (``None``: their default); ttnn ignores it.
+    """
     _check_choice(backend, BACKENDS, "backend")
     _check_choice(runtime, RUNTIMES, "ttnn runtime")
-    outputs, meta = _run_flax(cases) if backend == "flax" else _run_ttnn(cases, runtime)
+    outputs, meta = _run_flax(cases, attention_impl) if backend == "flax" else _run_ttnn(cases, runtime)
     meta["versions"] = {
         **meta["versions"],
         "python": platform.python_version(),
@@ -108,11 +108,15 @@ def run_cases(
 
 
 def run_bundle(bundle_path, out_path, backend: str = "ttnn", runtime: str = "auto") -> dict:
-    """Run every case of ``bundle_path`` on ``backend`` in this interpreter; write ``out_path``; return meta."""
+    """Run every case of ``bundle_path`` on ``backend`` in this interpreter; write ``out_path``; return meta.
+
+    The Flax backend runs the attention core the bundle was exported with (its meta's ``attention_impl``).
+    """
     _check_choice(backend, BACKENDS, "backend")
     _check_choice(runtime, RUNTIMES, "ttnn runtime")
     cases = bd.read_bundle(bundle_path)
-    outputs, meta = run_cases(cases, backend, runtime)
+    attention_impl = bd.read_bundle_meta(bundle_path).get("attention_impl")
+    outputs, meta = run_cases(cases, backend, runtime, attention_impl)
     bd.write_outputs(out_path, outputs, meta)
     return meta
 

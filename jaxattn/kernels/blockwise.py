@@ -50,7 +50,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float

@@ -236,3 +236,72 @@ def test_bad_input_exits_2_with_one_line(bad_runs, case):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("crosscheck: error: ")
     assert message in lines[0]
+
+
+# --- --attention-impl (in this process: torch and JAX are imported once) ------------------------
+
+IMPLS = ("naive", "blockwise", "xla")
+TAKERS = {v.name for v in registry.takes_attention_impl()}
+
+
+def main_in_process(args, capsys, monkeypatch):
+    """``(exit code, stdout, stderr)`` of the CLI's ``main`` without a new interpreter."""
+    from crosscheck.cli import main
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_impl_runs_every_variant_and_is_recorded(impl, tmp_path, capsys, monkeypatch):
+    json_path = tmp_path / "r.json"
+    args = ["--attention-impl", impl, "--backends", "torch,flax", "--json", str(json_path)]
+    code, out, err = main_in_process(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert f"attention impl: {impl}\n" in out and "all 16 checks passed" in out
+    report = json.loads(json_path.read_text())
+    assert report["passed"] and report["attention_impl"] == impl
+    flax_rows = {r["variant"]: r["attention_impl"] for r in report["results"] if r["backend"] == "flax"}
+    assert flax_rows == {n: (impl if n in TAKERS else None) for n in registry.names()}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_impl_on_random_multi_head_inputs(impl, tmp_path, capsys, monkeypatch):
+    json_path = tmp_path / "r.json"
+    args = [
+        "--attention-impl", impl, "--backends", "torch,flax", "--variant", "MultiHeadAttention",
+        "--batch", "2", "--tokens", "40", "--d-in", "16", "--d-out", "16", "--num-heads", "4", "--json", str(json_path),
+    ]
+    code, _, err = main_in_process(args, capsys, monkeypatch)
+    assert code == 0, err
+    report = json.loads(json_path.read_text())
+    assert report["attention_impl"] == impl and [r["shape"] for r in report["results"]] == [[2, 40, 16]] * 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attention-impl", "flash9"], "unknown attention impl 'flash9'; known: auto, naive, blockwise, xla"),
+        (["--attention-impl", "naive", "--variant", "SelfAttentionV1"], "SelfAttentionV1 takes no --attention-impl"),
+        (["bundle", "export", "b.safetensors", "--attention-impl", "naive", "--variant", "SimplifiedSelfAttention"],
+         "SimplifiedSelfAttention takes no --attention-impl"),
+    ],
+)
+def test_bad_attention_impl_exits_2_with_one_line(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = main_in_process([*args, "--backends", "torch,flax"] if args[0] != "bundle" else args,
+                                     capsys, monkeypatch)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("crosscheck: error: ") and message in lines[0], err
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_help_documents_the_attention_impl(capsys):
+    from crosscheck.cli import build_bundle_parser, build_parser
+
+    text = build_parser().format_help()
+    assert "--attention-impl NAME" in text and "jaxattn.implementations.names()" in text
+    assert "--attention-impl" in build_bundle_parser()._subparsers._group_actions[0].choices["export"].format_help()

@@ -195,3 +195,45 @@ def test_compare_outputs_catches_a_tampered_file(tmp_path):
     assert report.failing_variants == ["SelfAttentionV1"]
     (bad,) = [r for r in report.results if not r.passed]
     assert bad.pcc > 0.999 and any("max abs err" in f for f in bad.failures)  # PCC alone is blind to scale
+
+
+# --- a chosen attention core ---------------------------------------------------------------------
+
+TAKERS = [v.name for v in registry.takes_attention_impl()]
+
+
+def test_the_chosen_core_is_the_one_the_flax_module_runs():
+    from crosscheck import flax_runner
+    from crosscheck.config import AttnConfig
+
+    for name in TAKERS:
+        v = registry.get(name)
+        assert flax_runner.flax_module(v, v.resolve(AttnConfig(num_heads=1)), attention_impl="xla").attention_impl == "xla"
+        assert flax_runner.flax_module(v, v.resolve(AttnConfig(num_heads=1))).attention_impl == "auto"
+
+
+def test_default_core_is_recorded_as_auto(default_report):
+    assert default_report.attention_impl == "auto"
+    assert {r.variant for r in default_report.results if r.attention_impl == "auto"} == set(TAKERS)
+
+
+def test_unknown_attention_impl_lists_the_known_ones():
+    with pytest.raises(BadInputError, match=r"unknown attention impl 'flash9'; known: auto, naive, blockwise, xla"):
+        engine.run(["CausalAttention"], backends=("torch", "flax"), attention_impl="flash9")
+
+
+def test_attention_impl_for_a_named_variant_without_one_is_refused():
+    with pytest.raises(BadInputError, match="SelfAttentionV2 takes no --attention-impl"):
+        engine.run(["CausalAttention", "SelfAttentionV2"], backends=("torch", "flax"), attention_impl="naive")
+
+
+def test_bundle_carries_the_attention_impl_to_the_flax_worker(tmp_path):
+    from crosscheck.tt.worker import run_bundle
+
+    bundle, out = tmp_path / "b.safetensors", tmp_path / "o.safetensors"
+    engine.export_bundle(bundle, ["MultiHeadAttention"], attention_impl="blockwise")
+    meta = run_bundle(bundle, out, backend="flax")
+    assert meta["attention_impl"] == "blockwise"
+    report = engine.compare_outputs(bundle, [out])
+    assert report.passed and report.attention_impl == "blockwise"
+    assert [r.attention_impl for r in report.results] == ["blockwise"]

@@ -1,0 +1,99 @@
+"""The one Flax runner: a jaxattn module on THE weights, jitted, in the chosen dtype and attention core.
+
+Both the in-process backend (:func:`crosscheck.backends.flax_output`) and the bundle
+worker (``python -m crosscheck.tt.worker --backend flax``) call :func:`run_flax`, so the
+two routes cannot drift apart. It lives in its own module, below both, because the
+backends start the worker (:func:`crosscheck.tt.worker.run_in_interpreter`) and the
+worker runs this: a home in either would make an import circle. JAX, Flax and jaxattn
+are imported inside the functions; torch never.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from crosscheck import port, registry
+from crosscheck.config import AttnConfig
+from crosscheck.errors import BadInputError
+
+DTYPES = ("float32", "bfloat16", "float16")
+#: What the attention core is called when nobody chooses: the modules' own default.
+AUTO = "auto"
+
+
+def attention_impl_names() -> tuple[str, ...]:
+    """The names ``attention_impl`` accepts: ``"auto"`` and ``jaxattn.implementations.names()``."""
+    from jaxattn import implementations
+
+    return (AUTO, *implementations.names())
+
+
+def check_attention_impl(name: Optional[str]) -> None:
+    """Raise :class:`BadInputError` listing the known names unless ``name`` is ``None`` or one of them."""
+    if name is None:
+        return
+    known = attention_impl_names()
+    if name not in known:
+        raise BadInputError(f"unknown attention impl {name!r}; known: {', '.join(known)}")
+
+
+def describe_attention_impl(name: str) -> str:
+    """``name``, and for ``"auto"`` what it picks on a CPU (the threshold is jaxattn's)."""
+    if name != AUTO:
+        return name
+    from jaxattn.implementations import AUTO_BLOCKWISE_MIN_TOKENS as n
+
+    return f"{AUTO} (naive below {n} tokens, blockwise from {n})"
+
+
+def _jax_dtype(dtype: str):
+    import jax.numpy as jnp
+
+    if dtype not in DTYPES:
+        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
+
+
+def flax_module(variant: registry.Variant, cfg: AttnConfig, dtype: str = "float32", attention_impl: Optional[str] = None):
+    """``variant``'s jaxattn module at ``cfg``, computing in ``dtype``, with ``attention_impl`` where it takes one.
+
+    ``attention_impl=None`` keeps the module's own default. A variant without a selectable
+    core ignores it: the caller decides whether asking one of those is an error.
+    """
+    module = variant.flax_module(cfg)
+    if hasattr(module, "dtype"):
+        module = module.clone(dtype=_jax_dtype(dtype))
+    if attention_impl is not None and variant.takes_attention_impl:
+        module = module.clone(attention_impl=attention_impl)
+    return module
+
+
+def run_flax(
+    variant: registry.Variant,
+    cfg: AttnConfig,
+    state_dict: Mapping[str, Any],
+    x: np.ndarray,
+    *,
+    dtype: str = "float32",
+    attention_impl: Optional[str] = None,
+) -> np.ndarray:
+    """The jitted jaxattn module on ``x`` with ``state_dict`` ported to float32 parameters, computing in ``dtype``.
+
+    Inference mode (``deterministic=True`` where the module has dropout). The weights are
+    ported through ``port.port_variables``, looked up at call time so a test can tamper with them.
+    """
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+
+    module = flax_module(variant, cfg, dtype, attention_impl)
+    variables = port.port_variables(variant, cfg, state_dict)
+    variables = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), variables)
+    kwargs = {"deterministic": True} if "deterministic" in inspect.signature(type(module).__call__).parameters else {}
+    apply = jax.jit(lambda v, x: module.apply(v, x, **kwargs))
+    out = apply(variables, jnp.asarray(x, dtype=_jax_dtype(dtype)))
+    return np.asarray(jax.device_get(out))
+

@@ -1,0 +1,108 @@
+"""The result model of a cross-check: one :class:`Result` per variant and backend, and the :class:`Report`.
+
+Shared by the engine (which fills it), the bundle comparison and the views in
+:mod:`crosscheck.report` (terminal table, JSON). Plain data: no framework imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from crosscheck import compare as cmp
+from crosscheck.errors import MismatchError
+
+
+@dataclass
+class Result:
+    """One variant on one backend, against its reference."""
+
+    variant: str
+    backend: str
+    runtime: str  # "cpu" for torch/flax, "host" or "device" for ttnn
+    dtype: str  # the dtype the backend computed in
+    reference: str  # what it was compared with
+    shape: Optional[list[int]]
+    reference_shape: Optional[list[int]]
+    max_abs_err: Optional[float]
+    max_rel_err: Optional[float]
+    pcc: Optional[float]
+    ulp: Optional[int]
+    passed: bool
+    thresholds: dict
+    failures: list[str] = field(default_factory=list)
+    seconds: Optional[float] = None
+    source: Optional[str] = None  # the outputs file, for `bundle compare`
+    #: The attention core the Flax module ran ("auto" or an implementation name);
+    #: ``None`` for other backends and for variants without a selectable core.
+    attention_impl: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    results: list[Result]
+    configs: dict[str, dict]
+    input: dict
+    weights: str
+    versions: dict
+    ttnn_runtime: Optional[dict] = None
+    backends: tuple[str, ...] = ()
+    seconds: Optional[float] = None
+    #: The attention core asked of the Flax modules ("auto" unless chosen); ``None`` when no Flax ran.
+    attention_impl: Optional[str] = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(r.passed for r in self.results)
+
+    def raise_for_mismatch(self) -> None:
+        """Raise :class:`MismatchError` naming each failing variant, backend and reason."""
+        if not self.passed:
+            lines = [f"{r.variant} / {r.backend}: {f}" for r in self.results if not r.passed for f in r.failures]
+            raise MismatchError(f"mismatch in {', '.join(self.failing_variants)}:\n  " + "\n  ".join(lines))
+
+    @property
+    def failing_variants(self) -> list[str]:
+        seen: list[str] = []
+        for r in self.results:
+            if not r.passed and r.variant not in seen:
+                seen.append(r.variant)
+        return seen
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "failing_variants": self.failing_variants,
+            "results": [r.to_dict() for r in self.results],
+            "configs": self.configs,
+            "input": self.input,
+            "weights": self.weights,
+            "backends": list(self.backends),
+            "attention_impl": self.attention_impl,
+            "versions": self.versions,
+            "ttnn_runtime": self.ttnn_runtime,
+            "policy": {
+                "rel_floor": cmp.REL_FLOOR,
+                "note": "max_rel_err = max |a-r| / max(|r|, rel_floor * max|r|); ulp only for float32 outputs",
+            },
+            "seconds": self.seconds,
+        }
+
+
+def result_of(
+    variant: str, backend: str, runtime: str, dtype: str, reference: str, out, ref, tol: cmp.Tolerance,
+    seconds: Optional[float] = None,
+) -> Result:
+    """The :class:`Result` of comparing ``out`` with ``ref`` under ``tol``."""
+    c = cmp.compare(out, ref, tol, computed_in=dtype)
+    m = c.metrics
+    return Result(
+        variant=variant, backend=backend, runtime=runtime, dtype=dtype, reference=reference,
+        shape=list(c.shape), reference_shape=list(c.reference_shape),
+        max_abs_err=m.max_abs_err if m else None, max_rel_err=m.max_rel_err if m else None,
+        pcc=m.pcc if m else None, ulp=m.ulp if m else None,
+        passed=c.passed, thresholds=tol.to_dict(), failures=list(c.failures), seconds=seconds,
+    )
