@@ -1,10 +1,17 @@
-"""What every multi-head variant shares: the keyword fields and the call into the attention core.
+"""What the multi-head variants share: the keyword fields, the book's leading fields, the call into the core.
 
-The book's classes differ in their positional arguments (``CausalAttention(d_in,
-d_out, context_length, dropout, qkv_bias)``, ``MultiHeadAttention(..., dropout,
-num_heads, qkv_bias)``, ``MultiHeadAttentionCombinedQKV(d_in, d_out, num_heads,
-context_length, ...)``), and those orders are kept, so each variant declares its
-own; what they all repeat lives here, keyword-only.
+* :class:`AttentionModule`: keyword-only ``attention_impl``, ``attention_fn``,
+  ``dtype``, ``param_dtype`` and :meth:`~AttentionModule.attend`, for every variant
+  that calls the attention core (``TorchMultiheadAttention`` included).
+* :class:`BookAttention`: plus the book's positional ``(d_in, d_out,
+  context_length, dropout)``, which ``CausalAttention``, ``MultiHeadAttentionWrapper``
+  and ``MultiHeadAttention`` all start with.
+
+The book's positional orders are kept, so a field goes into a base only where every
+class under it has it at the same place: ``qkv_bias`` comes after ``num_heads`` in
+``MultiHeadAttention(d_in, d_out, context_length, dropout, num_heads, qkv_bias)`` but
+not in ``CausalAttention``, and ``MultiHeadAttentionCombinedQKV(d_in, d_out,
+num_heads, context_length, ...)`` has its own order.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxattn.attention import attention_with_weights, dot_product_attention
+from jaxattn.checks import check_input
 
 
 class AttentionModule(nn.Module):
@@ -85,3 +93,16 @@ class AttentionModule(nn.Module):
     def sown_context(self, context_vec: Float[Array, "b q heads d"]) -> Array:
         """``context_vec`` as sown: head-first ``(b, heads, T, head_dim)``, the book's layout before merging heads."""
         return jnp.swapaxes(context_vec, 1, 2)
+
+
+class BookAttention(AttentionModule):
+    """The book's ``(d_in, d_out, context_length, dropout)``, and the input check they imply."""
+
+    d_in: int
+    d_out: int
+    context_length: int
+    dropout: float
+
+    def check_input(self, x: Array) -> None:
+        """``x`` must be ``(batch, tokens, d_in)`` with ``tokens <= context_length`` (the book's mask size)."""
+        check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)

@@ -12,26 +12,22 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxattn.base import AttentionModule
-from jaxattn.checks import check_input
+from jaxattn.base import BookAttention
 
 
-class CausalAttention(AttentionModule):
-    """One causal head: ``W_query``/``W_key``/``W_value`` projections, causal mask, dropout."""
+class CausalAttention(BookAttention):
+    """One causal head: ``W_query``/``W_key``/``W_value`` projections, causal mask, dropout.
 
-    d_in: int
-    d_out: int
-    context_length: int
-    dropout: float
+    ``CausalAttention(d_in, d_out, context_length, dropout, qkv_bias=False)``, as in the book.
+    """
+
     qkv_bias: bool = False
 
     @nn.compact
     def __call__(
         self, x: Float[Array, "batch tokens d_in"], *, deterministic: bool = True
     ) -> Float[Array, "batch tokens d_out"]:
-        check_input(
-            type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length
-        )
+        self.check_input(x)
         b, tokens, _ = x.shape
         # One head: (b, T, d_out) viewed as (b, T, 1, d_out) for the attention core.
         queries = self.dense(self.d_out, self.qkv_bias, "W_query")(x).reshape(b, tokens, 1, self.d_out)
@@ -51,17 +47,14 @@ class CausalAttention(AttentionModule):
         return jnp.squeeze(context_vec, axis=2)
 
 
-class MultiHeadAttentionWrapper(AttentionModule):
+class MultiHeadAttentionWrapper(BookAttention):
     """Section 3.6.1: ``num_heads`` independent ``CausalAttention`` heads, concatenated.
 
+    ``MultiHeadAttentionWrapper(d_in, d_out, context_length, dropout, num_heads, qkv_bias=False)``.
     Each head maps ``d_in -> d_out``, so the output has ``num_heads * d_out``
     features, as in the book. Submodules are ``heads_0 ... heads_{n-1}`` (torch ``heads.0`` ...).
     """
 
-    d_in: int
-    d_out: int
-    context_length: int
-    dropout: float
     num_heads: int
     qkv_bias: bool = False
 

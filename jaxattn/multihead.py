@@ -18,17 +18,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxattn.base import AttentionModule
+from jaxattn.base import AttentionModule, BookAttention
 from jaxattn.checks import check_divisible, check_input
 
 
-class MultiHeadAttention(AttentionModule):
-    """The book's fused multi-head causal attention with an output projection."""
+class MultiHeadAttention(BookAttention):
+    """The book's fused multi-head causal attention with an output projection.
 
-    d_in: int
-    d_out: int
-    context_length: int
-    dropout: float
+    ``MultiHeadAttention(d_in, d_out, context_length, dropout, num_heads, qkv_bias=False)``.
+    """
+
     num_heads: int
     qkv_bias: bool = False
 
@@ -36,9 +35,8 @@ class MultiHeadAttention(AttentionModule):
     def __call__(
         self, x: Float[Array, "batch tokens d_in"], *, deterministic: bool = True
     ) -> Float[Array, "batch tokens d_out"]:
-        owner = type(self).__name__
-        check_divisible(owner, self.d_out, self.num_heads)
-        check_input(owner, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
+        check_divisible(type(self).__name__, self.d_out, self.num_heads)
+        self.check_input(x)
         b, tokens, _ = x.shape
         head_dim = self.d_out // self.num_heads
 

@@ -88,3 +88,24 @@ def test_custom_attention_fn_receives_the_call_and_excludes_attention_impl(witho
     assert seen["extra"] == ["dropout_rate", "dropout_rng"]  # training: Flax's dropout arguments
     with pytest.raises(ValueError, match="attention_impl='xla' chooses among jaxattn.dot_product_attention"):
         module.clone(attention_impl="xla").apply(variables, x)
+
+
+@pytest.mark.parametrize(
+    "cls, positional",
+    [
+        (jaxattn.CausalAttention, ["d_in", "d_out", "context_length", "dropout", "qkv_bias"]),
+        (jaxattn.MultiHeadAttentionWrapper, ["d_in", "d_out", "context_length", "dropout", "num_heads", "qkv_bias"]),
+        (jaxattn.MultiHeadAttention, ["d_in", "d_out", "context_length", "dropout", "num_heads", "qkv_bias"]),
+        (jaxattn.MultiHeadAttentionCombinedQKV, ["d_in", "d_out", "num_heads", "context_length", "dropout", "qkv_bias"]),
+        (jaxattn.TorchMultiheadAttention, ["embed_dim", "num_heads", "dropout", "bias", "causal"]),
+    ],
+)
+def test_shared_base_keeps_the_books_positional_order(cls, positional):
+    """The base's fields are keyword-only: the book's (and torch's) positional signatures are unchanged."""
+    import inspect
+
+    params = inspect.signature(cls).parameters.values()
+    assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD][: len(positional)] == positional
+    keyword_only = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    assert {"attention_impl", "attention_fn", "dtype", "param_dtype"} <= keyword_only
+    assert issubclass(cls, jaxattn.AttentionModule)
