@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
-from jaxattn.ops import accumulation_dtype
+from jaxattn.ops import accumulation_dtype, shifted_exp
 
 
 
@@ -160,7 +160,7 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
         """Online-softmax step: fold one key block's (already scaled/masked) scores ``s`` into the carry."""
         m, l, acc = carry  # (rows, block), (rows, block), (rows, block, dv)
         m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.exp(s - m_new[..., None])  # (rows, block, block)
+        p = shifted_exp(s, m_new[..., None])  # (rows, block, block)
         correction = jnp.exp(m - m_new)
         l_new = l * correction + p.sum(axis=-1)
         acc_new = acc * correction[..., None] + jnp.einsum("nqk,nkd->nqd", p.astype(v.dtype), v).astype(
@@ -172,7 +172,7 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
         # The diagonal block first: every row has key 0 <= its own index, so m is finite from here on.
         s = jnp.where(diagonal, scores(q, k_blocks[i]), -jnp.inf) * scale
         m = s.max(axis=-1)
-        p = jnp.exp(s - m[..., None])
+        p = shifted_exp(s, m[..., None])
         pv = jnp.einsum("nqk,nkd->nqd", p.astype(value.dtype), v_blocks[i]).astype(softmax_dtype)
         carry = (m, p.sum(axis=-1), pv)
 
@@ -215,7 +215,7 @@ def _prefix_rows(query, key, value, num_blocks: int, block: int, scale, softmax_
         if i > 0:
             s_past = scores(q, key[:, : i * block])  # (rows, block, i * block), all visible
             m = jnp.maximum(m, s_past.max(axis=-1, keepdims=True))
-        p_diag = jnp.exp(s_diag - m)
+        p_diag = jnp.exp(s_diag - m)  # no scale after the matmul here (q is pre-scaled): no FMA to guard
         l, acc = p_diag.sum(axis=-1, keepdims=True), weighted(p_diag, value[:, diag])
         if i > 0:
             p_past = jnp.exp(s_past - m)
@@ -360,7 +360,7 @@ def general_blockwise_attention(
                 s = s + b_j.astype(acc_dtype)
             m_new = jnp.maximum(m, lax.stop_gradient(s.max(axis=-1)))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(s - m_safe[..., None])  # (B, K, G, bq, bk)
+            p = shifted_exp(s, m_safe[..., None])  # (B, K, G, bq, bk)
             correction = jnp.exp(m - m_safe)
             l_new = l * correction + p.sum(axis=-1)
             pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(value.dtype), v_j, preferred_element_type=acc_dtype)

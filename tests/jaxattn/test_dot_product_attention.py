@@ -242,3 +242,18 @@ def test_a_registered_implementation_is_chosen_by_name_and_by_auto():
     finally:
         implementations.unregister("mine")
     assert "mine" not in implementations.names()
+
+
+def test_jitted_softmax_of_huge_scores_stays_finite():
+    """XLA may fuse ``scores * scale - max`` into an FMA that is positive for the maximum: exp overflowed to NaN."""
+    scores = jnp.asarray([[1.3677993e10, 4.169772e9, 2.1597299e9, 1.7949116e10]], jnp.float32)
+    out = jax.jit(lambda s: jaxattn.ops.safe_softmax(s * jnp.float32(2**-0.5)))(scores)
+    np.testing.assert_array_equal(out, [[0.0, 0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_huge_finite_inputs_give_finite_outputs(impl):
+    rng = np.random.default_rng(6)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 300, 2, 8)).astype(np.float32) * 1e5) for _ in range(3))
+    fn = jax.jit(lambda q, k, v: jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=impl))
+    assert np.isfinite(np.asarray(fn(q, k, v))).all()
