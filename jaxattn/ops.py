@@ -46,17 +46,18 @@ def masked_softmax(
     return jax.nn.softmax(scores, axis=-1)
 
 
-def shifted_exp(x: Float[Array, "..."], shift: Float[Array, "..."]) -> Float[Array, "..."]:
-    """``exp(x - shift)`` for ``shift >= max(x)``, never above 1.
+def scale_queries(query: Float[Array, "..."], scale) -> Float[Array, "..."]:
+    """``query * scale`` (in float32 or wider, back in ``query``'s dtype): scaling q scales every score.
 
-    The argument is <= 0 by construction, but under ``jit`` XLA may fuse the
-    subtraction with a scaling of ``x`` (``x * scale - max``) into one fused
-    multiply-add whose *unrounded* result is positive for the maximum itself: at
-    scores ~1e10 that is ``exp(512) = inf`` and then ``inf / inf = NaN`` for finite
-    input (seen on XLA:CPU with ``jax.nn.softmax``). Clamping at 0 costs one
-    ``min`` in the same fusion.
+    Why the kernels scale the queries and not the scores: under ``jit``, XLA may fuse
+    ``scores * scale - max`` into one fused multiply-add whose *unrounded* result is
+    positive for the maximum itself; at scores ~1e10 that is ``exp(512) = inf`` and
+    ``inf / inf = NaN`` for finite input (seen on XLA:CPU with ``jax.nn.softmax``).
+    With the scale on ``q``, the scores come straight out of a matmul and nothing
+    multiplies next to the subtraction. It costs ``T x H`` multiplies, not ``T x S``.
     """
-    return jnp.exp(jnp.minimum(x - shift, 0.0))
+    acc = accumulation_dtype(query.dtype)
+    return (query.astype(acc) * jnp.asarray(scale, acc)).astype(query.dtype)
 
 
 def safe_softmax(logits: Float[Array, "*batch q k"]) -> Float[Array, "*batch q k"]:
@@ -74,7 +75,7 @@ def safe_softmax(logits: Float[Array, "*batch q k"]) -> Float[Array, "*batch q k
     """
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    unnormalised = shifted_exp(logits, row_max)
+    unnormalised = jnp.exp(logits - row_max)
     tiny = jnp.asarray(jnp.finfo(logits.dtype).eps ** 2, logits.dtype)
     return unnormalised / (unnormalised.sum(axis=-1, keepdims=True) + tiny)
 

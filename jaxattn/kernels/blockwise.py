@@ -26,7 +26,8 @@ Two schedules share that idea (``method``):
 ``method="auto"`` picks ``"prefix"`` when it fits, else ``"online"``.
 
 The book's semantics are kept: scores ``q @ k.T`` cast to ``softmax_dtype``,
-causal mask, *then* the ``1/sqrt(head_dim)`` scale, softmax, weights ``@ v``.
+causal mask, the ``1/sqrt(head_dim)`` scale, softmax, weights ``@ v``; the scale is
+applied to the queries (:func:`jaxattn.ops.scale_queries` says why).
 Dropout is not implemented per block: with dropout active (training mode with a
 non-zero rate) the modules run the naive kernel, so dropout masks are
 bit-identical whichever implementation is chosen for inference.
@@ -54,7 +55,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
-from jaxattn.ops import accumulation_dtype, shifted_exp
+from jaxattn.ops import accumulation_dtype, scale_queries
 
 
 
@@ -150,7 +151,7 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
     def blocks(x):  # (rows, padded, d) -> (num_blocks, rows, block, d)
         return x.reshape(rows, num_blocks, block, x.shape[-1]).swapaxes(0, 1)
 
-    q_blocks, k_blocks, v_blocks = blocks(query), blocks(key), blocks(value)
+    q_blocks, k_blocks, v_blocks = blocks(scale_queries(query, scale)), blocks(key), blocks(value)
     diagonal = jnp.tril(jnp.ones((block, block), dtype=jnp.bool_))  # within the diagonal block
 
     def scores(q, k):  # (rows, block, d) x (rows, block, d) -> (rows, block, block) in softmax_dtype
@@ -160,7 +161,7 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
         """Online-softmax step: fold one key block's (already scaled/masked) scores ``s`` into the carry."""
         m, l, acc = carry  # (rows, block), (rows, block), (rows, block, dv)
         m_new = jnp.maximum(m, s.max(axis=-1))
-        p = shifted_exp(s, m_new[..., None])  # (rows, block, block)
+        p = jnp.exp(s - m_new[..., None])  # (rows, block, block)
         correction = jnp.exp(m - m_new)
         l_new = l * correction + p.sum(axis=-1)
         acc_new = acc * correction[..., None] + jnp.einsum("nqk,nkd->nqd", p.astype(v.dtype), v).astype(
@@ -170,16 +171,16 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
 
     def query_block(i, q):
         # The diagonal block first: every row has key 0 <= its own index, so m is finite from here on.
-        s = jnp.where(diagonal, scores(q, k_blocks[i]), -jnp.inf) * scale
+        s = jnp.where(diagonal, scores(q, k_blocks[i]), -jnp.inf)
         m = s.max(axis=-1)
-        p = shifted_exp(s, m[..., None])
+        p = jnp.exp(s - m[..., None])
         pv = jnp.einsum("nqk,nkd->nqd", p.astype(value.dtype), v_blocks[i]).astype(softmax_dtype)
         carry = (m, p.sum(axis=-1), pv)
 
         def key_block(carry, kv):
             j, k, v = kv
             # Blocks above the diagonal (j >= i) are skipped, not computed-and-masked.
-            carry = lax.cond(j < i, lambda c: update(c, scores(q, k) * scale, v), lambda c: c, carry)
+            carry = lax.cond(j < i, lambda c: update(c, scores(q, k), v), lambda c: c, carry)
             return carry, None
 
         carry, _ = lax.scan(key_block, carry, (jnp.arange(num_blocks), k_blocks, v_blocks))
@@ -215,7 +216,7 @@ def _prefix_rows(query, key, value, num_blocks: int, block: int, scale, softmax_
         if i > 0:
             s_past = scores(q, key[:, : i * block])  # (rows, block, i * block), all visible
             m = jnp.maximum(m, s_past.max(axis=-1, keepdims=True))
-        p_diag = jnp.exp(s_diag - m)  # no scale after the matmul here (q is pre-scaled): no FMA to guard
+        p_diag = jnp.exp(s_diag - m)
         l, acc = p_diag.sum(axis=-1, keepdims=True), weighted(p_diag, value[:, diag])
         if i > 0:
             p_past = jnp.exp(s_past - m)
@@ -324,13 +325,13 @@ def general_blockwise_attention(
     padded_q, padded_kv = _round_up(q_tokens, bq), _round_up(kv_tokens, bk)
     num_q, num_kv = padded_q // bq, padded_kv // bk
 
-    q = query.reshape(batch, q_tokens, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
+    q = scale_queries(query, scale).reshape(batch, q_tokens, kv_heads, group, head_dim)
+    q = q.transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, padded_q - q_tokens), (0, 0)))
     k = jnp.pad(jnp.swapaxes(key, 1, 2), ((0, 0), (0, 0), (0, padded_kv - kv_tokens), (0, 0)))  # (B, K, S', H)
     v = jnp.pad(jnp.swapaxes(value, 1, 2), ((0, 0), (0, 0), (0, padded_kv - kv_tokens), (0, 0)))  # (B, K, S', Hv)
     mask5 = None if mask is None else _grouped_blocks(mask, kv_heads, group, padded_q, padded_kv, False)
     bias5 = None if bias is None else _grouped_blocks(bias, kv_heads, group, padded_q, padded_kv, 0)
-    scale = jnp.asarray(scale, acc_dtype)
     offset = jnp.asarray(q_offset)
 
     def query_block_out(i):
@@ -354,13 +355,13 @@ def general_blockwise_attention(
                 visible = visible & (k_pos[None, :] <= q_pos[:, None])  # (bq, bk)
             m_j = _block(mask_i, 4, j * bk, bk)
             visible = visible if m_j is None else visible & m_j
-            s = jnp.where(visible, s, -jnp.inf) * scale
+            s = jnp.where(visible, s, -jnp.inf)
             b_j = _block(bias_i, 4, j * bk, bk)
             if b_j is not None:
                 s = s + b_j.astype(acc_dtype)
             m_new = jnp.maximum(m, lax.stop_gradient(s.max(axis=-1)))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = shifted_exp(s, m_safe[..., None])  # (B, K, G, bq, bk)
+            p = jnp.exp(s - m_safe[..., None])  # (B, K, G, bq, bk)
             correction = jnp.exp(m - m_safe)
             l_new = l * correction + p.sum(axis=-1)
             pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(value.dtype), v_j, preferred_element_type=acc_dtype)

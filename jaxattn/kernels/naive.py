@@ -1,7 +1,8 @@
 """The naive kernel: the book's attention with the full ``(T, S)`` weights materialised.
 
-Scores ``q @ k.T`` in float32 (or wider), the mask (causal, ``q_offset``, the
-user's) filled with ``-inf``, *then* the scale, the bias, a softmax that gives a
+Scores ``(q * scale) @ k.T`` in float32 (or wider; the scale goes on the queries,
+see :func:`jaxattn.ops.scale_queries`), the mask (causal, ``q_offset``, the
+user's) filled with ``-inf``, the bias, a softmax that gives a
 row with no visible key zeros (:func:`jaxattn.ops.safe_softmax`), dropout on the
 weights (the book's place for it), weights ``@ v``. The only kernel that returns
 the weights and the only one that applies dropout.
@@ -22,7 +23,7 @@ from typing import Optional
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from jaxattn.ops import accumulation_dtype, dropout, safe_softmax
+from jaxattn.ops import accumulation_dtype, dropout, safe_softmax, scale_queries
 
 
 def naive_attention(
@@ -45,14 +46,13 @@ def naive_attention(
     acc = accumulation_dtype(query.dtype)
     rows = batch * kv_heads
     stacked = query.reshape(batch, q_tokens, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
-    stacked = stacked.reshape(rows, group * q_tokens, head_dim)  # (B*K, G*T, H)
+    stacked = scale_queries(stacked.reshape(rows, group * q_tokens, head_dim), scale)  # (B*K, G*T, H)
     keys = jnp.swapaxes(key, 1, 2).reshape(rows, kv_tokens, head_dim)  # (B*K, S, H)
     values = jnp.swapaxes(value, 1, 2).reshape(rows, kv_tokens, value.shape[-1])  # (B*K, S, Hv)
     scores = jnp.einsum("rmh,rsh->rms", stacked, keys, preferred_element_type=acc).astype(acc)  # (B*K, G*T, S)
     visible = _visible(mask, is_causal, q_offset, batch, q_tokens, kv_tokens, kv_heads, group)
     if visible is not None:
         scores = jnp.where(visible, scores, -jnp.inf)
-    scores = scores * jnp.asarray(scale, acc)
     if bias is not None:
         scores = scores + _stack_heads(bias, batch, kv_heads, group, q_tokens).astype(acc)
     weights = safe_softmax(scores)  # (B*K, G*T, S)

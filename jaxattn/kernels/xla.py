@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from jaxattn.masks import make_offset_causal_mask
+from jaxattn.ops import scale_queries
 
 
 def xla_attention(
@@ -46,9 +47,9 @@ def xla_attention(
         bias = jnp.where(finite, bias, 0).astype(bias.dtype)
     out = _batch_into_heads(
         lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, bias, mask, scale=scale, is_causal=top_left_causal, implementation="xla"
+            q, k, v, bias, mask, scale=1.0, is_causal=top_left_causal, implementation="xla"
         ),
-        query, key, value, foldable=all(x is None or x.shape[:2] == (1, 1) for x in (bias, mask)),
+        scale_queries(query, scale), key, value, foldable=all(x is None or x.shape[:2] == (1, 1) for x in (bias, mask)),
     )
     if mask is None:
         return out, None  # with no mask (causal from the top left included) every row sees key 0

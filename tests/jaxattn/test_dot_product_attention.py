@@ -244,16 +244,12 @@ def test_a_registered_implementation_is_chosen_by_name_and_by_auto():
     assert "mine" not in implementations.names()
 
 
-def test_jitted_softmax_of_huge_scores_stays_finite():
-    """XLA may fuse ``scores * scale - max`` into an FMA that is positive for the maximum: exp overflowed to NaN."""
-    scores = jnp.asarray([[1.3677993e10, 4.169772e9, 2.1597299e9, 1.7949116e10]], jnp.float32)
-    out = jax.jit(lambda s: jaxattn.ops.safe_softmax(s * jnp.float32(2**-0.5)))(scores)
-    np.testing.assert_array_equal(out, [[0.0, 0.0, 0.0, 1.0]])
-
-
 @pytest.mark.parametrize("impl", IMPLS)
-def test_huge_finite_inputs_give_finite_outputs(impl):
+@pytest.mark.parametrize("shape", [(1, 6, 1, 2), (2, 40, 2, 8), (2, 300, 2, 8)])
+def test_huge_finite_inputs_give_finite_outputs(impl, shape):
+    """At inputs x1e5 the scores reach ~1e10; ``logits * scale - max`` fused into one FMA under jit made
+    ``exp(512) = inf`` and NaN ((1, 6, 1, 2) did so through jax.nn before the kernels scaled the queries)."""
     rng = np.random.default_rng(6)
-    q, k, v = (jnp.asarray(rng.normal(size=(2, 300, 2, 8)).astype(np.float32) * 1e5) for _ in range(3))
+    q, k, v = (jnp.asarray(rng.normal(size=shape).astype(np.float32) * 1e5) for _ in range(3))
     fn = jax.jit(lambda q, k, v: jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=impl))
     assert np.isfinite(np.asarray(fn(q, k, v))).all()
