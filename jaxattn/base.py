@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
 from jaxattn.attention import attention_with_weights, dot_product_attention
 from jaxattn.checks import check_input
+from jaxattn.masks import make_offset_causal_mask
 
 
 class AttentionModule(nn.Module):
@@ -49,6 +54,10 @@ class AttentionModule(nn.Module):
     attention_fn: Callable[..., Any] = dot_product_attention
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    #: Flax's KV-cache convention (``nn.MultiHeadDotProductAttention(decode=True)``): ``init`` on an input
+    #: of the maximum length makes the ``'cache'`` collection; each ``apply(..., mutable=["cache"])``
+    #: appends a chunk (a prompt, then one token at a time) and attends to everything cached so far.
+    decode: bool = False
 
     def dense(self, features: int, use_bias: bool, name: str) -> nn.Dense:
         """An ``nn.Linear``-like projection named as the torch submodule (kernel = torch ``weight.T``)."""
@@ -63,15 +72,26 @@ class AttentionModule(nn.Module):
         is_causal: bool,
         rate: float,
         deterministic: bool,
+        attention_mask: Optional[ArrayLike] = None,
     ) -> Float[Array, "batch q_tokens heads v_dim"]:
-        """Context vectors through ``attention_fn``; sows ``attn_weights`` (if any) and ``context_vec``."""
+        """Context vectors through ``attention_fn``; sows ``attn_weights`` (if any) and ``context_vec``.
+
+        ``attention_mask``: ``(batch, tokens)``, 1/True = a real token, 0 = padding; padded keys are
+        invisible to every query, and a query that sees no real key gets zeros. With ``decode`` the keys,
+        values and this mask are appended to the cache and the queries sit at ``q_offset = cache_index``.
+        """
+        key_mask = None if attention_mask is None else self.key_mask(attention_mask, keys.shape[:2])
+        q_offset = 0
+        if self.decode:
+            keys, values, key_mask, q_offset = self.update_cache(keys, values, key_mask)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (b, 1, 1, S)
         dropout_active = not deterministic and rate > 0.0
         rng = self.make_rng("dropout") if dropout_active else None
         if self.attention_fn is dot_product_attention:
             implementation = "naive" if dropout_active else (None if self.attention_impl == "auto" else self.attention_impl)
             context_vec, attn_weights = attention_with_weights(
-                queries, keys, values, is_causal=is_causal, implementation=implementation,
-                dropout_rate=rate if dropout_active else 0.0, dropout_rng=rng,
+                queries, keys, values, mask=mask, is_causal=is_causal, q_offset=q_offset,
+                implementation=implementation, dropout_rate=rate if dropout_active else 0.0, dropout_rng=rng,
             )  # (b, T, H, hd), (b, H, T, S) or None
             if attn_weights is not None:
                 self.sow("intermediates", "attn_weights", self.sown_weights(attn_weights))
@@ -81,10 +101,54 @@ class AttentionModule(nn.Module):
                     f"{type(self).__name__}: attention_impl={self.attention_impl!r} chooses among "
                     "jaxattn.dot_product_attention's implementations; with a custom attention_fn, choose inside it"
                 )
+            if is_causal and self.decode:  # jax.nn's signature has no q_offset: the causal mask says it
+                causal = make_offset_causal_mask(queries.shape[1], keys.shape[1], q_offset)[None, None]
+                mask, is_causal = (causal if mask is None else mask & causal), False
             extra = {"dropout_rate": rate, "dropout_rng": rng} if dropout_active else {}
-            context_vec = self.attention_fn(queries, keys, values, bias=None, mask=None, is_causal=is_causal, **extra)
+            context_vec = self.attention_fn(queries, keys, values, bias=None, mask=mask, is_causal=is_causal, **extra)
         self.sow("intermediates", "context_vec", self.sown_context(context_vec))
         return context_vec
+
+    def key_mask(self, attention_mask: ArrayLike, expected: tuple[int, int]) -> Array:
+        """``attention_mask`` checked against ``(batch, tokens)`` and made boolean."""
+        attention_mask = jnp.asarray(attention_mask)
+        if attention_mask.shape != tuple(expected):
+            raise ValueError(
+                f"{type(self).__name__}: attention_mask must be (batch, tokens) = {tuple(expected)}, "
+                f"got shape {attention_mask.shape}"
+            )
+        return attention_mask.astype(jnp.bool_) if attention_mask.dtype != jnp.bool_ else attention_mask
+
+    def update_cache(self, keys, values, key_mask):
+        """Append this chunk's keys, values and key mask to the ``'cache'`` collection.
+
+        Returns ``(all cached keys, values, key mask, index of the chunk's first token)``. During
+        ``init`` the cache is created at the input's length and the chunk attends to itself only.
+        """
+        initialised = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, keys.shape, keys.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, values.shape, values.dtype)
+        cached_mask = self.variable("cache", "cached_mask", jnp.ones, keys.shape[:2], jnp.bool_)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+        if not initialised:
+            return keys, values, key_mask, 0
+        batch, max_tokens, kv_heads, head_dim = cached_key.value.shape
+        chunk = keys.shape[1]
+        if keys.shape[0] != batch or keys.shape[2:] != (kv_heads, head_dim) or chunk > max_tokens:
+            raise ValueError(
+                f"{type(self).__name__}: a chunk of keys {keys.shape} does not fit the cache "
+                f"{cached_key.value.shape} (batch, max_tokens, kv_heads, head_dim)"
+            )
+        index = cache_index.value + _check_room(cache_index.value, chunk, max_tokens, type(self).__name__)
+        if key_mask is None:
+            key_mask = jnp.ones((batch, chunk), jnp.bool_)
+        cached_key.value = lax.dynamic_update_slice(cached_key.value, keys.astype(cached_key.value.dtype), (0, index, 0, 0))
+        cached_value.value = lax.dynamic_update_slice(
+            cached_value.value, values.astype(cached_value.value.dtype), (0, index, 0, 0)
+        )
+        cached_mask.value = lax.dynamic_update_slice(cached_mask.value, key_mask, (0, index))
+        cache_index.value = index + chunk
+        return cached_key.value, cached_value.value, cached_mask.value, index
 
     def sown_weights(self, attn_weights: Float[Array, "b heads q k"]) -> Array:
         """``attn_weights`` as sown: ``(b, heads, T, S)``, the book's layout."""
@@ -106,3 +170,21 @@ class BookAttention(AttentionModule):
     def check_input(self, x: Array) -> None:
         """``x`` must be ``(batch, tokens, d_in)`` with ``tokens <= context_length`` (the book's mask size)."""
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
+
+
+def _check_room(index, chunk: int, max_tokens: int, owner: str):
+    """0, after checking on the host that ``chunk`` more tokens fit; a full cache raises ``ValueError``.
+
+    The index is traced under ``jit``, so the check runs as a callback whose (zero) result is added
+    to the index: it cannot be dropped, and a full cache stops the step instead of overwriting it.
+    """
+
+    def host(i):
+        if int(i) + chunk > max_tokens:
+            raise ValueError(
+                f"{owner}: KV cache full: {int(i)} tokens cached + {chunk} new > max_tokens={max_tokens} "
+                "(init the cache on a longer input)"
+            )
+        return np.zeros((), np.int32)
+
+    return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.int32), index)

@@ -25,7 +25,7 @@ class CausalAttention(BookAttention):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "batch tokens d_in"], *, deterministic: bool = True
+        self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens d_out"]:
         self.check_input(x)
         b, tokens, _ = x.shape
@@ -34,7 +34,8 @@ class CausalAttention(BookAttention):
         keys = self.dense(self.d_out, self.qkv_bias, "W_key")(x).reshape(b, tokens, 1, self.d_out)
         values = self.dense(self.d_out, self.qkv_bias, "W_value")(x).reshape(b, tokens, 1, self.d_out)
         context_vec = self.attend(
-            queries, keys, values, is_causal=True, rate=self.dropout, deterministic=deterministic
+            queries, keys, values, is_causal=True, rate=self.dropout, deterministic=deterministic,
+            attention_mask=attention_mask,
         )  # (b, T, 1, d_out)
         return context_vec.reshape(b, tokens, self.d_out)
 
@@ -65,12 +66,14 @@ class MultiHeadAttentionWrapper(BookAttention):
             CausalAttention(
                 self.d_in, self.d_out, self.context_length, self.dropout, self.qkv_bias,
                 attention_impl=self.attention_impl, attention_fn=self.attention_fn,
-                dtype=self.dtype, param_dtype=self.param_dtype,
+                dtype=self.dtype, param_dtype=self.param_dtype, decode=self.decode,
             )
             for _ in range(self.num_heads)
         ]
 
     def __call__(
-        self, x: Float[Array, "batch tokens d_in"], *, deterministic: bool = True
+        self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens num_heads_times_d_out"]:
-        return jnp.concatenate([head(x, deterministic=deterministic) for head in self.heads], axis=-1)
+        return jnp.concatenate(
+            [head(x, attention_mask=attention_mask, deterministic=deterministic) for head in self.heads], axis=-1
+        )

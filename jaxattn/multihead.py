@@ -33,7 +33,7 @@ class MultiHeadAttention(BookAttention):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "batch tokens d_in"], *, deterministic: bool = True
+        self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens d_out"]:
         check_divisible(type(self).__name__, self.d_out, self.num_heads)
         self.check_input(x)
@@ -45,7 +45,7 @@ class MultiHeadAttention(BookAttention):
 
         context_vec = self.attend(
             heads("W_query"), heads("W_key"), heads("W_value"),
-            is_causal=True, rate=self.dropout, deterministic=deterministic,
+            is_causal=True, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask,
         )  # (b, T, H, hd)
         return self.dense(self.d_out, True, "out_proj")(context_vec.reshape(b, tokens, self.d_out))  # (b, T, d_out)
 
@@ -65,7 +65,7 @@ class MultiHeadAttentionCombinedQKV(AttentionModule):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "batch tokens d_in"], *, deterministic: bool = True
+        self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens d_out"]:
         owner = type(self).__name__
         check_divisible(owner, self.d_out, self.num_heads)
@@ -76,7 +76,7 @@ class MultiHeadAttentionCombinedQKV(AttentionModule):
         qkv = qkv.reshape(b, tokens, 3, self.num_heads, head_dim)  # (b, T, 3, H, hd)
         context_vec = self.attend(
             qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-            is_causal=True, rate=self.dropout, deterministic=deterministic,
+            is_causal=True, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask,
         )  # (b, T, H, hd)
         return self.dense(self.d_out, True, "proj")(context_vec.reshape(b, tokens, self.d_out))  # (b, T, d_out)
 
@@ -97,7 +97,7 @@ class TorchMultiheadAttention(AttentionModule):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "batch tokens embed_dim"], *, deterministic: bool = True
+        self, x: Float[Array, "batch tokens embed_dim"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens embed_dim"]:
         owner = type(self).__name__
         check_divisible(owner, self.embed_dim, self.num_heads, "embed_dim")
@@ -106,5 +106,7 @@ class TorchMultiheadAttention(AttentionModule):
         head_dim = self.embed_dim // self.num_heads
         qkv = self.dense(3 * self.embed_dim, self.bias, "in_proj")(x)  # (b, T, 3 * E)
         q, k, v = (t.reshape(b, tokens, self.num_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))  # (b, T, H, hd)
-        context_vec = self.attend(q, k, v, is_causal=self.causal, rate=self.dropout, deterministic=deterministic)
+        context_vec = self.attend(
+            q, k, v, is_causal=self.causal, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask
+        )
         return self.dense(self.embed_dim, self.bias, "out_proj")(context_vec.reshape(b, tokens, self.embed_dim))

@@ -1,0 +1,117 @@
+"""KV-cache decoding equals the full forward; padded batches equal their sequences run one by one."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxattn
+
+TOL = 1e-5
+IMPLS = ("naive", "blockwise", "xla")
+HIGHEST = functools.partial(jax.default_matmul_precision, "highest")
+
+MODULES = {
+    "MultiHeadAttention": lambda **kw: jaxattn.MultiHeadAttention(8, 8, 32, 0.0, 2, True, **kw),
+    "MultiHeadAttentionCombinedQKV": lambda **kw: jaxattn.MultiHeadAttentionCombinedQKV(8, 8, 4, 32, **kw),
+    "CausalAttention": lambda **kw: jaxattn.CausalAttention(8, 6, 32, 0.0, **kw),
+    "MultiHeadAttentionWrapper": lambda **kw: jaxattn.MultiHeadAttentionWrapper(8, 3, 32, 0.0, 2, **kw),
+    "TorchMultiheadAttention": lambda **kw: jaxattn.TorchMultiheadAttention(8, 2, causal=True, **kw),
+}
+
+
+def inputs(batch=2, tokens=20, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, tokens, 8)).astype(np.float32))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(MODULES))
+def test_decoding_equals_the_full_forward(name, impl):
+    x = inputs()
+    full_module = MODULES[name](attention_impl=impl)
+    params = full_module.init(jax.random.key(0), x)["params"]
+    decoder = MODULES[name](attention_impl=impl, decode=True)
+    cache = decoder.init(jax.random.key(0), x)["cache"]  # sized by the input: 20 tokens
+
+    @jax.jit
+    def step(cache, chunk):
+        out, state = decoder.apply({"params": params, "cache": cache}, chunk, mutable=["cache"])
+        return out, state["cache"]
+
+    with HIGHEST():
+        expected = full_module.apply({"params": params}, x)
+        outs = []
+        out, cache = step(cache, x[:, :5])  # a 5-token prompt, then one token at a time
+        outs.append(out)
+        for t in range(5, 20):
+            out, cache = step(cache, x[:, t : t + 1])
+            outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), expected, atol=TOL, rtol=0)
+    assert step._cache_size() == 2  # the prompt and the step: no recompilation per token
+
+
+def test_a_full_cache_is_a_clear_error():
+    x = inputs(tokens=4)
+    decoder = MODULES["MultiHeadAttention"](decode=True)
+    variables = decoder.init(jax.random.key(0), x)
+    _, state = decoder.apply(variables, x[:, :3], mutable=["cache"])
+    variables = {**variables, **state}
+    _, state = decoder.apply(variables, x[:, :1], mutable=["cache"])
+    with pytest.raises(Exception, match=r"KV cache full: 4 tokens cached \+ 1 new > max_tokens=4"):
+        jax.block_until_ready(decoder.apply({**variables, **state}, x[:, :1], mutable=["cache"]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_sequence_alone(side, impl):
+    lengths = (11, 7, 1)
+    module = MODULES["MultiHeadAttention"](attention_impl=impl)
+    sequences = [inputs(batch=1, tokens=n, seed=i) for i, n in enumerate(lengths)]
+    params = module.init(jax.random.key(0), sequences[0])["params"]
+    width = max(lengths)
+    pad = lambda s: [(0, 0), (width - s.shape[1], 0) if side == "left" else (0, width - s.shape[1]), (0, 0)]  # noqa: E731
+    x = jnp.concatenate([jnp.pad(s, pad(s)) for s in sequences])
+    real = np.zeros((len(lengths), width), bool)
+    for i, n in enumerate(lengths):
+        real[i, (width - n if side == "left" else 0) : (width if side == "left" else n)] = True
+    with HIGHEST():
+        out = np.asarray(module.apply({"params": params}, x, attention_mask=jnp.asarray(real)))
+        for i, s in enumerate(sequences):
+            alone = np.asarray(module.apply({"params": params}, s))[0]
+            np.testing.assert_allclose(out[i][real[i]], alone, atol=TOL, rtol=0, err_msg=f"sequence {i}")
+    assert np.isfinite(out).all()
+    if side == "left":  # queries before the first real token see no key: their context is 0, then out_proj's bias
+        bias = np.asarray(params["out_proj"]["bias"])
+        np.testing.assert_allclose(out[2][~real[2]], np.broadcast_to(bias, out[2][~real[2]].shape), atol=1e-6)
+
+
+def test_decoding_with_padding_and_an_injected_attention_fn():
+    """A left-padded prompt, then tokens, through jax.nn.dot_product_attention: equals the padded full forward."""
+    x = inputs(tokens=12)
+    real = np.ones((2, 12), bool)
+    real[1, :4] = False
+    full_module = MODULES["MultiHeadAttention"](attention_fn=jax.nn.dot_product_attention)
+    params = full_module.init(jax.random.key(0), x)["params"]
+    decoder = MODULES["MultiHeadAttention"](attention_fn=jax.nn.dot_product_attention, decode=True)
+    cache = decoder.init(jax.random.key(0), x)["cache"]
+    with HIGHEST():
+        expected = np.asarray(full_module.apply({"params": params}, x, attention_mask=real))
+        outs = []
+        for start, stop in [(0, 6)] + [(t, t + 1) for t in range(6, 12)]:
+            out, state = decoder.apply(
+                {"params": params, "cache": cache}, x[:, start:stop], attention_mask=real[:, start:stop], mutable=["cache"]
+            )
+            cache = state["cache"]
+            outs.append(out)
+    got = np.asarray(jnp.concatenate(outs, axis=1))
+    np.testing.assert_allclose(got[real], expected[real], atol=TOL, rtol=0)
+
+
+def test_bad_attention_mask_is_named(without_typecheck):
+    module = MODULES["MultiHeadAttention"]()
+    x = inputs()
+    variables = module.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"attention_mask must be \(batch, tokens\) = \(2, 20\), got shape \(2, 19\)"):
+        module.apply(variables, x, attention_mask=jnp.ones((2, 19)))
