@@ -122,7 +122,7 @@ def blockwise_causal_attention(
     # As many blocks as block_size asks for, but evened out (rounded up to a multiple of 8) so
     # the zero-padded tail stays small: 768 tokens -> 2 blocks of 384, not 2 of 512.
     num_blocks = math.ceil(tokens / block_size)
-    block = min(block_size, -(-math.ceil(tokens / num_blocks) // 8) * 8)
+    block = min(block_size, _round_up(math.ceil(tokens / num_blocks), 8))
     num_blocks = math.ceil(tokens / block)
     padded = num_blocks * block
     n = math.prod(batch)
