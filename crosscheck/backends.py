@@ -29,17 +29,44 @@ TTNN_RUNTIMES = ("auto", "device", "host")
 
 
 def torch_outputs(case: Case) -> tuple[np.ndarray, np.ndarray]:
-    """``(float32 output, float64 output)`` of the torch reference on ``case``."""
+    """``(float32 output, float64 output)`` of the torch reference on ``case`` (with its ``attention_mask``)."""
     import copy
 
     import torch
 
     with torch.no_grad():
         x = torch.from_numpy(np.array(case.x, dtype=np.float32))
-        out32 = case.variant.torch_forward(case.torch_module, x, case.config).numpy()
+        mask = None if case.attention_mask is None else torch.from_numpy(np.asarray(case.attention_mask, dtype=bool))
+        out32 = case.variant.torch_forward(case.torch_module, x, case.config, mask).numpy()
         m64 = copy.deepcopy(case.torch_module).double()
-        out64 = case.variant.torch_forward(m64, x.double(), case.config).numpy()
+        out64 = case.variant.torch_forward(m64, x.double(), case.config, mask).numpy()
     return out32, out64
+
+
+def torch_decode_output(case: Case, prompt_len: int) -> np.ndarray:
+    """The torch reference with a KV cache (the book's ``kv_cache`` API) on ``case``, float32.
+
+    ``x[:, :prompt_len]`` first, then one token at a time, each call given the cache the
+    previous one returned and ``start_pos``; returns the chunks' outputs concatenated along
+    the tokens. ``attention_mask``, as in Hugging Face, covers every token so far.
+    """
+    import torch
+
+    module = case.variant.torch_cached_module(case.config)
+    module.load_state_dict(case.torch_module.state_dict(), strict=True)
+    module.eval()
+    x = torch.from_numpy(np.array(case.x, dtype=np.float32))
+    mask = None if case.attention_mask is None else torch.from_numpy(np.asarray(case.attention_mask, dtype=bool))
+    bounds = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, x.shape[1])]
+    outs, cache = [], None
+    with torch.no_grad():
+        for start, stop in bounds:
+            out, cache = module(
+                x[:, start:stop], use_cache=True, start_pos=start, cache=cache,
+                attention_mask=None if mask is None else mask[:, :stop],
+            )
+            outs.append(out)
+    return torch.cat(outs, dim=1).numpy()
 
 
 def flax_output(case: Case, dtype: str = "float32", attention_impl: Optional[str] = None) -> np.ndarray:
@@ -48,7 +75,18 @@ def flax_output(case: Case, dtype: str = "float32", attention_impl: Optional[str
     ``attention_impl``: the attention core for variants that take one (``None``: the module's default).
     """
     return flax_runner.run_flax(
-        case.variant, case.config, case.state_dict, case.x, dtype=dtype, attention_impl=attention_impl
+        case.variant, case.config, case.state_dict, case.x, dtype=dtype, attention_impl=attention_impl,
+        attention_mask=case.attention_mask,
+    )
+
+
+def flax_decode_output(
+    case: Case, prompt_len: int, dtype: str = "float32", attention_impl: Optional[str] = None
+) -> tuple[np.ndarray, int]:
+    """``(outputs, compilations)`` of the jaxattn module decoding ``case`` (:func:`flax_runner.run_flax_decode`)."""
+    return flax_runner.run_flax_decode(
+        case.variant, case.config, case.state_dict, case.x, prompt_len, dtype=dtype, attention_impl=attention_impl,
+        attention_mask=case.attention_mask,
     )
 
 
@@ -63,15 +101,26 @@ def _ttnn_runtime_module():
     return rt
 
 
-def ttnn_outputs_in_process(cases: Sequence[Case], runtime: str, progress: Callable[[str], None]):
-    """``({variant: output}, runtime info, versions, seconds per variant)`` in this interpreter."""
+def ttnn_outputs_in_process(
+    cases: Sequence[Case], runtime: str, progress: Callable[[str], None], *, prompt_len: Optional[int] = None
+):
+    """``({variant: output}, runtime info, versions, seconds per variant)`` in this interpreter.
+
+    Each case's ``attention_mask`` goes to the program; ``prompt_len`` decodes through the
+    ttnn KV cache instead of the full forward (:func:`crosscheck.tt.runtime.run_variant_decode`).
+    """
     rt = _ttnn_runtime_module()
     outputs, seconds = {}, {}
     with rt.open_runtime(runtime) as opened:
         info = {"name": opened.name, "description": opened.description, "python": None}
         for case in cases:
             t0 = time.perf_counter()
-            outputs[case.variant.name] = np.asarray(rt.run_variant(opened, case.variant, case.config, case.state_dict, case.x))
+            mask = getattr(case, "attention_mask", None)
+            if prompt_len is None:
+                out = rt.run_variant(opened, case.variant, case.config, case.state_dict, case.x, mask)
+            else:
+                out = rt.run_variant_decode(opened, case.variant, case.config, case.state_dict, case.x, prompt_len, mask)
+            outputs[case.variant.name] = np.asarray(out)
             seconds[case.variant.name] = time.perf_counter() - t0
             progress(f"ttnn {case.variant.name}")
     return outputs, info, dict(rt.ttnn_versions()), seconds
@@ -90,17 +139,29 @@ def check_ttnn_available(runtime: str, python: Optional[str]) -> None:
             raise BadInputError(f"ttnn runtime 'device' is not available: {reason}")
 
 
-def ttnn_outputs_elsewhere(cases: Sequence[Case], runtime: str, python: str):
-    """The same, through a bundle run by ``python`` (B's worker), e.g. the 3.12 venv with real ttnn."""
-    from crosscheck.bundle import write_bundle
+def ttnn_outputs_elsewhere(cases: Sequence[Case], runtime: str, python: str, *, prompt_len: Optional[int] = None):
+    """The same, through a bundle run by ``python`` (B's worker), e.g. the 3.12 venv with real ttnn.
+
+    The bundle carries each case's ``attention_mask`` and ``prompt_len`` (meta ``decode_prompt_len``).
+    """
+    from crosscheck.bundle import DECODE_PROMPT_LEN, write_bundle
     from crosscheck.tt.worker import run_in_interpreter
 
+    records = bundle_cases(cases)
+    for record, case in zip(records, cases, strict=True):
+        if getattr(record, "attention_mask", None) is None:
+            record.attention_mask = getattr(case, "attention_mask", None)
     with tempfile.TemporaryDirectory(prefix="crosscheck-") as tmp:
         bundle, out = os.path.join(tmp, "bundle.safetensors"), os.path.join(tmp, "outputs.safetensors")
-        write_bundle(bundle, bundle_cases(cases), meta={"purpose": "ttnn backend"})
+        write_bundle(bundle, records, meta={"purpose": "ttnn backend"}, decode_prompt_len=prompt_len)
         t0 = time.perf_counter()
         outputs, meta = run_in_interpreter(python, bundle, out, backend="ttnn", runtime=runtime)
         elapsed = time.perf_counter() - t0
+    if meta.get(DECODE_PROMPT_LEN) != prompt_len:
+        raise BadInputError(
+            f"the ttnn worker ({python}) ran with decode_prompt_len={meta.get(DECODE_PROMPT_LEN)!r}, "
+            f"asked {prompt_len!r}: is it an older crosscheck?"
+        )
     info = {"name": meta.get("runtime"), "description": meta.get("runtime_description"), "python": meta.get("python", python)}
     return outputs, info, dict(meta.get("versions", {})), {c.variant.name: elapsed / len(cases) for c in cases}
 

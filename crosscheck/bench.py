@@ -36,6 +36,9 @@ Recompilations (``--recompile-sweep``): a jitted ``MultiHeadAttention`` applied 
 a sweep of token counts with no bucketing, power-of-two buckets and multiples
 of 128 (:mod:`jaxattn.bucketing`); a Python counter inside the traced function
 counts traces (= compilations), checked against ``jax.jit``'s cache size.
+
+Decoding (``--decode``, with ``--prompt-len`` and ``--steps``): per-token latency of
+KV-cache decoding, Flax against the book's cached torch class (:mod:`crosscheck.bench_decode`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from crosscheck import bench_decode
 from crosscheck.errors import BadInputError
 
 JAX_IMPLS = ("jax-naive", "jax-blockwise", "jax-xla", "jax-auto", "jax-fused-blockwise")
@@ -99,6 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
     parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG of latency vs tokens here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one impl, RSS mode
+    bench_decode.add_arguments(parser)
 
 
 def _validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
@@ -503,6 +508,10 @@ def main(args: argparse.Namespace) -> int:
     """Run the benchmark; returns the exit status (bad options raise :class:`BadInputError`)."""
     if getattr(args, "child", None):
         return run_child(args)
+    if getattr(args, "decode", False):
+        result = bench_decode.run(args)
+        _write_json(result, args.json_path)
+        return 0
     tokens_list, impls = _validate(args)
     import jax
     import torch
@@ -557,14 +566,18 @@ def main(args: argparse.Namespace) -> int:
         for policy, r in rec["policies"].items():
             print(f"{policy:<10} compilations={r['compilations']:>3}  jit cache={r['jit_cache_size']}  "
                   f"sweep wall time={r['total_s']:.1f}s")
-    if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"wrote {args.json_path}")
+    _write_json(result, args.json_path)
     if args.plot_path:
         write_plot(rows, args.plot_path)
         print(f"wrote {args.plot_path}")
     return 0
+
+
+def _write_json(result: dict, path: Optional[str]) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {path}")
 
 
 def _cli(argv: Optional[list[str]] = None) -> int:

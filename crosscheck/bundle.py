@@ -7,10 +7,16 @@ other interpreter and write an outputs file back.
 
 Layout of a bundle file:
 
-* tensors ``"<variant>/weights/<torch key>"`` (the torch state dict, torch layouts)
-  and ``"<variant>/inputs"`` (``(tokens, d_in)`` or ``(batch, tokens, d_in)``);
+* tensors ``"<variant>/weights/<torch key>"`` (the torch state dict, torch layouts),
+  ``"<variant>/inputs"`` (``(tokens, d_in)`` or ``(batch, tokens, d_in)``) and, when the
+  inputs are padded, ``"<variant>/attention_mask"`` (uint8 ``inputs.shape[:-1]``, 1 = real
+  token, 0 = padding);
 * metadata ``"crosscheck"`` = JSON ``{"format": "crosscheck-bundle", "version": 1,
-  "cases": [{"variant": ..., "config": {...}}, ...], "meta": {...}}``.
+  "cases": [{"variant": ..., "config": {...}}, ...], "meta": {...}}``; ``meta`` may carry
+  ``"decode_prompt_len"`` (an int >= 1): the worker then decodes through the KV cache,
+  prefilling that many tokens, instead of running the full forward.
+
+Both additions are optional: bundles written before them read unchanged.
 
 An outputs file holds tensors ``"<variant>"`` (the context vectors) and metadata
 ``"crosscheck"`` = JSON ``{"format": "crosscheck-outputs", "version": 1, "meta": {...}}``
@@ -47,6 +53,11 @@ class BundleCase:
     config: AttnConfig
     state_dict: dict[str, np.ndarray]
     inputs: np.ndarray
+    #: ``inputs.shape[:-1]``, 1 = real token, 0 = padding; ``None``: no padding.
+    attention_mask: Optional[np.ndarray] = None
+
+#: ``meta`` key of a bundle to be decoded through the KV cache: the prompt length (int >= 1).
+DECODE_PROMPT_LEN = "decode_prompt_len"
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -61,6 +72,26 @@ def _as_array(value: Any, what: str) -> np.ndarray:
     if array.dtype == object:
         raise BadInputError(f"{what}: not a numeric array")
     return array
+
+
+def _mask_array(mask: Any, inputs_shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A 0/1 ``uint8`` attention mask of ``inputs_shape[:-1]``, or :class:`BadInputError` naming ``where``."""
+    array = _as_array(mask, where)
+    if array.shape != tuple(inputs_shape[:-1]):
+        raise BadInputError(f"{where}: must have the inputs' shape without d_in, {tuple(inputs_shape[:-1])}; "
+                            f"found shape {array.shape}")
+    if not np.isin(array, (0, 1)).all():
+        raise BadInputError(f"{where}: must hold only 0 (padding) and 1 (real token)")
+    return array.astype(np.uint8)
+
+
+def check_decode_prompt_len(value: Any, where: str) -> Optional[int]:
+    """``meta["decode_prompt_len"]`` validated: ``None`` (full forward) or an int >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise BadInputError(f"{where}: {DECODE_PROMPT_LEN} must be an int >= 1, found {value!r}")
+    return int(value)
 
 
 def _config_from_json(raw: Any, where: str) -> AttnConfig:
@@ -133,8 +164,17 @@ def _write(path: str, tensors: Mapping[str, np.ndarray], header: dict) -> None:
 # --- bundles -------------------------------------------------------------------------------------
 
 
-def write_bundle(path: str | os.PathLike, cases: Sequence[BundleCase], meta: Optional[Mapping[str, Any]] = None) -> None:
-    """Write ``cases`` to one ``.safetensors`` file (see the module docstring for the layout)."""
+def write_bundle(
+    path: str | os.PathLike,
+    cases: Sequence[BundleCase],
+    meta: Optional[Mapping[str, Any]] = None,
+    *,
+    decode_prompt_len: Optional[int] = None,
+) -> None:
+    """Write ``cases`` to one ``.safetensors`` file (see the module docstring for the layout).
+
+    ``decode_prompt_len``: ask the worker to decode through the KV cache (stored in ``meta``).
+    """
     tensors: dict[str, np.ndarray] = {}
     entries = []
     for case in cases:
@@ -144,11 +184,19 @@ def write_bundle(path: str | os.PathLike, cases: Sequence[BundleCase], meta: Opt
             raise BadInputError(f"bundle case: variant {case.variant!r} appears twice; a bundle holds one case per variant")
         for key, value in case.state_dict.items():
             tensors[f"{case.variant}/weights/{key}"] = _as_array(value, f"{case.variant} weight {key!r}")
-        tensors[f"{case.variant}/inputs"] = _as_array(case.inputs, f"{case.variant} inputs")
+        inputs = tensors[f"{case.variant}/inputs"] = _as_array(case.inputs, f"{case.variant} inputs")
+        if case.attention_mask is not None:
+            tensors[f"{case.variant}/attention_mask"] = _mask_array(
+                case.attention_mask, inputs.shape, f"{case.variant} attention_mask"
+            )
         entries.append({"variant": case.variant, "config": case.config.to_dict()})
     if not entries:
         raise BadInputError("a bundle needs at least one case")
-    header = {"format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "cases": entries, "meta": dict(meta or {})}
+    meta = dict(meta or {})
+    if decode_prompt_len is not None:
+        meta[DECODE_PROMPT_LEN] = check_decode_prompt_len(decode_prompt_len, "write_bundle")
+    check_decode_prompt_len(meta.get(DECODE_PROMPT_LEN), "bundle meta")
+    header = {"format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "cases": entries, "meta": meta}
     _write(os.fspath(path), tensors, header)
 
 
@@ -177,7 +225,12 @@ def read_bundle(path: str | os.PathLike) -> list[BundleCase]:
         prefix = f"{variant}/weights/"
         state_dict = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         claimed.update([inputs_key, *(prefix + k for k in state_dict)])
-        cases.append(BundleCase(variant, config, state_dict, inputs))
+        mask_key = f"{variant}/attention_mask"
+        mask = None
+        if mask_key in tensors:
+            mask = _mask_array(tensors[mask_key], inputs.shape, f"{path}: {mask_key!r}")
+            claimed.add(mask_key)
+        cases.append(BundleCase(variant, config, state_dict, inputs, mask))
     stray = sorted(set(tensors) - claimed)
     if stray:
         raise BadInputError(f"{path}: tensors that belong to no case: {stray}")
@@ -189,7 +242,9 @@ def read_bundle_meta(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     _, header = _read_header(path, "bundle")
     _check_format(header, BUNDLE_FORMAT, path)
-    return dict(header.get("meta") or {})
+    meta = dict(header.get("meta") or {})
+    check_decode_prompt_len(meta.get(DECODE_PROMPT_LEN), f"{path}: bundle meta")
+    return meta
 
 
 # --- outputs -------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ class Case:
     state_dict: dict[str, np.ndarray]
     x: np.ndarray  # float32, (tokens, d_in) or (batch, tokens, d_in) as the variant takes it
     torch_module: Any = None
+    #: ``x.shape[:-1]`` of 1 (real token) / 0 (padding), or ``None``: no padding.
+    attention_mask: Optional[np.ndarray] = None
 
 
 def select_variants(names: Optional[Iterable[str]]) -> list[registry.Variant]:
@@ -220,4 +222,10 @@ def bundle_cases(cases: Sequence[Case]):
     """The cases as :class:`crosscheck.bundle.BundleCase` records, for a bundle file."""
     from crosscheck.bundle import BundleCase
 
-    return [BundleCase(c.variant.name, c.config, dict(c.state_dict), np.asarray(c.x, dtype=np.float32)) for c in cases]
+    return [
+        BundleCase(
+            c.variant.name, c.config, dict(c.state_dict), np.asarray(c.x, dtype=np.float32),
+            attention_mask=None if c.attention_mask is None else np.asarray(c.attention_mask),
+        )
+        for c in cases
+    ]

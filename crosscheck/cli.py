@@ -60,6 +60,15 @@ subcommands (run `crosscheck bench --help`, `crosscheck bundle --help` for their
   crosscheck bundle compare BUNDLE OUTPUTS... [--json PATH]
                                                 torch reference from the bundle vs outputs files
 
+decoding and padding:
+  --decode PROMPT_LEN prefills PROMPT_LEN tokens and decodes the rest of the input (--tokens N
+  for random inputs) one token at a time: torch with the book's kv_cache API, Flax with
+  decode=True and its 'cache' collection, ttnn with device-side caches. Rows: torch decode vs
+  torch full forward; flax and ttnn decode vs torch decode and vs their own full forward
+  (same tolerances as the forward check); JSON "detail" names the worst token.
+  --padding left|right --pad-lengths 0,3,... runs a padded batch with an attention mask and
+  compares its real tokens with each sequence run alone (torch float32); NaN anywhere fails.
+
 attention core:
   --attention-impl NAME runs the Flax modules with that core (CausalAttention, the wrapper,
   MultiHeadAttention, ...CombinedQKV, TorchMultiheadAttention); without --variant the
@@ -147,6 +156,18 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_case_options(p)
+    d = p.add_argument_group("decoding and padding (instead of the forward check)")
+    d.add_argument(
+        "--decode", type=_positive_int, metavar="PROMPT_LEN",
+        help="prefill PROMPT_LEN tokens, then decode the input's other tokens one at a time through the KV cache; "
+        "every step compared across backends and with each backend's full forward (causal variants)",
+    )
+    d.add_argument("--padding", choices=("left", "right"), help="run a padded batch with an attention mask")
+    d.add_argument(
+        "--pad-lengths", metavar="LIST",
+        help="padding tokens per row, e.g. 0,3,5 (row i pads input row i %% batch); compared with the "
+        "rows run one by one, at the real tokens",
+    )
     b = p.add_argument_group("backends")
     b.add_argument("--backends", default="torch,flax,ttnn", metavar="LIST", help="comma-separated subset of torch,flax,ttnn (default: all)")
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="what Flax computes in (torch stays the float32 reference; ttnn is bfloat16)")
@@ -271,6 +292,7 @@ def _check_json_path(path: Optional[str]) -> None:
 
 def _run(args) -> int:
     from crosscheck import engine
+    from crosscheck.padding_check import parse_pad_lengths
 
     _check_json_path(args.json)
 
@@ -288,6 +310,9 @@ def _run(args) -> int:
             ttnn_python=args.ttnn_python,
             dtype=args.dtype,
             attention_impl=args.attention_impl,
+            decode=args.decode,
+            padding=args.padding,
+            pad_lengths=None if args.pad_lengths is None else parse_pad_lengths(args.pad_lengths),
             progress=bar,
             **_overrides(args),
         )

@@ -125,6 +125,9 @@ def run(
     ttnn_python: Optional[str] = None,
     dtype: str = "float32",
     attention_impl: Optional[str] = None,
+    decode: Optional[int] = None,
+    padding: Optional[str] = None,
+    pad_lengths: Optional[Sequence[int]] = None,
     progress: Optional[Progress] = None,
 ) -> Report:
     """Run the cross-check and return its :class:`Report` (never raises on a mismatch).
@@ -135,15 +138,27 @@ def run(
     :class:`crosscheck.inputs.RandomInputs`. ``dtype`` is what Flax computes in; torch
     is always the float32 reference and ttnn computes in bfloat16. ``attention_impl``:
     the attention core of the Flax modules that take one (``None``: their default, "auto").
+
+    ``decode=P``: instead of the forward check, prefill ``P`` tokens and decode the rest
+    one at a time in every backend (:mod:`crosscheck.decode_check`; without ``variants``,
+    the variants that decode). ``padding="left"|"right"`` with ``pad_lengths``: run a
+    padded batch and compare it at the real tokens with the sequences run one by one
+    (:mod:`crosscheck.padding_check`).
     """
     t_start = time.perf_counter()
     backends = _check_choices(backends, dtype, ttnn_runtime)
     check_attention_impl(attention_impl, variants)
+    _check_mode(decode, padding, pad_lengths)
     if "ttnn" in backends:
         check_ttnn_available(ttnn_runtime, ttnn_python)
     overrides = dict(d_in=d_in, d_out=d_out, context_length=context_length, dropout=dropout,
                      num_heads=num_heads, qkv_bias=qkv_bias, causal=causal)
     cases, data, weights_desc = build_cases(variants, weights=weights, inputs=inputs, overrides=overrides)
+    if decode is not None and not variants:
+        cases = [c for c in cases if c.variant.decodes(c.config)]
+        if not cases:
+            names = ", ".join(v.name for v in registry.decoding())
+            raise BadInputError(f"--decode: none of the variants to run decodes; variants that decode: {names}")
     total = len(cases) * len(backends)
     done = 0
 
@@ -152,6 +167,13 @@ def run(
         done += 1
         if progress is not None:
             progress(done, total, description)
+
+    if decode is not None or padding is not None:
+        return _run_mode(
+            cases, data, weights_desc, t_start, backends=backends, dtype=dtype, attention_impl=attention_impl,
+            ttnn_runtime=ttnn_runtime, ttnn_python=ttnn_python, decode=decode, padding=padding,
+            pad_lengths=pad_lengths, step=step,
+        )
 
     by_variant: dict[str, list[Result]] = {c.variant.name: [] for c in cases}
     refs: dict[str, np.ndarray] = {}
@@ -170,7 +192,8 @@ def run(
             t0 = time.perf_counter()
             out = flax_output(case, dtype, attention_impl)
             tol = cmp.policy_for("flax", dtype)
-            result = result_of(name, "flax", "cpu", dtype, "torch float32", out, out32, tol, time.perf_counter() - t0)
+            result = result_of(name, "flax", flax_runner.platform(), dtype, "torch float32", out, out32, tol,
+                               time.perf_counter() - t0)
             result.attention_impl = (attention_impl or flax_runner.AUTO) if case.variant.takes_attention_impl else None
             by_variant[name].append(result)
             step(f"flax {name}")
@@ -191,17 +214,59 @@ def run(
                 result_of(name, "ttnn", ttnn_info["name"], "bfloat16", "torch float32", outs[name], refs[name], tol, secs.get(name))
             )
     results = [r for c in cases for r in by_variant[c.variant.name]]
+    return _report(results, cases, cases, data, weights_desc, ttnn_info, ttnn_versions, backends, attention_impl,
+                   t_start)
+
+
+def _report(results, cases, run_cases, data, weights_desc, ttnn_info, ttnn_versions, backends, attention_impl,
+            t_start, mode: Optional[dict] = None) -> Report:
+    """The :class:`Report` of a run: ``run_cases`` are the cases as run (padded ones for ``--padding``)."""
     return Report(
         results=results,
         configs={c.variant.name: c.variant.resolve(c.config).to_dict() for c in cases},
-        input={**data.describe(), "per_variant_shape": {c.variant.name: list(c.x.shape) for c in cases}},
+        input={**data.describe(), "per_variant_shape": {c.variant.name: list(c.x.shape) for c in run_cases}},
         weights=weights_desc,
         versions=versions(ttnn_versions),
         ttnn_runtime=ttnn_info,
         backends=backends,
         seconds=time.perf_counter() - t_start,
         attention_impl=(attention_impl or flax_runner.AUTO) if "flax" in backends else None,
+        mode=mode,
     )
+
+
+def _check_mode(decode: Optional[int], padding: Optional[str], pad_lengths: Optional[Sequence[int]]) -> None:
+    """The decode and padding options: one check at a time, each complete."""
+    from crosscheck.padding_check import SIDES
+
+    if decode is not None and padding is not None:
+        raise BadInputError("--decode and --padding are separate checks; choose one")
+    if decode is not None and (isinstance(decode, bool) or int(decode) < 1):
+        raise BadInputError(f"--decode: the prompt length must be >= 1, got {decode}")
+    if padding is not None and padding not in SIDES:
+        raise BadInputError(f"--padding must be one of {', '.join(SIDES)}; got {padding!r}")
+    if (padding is None) != (pad_lengths is None):
+        raise BadInputError("--padding and --pad-lengths go together (e.g. --padding left --pad-lengths 0,3)")
+
+
+def _run_mode(cases, data, weights_desc, t_start, *, backends, dtype, attention_impl, ttnn_runtime, ttnn_python,
+              decode, padding, pad_lengths, step) -> Report:
+    """The decode or padding check of ``cases`` as a :class:`Report`."""
+    from crosscheck import decode_check, padding_check
+
+    def ttnn_outputs(run_cases, prompt_len=None):
+        if ttnn_python is None:
+            return ttnn_outputs_in_process(run_cases, ttnn_runtime, lambda _: None, prompt_len=prompt_len)
+        return ttnn_outputs_elsewhere(run_cases, ttnn_runtime, ttnn_python, prompt_len=prompt_len)
+
+    common = dict(backends=backends, dtype=dtype, attention_impl=attention_impl, ttnn_outputs=ttnn_outputs, step=step)
+    if decode is not None:
+        results, mode, info, ttnn_versions = decode_check.run(cases, int(decode), **common)
+        run_cases = cases
+    else:
+        results, mode, info, ttnn_versions, run_cases = padding_check.run(cases, padding, list(pad_lengths), **common)
+    return _report(results, cases, run_cases, data, weights_desc, info, ttnn_versions, backends, attention_impl,
+                   t_start, mode)
 
 
 # --- bundles: export here, run elsewhere, compare here --------------------------------------------

@@ -48,6 +48,13 @@ def describe_attention_impl(name: str) -> str:
     return f"{AUTO} (naive below {n} tokens, blockwise from {n})"
 
 
+def platform() -> str:
+    """Where JAX runs the Flax backend: ``"cpu"``, ``"gpu"`` or ``"tpu"`` (``jax.default_backend()``)."""
+    import jax
+
+    return jax.default_backend()
+
+
 def _jax_dtype(dtype: str):
     import jax.numpy as jnp
 
@@ -70,6 +77,31 @@ def flax_module(variant: registry.Variant, cfg: AttnConfig, dtype: str = "float3
     return module
 
 
+def matmul_precision(dtype: str) -> str:
+    """The matmul precision a cross-check in ``dtype`` runs at: ``"highest"`` (true float32) for float32.
+
+    JAX's default on a GPU computes float32 matmuls in TF32 (10-bit mantissa), which no
+    float32 tolerance survives; bfloat16/float16 runs keep the default, their own precision.
+    """
+    return "highest" if dtype == "float32" else "default"
+
+
+def _prepare(variant, cfg, state_dict, dtype, attention_impl, **clone):
+    """``(module, float32 variables, call kwargs)`` for ``variant`` at ``cfg`` on THE weights."""
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+
+    module = flax_module(variant, cfg, dtype, attention_impl)
+    if clone:
+        module = module.clone(**clone)
+    variables = port.port_variables(variant, cfg, state_dict)
+    variables = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), variables)
+    kwargs = {"deterministic": True} if "deterministic" in inspect.signature(type(module).__call__).parameters else {}
+    return module, variables, kwargs
+
+
 def run_flax(
     variant: registry.Variant,
     cfg: AttnConfig,
@@ -78,22 +110,70 @@ def run_flax(
     *,
     dtype: str = "float32",
     attention_impl: Optional[str] = None,
+    attention_mask: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """The jitted jaxattn module on ``x`` with ``state_dict`` ported to float32 parameters, computing in ``dtype``.
 
-    Inference mode (``deterministic=True`` where the module has dropout). The weights are
-    ported through ``port.port_variables``, looked up at call time so a test can tamper with them.
+    Inference mode (``deterministic=True`` where the module has dropout), matmuls at
+    :func:`matmul_precision`. ``attention_mask``: ``x.shape[:-1]``, 1 = real token. The
+    weights are ported through ``port.port_variables``, looked up at call time so a test
+    can tamper with them.
     """
-    import inspect
-
     import jax
     import jax.numpy as jnp
 
-    module = flax_module(variant, cfg, dtype, attention_impl)
-    variables = port.port_variables(variant, cfg, state_dict)
-    variables = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), variables)
-    kwargs = {"deterministic": True} if "deterministic" in inspect.signature(type(module).__call__).parameters else {}
+    module, variables, kwargs = _prepare(variant, cfg, state_dict, dtype, attention_impl)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = jnp.asarray(attention_mask, dtype=jnp.bool_)
     apply = jax.jit(lambda v, x: module.apply(v, x, **kwargs))
-    out = apply(variables, jnp.asarray(x, dtype=_jax_dtype(dtype)))
+    with jax.default_matmul_precision(matmul_precision(dtype)):
+        out = apply(variables, jnp.asarray(x, dtype=_jax_dtype(dtype)))
     return np.asarray(jax.device_get(out))
 
+
+def run_flax_decode(
+    variant: registry.Variant,
+    cfg: AttnConfig,
+    state_dict: Mapping[str, Any],
+    x: np.ndarray,
+    prompt_len: int,
+    *,
+    dtype: str = "float32",
+    attention_impl: Optional[str] = None,
+    attention_mask: Optional[np.ndarray] = None,
+) -> tuple[np.ndarray, int]:
+    """Prefill ``x[:, :prompt_len]``, then decode ``x``'s other tokens one at a time through the KV cache.
+
+    Flax's convention: the module with ``decode=True``, its ``'cache'`` collection made by
+    ``init`` on an input of ``x``'s length, one jitted ``apply(..., mutable=["cache"])``
+    per chunk. Returns the chunks' context vectors concatenated along the tokens (the
+    full forward's shape) and how many times the step function compiled (2: the prompt
+    and the single token). ``attention_mask`` covers ``x``'s tokens; each chunk brings its part.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(x, dtype=_jax_dtype(dtype))
+    if x.ndim != 3 or not 1 <= prompt_len <= x.shape[1]:
+        raise BadInputError(
+            f"{variant.name}: decoding needs (batch, tokens, d_in) input and 1 <= prompt_len <= tokens; "
+            f"got shape {tuple(x.shape)}, prompt_len={prompt_len}"
+        )
+    module, variables, kwargs = _prepare(variant, cfg, state_dict, dtype, attention_impl, decode=True)
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, dtype=jnp.bool_)
+
+    @jax.jit
+    def step(params, cache, chunk, chunk_mask):
+        extra = {} if chunk_mask is None else {"attention_mask": chunk_mask}
+        out, state = module.apply({**params, "cache": cache}, chunk, mutable=["cache"], **kwargs, **extra)
+        return out, state["cache"]
+
+    with jax.default_matmul_precision(matmul_precision(dtype)):
+        cache = jax.jit(lambda: module.init(jax.random.key(0), jnp.zeros_like(x), **kwargs)["cache"])()
+        bounds = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, x.shape[1])]
+        outs = []
+        for start, stop in bounds:
+            out, cache = step(variables, cache, x[:, start:stop], None if mask is None else mask[:, start:stop])
+            outs.append(out)
+        out = jnp.concatenate(outs, axis=1)
+    return np.asarray(jax.device_get(out)), step._cache_size()

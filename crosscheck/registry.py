@@ -30,8 +30,12 @@ def _width_is_d_out(cfg: AttnConfig) -> int:
     return cfg.d_out
 
 
-def _call_module(module, x, cfg: AttnConfig):
-    return module(x)
+def _call_module(module, x, cfg: AttnConfig, attention_mask=None):
+    return module(x) if attention_mask is None else module(x, attention_mask=attention_mask)
+
+
+def _always(cfg: AttnConfig) -> bool:
+    return True
 
 
 def _config_from_fields(flax_module) -> AttnConfig:
@@ -76,6 +80,11 @@ class Variant:
     #: ``(torch_module, recognise) -> AttnConfig`` where the book's attributes do not tell
     #: (``None``: :func:`crosscheck.port.recognise` reads them generically).
     torch_config: Optional[Callable[[Any, Callable], AttnConfig]] = None
+    #: The torch reference with a KV cache (:mod:`crosscheck.torch_kv_cache`, the book's
+    #: ``kv_cache`` API); ``None``: the variant does not decode (it is not causal).
+    _torch_cached: Optional[Callable[[AttnConfig], Any]] = None
+    #: Whether the variant decodes at a config (e.g. only when causal).
+    _decodes: Callable[[AttnConfig], bool] = _always
 
     def resolve(self, cfg: AttnConfig) -> AttnConfig:
         """The config this variant really runs with (e.g. ``d_out = d_in`` for ``nn.MultiheadAttention``)."""
@@ -94,9 +103,19 @@ class Variant:
         """The last dimension of the context vectors at ``cfg``."""
         return self._output_dim(self.resolve(cfg))
 
-    def torch_forward(self, module, x, cfg: AttnConfig):
-        """Run the torch reference on ``x`` (a torch tensor)."""
-        return self._torch_forward(module, x, self.resolve(cfg))
+    def torch_forward(self, module, x, cfg: AttnConfig, attention_mask=None):
+        """Run the torch reference on ``x`` (a torch tensor); ``attention_mask``: ``x.shape[:-1]``, 1 = real token."""
+        return self._torch_forward(module, x, self.resolve(cfg), attention_mask)
+
+    def decodes(self, cfg: AttnConfig) -> bool:
+        """Whether the variant has a KV cache at ``cfg`` (jaxattn ``decode=True``, a cached torch reference)."""
+        return self._torch_cached is not None and self._decodes(self.resolve(cfg))
+
+    def torch_cached_module(self, cfg: AttnConfig):
+        """The torch reference with a KV cache: same state-dict keys as :meth:`torch_module`'s."""
+        if not self.decodes(cfg):
+            raise BadInputError(f"{self.name} has no KV cache at this config (decoding needs a causal variant)")
+        return self._torch_cached(self.resolve(cfg))
 
     def recognises(self, torch_module) -> bool:
         """Whether ``torch_module`` is this variant (by structure, not by class name)."""
@@ -334,11 +353,11 @@ def _torch_mha_config_of(flax_module) -> AttnConfig:
     )
 
 
-def _torch_mha_forward(module, x, cfg: AttnConfig):
+def _torch_mha_forward(module, x, cfg: AttnConfig, attention_mask=None):
     """Self-attention through ``nn.MultiheadAttention`` (with the causal mask when ``cfg.causal``)."""
     from crosscheck.torch_ref import torch_multihead_forward
 
-    return torch_multihead_forward(module, x, cfg.causal)
+    return torch_multihead_forward(module, x, cfg.causal, attention_mask=attention_mask)
 
 
 # --- module factories (lazy imports) ------------------------------------------------------------
@@ -358,6 +377,15 @@ def _torch(name: str, args: Callable[[AttnConfig], dict]):
         from crosscheck import torch_ref
 
         return getattr(torch_ref, name)(**args(cfg))
+
+    return build
+
+
+def _torch_cached(name: str, args: Callable[[AttnConfig], dict]):
+    def build(cfg: AttnConfig):
+        from crosscheck import torch_kv_cache
+
+        return getattr(torch_kv_cache, name)(**args(cfg))
 
     return build
 
@@ -404,6 +432,7 @@ VARIANTS: tuple[Variant, ...] = (
         "CausalAttention", "3.5 causal mask + dropout", _CAUSAL_FIELDS, False,
         _causal, _flax("CausalAttention", _causal_args), _torch("CausalAttention", _causal_args),
         "causal_attention", _is_causal, _infer_qkv_linears, bf16_roundings=8, takes_attention_impl=True,
+        _torch_cached=_torch_cached("CausalAttention", _causal_args),
     ),
     Variant(
         "MultiHeadAttentionWrapper", "3.6.1 stacked causal heads", _CAUSAL_FIELDS + ("num_heads",), False,
@@ -415,12 +444,14 @@ VARIANTS: tuple[Variant, ...] = (
         fit_defaults=(("num_heads", 1),),
         _output_dim=lambda cfg: cfg.num_heads * cfg.d_out,
         torch_config=_wrapper_torch_config,
+        _torch_cached=_torch_cached("MultiHeadAttentionWrapper", _heads_args),
     ),
     Variant(
         "MultiHeadAttention", "3.6.2 fused heads + out_proj", _CAUSAL_FIELDS + ("num_heads",), False,
         _mha, _flax("MultiHeadAttention", _heads_args), _torch("MultiHeadAttention", _heads_args),
         "multi_head_attention", _is_mha, _infer_qkv_linears,
         bf16_roundings=10, takes_attention_impl=True, splits_heads_of="d_out",
+        _torch_cached=_torch_cached("MultiHeadAttention", _heads_args),
     ),
     Variant(
         "MultiHeadAttentionCombinedQKV", "bonus: one qkv linear + proj", _CAUSAL_FIELDS + ("num_heads",), False,
@@ -428,6 +459,7 @@ VARIANTS: tuple[Variant, ...] = (
         _torch("MultiHeadAttentionCombinedQKV", _heads_args), "multi_head_attention_combined_qkv",
         _is_combined_qkv, _infer_combined,
         bf16_roundings=10, takes_attention_impl=True, splits_heads_of="d_out",
+        _torch_cached=_torch_cached("MultiHeadAttentionCombinedQKV", _heads_args),
     ),
     Variant(
         "TorchMultiheadAttention", "torch.nn.MultiheadAttention layout (in_proj, out_proj)",
@@ -449,6 +481,14 @@ VARIANTS: tuple[Variant, ...] = (
         _torch_forward=_torch_mha_forward,
         _config_of=_torch_mha_config_of,
         torch_config=_torch_mha_config,
+        _torch_cached=_torch_cached(
+            "MultiheadAttention",
+            lambda cfg: dict(
+                embed_dim=cfg.d_in, num_heads=cfg.num_heads, dropout=cfg.dropout, bias=cfg.qkv_bias, causal=cfg.causal
+            ),
+        ),
+        # nn.MultiheadAttention decodes only as the causal self-attention it is run as.
+        _decodes=lambda cfg: cfg.causal,
     ),
 )
 
@@ -466,6 +506,11 @@ def get(name: str) -> Variant:
 
 def names() -> list[str]:
     return [v.name for v in VARIANTS]
+
+
+def decoding() -> list[Variant]:
+    """The variants with a KV cache (at a causal config)."""
+    return [v for v in VARIANTS if v._torch_cached is not None]
 
 
 def takes_attention_impl() -> list[Variant]:

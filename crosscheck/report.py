@@ -14,9 +14,9 @@ from crosscheck.results import Report, Result
 def backend_label(r: Result) -> str:
     """How a row names its backend, honest about what ran (e.g. ``ttnn (host model)``)."""
     if r.backend == "torch":
-        return "torch (cpu, vs float64)"
+        return "torch (cpu, vs float64)" if r.reference == "torch float64" else "torch (cpu)"
     if r.backend == "flax":
-        return "flax (cpu)" if r.runtime == "cpu" else f"flax ({r.runtime})"
+        return f"flax ({r.runtime})"
     if r.backend == "ttnn":
         return {"host": "ttnn (host model)", "device": "ttnn (device)"}.get(r.runtime, f"ttnn ({r.runtime})")
     return r.backend
@@ -55,12 +55,20 @@ def render(report: Report, console, *, quiet: bool = False) -> None:
             from crosscheck.flax_runner import describe_attention_impl
 
             console.print(f"attention impl: {describe_attention_impl(report.attention_impl)}")
+        mode = report.mode or {}
+        if mode.get("check") == "decode":
+            counts = sorted(set((mode.get("flax_compilations") or {}).values()))
+            compiled = "" if not counts else "; flax jit compilations per variant: " + "/".join(map(str, counts))
+            console.print(f"decode: prompt of {mode['prompt_len']} tokens, then one token at a time to {mode['tokens']}{compiled}")
+        elif mode.get("check") == "padding":
+            console.print(f"padding: {mode['side']}, pad lengths {mode['pad_lengths']}; real tokens vs each sequence alone")
         v = report.versions
         ttnn = v.get("ttnn") or f"absent ({v.get('ttnn_reason')})"
         console.print(f"versions: torch {v.get('torch')}, jax {v.get('jax')}, flax {v.get('flax')}, ttnn {ttnn}")
         table = Table(box=box.SIMPLE_HEAVY, header_style="bold")
+        versus = mode.get("check") in ("decode", "padding")
         for col, justify in (
-            ("variant", "left"), ("backend", "left"), ("dtype", "left"), ("shape", "left"),
+            ("variant", "left"), ("backend", "left"), *((("vs", "left"),) if versus else ()), ("dtype", "left"), ("shape", "left"),
             ("max abs err", "right"), ("max rel err", "right"), ("PCC", "right"), ("ULP", "right"), ("", "left"),
         ):
             table.add_column(col, justify=justify, no_wrap=True)
@@ -71,14 +79,15 @@ def render(report: Report, console, *, quiet: bool = False) -> None:
             verdict = "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]"
             table.add_row(
                 r.variant if r.variant != previous else "",
-                backend_label(r), r.dtype, "x".join(map(str, r.shape or [])),
+                backend_label(r), *((r.reference,) if versus else ()), r.dtype, "x".join(map(str, r.shape or [])),
                 _num(r.max_abs_err), _num(r.max_rel_err), _pcc(r.pcc), _ulp(r.ulp), verdict,
             )
             previous = r.variant
         console.print(table)
     for r in report.results:
         for failure in r.failures:
-            console.print(f"[red]FAIL[/red] {r.variant} / {backend_label(r)}: {failure}", highlight=False)
+            against = f" vs {r.reference}" if (report.mode or {}).get("check") in ("decode", "padding") else ""
+            console.print(f"[red]FAIL[/red] {r.variant} / {backend_label(r)}{against}: {failure}", highlight=False)
     n_pass = sum(r.passed for r in report.results)
     total = len(report.results)
     if report.passed:

@@ -36,6 +36,9 @@ class Result:
     #: The attention core the Flax module ran ("auto" or an implementation name);
     #: ``None`` for other backends and for variants without a selectable core.
     attention_impl: Optional[str] = None
+    #: Decoding: ``prompt_len``, ``steps`` and the token whose error is largest (``worst_token``,
+    #: ``worst_token_max_abs_err``); padding: how many real positions were compared. ``None`` otherwise.
+    detail: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +56,9 @@ class Report:
     seconds: Optional[float] = None
     #: The attention core asked of the Flax modules ("auto" unless chosen); ``None`` when no Flax ran.
     attention_impl: Optional[str] = None
+    #: What was checked: ``{"check": "forward"}``, ``{"check": "decode", "prompt_len": P, "tokens": T,
+    #: "flax_compilations": {...}}`` or ``{"check": "padding", "side": ..., "pad_lengths": [...]}``.
+    mode: Optional[dict] = None
 
     @property
     def passed(self) -> bool:
@@ -82,6 +88,7 @@ class Report:
             "weights": self.weights,
             "backends": list(self.backends),
             "attention_impl": self.attention_impl,
+            "mode": self.mode or {"check": "forward"},
             "versions": self.versions,
             "ttnn_runtime": self.ttnn_runtime,
             "policy": {
@@ -95,6 +102,7 @@ class Report:
 def result_of(
     variant: str, backend: str, runtime: str, dtype: str, reference: str, out, ref, tol: cmp.Tolerance,
     seconds: Optional[float] = None,
+    detail: Optional[dict] = None,
 ) -> Result:
     """The :class:`Result` of comparing ``out`` with ``ref`` under ``tol``."""
     c = cmp.compare(out, ref, tol, computed_in=dtype)
@@ -104,5 +112,5 @@ def result_of(
         shape=list(c.shape), reference_shape=list(c.reference_shape),
         max_abs_err=m.max_abs_err if m else None, max_rel_err=m.max_rel_err if m else None,
         pcc=m.pcc if m else None, ulp=m.ulp if m else None,
-        passed=c.passed, thresholds=tol.to_dict(), failures=list(c.failures), seconds=seconds,
+        passed=c.passed, thresholds=tol.to_dict(), failures=list(c.failures), seconds=seconds, detail=detail,
     )

@@ -3,7 +3,7 @@
 * :mod:`crosscheck.tt.host_model` — a numpy model of ttnn's numerics (not ttnn).
 * :mod:`crosscheck.tt.programs` — one ttnn program per variant, written against the real API.
 * :mod:`crosscheck.tt.port` — torch state dict -> ttnn parameter tree (bf16, TILE, on device).
-* :mod:`crosscheck.tt.runtime` — ``open_runtime("auto"|"device"|"host")``, ``run_variant``.
+* :mod:`crosscheck.tt.runtime` — ``open_runtime("auto"|"device"|"host")``, ``run_variant``, ``run_variant_decode``.
 
 Numpy + ml_dtypes only: this package runs in the ttnn interpreter, without torch or JAX.
 

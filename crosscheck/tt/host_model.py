@@ -20,6 +20,9 @@ What it models (checked against the real ttnn 0.81.1 wheel where a host can chec
   (``Operand to matmul must be on device`` ...), matmul/SDPA need TILE inputs,
   SDPA needs bfloat16 and a head_dim that is a multiple of 32, keyword-only
   parameters, unknown keywords and positional ``open_device(0)`` raise ``TypeError``.
+* **In-place cache ops**: ``fill_cache`` and ``update_cache`` write into the cache
+  tensor and return it, with tt-metal's validation rules and texts (padded-shape checks,
+  ``update_idx`` a multiple of 32 for ``fill_cache``, users along dim -2 for ``update_cache``).
 * **Output dtypes**: matmul/linear/eltwise outputs take input A's dtype unless
   ``dtype=`` says otherwise; matmul/linear/softmax/SDPA outputs are TILE.
 
@@ -43,7 +46,10 @@ Where a real device differs (the model is closer to float32 than the hardware):
   imports torch first); ``to_torch`` returns **numpy** (``ml_dtypes.bfloat16`` for
   bfloat16 tensors, as torch would give ``torch.bfloat16``).
 * Tile padding is not stored: padding never leaks into results here, whereas on a
-  device its contents after some ops are undefined.
+  device its contents after some ops are undefined. The model only records what the
+  padding holds (0 or ``pad_value`` after ``from_torch``, the value given to
+  ``fill_implicit_tile_padding``, else undefined); ``fill_cache``/``update_cache``, which
+  copy whole tiles into the cache's logical positions, write NaN where it is undefined.
 * Only bfloat16 and float32 data are modelled; block floats (bfloat8_b/bfloat4_b),
   sharding, program/core-grid configs, activations and meshes raise ``NotImplementedError``.
 
@@ -59,7 +65,7 @@ import inspect
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import ml_dtypes
 import numpy as np
@@ -266,12 +272,17 @@ class Tensor:
     """A model ``ttnn.Tensor``: logical values (already rounded to ``dtype``), layout, storage."""
 
     def __init__(self, values: np.ndarray, dtype: DataType, layout: Layout, device: Optional[Device] = None,
-                 memory_config: Optional[MemoryConfig] = None):
-        self._values = _round(np.asarray(values, dtype=np.float32), dtype)
+                 memory_config: Optional[MemoryConfig] = None, *, pad: Optional[float] = None):
+        self._values = _round(np.array(values, dtype=np.float32), dtype)  # a copy: the cache ops write in place
         self._dtype = dtype
         self._layout = layout
         self._device = device
         self._memory_config = memory_config if device is not None else None
+        #: What the implicit tile padding holds: a known value (``from_torch`` pads with 0 or
+        #: ``pad_value``, ``fill_implicit_tile_padding`` sets it) or ``None``, undefined, after any
+        #: other op. The padding is not stored; only ops that copy whole tiles into another
+        #: tensor's logical region (``fill_cache``, ``update_cache``) read it, as NaN when undefined.
+        self._pad = pad if layout == Layout.TILE else None
 
     @property
     def shape(self) -> Shape:
@@ -526,7 +537,8 @@ def from_torch(
         raise RuntimeError("host model: device is closed")
     values = np.asarray(array, dtype=np.float32)
     return Tensor(values, dtype, layout or Layout.ROW_MAJOR, device,
-                  memory_config or DRAM_MEMORY_CONFIG if device is not None else None)
+                  memory_config or DRAM_MEMORY_CONFIG if device is not None else None,
+                  pad=0.0 if pad_value is None else float(pad_value))
 
 
 @_ttnn_function("to_torch", python=True)
@@ -561,12 +573,13 @@ def to_device(
 ) -> Tensor:
     if not isinstance(device, Device) or not device.is_open:
         raise RuntimeError(f"host model: to_device needs an open device from open_device, got {device!r}")
-    return Tensor(tensor._values, tensor.dtype, tensor.layout, device, memory_config or DRAM_MEMORY_CONFIG)
+    return Tensor(tensor._values, tensor.dtype, tensor.layout, device, memory_config or DRAM_MEMORY_CONFIG,
+                  pad=tensor._pad)
 
 
 @_ttnn_function("from_device")
 def from_device(tensor: Tensor, blocking: bool = True, *, queue_id=None) -> Tensor:
-    return Tensor(tensor._values, tensor.dtype, tensor.layout, None, None)
+    return Tensor(tensor._values, tensor.dtype, tensor.layout, None, None, pad=tensor._pad)
 
 
 @_ttnn_function("to_layout")
@@ -584,8 +597,9 @@ def to_layout(
     """
     _not_modelled("to_layout", sub_core_grids=sub_core_grids)
     target = dtype if (dtype is not None and tensor._device is not None) else tensor.dtype
+    pad = tensor._pad if tensor.layout == Layout.TILE else float(pad_value)
     return Tensor(tensor._values, target, layout, tensor._device,
-                  memory_config or tensor._memory_config or (DRAM_MEMORY_CONFIG if tensor._device else None))
+                  memory_config or tensor._memory_config or (DRAM_MEMORY_CONFIG if tensor._device else None), pad=pad)
 
 
 # --- device checks -------------------------------------------------------------------------------
@@ -914,6 +928,148 @@ def concat(tensors, dim: int = 0, *, memory_config: MemoryConfig | None = None, 
     return _like(tensors[0], out, memory_config=memory_config)
 
 
+# --- KV cache -------------------------------------------------------------------------------------
+#
+# ttnn.fill_cache and ttnn.update_cache write INTO the cache tensor and return it. The rules and
+# their texts are tt-metal's ``update_cache_device_operation.cpp`` (validate_on_program_cache_miss);
+# every text below is in the 0.81.1 binary. Both ops copy whole tiles or tile rows, so the input's
+# tile padding lands in the cache: rows P..ceil32(P)-1 of a prompt (fill_cache), and columns past a
+# head_dim that is not a multiple of 32. Where that padding is undefined the model writes NaN, so a
+# program that reads it (instead of zeroing it with ``fill_implicit_tile_padding``) fails here.
+
+
+def _uint32(qualname: str, name: str, value) -> int:
+    """nanobind's ``uint32_t`` conversion: a non-negative Python int (bool excluded), else ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2**32:
+        raise TypeError(f"ttnn.{qualname}(): incompatible function arguments: {name} must be a uint32, got {value!r}")
+    return int(value)
+
+
+def _check_cache_operands(cache: Tensor, input_tensor: Tensor) -> None:
+    """The checks fill_cache and update_cache share, in tt-metal's order."""
+    if cache._device is None or input_tensor._device is None:
+        raise _fatal("Operands to update_cache need to be on device!")
+    if cache._device is not input_tensor._device:
+        raise _fatal("Operands to update_cache need to be on the same device!")
+    _on_device(cache, "Operands to update_cache need to be on device!")
+    if cache.layout != Layout.TILE or input_tensor.layout != Layout.TILE:
+        raise _fatal("Inputs to update_cache must be tilized")
+    _float_dtype(input_tensor, "update_cache")
+    _float_dtype(cache, "update_cache")
+    if len(cache.shape) != 4 or len(input_tensor.shape) != 4:
+        raise _fatal(f"host model: the cache ops are modelled on 4-D tensors (cache [batch, heads, tokens, head_dim]); "
+                     f"got cache {list(cache.shape)}, input {list(input_tensor.shape)}")
+    cp, ip = cache.padded_shape, input_tensor.padded_shape
+    if ip[-1] != cp[-1]:
+        raise _fatal(f"Input tensor width ({ip[-1]}) must equal cache tensor width ({cp[-1]})")
+    if ip[0] != 1:
+        raise _fatal(f"Input tensor batch size must be 1 but got {ip[0]}")
+    if ip[1] != cp[1]:
+        raise _fatal(f"Input tensor height ({ip[1]}) must equal cache tensor height ({cp[1]})")
+
+
+def _tiles_of(input_tensor: Tensor) -> np.ndarray:
+    """``input_tensor[0]`` with its tile padding, ``(heads, ceil32(rows), ceil32(width))``; NaN where undefined."""
+    values = input_tensor._values[0]
+    heads, rows, width = values.shape
+    _, padded_rows, padded_width = _padded(values.shape, Layout.TILE)
+    pad = np.float32(np.nan if input_tensor._pad is None else input_tensor._pad)
+    block = np.full((heads, padded_rows, padded_width), pad, dtype=np.float32)
+    block[:, :rows, :width] = values
+    return block
+
+
+def _written(cache: Tensor, input_tensor: Tensor) -> None:
+    if cache._pad != input_tensor._pad:  # the written tiles' padding came from the input
+        cache._pad = None
+
+
+@_ttnn_function("fill_cache")
+def fill_cache(cache_tensor: Tensor, input_tensor: Tensor, batch_idx: int, *, update_idx: int = 0) -> Tensor:
+    """IN PLACE: ``cache_tensor[batch_idx, :, update_idx : update_idx + ceil32(P), :] = input_tensor[0]`` tiles.
+
+    ``cache_tensor`` is ``(batch, heads, max_tokens, head_dim)``, ``input_tensor`` one user's
+    ``(1, heads, P, head_dim)``, same dtype. ``update_idx`` must be a multiple of 32; whole tiles
+    are copied, so the input's padding rows ``P .. ceil32(P) - 1`` land in the cache too. Returns
+    ``cache_tensor`` itself.
+    """
+    batch_idx = _uint32("fill_cache", "batch_idx", batch_idx)
+    update_idx = _uint32("fill_cache", "update_idx", update_idx)
+    _check_cache_operands(cache_tensor, input_tensor)
+    if input_tensor.dtype != cache_tensor.dtype:
+        raise _fatal("Input and cache tensors must have same dtype!")
+    cp, ip = cache_tensor.padded_shape, input_tensor.padded_shape
+    if batch_idx >= cp[0]:
+        raise _fatal(f"Batch index ({batch_idx}) must be less than cache tensor batch size ({cp[0]})")
+    if update_idx % TILE_SIZE:
+        raise _fatal(f"Fill update_idx ({update_idx}) must be a multiple of TILE_HEIGHT ({TILE_SIZE})")
+    if not (update_idx <= cp[-2] and ip[-2] <= cp[-2] - update_idx):
+        raise _fatal(f"Fill update_idx ({update_idx}) + input tensor height ({ip[-2]}) must be <= cache tensor "
+                     f"height ({cp[-2]})")
+    block = _tiles_of(input_tensor)
+    tokens, width = cache_tensor.shape[-2:]
+    rows = max(0, min(block.shape[1], tokens - update_idx))  # rows past the logical cache are its own padding
+    cache_tensor._values[batch_idx, :, update_idx : update_idx + rows, :] = _round(
+        block[:, :rows, :width], cache_tensor.dtype
+    )
+    _written(cache_tensor, input_tensor)
+    return cache_tensor
+
+
+@_ttnn_function("update_cache")
+def update_cache(
+    cache: Tensor,
+    input: Tensor,  # noqa: A002 - ttnn's name
+    update_idx: int,
+    *,
+    batch_offset: int = 0,
+    compute_kernel_config: WormholeComputeKernelConfig | None = None,
+) -> Tensor:
+    """IN PLACE: ``cache[u, :, update_idx, :] = input[0, :, batch_offset + u, :]`` for every user ``u``.
+
+    ``cache`` is ``(batch, heads, max_tokens, head_dim)``; ``input`` is ``(1, heads, users,
+    head_dim)`` with the users along dim -2 (padded to 32 rows), one new token each. Any
+    ``update_idx`` (not only tile multiples) writes one row; all users get the same one.
+    Returns ``cache`` itself. Real ttnn does not check ``update_idx`` against the cache;
+    the model raises where the write would leave the cache's padded rows.
+    """
+    update_idx = _uint32("update_cache", "update_idx", update_idx)
+    batch_offset = _uint32("update_cache", "batch_offset", batch_offset)
+    _check_kernel_config(compute_kernel_config)
+    _check_cache_operands(cache, input)
+    cp, ip = cache.padded_shape, input.padded_shape
+    if cp[0] > ip[-2]:
+        raise _fatal(f"Cache tensor batch size ({cp[0]}) must be <= input tensor height ({ip[-2]})")
+    if cp[0] < 32:
+        if batch_offset + cp[0] > 32:
+            raise _fatal(f"Batch offset ({batch_offset}) + cache tensor batch size ({cp[0]}) must be <= 32")
+    elif batch_offset != 0:
+        raise _fatal("Batch offset must be 0 when cache tensor batch size >= 32")
+    if update_idx >= cp[-2]:
+        raise RuntimeError(
+            f"host model: update_cache update_idx={update_idx} is past the cache's {cp[-2]} padded rows "
+            "(real ttnn does not check it and would write outside the cache)"
+        )
+    users, _, tokens, width = cache.shape
+    if update_idx < tokens:  # else the row is the cache's own tile padding, which the model does not store
+        rows = _tiles_of(input)[:, batch_offset : batch_offset + users, :width]  # (heads, users, width)
+        cache._values[:, :, update_idx, :] = _round(np.swapaxes(rows, 0, 1), cache.dtype)
+    _written(cache, input)
+    return cache
+
+
+@_ttnn_function("fill_implicit_tile_padding")
+def fill_implicit_tile_padding(input_tensor: Tensor, fill_value: float, *,
+                               memory_config: MemoryConfig | None = None) -> Tensor:
+    """A copy of ``input_tensor`` whose tile padding (rows/columns past the logical shape) is ``fill_value``."""
+    _on_device(input_tensor, "Device Operations expect device tensors as inputs")
+    if isinstance(fill_value, (int, np.integer)) and not isinstance(fill_value, bool) and fill_value != 0:
+        raise NotImplementedError("host model: an int fill_value (a raw bit pattern) other than 0 is not modelled")
+    pad = float(_round(np.float32(fill_value), input_tensor.dtype))
+    return Tensor(input_tensor._values, input_tensor.dtype, input_tensor.layout, input_tensor._device,
+                  memory_config or input_tensor._memory_config, pad=pad)
+
+
 # --- transformer ---------------------------------------------------------------------------------
 
 
@@ -966,7 +1122,8 @@ def scaled_dot_product_attention(
     if nqh % nkv:
         raise _fatal(f"query heads {nqh} must be a multiple of key/value heads {nkv}")
     if is_causal and attn_mask is not None:
-        raise _fatal("is_causal and attn_mask are mutually exclusive: pass is_causal=False with a mask")
+        raise _fatal(f"is_causal and attn_mask cannot both be present. Got is_causal: {str(is_causal).lower()}, "
+                     "attn_mask: true")
     if is_causal and sq != sk:
         raise _fatal(f"Causal SDPA requires Q and K to have the same sequence length. Got Q: {sq}, K: {sk}")
     kv = lambda t: np.repeat(t._values, nqh // nkv, axis=1)  # noqa: E731 - GQA head expansion
@@ -975,9 +1132,7 @@ def scaled_dot_product_attention(
     if is_causal:
         scores = np.where(np.tril(np.ones((sq, sk), dtype=bool)), scores, -np.inf)
     if attn_mask is not None:
-        _on_device(attn_mask, "When mask is provided to SDPA, the tensor must be on device")
-        if attn_mask.layout != Layout.TILE:
-            raise _fatal("When mask is provided to SDPA, it must be tilized")
+        _check_sdpa_mask(attn_mask, q.shape, k.shape)
         scores = scores + attn_mask._values
     with np.errstate(over="ignore", invalid="ignore"):
         scores = scores - np.max(scores, axis=-1, keepdims=True)
@@ -985,6 +1140,30 @@ def scaled_dot_product_attention(
         weights = weights / np.sum(weights, axis=-1, keepdims=True)
     out = np.matmul(weights.astype(np.float32), kv(v))
     return _like(q, out, layout=Layout.TILE, memory_config=memory_config)
+
+
+def _check_sdpa_mask(mask: Tensor, q_shape, k_shape) -> None:
+    """SDPA's mask rules (tt-metal ``sdpa_device_operation.cpp``; every text is in the 0.81.1 binary)."""
+    _on_device(mask, "When mask is provided to SDPA, the tensor must be on device")
+    if mask.layout != Layout.TILE:
+        raise _fatal("When mask is provided to SDPA, it must be tilized")
+    if mask.dtype != DataType.BFLOAT16:
+        raise _fatal("When mask is provided to SDPA, it must be in BF16, BFP8, or BFP4 dataformat")
+    if mask.memory_config() != DRAM_MEMORY_CONFIG:
+        raise _fatal("When mask is provided to SDPA, it must be in DRAM")
+    m = tuple(mask.shape)
+    if len(m) != 4:
+        raise _fatal(f"host model: SDPA masks are 4-D [1|b, 1|heads, Sq, Sk], got {list(m)}")
+    if m[0] not in (1, q_shape[0]):
+        raise _fatal("Mask batch dim must either be 1 (to be broadcasted across all batches) or must match Q batch "
+                     "dimension")
+    if m[1] not in (1, q_shape[1]):
+        raise _fatal("Mask num_heads must either be 1 (to be broadcasted across all heads) or must match Q heads "
+                     "dimension")
+    if m[2] != q_shape[2]:
+        raise _fatal("Mask sequence length must match Q sequence length")
+    if m[3] != k_shape[2]:
+        raise _fatal("Mask sequence length must match K sequence length")
 
 
 transformer = SimpleNamespace(scaled_dot_product_attention=scaled_dot_product_attention)

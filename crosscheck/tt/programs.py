@@ -6,22 +6,27 @@ on the CPU; see :mod:`crosscheck.tt.runtime`) plus ``x``, a bfloat16 TILE tensor
 on the device, and ``parameters`` from :func:`crosscheck.tt.port.preprocess_parameters`
 (``parameters.W_query.weight`` is ``(in, out)``, biases are ``(1, out)``). Every
 program mirrors its torch class in :mod:`crosscheck.torch_ref` line by line and
-returns the context vectors as a ttnn tensor.
+returns the context vectors as a ttnn tensor. ``attention_mask`` (numpy, ``x.shape[:-1]``,
+1 = real token, 0 = padding, or ``None``: no padding, today's computation bit for bit)
+hides padded keys with the additive mask, combined with the causal one; a query that
+sees no key at all gets a zero context vector (not the mean of the values, not NaN).
 
 Pitfalls these programs avoid (ttnn-notes §7): matmul never tilizes (all operands
 are TILE); head_dim is whatever the config gives (1 in the book's toy sizes), so
 the generic programs use only matmul/linear, reshape, permute, transpose, slice,
 add, multiply and softmax; the SDPA programs are picked only when head_dim is a
 multiple of 32; there is no unary minus on ttnn tensors and slice bounds are never
-negative. The causal mask is additive (0 = attend, :data:`ADDITIVE_MASK_VALUE` =
-masked), built with numpy and sent with ``from_torch``. Dropout is the identity:
-the programs run inference, like the torch reference in ``eval()`` mode.
+negative. The masks are additive (0 = attend, :data:`ADDITIVE_MASK_VALUE` =
+masked), built with numpy (:func:`key_visibility`) and sent with ``from_torch``. Dropout is
+the identity: the programs run inference, like the torch reference in ``eval()`` mode.
+
+KV-cache decoding lives in :mod:`crosscheck.tt.decode_programs`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -47,14 +52,64 @@ def compute_kernel_config(ttnn):
     )
 
 
-# --- building blocks -------------------------------------------------------------------------------
+# --- masks ----------------------------------------------------------------------------------------
+
+
+def key_visibility(
+    attention_mask: Optional[np.ndarray],
+    q_tokens: int,
+    kv_tokens: Optional[int] = None,
+    *,
+    causal: bool,
+    q_offset: int = 0,
+) -> Optional[np.ndarray]:
+    """Which keys each query sees: bool ``([batch,] q_tokens, kv_tokens)``, or ``None`` when every query sees every key.
+
+    ``attention_mask``: ``([batch,] kv_tokens)``, 1 = real key, 0 = padding, or ``None``.
+    ``causal``: query ``i`` sits at position ``q_offset + i`` and sees keys ``0 .. q_offset + i``.
+    """
+    kv_tokens = q_tokens if kv_tokens is None else kv_tokens
+    if attention_mask is None and not causal:
+        return None
+    visible = np.ones((q_tokens, kv_tokens), dtype=bool)
+    if causal:
+        visible &= np.arange(kv_tokens)[None, :] <= (q_offset + np.arange(q_tokens))[:, None]
+    if attention_mask is not None:
+        real = np.asarray(attention_mask).astype(bool)
+        if real.shape[-1] != kv_tokens:
+            raise ValueError(f"attention_mask covers {real.shape[-1]} keys, expected {kv_tokens} (shape {real.shape})")
+        visible = visible & real[..., None, :]  # ([b,] q_tokens, kv_tokens)
+    return visible
+
+
+def mask_tensors(ttnn, device, visible: np.ndarray, rank: int):
+    """``(additive mask, row visibility)`` of ``visible`` as bf16 TILE tensors of ``rank`` dims on ``device``.
+
+    ``visible`` ``([batch,] q, k)`` becomes ``(batch|1, 1, ..., q, k)`` (0 = attend,
+    :data:`ADDITIVE_MASK_VALUE` = masked) and ``(batch|1, 1, ..., q, 1)`` (1 = the query
+    sees a key, 0 = it sees none); the second is ``None`` when every query sees a key.
+    """
+    lead = visible.shape[:-2]
+    if rank - 2 < len(lead):
+        raise ValueError(f"a ([batch,] q, k) mask of shape {visible.shape} does not fit rank-{rank} scores")
+
+    def shaped(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32).reshape((*lead, *((1,) * (rank - 2 - len(lead))), *a.shape[-2:]))
+
+    def send(a: np.ndarray):
+        return ttnn.from_torch(shaped(a), dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
+
+    additive = send(np.where(visible, np.float32(0.0), np.float32(ADDITIVE_MASK_VALUE)))
+    rows = visible.any(axis=-1, keepdims=True)  # ([b,] q, 1)
+    return additive, (None if rows.all() else send(rows))
 
 
 def causal_mask(ttnn, device, tokens: int, rank: int):
     """Additive causal mask ``(1, ..., 1, tokens, tokens)`` of ``rank`` dims, bf16 TILE on ``device``."""
-    mask = np.triu(np.full((tokens, tokens), ADDITIVE_MASK_VALUE, dtype=np.float32), k=1)
-    mask = mask.reshape((1,) * (rank - 2) + (tokens, tokens))
-    return ttnn.from_torch(mask, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
+    return mask_tensors(ttnn, device, key_visibility(None, tokens, causal=True), rank)[0]
+
+
+# --- building blocks -------------------------------------------------------------------------------
 
 
 def linear(ttnn, x, parameters):
@@ -64,31 +119,60 @@ def linear(ttnn, x, parameters):
     )
 
 
-def attention(ttnn, device, queries, keys, values, *, causal: bool, scaled: bool = True):
-    """The book's attention on ``(..., tokens, head_dim)`` tensors: scores, mask, scale, softmax, @ values."""
+def masked_attention(ttnn, device, queries, keys, values, visible: Optional[np.ndarray], *, scaled: bool = True):
+    """The book's attention on ``(..., tokens, head_dim)`` tensors; ``visible`` (numpy or ``None``): who sees whom."""
     config = compute_kernel_config(ttnn)
     rank = len(queries.shape)
-    tokens, head_dim = queries.shape[-2], keys.shape[-1]
-    attn_scores = ttnn.matmul(queries, ttnn.transpose(keys, -2, -1), compute_kernel_config=config)  # (..., T, T)
-    if causal:
-        attn_scores = ttnn.add(attn_scores, causal_mask(ttnn, device, tokens, rank))
+    head_dim = keys.shape[-1]
+    attn_scores = ttnn.matmul(queries, ttnn.transpose(keys, -2, -1), compute_kernel_config=config)  # (..., Tq, Tk)
+    rows = None
+    if visible is not None:
+        additive, rows = mask_tensors(ttnn, device, visible, rank)
+        attn_scores = ttnn.add(attn_scores, additive)
     if scaled:
         attn_scores = ttnn.multiply(attn_scores, 1.0 / math.sqrt(head_dim))
     attn_weights = ttnn.softmax(attn_scores, dim=-1, compute_kernel_config=config)
-    return ttnn.matmul(attn_weights, values, compute_kernel_config=config)  # (..., T, head_dim)
+    context_vec = ttnn.matmul(attn_weights, values, compute_kernel_config=config)  # (..., Tq, head_dim)
+    if rows is not None:
+        context_vec = ttnn.multiply(context_vec, rows)  # a query that sees no key: 0, not the mean of the values
+    return context_vec
 
 
-def sdpa_attention(ttnn, device, queries, keys, values, *, causal: bool, scaled: bool = True):
-    """The same through ``ttnn.transformer.scaled_dot_product_attention`` (4-D, head_dim % 32 == 0)."""
+def attention(ttnn, device, queries, keys, values, *, causal: bool, scaled: bool = True, attention_mask=None):
+    """The book's attention: scores, mask (causal and/or padding), scale, softmax, @ values."""
+    visible = key_visibility(attention_mask, queries.shape[-2], keys.shape[-2], causal=causal)
+    return masked_attention(ttnn, device, queries, keys, values, visible, scaled=scaled)
+
+
+def sdpa_attention(ttnn, device, queries, keys, values, *, causal: bool, scaled: bool = True, attention_mask=None):
+    """The same through ``ttnn.transformer.scaled_dot_product_attention`` (4-D, head_dim % 32 == 0).
+
+    With padding, the op's ``attn_mask`` (``[b, 1, Sq, Sk]``, additive, exclusive with
+    ``is_causal``) carries the causal and the padding mask together; the op adds it after
+    scaling. Queries that see no key get the uniform mean from the op and are zeroed after.
+    """
     head_dim = keys.shape[-1]
-    return ttnn.transformer.scaled_dot_product_attention(
+    if attention_mask is None:
+        return ttnn.transformer.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            is_causal=causal,
+            scale=1.0 / math.sqrt(head_dim) if scaled else 1.0,
+            compute_kernel_config=compute_kernel_config(ttnn),
+        )
+    visible = key_visibility(attention_mask, queries.shape[-2], keys.shape[-2], causal=causal)
+    additive, rows = mask_tensors(ttnn, device, visible, 4)
+    context_vec = ttnn.transformer.scaled_dot_product_attention(
         queries,
         keys,
         values,
-        is_causal=causal,
+        attn_mask=additive,
+        is_causal=False,
         scale=1.0 / math.sqrt(head_dim) if scaled else 1.0,
         compute_kernel_config=compute_kernel_config(ttnn),
     )
+    return context_vec if rows is None else ttnn.multiply(context_vec, rows)
 
 
 def split_heads(ttnn, t, num_heads: int):
@@ -119,94 +203,146 @@ def split_fused_qkv(ttnn, qkv, num_heads: int):
 Attend = Callable[..., Any]
 
 
+# --- projections: x -> (queries, keys, values) heads, and context heads -> output -------------------
+#
+# Each takes ``(ttnn, x | context_vec, parameters, config)``; heads are ``(b, H, T, head_dim)``. The
+# forward programs and the decode programs share them, so both run the same ops around attention.
+
+
+def single_head_qkv(ttnn, x, parameters, config):
+    """CausalAttention's projections as one head ``(b, 1, T, d_out)`` (the cache layout)."""
+    keys = split_heads(ttnn, linear(ttnn, x, parameters.W_key), 1)  # (b, 1, T, d_out)
+    queries = split_heads(ttnn, linear(ttnn, x, parameters.W_query), 1)
+    values = split_heads(ttnn, linear(ttnn, x, parameters.W_value), 1)
+    return queries, keys, values
+
+
+def single_head_output(ttnn, context_vec, parameters, config):
+    return merge_heads(ttnn, context_vec)  # (b, T, d_out)
+
+
+def mha_qkv(ttnn, x, parameters, config):
+    keys = split_heads(ttnn, linear(ttnn, x, parameters.W_key), config.num_heads)  # (b, H, T, hd)
+    queries = split_heads(ttnn, linear(ttnn, x, parameters.W_query), config.num_heads)
+    values = split_heads(ttnn, linear(ttnn, x, parameters.W_value), config.num_heads)
+    return queries, keys, values
+
+
+def mha_output(ttnn, context_vec, parameters, config):
+    return linear(ttnn, merge_heads(ttnn, context_vec), parameters.out_proj)  # (b, T, d_out)
+
+
+def combined_qkv_heads(ttnn, x, parameters, config):
+    qkv = linear(ttnn, x, parameters.qkv)  # (b, T, 3 * d_out)
+    return split_fused_qkv(ttnn, qkv, config.num_heads)  # each (b, H, T, hd)
+
+
+def combined_output(ttnn, context_vec, parameters, config):
+    return linear(ttnn, merge_heads(ttnn, context_vec), parameters.proj)  # (b, T, d_out)
+
+
+def torch_mha_qkv(ttnn, x, parameters, config):
+    # torch keeps in_proj as bare parameters; the port gives them the nn.Linear shape (weight, bias).
+    qkv = linear(ttnn, x, parameters.in_proj)  # (b, T, 3 * E), [q | k | v] as torch's in_proj_weight rows
+    return split_fused_qkv(ttnn, qkv, config.num_heads)
+
+
+def torch_mha_output(ttnn, context_vec, parameters, config):
+    return linear(ttnn, merge_heads(ttnn, context_vec), parameters.out_proj)  # (b, T, E)
+
+
 # --- one program per variant ----------------------------------------------------------------------
 
 
-def simplified_self_attention(ttnn, device, x, *, parameters, config):
+def simplified_self_attention(ttnn, device, x, *, parameters, config, attention_mask=None):
     """Section 3.3: ``softmax(x @ x.T) @ x``, no weights, no scaling."""
-    return attention(ttnn, device, x, x, x, causal=False, scaled=False)
+    return attention(ttnn, device, x, x, x, causal=False, scaled=False, attention_mask=attention_mask)
 
 
-def self_attention_v1(ttnn, device, x, *, parameters, config):
+def self_attention_v1(ttnn, device, x, *, parameters, config, attention_mask=None):
     """Section 3.4 ``SelfAttention_v1``: raw ``(d_in, d_out)`` matrices."""
     mm = lambda a, b: ttnn.matmul(a, b, compute_kernel_config=compute_kernel_config(ttnn))  # noqa: E731
     keys = mm(x, parameters.W_key)
     queries = mm(x, parameters.W_query)
     values = mm(x, parameters.W_value)
-    return attention(ttnn, device, queries, keys, values, causal=False)
+    return attention(ttnn, device, queries, keys, values, causal=False, attention_mask=attention_mask)
 
 
-def self_attention_v2(ttnn, device, x, *, parameters, config):
+def self_attention_v2(ttnn, device, x, *, parameters, config, attention_mask=None):
     """Section 3.4 ``SelfAttention_v2``: ``nn.Linear`` projections."""
     keys = linear(ttnn, x, parameters.W_key)
     queries = linear(ttnn, x, parameters.W_query)
     values = linear(ttnn, x, parameters.W_value)
-    return attention(ttnn, device, queries, keys, values, causal=False)
+    return attention(ttnn, device, queries, keys, values, causal=False, attention_mask=attention_mask)
 
 
-def causal_attention(ttnn, device, x, *, parameters, config):
+def causal_attention(ttnn, device, x, *, parameters, config, attention_mask=None):
     """Section 3.5.3: projections, causal mask, scale, softmax (dropout: identity)."""
     keys = linear(ttnn, x, parameters.W_key)  # (b, T, d_out)
     queries = linear(ttnn, x, parameters.W_query)
     values = linear(ttnn, x, parameters.W_value)
-    return attention(ttnn, device, queries, keys, values, causal=True)
+    return attention(ttnn, device, queries, keys, values, causal=True, attention_mask=attention_mask)
 
 
-def multi_head_attention_wrapper(ttnn, device, x, *, parameters, config):
+def multi_head_attention_wrapper(ttnn, device, x, *, parameters, config, attention_mask=None):
     """Section 3.6.1: ``torch.cat([head(x) for head in heads], dim=-1)``."""
-    heads = [causal_attention(ttnn, device, x, parameters=head, config=config) for head in parameters.heads]
+    heads = [
+        causal_attention(ttnn, device, x, parameters=head, config=config, attention_mask=attention_mask)
+        for head in parameters.heads
+    ]
     return heads[0] if len(heads) == 1 else ttnn.concat(heads, dim=-1)  # (b, T, H * d_out)
 
 
-def _multi_head_attention(ttnn, device, x, *, parameters, config, attend: Attend):
-    keys = split_heads(ttnn, linear(ttnn, x, parameters.W_key), config.num_heads)  # (b, H, T, hd)
-    queries = split_heads(ttnn, linear(ttnn, x, parameters.W_query), config.num_heads)
-    values = split_heads(ttnn, linear(ttnn, x, parameters.W_value), config.num_heads)
-    context_vec = attend(ttnn, device, queries, keys, values, causal=True)  # (b, H, T, hd)
-    return linear(ttnn, merge_heads(ttnn, context_vec), parameters.out_proj)  # (b, T, d_out)
+def _multi_head_attention(ttnn, device, x, *, parameters, config, attend: Attend, attention_mask=None):
+    queries, keys, values = mha_qkv(ttnn, x, parameters, config)  # (b, H, T, hd)
+    context_vec = attend(ttnn, device, queries, keys, values, causal=True, attention_mask=attention_mask)
+    return mha_output(ttnn, context_vec, parameters, config)  # (b, T, d_out)
 
 
-def multi_head_attention(ttnn, device, x, *, parameters, config):
+def multi_head_attention(ttnn, device, x, *, parameters, config, attention_mask=None):
     """Section 3.6.2: fused heads, causal, ``out_proj``."""
-    return _multi_head_attention(ttnn, device, x, parameters=parameters, config=config, attend=attention)
+    return _multi_head_attention(ttnn, device, x, parameters=parameters, config=config, attend=attention,
+                                 attention_mask=attention_mask)
 
 
-def multi_head_attention_sdpa(ttnn, device, x, *, parameters, config):
+def multi_head_attention_sdpa(ttnn, device, x, *, parameters, config, attention_mask=None):
     """:func:`multi_head_attention` with the fused SDPA kernel (head_dim % 32 == 0)."""
-    return _multi_head_attention(ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention)
+    return _multi_head_attention(ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention,
+                                 attention_mask=attention_mask)
 
 
-def _combined_qkv(ttnn, device, x, *, parameters, config, attend: Attend):
-    qkv = linear(ttnn, x, parameters.qkv)  # (b, T, 3 * d_out)
-    queries, keys, values = split_fused_qkv(ttnn, qkv, config.num_heads)  # each (b, H, T, hd)
-    context_vec = attend(ttnn, device, queries, keys, values, causal=True)
-    return linear(ttnn, merge_heads(ttnn, context_vec), parameters.proj)  # (b, T, d_out)
+def _combined_qkv(ttnn, device, x, *, parameters, config, attend: Attend, attention_mask=None):
+    queries, keys, values = combined_qkv_heads(ttnn, x, parameters, config)  # each (b, H, T, hd)
+    context_vec = attend(ttnn, device, queries, keys, values, causal=True, attention_mask=attention_mask)
+    return combined_output(ttnn, context_vec, parameters, config)  # (b, T, d_out)
 
 
-def multi_head_attention_combined_qkv(ttnn, device, x, *, parameters, config):
+def multi_head_attention_combined_qkv(ttnn, device, x, *, parameters, config, attention_mask=None):
     """The book's bonus class: one ``qkv`` linear viewed as ``(3, heads, head_dim)``, then ``proj``."""
-    return _combined_qkv(ttnn, device, x, parameters=parameters, config=config, attend=attention)
+    return _combined_qkv(ttnn, device, x, parameters=parameters, config=config, attend=attention,
+                         attention_mask=attention_mask)
 
 
-def multi_head_attention_combined_qkv_sdpa(ttnn, device, x, *, parameters, config):
-    return _combined_qkv(ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention)
+def multi_head_attention_combined_qkv_sdpa(ttnn, device, x, *, parameters, config, attention_mask=None):
+    return _combined_qkv(ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention,
+                         attention_mask=attention_mask)
 
 
-def _torch_mha(ttnn, device, x, *, parameters, config, attend: Attend):
-    # torch keeps in_proj as bare parameters; the port gives them the nn.Linear shape (weight, bias).
-    qkv = linear(ttnn, x, parameters.in_proj)  # (b, T, 3 * E), [q | k | v] as torch's in_proj_weight rows
-    queries, keys, values = split_fused_qkv(ttnn, qkv, config.num_heads)
-    context_vec = attend(ttnn, device, queries, keys, values, causal=config.causal)
-    return linear(ttnn, merge_heads(ttnn, context_vec), parameters.out_proj)  # (b, T, E)
+def _torch_mha(ttnn, device, x, *, parameters, config, attend: Attend, attention_mask=None):
+    queries, keys, values = torch_mha_qkv(ttnn, x, parameters, config)  # each (b, H, T, hd)
+    context_vec = attend(ttnn, device, queries, keys, values, causal=config.causal, attention_mask=attention_mask)
+    return torch_mha_output(ttnn, context_vec, parameters, config)  # (b, T, E)
 
 
-def torch_multihead_attention(ttnn, device, x, *, parameters, config):
+def torch_multihead_attention(ttnn, device, x, *, parameters, config, attention_mask=None):
     """``nn.MultiheadAttention(batch_first=True)`` self-attention, causal if ``config.causal``."""
-    return _torch_mha(ttnn, device, x, parameters=parameters, config=config, attend=attention)
+    return _torch_mha(ttnn, device, x, parameters=parameters, config=config, attend=attention,
+                      attention_mask=attention_mask)
 
 
-def torch_multihead_attention_sdpa(ttnn, device, x, *, parameters, config):
-    return _torch_mha(ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention)
+def torch_multihead_attention_sdpa(ttnn, device, x, *, parameters, config, attention_mask=None):
+    return _torch_mha(ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention,
+                      attention_mask=attention_mask)
 
 
 #: ``Variant.ttnn_program`` -> program.

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from crosscheck.errors import BadInputError
-from crosscheck.tt import host_model, programs
+from crosscheck.tt import decode_programs, host_model, programs
 from crosscheck.tt.port import preprocess_parameters
 
 KINDS = ("auto", "device", "host")
@@ -243,29 +243,105 @@ def _check_input(variant, cfg, x: np.ndarray) -> None:
         raise BadInputError(f"{variant.name}: input has NaN or inf values")
 
 
-def run_variant(runtime: Runtime, variant, cfg, state_dict, x, *, program: Optional[str] = None) -> np.ndarray:
-    """Run ``variant``'s ttnn program on ``runtime``; float32 context vectors shaped like torch's output.
+def _check_attention_mask(variant, x: np.ndarray, attention_mask) -> Optional[np.ndarray]:
+    """``attention_mask`` as bool ``x.shape[:-1]`` (1 = real token, 0 = padding), or ``None``; bad masks are named."""
+    if attention_mask is None:
+        return None
+    mask = np.asarray(attention_mask)
+    if mask.shape != x.shape[:-1]:
+        raise BadInputError(
+            f"{variant.name}: attention_mask must have the input's shape without d_in, {x.shape[:-1]}; got {mask.shape}"
+        )
+    if mask.dtype == object or not np.isin(mask, (0, 1)).all():
+        raise BadInputError(f"{variant.name}: attention_mask must hold only 0 (padding) and 1 (real token)")
+    return mask.astype(bool)
 
-    ``state_dict`` is a torch-layout mapping (canonical torch keys) validated against
-    the variant's port table; ``x`` is ``(tokens, d_in)`` or ``(batch, tokens, d_in)``.
-    ``program`` overrides the automatic choice (e.g. force the generic program).
-    """
+
+def _prepare(runtime: Runtime, variant, cfg, state_dict, x, attention_mask):
+    """``(resolved cfg, float32 x, bool mask or None, parameters)``, everything validated."""
     cfg = variant.resolve(cfg)
     x = np.asarray(x)
     if x.dtype != np.float32:
         x = x.astype(np.float32)
     _check_input(variant, cfg, x)
-    ttnn, device = runtime.ttnn, runtime.device
-    if program is None:
-        _, fn = programs.select(variant.ttnn_program, cfg)
-    else:
-        fn = {**programs.PROGRAMS, **{f.__name__: f for f in programs.SDPA_PROGRAMS.values()}}.get(program)
-        if fn is None:
-            raise BadInputError(f"unknown ttnn program {program!r}")
-    parameters = preprocess_parameters(ttnn, device, variant.portmap(cfg), state_dict, variant.name)
-    x_tt = ttnn.from_torch(x, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
-    out = _read_back(runtime, fn(ttnn, device, x_tt, parameters=parameters, config=cfg))
+    mask = _check_attention_mask(variant, x, attention_mask)
+    parameters = preprocess_parameters(runtime.ttnn, runtime.device, variant.portmap(cfg), state_dict, variant.name)
+    return cfg, x, mask, parameters
+
+
+def _to_device(runtime: Runtime, x: np.ndarray):
+    ttnn = runtime.ttnn
+    return ttnn.from_torch(np.ascontiguousarray(x), dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=runtime.device)
+
+
+def _check_output(variant, cfg, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     expected = (*x.shape[:-1], variant.output_dim(cfg))
     if out.shape != expected:
         raise RuntimeError(f"{variant.name}: ttnn program returned shape {out.shape}, expected {expected}")
     return out
+
+
+def run_variant(
+    runtime: Runtime, variant, cfg, state_dict, x, attention_mask=None, *, program: Optional[str] = None
+) -> np.ndarray:
+    """Run ``variant``'s ttnn program on ``runtime``; float32 context vectors shaped like torch's output.
+
+    ``state_dict`` is a torch-layout mapping (canonical torch keys) validated against
+    the variant's port table; ``x`` is ``(tokens, d_in)`` or ``(batch, tokens, d_in)``.
+    ``attention_mask``: ``x.shape[:-1]``, 1 = real token, 0 = padding (``None``: none).
+    ``program`` overrides the automatic choice (e.g. force the generic program).
+    """
+    if program is None:
+        fn = None
+    else:
+        fn = {**programs.PROGRAMS, **{f.__name__: f for f in programs.SDPA_PROGRAMS.values()}}.get(program)
+        if fn is None:
+            raise BadInputError(f"unknown ttnn program {program!r}")
+    cfg, x, mask, parameters = _prepare(runtime, variant, cfg, state_dict, x, attention_mask)
+    if fn is None:
+        _, fn = programs.select(variant.ttnn_program, cfg)
+    out = fn(runtime.ttnn, runtime.device, _to_device(runtime, x), parameters=parameters, config=cfg,
+             attention_mask=mask)
+    return _check_output(variant, cfg, x, _read_back(runtime, out))
+
+
+def has_decode(variant, cfg) -> bool:
+    """Whether ``variant`` at ``cfg`` has a ttnn KV-cache decode program (:func:`run_variant_decode`)."""
+    return decode_programs.decode_program(variant.ttnn_program, variant.resolve(cfg)) is not None
+
+
+def run_variant_decode(
+    runtime: Runtime, variant, cfg, state_dict, x, prompt_len: int, attention_mask=None
+) -> np.ndarray:
+    """Decode ``x`` through ``variant``'s ttnn KV cache: the full forward's shape, float32.
+
+    Prefill of ``x[:, :prompt_len]`` (its context vectors, its keys/values into caches on
+    the device), then one step per remaining token at positions ``prompt_len .. tokens-1``;
+    the outputs are concatenated along the tokens. The caches hold ``tokens`` positions.
+    ``attention_mask`` covers all of ``x``'s tokens; each call gets its own part.
+    """
+    decoder = decode_programs.decode_program(variant.ttnn_program, variant.resolve(cfg))
+    if decoder is None:
+        raise BadInputError(
+            f"{variant.name}: no ttnn KV-cache decode program at this config (decoding needs a causal variant)"
+        )
+    cfg, x, mask, parameters = _prepare(runtime, variant, cfg, state_dict, x, attention_mask)
+    if x.ndim != 3:
+        raise BadInputError(f"{variant.name}: decoding needs (batch, tokens, d_in) input, got shape {x.shape}")
+    batch, tokens = x.shape[:2]
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, (int, np.integer)) or not 1 <= prompt_len <= tokens:
+        raise BadInputError(f"{variant.name}: prompt_len must be an int in [1, tokens={tokens}], got {prompt_len!r}")
+    prompt_len = int(prompt_len)
+    ttnn, device = runtime.ttnn, runtime.device
+    cache = decoder.allocate(ttnn, device, cfg, batch, tokens)
+
+    def part(start: int, stop: int):
+        return dict(config=cfg, parameters=parameters, cache=cache,
+                    attention_mask=None if mask is None else mask[:, start:stop])
+
+    outs = [_read_back(runtime, decoder.prefill(ttnn, device, _to_device(runtime, x[:, :prompt_len]),
+                                                **part(0, prompt_len)))]
+    for pos in range(prompt_len, tokens):
+        step = decoder.step(ttnn, device, _to_device(runtime, x[:, pos : pos + 1]), pos=pos, **part(pos, pos + 1))
+        outs.append(_read_back(runtime, step))
+    return _check_output(variant, cfg, x, np.concatenate(outs, axis=1))

@@ -10,6 +10,11 @@ outputs back. ``--backend ttnn`` goes through :func:`crosscheck.tt.runtime.run_v
 state dict and runs the jitted jaxattn module through the engine's own Flax runner
 (:func:`crosscheck.flax_runner.run_flax`), so it needs JAX and Flax only.
 
+A case's ``attention_mask`` goes to both backends. A bundle whose meta has
+``decode_prompt_len`` is decoded through the KV cache instead
+(:func:`crosscheck.tt.runtime.run_variant_decode`, :func:`crosscheck.flax_runner.run_flax_decode`);
+every case must then be a variant that decodes, and the outputs' meta echoes the prompt length.
+
 Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback).
 """
 
@@ -48,17 +53,31 @@ def _check_choice(value: str, allowed: Sequence[str], what: str) -> None:
 # --- backends --------------------------------------------------------------------------------------
 
 
-def _run_flax(cases: list[bd.BundleCase], attention_impl: Optional[str] = None) -> tuple[dict[str, np.ndarray], dict]:
+def _masked(case: bd.BundleCase) -> dict:
+    """The ``attention_mask`` keyword for a case that has one (none otherwise: older runners lack it)."""
+    return {} if case.attention_mask is None else {"attention_mask": np.asarray(case.attention_mask, dtype=bool)}
+
+
+def _run_flax(
+    cases: list[bd.BundleCase], attention_impl: Optional[str] = None, prompt_len: Optional[int] = None
+) -> tuple[dict[str, np.ndarray], dict]:
     """The engine's own Flax runner (:func:`crosscheck.flax_runner.run_flax`) on every case, in float32."""
     import flax
     import jax
     import jaxlib
 
-    from crosscheck.flax_runner import check_attention_impl, run_flax
+    from crosscheck import flax_runner
 
-    check_attention_impl(attention_impl)
-    outputs = {case.variant: run_flax(_variant(case.variant), case.config, case.state_dict, case.inputs,
-                                      attention_impl=attention_impl) for case in cases}
+    flax_runner.check_attention_impl(attention_impl)
+    outputs = {}
+    for case in cases:
+        args = (_variant(case.variant), case.config, case.state_dict, case.inputs)
+        if prompt_len is None:
+            outputs[case.variant] = flax_runner.run_flax(*args, attention_impl=attention_impl, **_masked(case))
+        else:
+            outputs[case.variant] = flax_runner.run_flax_decode(
+                *args, prompt_len, attention_impl=attention_impl, **_masked(case)
+            )[0]
     meta = {
         "backend": "flax",
         "runtime": "jax",
@@ -70,7 +89,9 @@ def _run_flax(cases: list[bd.BundleCase], attention_impl: Optional[str] = None) 
     return outputs, meta
 
 
-def _run_ttnn(cases: list[bd.BundleCase], runtime: str) -> tuple[dict[str, np.ndarray], dict]:
+def _run_ttnn(
+    cases: list[bd.BundleCase], runtime: str, prompt_len: Optional[int] = None
+) -> tuple[dict[str, np.ndarray], dict]:
     from crosscheck.tt import runtime as rt
 
     outputs = {}
@@ -78,7 +99,13 @@ def _run_ttnn(cases: list[bd.BundleCase], runtime: str) -> tuple[dict[str, np.nd
         for case in cases:
             variant = _variant(case.variant)
             x = np.asarray(case.inputs, dtype=np.float32)
-            outputs[case.variant] = np.asarray(rt.run_variant(opened, variant, case.config, case.state_dict, x))
+            if prompt_len is None:
+                out = rt.run_variant(opened, variant, case.config, case.state_dict, x, case.attention_mask)
+            else:
+                out = rt.run_variant_decode(
+                    opened, variant, case.config, case.state_dict, x, prompt_len, case.attention_mask
+                )
+            outputs[case.variant] = np.asarray(out)
         meta = {
             "backend": "ttnn",
             "runtime": opened.name,
@@ -89,15 +116,32 @@ def _run_ttnn(cases: list[bd.BundleCase], runtime: str) -> tuple[dict[str, np.nd
 
 
 def run_cases(
-    cases: list[bd.BundleCase], backend: str = "ttnn", runtime: str = "auto", attention_impl: Optional[str] = None
+    cases: list[bd.BundleCase],
+    backend: str = "ttnn",
+    runtime: str = "auto",
+    attention_impl: Optional[str] = None,
+    prompt_len: Optional[int] = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """``({variant: context_vec}, meta)`` of ``cases`` on ``backend``.
 
     ``attention_impl``: the Flax modules' attention core (``None``: their default); ttnn ignores it.
+    ``prompt_len``: decode through the KV cache, prefilling that many tokens (``None``: full forward).
     """
     _check_choice(backend, BACKENDS, "backend")
     _check_choice(runtime, RUNTIMES, "ttnn runtime")
-    outputs, meta = _run_flax(cases, attention_impl) if backend == "flax" else _run_ttnn(cases, runtime)
+    prompt_len = bd.check_decode_prompt_len(prompt_len, "prompt_len")
+    if prompt_len is not None:
+        from crosscheck.tt.runtime import has_decode
+
+        cannot = [c.variant for c in cases if not has_decode(_variant(c.variant), c.config)]
+        if cannot:
+            raise BadInputError(f"decode_prompt_len is set but these cases do not decode (not causal): {cannot}")
+    if backend == "flax":
+        outputs, meta = _run_flax(cases, attention_impl, prompt_len)
+    else:
+        outputs, meta = _run_ttnn(cases, runtime, prompt_len)
+    if prompt_len is not None:
+        meta[bd.DECODE_PROMPT_LEN] = prompt_len
     meta["versions"] = {
         **meta["versions"],
         "python": platform.python_version(),
@@ -110,13 +154,16 @@ def run_cases(
 def run_bundle(bundle_path, out_path, backend: str = "ttnn", runtime: str = "auto") -> dict:
     """Run every case of ``bundle_path`` on ``backend`` in this interpreter; write ``out_path``; return meta.
 
-    The Flax backend runs the attention core the bundle was exported with (its meta's ``attention_impl``).
+    The Flax backend runs the attention core the bundle was exported with (its meta's ``attention_impl``);
+    a meta ``decode_prompt_len`` makes both backends decode through the KV cache.
     """
     _check_choice(backend, BACKENDS, "backend")
     _check_choice(runtime, RUNTIMES, "ttnn runtime")
     cases = bd.read_bundle(bundle_path)
-    attention_impl = bd.read_bundle_meta(bundle_path).get("attention_impl")
-    outputs, meta = run_cases(cases, backend, runtime, attention_impl)
+    bundle_meta = bd.read_bundle_meta(bundle_path)
+    outputs, meta = run_cases(
+        cases, backend, runtime, bundle_meta.get("attention_impl"), bundle_meta.get(bd.DECODE_PROMPT_LEN)
+    )
     bd.write_outputs(out_path, outputs, meta)
     return meta
 

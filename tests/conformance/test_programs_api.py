@@ -1,7 +1,9 @@
 """Every ttnn name, keyword and positional count the programs use exists in real ttnn 0.81.1.
 
 Each program of :mod:`crosscheck.tt.programs` (and the parameter port it needs) runs on the
-host model through a recording proxy; every module-level function call is logged as
+host model through a recording proxy, without and with a padding mask, and every KV-cache
+decode program runs a prefill and steps (``fill_cache``, ``update_cache``); every
+module-level function call is logged as
 ``(dotted name, positional count, keyword names)`` and checked against the real signature.
 Attribute reads (``ttnn.bfloat16``, ``ttnn.MathFidelity.HiFi4``) are checked to exist.
 """
@@ -16,7 +18,7 @@ import pytest
 
 from crosscheck import registry
 from crosscheck.tt import host_model as hm
-from crosscheck.tt import programs, runtime
+from crosscheck.tt import decode_programs, programs, runtime
 from tests.conformance.helpers import call_problem, random_case, real_signatures, resolve, seed_config
 
 
@@ -64,14 +66,21 @@ CASES = [(v, label, cfg) for v in registry.VARIANTS for label, cfg in _configs(v
 def usage():
     log, ran = Log(), []
     for variant, label, cfg in CASES:
-        state_dict, x = random_case(variant, cfg, batch=1)
+        state_dict, x = random_case(variant, cfg, batch=2)
+        padding = np.ones(x.shape[:-1], np.int64)
+        padding[0, -1] = 0  # right padding
+        padding[1, :2] = 0  # left padding: causal queries 0 and 1 see no key
         device = hm.open_device(device_id=0)
         try:
             rt = runtime.Runtime("host", hm.DESCRIPTION, Recorder(hm, log), device)
-            out = runtime.run_variant(rt, variant, cfg, state_dict, x)
+            outs = [runtime.run_variant(rt, variant, cfg, state_dict, x),
+                    runtime.run_variant(rt, variant, cfg, state_dict, x, padding)]
+            if runtime.has_decode(variant, cfg):
+                outs.append(runtime.run_variant_decode(rt, variant, cfg, state_dict, x, 2, padding))
+                ran.append(("decode", variant.ttnn_program))
         finally:
             hm.close_device(device)
-        assert np.all(np.isfinite(out)), f"{variant.name} ({label}) gave non-finite outputs"
+        assert all(np.all(np.isfinite(out)) for out in outs), f"{variant.name} ({label}) gave non-finite outputs"
         ran.append(runtime.program_name(variant, cfg))
     return log, ran
 
@@ -79,7 +88,15 @@ def usage():
 def test_every_program_ran(usage):
     _, ran = usage
     expected = set(programs.PROGRAMS) | {f.__name__ for f in programs.SDPA_PROGRAMS.values()}
-    assert set(ran) == expected, f"programs never run here: {sorted(expected - set(ran))}"
+    assert {r for r in ran if isinstance(r, str)} == expected, f"programs never run here: {sorted(expected - set(ran))}"
+
+
+def test_every_decode_program_ran_through_the_cache_ops(usage):
+    log, ran = usage
+    decoded = {name for kind, name in (r for r in ran if isinstance(r, tuple))}
+    assert decoded == set(decode_programs.DECODE_PROGRAMS), f"never decoded: {sorted(set(decode_programs.DECODE_PROGRAMS) - decoded)}"
+    assert {"fill_cache", "update_cache", "fill_implicit_tile_padding"} <= log.reads
+    assert ("update_cache", 3, ()) in log.calls and ("fill_cache", 3, ()) in log.calls  # positions are positional
 
 
 def test_every_name_read_exists_in_real_ttnn(real_ttnn, usage):

@@ -62,3 +62,27 @@ def test_every_implemented_name_exists_in_real_ttnn(real_ttnn):
         except AttributeError:
             missing.append(dotted)
     assert missing == [], f"host model implements names real ttnn 0.81.1 lacks: {missing}"
+
+
+def test_cache_ops_are_modelled_with_the_wheels_signatures(real_ttnn):
+    """The KV-cache ops the decode programs call, as 0.81.1 declares them (positions are uint32 positionals)."""
+    assert {"fill_cache", "update_cache", "fill_implicit_tile_padding"} <= set(hm.IMPLEMENTED)
+    (fill,) = real_signatures(real_ttnn, "fill_cache")
+    assert fill.params == (
+        Param("cache_tensor", "positional", "<required>"),
+        Param("input_tensor", "positional", "<required>"),
+        Param("batch_idx", "positional", "<required>"),
+        Param("update_idx", "keyword_only", "0"),
+    )
+    (update,) = real_signatures(real_ttnn, "update_cache")
+    assert update.params == (
+        Param("cache", "positional", "<required>"),
+        Param("input", "positional", "<required>"),
+        Param("update_idx", "positional", "<required>"),
+        Param("batch_offset", "keyword_only", "0"),
+        Param("compute_kernel_config", "keyword_only", "None"),
+    )
+    (pad,) = real_signatures(real_ttnn, "fill_implicit_tile_padding")
+    assert [p.name for p in pad.params] == ["input_tensor", "fill_value", "memory_config"]
+    (sdpa,) = real_signatures(real_ttnn, "transformer.scaled_dot_product_attention")
+    assert Param("attn_mask", "keyword_only", "None") in sdpa.params  # the SDPA twins pass padding through it

@@ -10,7 +10,7 @@ import pytest
 
 from crosscheck import bundle as bd
 from crosscheck import registry
-from crosscheck.tt import worker
+from crosscheck.tt import runtime, worker
 from tests.conformance.helpers import MAIN_PYTHON, random_case, seed_config
 
 needs_main_venv = pytest.mark.skipif(not MAIN_PYTHON.exists(), reason=f"{MAIN_PYTHON} does not exist (make venv)")
@@ -67,3 +67,26 @@ def test_ttnn_and_flax_agree_at_bf16_precision(here):
     for name, value in here["flax"][0].items():
         err = float(np.max(np.abs(here["ttnn"][0][name] - value)))
         assert err < 0.05, f"{name}: max |ttnn host - flax| = {err}"
+
+
+@needs_main_venv
+def test_padded_decode_bundle_equals_the_main_venv_host_model(tmp_path):
+    """Masks and decode_prompt_len through the worker: numpy<2 / 3.12 here, numpy 2 / 3.11 there, same bits."""
+    cases = []
+    for i, variant in enumerate(registry.VARIANTS):
+        cfg = seed_config(variant)
+        if not runtime.has_decode(variant, cfg):
+            continue
+        state_dict, x = random_case(variant, cfg, seed=30 + i, batch=2)
+        real = np.ones(x.shape[:-1], np.int64)
+        real[1, :2] = 0
+        cases.append(bd.BundleCase(variant.name, cfg, state_dict, x, real))
+    path = tmp_path / "decode.safetensors"
+    bd.write_bundle(path, cases, decode_prompt_len=2)
+    meta = worker.run_bundle(path, tmp_path / "here.safetensors", backend="ttnn", runtime="host")
+    here, _ = bd.read_outputs(tmp_path / "here.safetensors")
+    there, there_meta = worker.run_in_interpreter(MAIN_PYTHON, path, tmp_path / "main.safetensors", runtime="host")
+    assert meta["decode_prompt_len"] == there_meta["decode_prompt_len"] == 2 and len(here) == len(cases) == 5
+    for name, value in here.items():
+        assert np.isfinite(value).all(), name
+        np.testing.assert_array_equal(value, there[name], err_msg=name)

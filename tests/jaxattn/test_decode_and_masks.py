@@ -115,3 +115,70 @@ def test_bad_attention_mask_is_named(without_typecheck):
     variables = module.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"attention_mask must be \(batch, tokens\) = \(2, 20\), got shape \(2, 19\)"):
         module.apply(variables, x, attention_mask=jnp.ones((2, 19)))
+
+
+SECTION_3 = {
+    "SimplifiedSelfAttention": lambda: jaxattn.SimplifiedSelfAttention(),
+    "SelfAttentionV1": lambda: jaxattn.SelfAttentionV1(8, 5),
+    "SelfAttentionV2": lambda: jaxattn.SelfAttentionV2(8, 5, qkv_bias=True),
+}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", list(SECTION_3))
+def test_section_3_classes_take_a_padding_mask(name, side):
+    """Unmasked attention (3.3, 3.4): padded keys are invisible; real tokens equal their sequence alone."""
+    module = SECTION_3[name]()
+    lengths = (9, 4)
+    sequences = [inputs(batch=1, tokens=n, seed=10 + i) for i, n in enumerate(lengths)]
+    variables = module.init(jax.random.key(1), sequences[0])
+    width = max(lengths)
+    junk = inputs(batch=len(lengths), tokens=width, seed=99) * 100  # padding tokens: large, so a leak shows
+    real = np.zeros((len(lengths), width), bool)
+    x = np.array(junk)
+    for i, (s, n) in enumerate(zip(sequences, lengths)):
+        where = slice(width - n, width) if side == "left" else slice(0, n)
+        x[i, where], real[i, where] = s[0], True
+    with HIGHEST():
+        out = np.asarray(module.apply(variables, jnp.asarray(x), attention_mask=real))
+        for i, s in enumerate(sequences):
+            alone = np.asarray(module.apply(variables, s[0]))  # the book's unbatched call
+            np.testing.assert_allclose(out[i][real[i]], alone, atol=TOL * max(1.0, np.abs(alone).max()), rtol=0)
+        # No mask: today's unmasked math, the padding included (its huge scores dominate).
+        assert not np.allclose(np.asarray(module.apply(variables, jnp.asarray(x)))[1][real[1]], out[1][real[1]])
+    all_padding = np.asarray(module.apply(variables, jnp.asarray(x[:1]), attention_mask=np.zeros((1, width), bool)))
+    np.testing.assert_array_equal(all_padding, np.zeros_like(all_padding))  # no visible key: zeros, not NaN
+
+
+ALL_MODULES = {**{k: (lambda f=f: f()) for k, f in MODULES.items()}, **SECTION_3}
+
+
+@pytest.mark.parametrize("name", list(ALL_MODULES))
+def test_no_nan_for_inputs_scaled_by_1e4_with_padding(name):
+    """x1e4 inputs (scores ~1e9), left padding (rows that see no key), jitted: finite everywhere."""
+    module = ALL_MODULES[name]()
+    x = inputs(tokens=12) * 1e4
+    real = np.ones((2, 12), bool)
+    real[1, :5] = False
+    variables = module.init(jax.random.key(0), x)
+    out = np.asarray(jax.jit(lambda v, x, m: module.apply(v, x, attention_mask=m))(variables, x, real))
+    assert np.isfinite(out).all()
+    with HIGHEST():
+        alone = np.asarray(jax.jit(module.apply)(variables, x[1:, 5:]))
+        padded = np.asarray(jax.jit(lambda v, x, m: module.apply(v, x, attention_mask=m))(variables, x[1:], real[1:]))
+    scale = max(1.0, np.abs(alone).max())
+    np.testing.assert_allclose(padded[0, 5:], alone[0], atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_no_nan_when_decoding_inputs_scaled_by_1e4(name):
+    x = inputs(tokens=10) * 1e4
+    decoder = MODULES[name](decode=True)
+    variables = decoder.init(jax.random.key(0), x)
+    step = jax.jit(lambda v, chunk: decoder.apply(v, chunk, mutable=["cache"]))
+    out, state = step(variables, x[:, :4])
+    outs = [out]
+    for t in range(4, 10):
+        out, state = step({**variables, **state}, x[:, t : t + 1])
+        outs.append(out)
+    assert np.isfinite(np.asarray(jnp.concatenate(outs, axis=1))).all()

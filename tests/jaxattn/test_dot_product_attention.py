@@ -83,7 +83,7 @@ EVERYTHING = dict(batch=2, heads=4, kv_heads=2, head_dim=4, q_tokens=5, kv_token
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=calls())
 @example(c=EVERYTHING)
 def test_forward_matches_jax_nn(impl, c):
@@ -100,7 +100,7 @@ def test_forward_matches_jax_nn(impl, c):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=calls())
 @example(c=EVERYTHING)
 def test_gradients_match_jax_nn(impl, c):
