@@ -104,10 +104,18 @@ def _config_from_json(raw: Any, where: str) -> AttnConfig:
     values = {}
     for name, value in raw.items():
         expected = type(getattr(defaults, name))
-        ok = isinstance(value, bool) if expected is bool else (
-            isinstance(value, (int, float)) and not isinstance(value, bool)
-            if expected is float else isinstance(value, int) and not isinstance(value, bool)
-        )
+        if expected is str:  # rope_scaling: the book's freq_config as canonical JSON, "" = none
+            ok = isinstance(value, str)
+            if ok and value:
+                try:
+                    value = AttnConfig.encode_freq_config(json.loads(value))
+                except (ValueError, TypeError, AttributeError) as err:
+                    raise BadInputError(f"{where}: config field {name!r} is not a freq_config JSON object ({err})") from None
+        else:
+            ok = isinstance(value, bool) if expected is bool else (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                if expected is float else isinstance(value, int) and not isinstance(value, bool)
+            )
         if not ok:
             raise BadInputError(f"{where}: config field {name!r} must be {expected.__name__}, found {value!r}")
         values[name] = expected(value)

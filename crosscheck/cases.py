@@ -24,7 +24,17 @@ from crosscheck.errors import BadInputError, PortError
 #: The book's seed: ``torch.manual_seed(123)`` before building each layer.
 TORCH_SEED = 123
 #: Config fields a user may override; the CLI flag of each is ``--`` + the name with dashes.
-OVERRIDABLE = ("d_in", "d_out", "context_length", "dropout", "num_heads", "qkv_bias", "causal")
+OVERRIDABLE = (
+    "d_in", "d_out", "context_length", "dropout", "num_heads", "qkv_bias", "causal",
+    "num_kv_groups", "head_dim", "qk_norm", "rope_theta", "rope_scaling",
+)
+#: A ``--config`` file's name for each field (transformers' ``config.json``), for error messages.
+CONFIG_JSON_NAMES = {
+    "d_in": "hidden_size", "d_out": "num_attention_heads x head_dim", "num_heads": "num_attention_heads",
+    "num_kv_groups": "num_key_value_heads", "head_dim": "head_dim", "qkv_bias": "attention_bias",
+    "rope_theta": "rope_theta", "rope_scaling": "rope_scaling", "context_length": "max_position_embeddings",
+    "dropout": "attention_dropout",
+}
 
 
 @dataclass
@@ -40,10 +50,14 @@ class Case:
     attention_mask: Optional[np.ndarray] = None
 
 
-def select_variants(names: Optional[Iterable[str]]) -> list[registry.Variant]:
-    """Registry variants by case-insensitive name (all when ``names`` is empty), in registry order."""
+def select_variants(names: Optional[Iterable[str]], *, all_formats: bool = False) -> list[registry.Variant]:
+    """Registry variants by case-insensitive name, in the order given.
+
+    Without names: the default run's variants (the book's chapter-3 ones), or every
+    variant with ``all_formats`` (what ``--weights`` are matched against).
+    """
     if not names:
-        return list(registry.VARIANTS)
+        return list(registry.VARIANTS) if all_formats else registry.default_run()
     chosen = []
     for name in names:
         try:
@@ -77,10 +91,15 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _fits(variant: registry.Variant, sd: Mapping[str, Any]) -> Optional[str]:
+def _fits(variant: registry.Variant, sd: Mapping[str, Any], known: Optional[Mapping[str, Any]] = None) -> Optional[str]:
     """``None`` when ``sd`` fits ``variant`` at the config its shapes imply, else the port error."""
-    inferred = port.infer_config(variant, sd)
-    cfg = AttnConfig(**{**AttnConfig().to_dict(), **dict(variant.defaults), **dict(variant.fit_defaults), **inferred})
+    known = {k: v for k, v in (known or {}).items() if k in variant.fields}
+    inferred = port.infer_config(variant, sd, known)
+    shapes = {k: tuple(np.shape(v)) for k, v in sd.items()}
+    guess = {} if {"num_heads", "head_dim"} & set(known) else variant.fit_guess(shapes)
+    cfg = AttnConfig(**{
+        **AttnConfig().to_dict(), **dict(variant.defaults), **dict(variant.fit_defaults), **guess, **known, **inferred,
+    })
     if "context_length" in variant.fields and "context_length" not in inferred:
         cfg = cfg.replace(context_length=1)  # no mask buffer to check
     try:
@@ -90,12 +109,14 @@ def _fits(variant: registry.Variant, sd: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
-def match_variants(sd: Mapping[str, Any], candidates: Sequence[registry.Variant]) -> list[registry.Variant]:
-    """The variants among ``candidates`` whose keys and shapes ``sd`` fits.
+def match_variants(
+    sd: Mapping[str, Any], candidates: Sequence[registry.Variant], known: Optional[Mapping[str, Any]] = None
+) -> list[registry.Variant]:
+    """The variants among ``candidates`` whose keys and shapes ``sd`` fits (``known``: flags, config file).
 
     Raises :class:`BadInputError` with the port error of the closest candidate when none fits.
     """
-    errors = {v.name: _fits(v, sd) for v in candidates if v.portmap(AttnConfig()).entries}
+    errors = {v.name: _fits(v, sd, known) for v in candidates if v.portmap(v.resolve(_probe(v))).entries}
     fitting = [v for v in candidates if errors.get(v.name, "no params") is None]
     if fitting:
         return fitting
@@ -105,24 +126,33 @@ def match_variants(sd: Mapping[str, Any], candidates: Sequence[registry.Variant]
     raise PortError(f"the weights fit no variant; closest: {errors[closest]}")
 
 
+def _probe(variant: registry.Variant) -> AttnConfig:
+    """A config at which ``variant``'s table lists its parameters (the seed's, with the variant's defaults)."""
+    return AttnConfig(**{**AttnConfig().to_dict(), **dict(variant.defaults)})
+
+
 def resolve_config(
     variant: registry.Variant,
     overrides: Mapping[str, Any],
     inferred: Mapping[str, Any],
     tokens: int,
     d_in: int,
+    origins: Optional[Mapping[str, str]] = None,
 ) -> AttnConfig:
     """The config ``variant`` runs with: seed defaults < what the weights pin down < explicit flags.
 
     An explicit flag that contradicts the weights is an error naming both values; so is
-    an input whose ``d_in`` or token count the weights cannot take.
+    an input whose ``d_in`` or token count the weights cannot take. ``origins``: where an
+    override came from when not from its flag (``config.json's num_attention_heads``).
     """
     relevant = set(variant.fields)
+    origins = origins or {}
     inferred = {k: v for k, v in inferred.items() if k in relevant}
     for key, value in inferred.items():
         if key in overrides and overrides[key] != value:
+            source = origins.get(key, _flag(key))
             raise BadInputError(
-                f"{variant.name}: {_flag(key)} {_show(overrides[key])} contradicts the weights, "
+                f"{variant.name}: {source} {_show(overrides[key])} contradicts the weights, "
                 f"whose shapes give {key}={_show(value)}"
             )
     if "d_in" in inferred and inferred["d_in"] != d_in:
@@ -136,7 +166,8 @@ def resolve_config(
         values["context_length"] = tokens  # nothing pins it: the input's own length
     values.update(inferred)
     values.update({k: v for k, v in overrides.items() if k in AttnConfig.__dataclass_fields__})
-    cfg = AttnConfig(**values)
+    given = frozenset(inferred) | frozenset(k for k in overrides if k in relevant)
+    cfg = AttnConfig(**variant.complete(values, given))
     _check_config(variant, cfg, tokens, from_weights="context_length" in inferred)
     return cfg
 
@@ -154,7 +185,11 @@ def _check_config(variant: registry.Variant, cfg: AttnConfig, tokens: int, from_
             raise BadInputError(f"{name}: {key} must be >= 1, got {getattr(rc, key)}")
     if not 0.0 <= rc.dropout < 1.0:
         raise BadInputError(f"{name}: dropout must be in [0, 1), got {rc.dropout}")
-    variant.check_heads(rc)
+    try:
+        variant.check_heads(rc)
+    except BadInputError as err:
+        text = str(err)
+        raise BadInputError(text if text.startswith(name) else f"{name}: {text}") from None
     if "context_length" in variant.fields and tokens > rc.context_length:
         source = "the weights' mask buffer" if from_weights else "--context-length"
         raise BadInputError(f"{name}: input has tokens={tokens}, beyond context_length={rc.context_length} ({source})")
@@ -174,19 +209,72 @@ def _torch_reference_module(case_variant: registry.Variant, cfg: AttnConfig, wei
     return module
 
 
+def _check_needs(variants: Iterable[registry.Variant]) -> None:
+    """A variant whose torch side needs a package this interpreter lacks is an error saying which."""
+    for v in variants:
+        missing = registry.missing_needs(v)
+        if missing:
+            raise BadInputError(
+                f"{v.name} needs {', '.join(missing)}, which is not installed: pip install 'jaxattn[hf]'"
+            )
+
+
+def config_overrides(
+    overrides: Mapping[str, Any], model_config: Union[None, str, os.PathLike, Mapping[str, Any]]
+) -> tuple[dict, dict]:
+    """``(overrides, origins)``: the flags and a transformers ``config.json``'s values, which must agree.
+
+    A flag that contradicts the file is an error naming both; ``origins`` names the file's key
+    for each value it supplied (for the messages of later contradictions).
+    """
+    if model_config is None:
+        return dict(overrides), {}
+    from crosscheck import hf
+
+    if isinstance(model_config, Mapping):
+        where, found = "config", hf.attn_fields(model_config, "config", rope=not ("n_embd" in model_config))
+    else:
+        where, found = os.fspath(model_config), hf.read_config_json(model_config)
+    name = os.path.basename(where)
+    merged, origins = dict(overrides), {}
+    for key, value in found.items():
+        if key in overrides and overrides[key] != value:
+            raise BadInputError(
+                f"{_flag(key)} {_show(overrides[key])} contradicts {name}, whose "
+                f"{CONFIG_JSON_NAMES.get(key, key)} gives {key}={_show(value)}"
+            )
+        if key not in overrides:
+            merged[key] = value
+            origins[key] = f"{name}'s {CONFIG_JSON_NAMES.get(key, key)}"
+    return merged, origins
+
+
 def build_cases(
     variants: Optional[Iterable[str]] = None,
     *,
     weights: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
     inputs: Union[None, str, os.PathLike, np.ndarray, inp.RandomInputs] = None,
     overrides: Optional[Mapping[str, Any]] = None,
+    prefix: str = "",
+    model_config: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
 ) -> tuple[list[Case], inp.Inputs, str]:
-    """``(cases, inputs, weights description)``: everything validated before anything runs."""
+    """``(cases, inputs, weights description)``: everything validated before anything runs.
+
+    ``prefix``: the layer to read from a whole model's state dict (``model.layers.0.self_attn.``).
+    ``model_config``: a transformers ``config.json`` (path or mapping) for heads, kv heads,
+    head_dim, RoPE; flags that contradict it are errors. Without ``variants``, ``weights``
+    are matched against every variant; with neither, the default run's variants run.
+    """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise BadInputError(f"unknown config overrides {unknown}; known: {', '.join(OVERRIDABLE)}")
-    chosen = select_variants(variants)
+    if prefix and weights is None:
+        raise BadInputError("--prefix selects a layer of --weights; no weights were given")
+    overrides, origins = config_overrides(overrides, model_config)
+    chosen = select_variants(variants, all_formats=weights is not None)
+    if variants:
+        _check_needs(chosen)
     sd = None
     weights_desc = f"torch.manual_seed({TORCH_SEED}) + the torch reference modules' own init"
     if weights is not None:
@@ -194,28 +282,36 @@ def build_cases(
             raw, weights_desc = dict(weights), "state dict (in memory)"
         else:
             raw, weights_desc = port.load_file(weights), os.fspath(weights)
+        if prefix:
+            raw, weights_desc = port.select_prefix(raw, prefix), f"{weights_desc} [{prefix}]"
         sd = _float32_state_dict(raw, weights_desc)
         if variants:
             for v in chosen:  # every named variant must take the weights
-                err = _fits(v, sd) if v.portmap(AttnConfig()).entries else f"{v.name} has no parameters to load"
+                has_params = v.portmap(v.resolve(_probe(v))).entries
+                err = _fits(v, sd, overrides) if has_params else f"{v.name} has no parameters to load"
                 if err:
                     raise BadInputError(err)
         else:
-            chosen = match_variants(sd, chosen)
-    inferred = {v.name: (port.infer_config(v, sd) if sd is not None else {}) for v in chosen}
+            chosen = match_variants(sd, chosen, overrides)
+            _check_needs(chosen)
+    inferred = {v.name: (port.infer_config(v, sd, _known(v, overrides)) if sd is not None else {}) for v in chosen}
     weight_d_in = {i["d_in"] for i in inferred.values() if "d_in" in i}
     d_in_hint = overrides.get("d_in") or (weight_d_in.pop() if len(weight_d_in) == 1 else None)
     data = inp.resolve_inputs(inputs, d_in_hint)
     tokens, d_in = data.array.shape[-2], data.array.shape[-1]
     cases = []
     for v in chosen:
-        cfg = resolve_config(v, overrides, inferred[v.name], tokens, d_in)
+        cfg = resolve_config(v, overrides, inferred[v.name], tokens, d_in, origins)
         module = _torch_reference_module(v, cfg, sd)
         state = sd if sd is not None else {k: t.detach().numpy().copy() for k, t in module.state_dict().items()}
         if sd is not None:
             port.check_state_dict(v.portmap(cfg), state, v.name)  # the mask buffer against the final config
         cases.append(Case(v, cfg, state, inp.for_variant(v, data.array), module))
     return cases, data, weights_desc
+
+
+def _known(variant: registry.Variant, overrides: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in overrides.items() if k in variant.fields}
 
 
 def bundle_cases(cases: Sequence[Case]):

@@ -36,6 +36,14 @@ weights and config:
   TorchMultiheadAttention), context_length to the input's token count.
   Dropout is carried in the config only: every backend runs in inference mode.
 
+grouped-query attention and transformers' layers (run only when named or when --weights fit them):
+  GroupedQueryAttention (the book's Llama 3 / Qwen3 classes), LlamaAttention, Qwen3Attention and
+  GPT2Attention (transformers' keys; those three need the [hf] extra: transformers). A whole
+  model's weights take --prefix (model.layers.0.self_attn., transformer.h.0.attn., trf_blocks.0.att.);
+  --config config.json supplies heads, kv heads, head_dim and RoPE (rope_parameters or
+  rope_theta/rope_scaling). Random weights: --num-kv-groups, --head-dim, --rope-theta, --qk-norm.
+  A flag that contradicts the config file or the weights' shapes is an error (exit 2).
+
 inputs:
   default: the seed sentence, (6, 3); v1/v2/simplified variants take it unbatched, the
   others as a batch of one. --input reads (tokens, d_in) or (batch, tokens, d_in) from
@@ -107,6 +115,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _dropout(text: str) -> float:
     try:
         value = float(text)
@@ -125,6 +143,14 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
         help="jaxattn class name, case-insensitive, repeatable (default: all 8, or those --weights fits)",
     )
     g.add_argument("--weights", metavar="PATH", help="torch state dict: .pt/.pth (weights_only) or .safetensors")
+    g.add_argument(
+        "--prefix", default="", metavar="P",
+        help="the layer to read from a whole model's --weights, e.g. model.layers.0.self_attn. or transformer.h.0.attn.",
+    )
+    g.add_argument(
+        "--config", metavar="PATH",
+        help="a transformers config.json: heads, kv heads, head_dim, hidden size, RoPE settings, attention_bias",
+    )
     h = p.add_argument_group("hyperparameters a state dict cannot carry (checked against it where it can)")
     h.add_argument("--num-heads", type=_positive_int, metavar="N", help="heads (default 2; 1 for TorchMultiheadAttention)")
     h.add_argument("--context-length", type=_positive_int, metavar="N", help="mask size (default: the mask buffer, else the token count)")
@@ -133,6 +159,10 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
     h.add_argument("--dropout", type=_dropout, metavar="P", help="dropout rate, recorded only (inference mode)")
     h.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None, help="Q/K/V projections with bias")
     h.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None, help="causal mask for TorchMultiheadAttention (default on)")
+    h.add_argument("--num-kv-groups", type=_positive_int, metavar="N", help="GQA: key/value heads (default: 2, or the weights' with the head dim known)")
+    h.add_argument("--head-dim", type=_positive_int, metavar="N", help="GQA: per-head dim (default: d_out / num_heads)")
+    h.add_argument("--rope-theta", type=_positive_float, metavar="X", help="GQA: RoPE base (default 10000)")
+    h.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="GroupedQueryAttention: RMSNorm on queries and keys (Qwen3)")
     i = p.add_argument_group("inputs (default: the seed sentence)")
     i.add_argument("--input", metavar="PATH", help="(tokens, d_in) or (batch, tokens, d_in) from .npy, .pt or .safetensors")
     i.add_argument("--batch", type=_positive_int, metavar="B", help="random inputs: batch size (default 1)")
@@ -240,7 +270,9 @@ def _inputs(args):
 def _overrides(args) -> dict:
     return dict(
         d_in=args.d_in, d_out=args.d_out, context_length=args.context_length, dropout=args.dropout,
-        num_heads=args.num_heads, qkv_bias=args.qkv_bias, causal=args.causal,
+        num_heads=args.num_heads, qkv_bias=args.qkv_bias, causal=args.causal, num_kv_groups=args.num_kv_groups,
+        head_dim=args.head_dim, qk_norm=args.qk_norm, rope_theta=args.rope_theta, prefix=args.prefix,
+        model_config=args.config,
     )
 
 
@@ -297,7 +329,7 @@ def _run(args) -> int:
     _check_json_path(args.json)
 
     out, err = _consoles(args)
-    n_variants = len(args.variant) if args.variant else 8
+    n_variants = len(args.variant) if args.variant else 8  # the default run's variants
     show_progress = not args.quiet and sys.stderr.isatty() and (n_variants > 1 or args.tokens or args.batch)
     bar = _ProgressBar(err) if show_progress else None
     try:

@@ -292,6 +292,18 @@ def compare(
     if shape != ref_shape:
         msg = f"shape mismatch: output {shape} vs reference {ref_shape}"
         return Comparison(shape, ref_shape, None, tol, False, [msg])
-    m = metrics(np.asarray(candidate), np.asarray(reference), computed_in)
-    failures = verdict(m, tol, shape, ref_shape)
+    candidate, reference = np.asarray(candidate), np.asarray(reference)
+    m = metrics(candidate, reference, computed_in)
+    failures = non_finite(candidate, "output") + non_finite(reference, "reference") + verdict(m, tol, shape, ref_shape)
     return Comparison(shape, ref_shape, m, tol, not failures, failures)
+
+
+def non_finite(array: np.ndarray, what: str) -> list[str]:
+    """A failure naming how many NaN/Inf ``array`` holds and where the first is; NaN equal to NaN never passes."""
+    values = np.asarray(array, dtype=np.float64) if np.asarray(array).dtype != np.float64 else np.asarray(array)
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return []
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    kinds = "/".join(k for k, present in (("NaN", np.isnan(values).any()), ("Inf", np.isinf(values).any())) if present)
+    return [f"{int(bad.sum())} non-finite ({kinds}) value(s) in the {what}, the first at index {first}"]

@@ -35,10 +35,9 @@ def check_cases(cases: Sequence[Case], prompt_len: int) -> None:
     for case in cases:
         if not case.variant.decodes(case.config):
             names = ", ".join(v.name for v in registry.decoding())
-            raise BadInputError(
-                f"{case.variant.name} has no KV cache to decode with (at this config it is not causal); "
-                f"variants that decode: {names}"
-            )
+            why = "it is not causal at this config" if case.variant in registry.decoding() else (
+                "it has no torch reference with a KV cache")
+            raise BadInputError(f"{case.variant.name} cannot decode: {why}; variants that decode: {names}")
         tokens = case.x.shape[-2]
         if not 1 <= prompt_len <= tokens:
             raise BadInputError(

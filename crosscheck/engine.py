@@ -120,6 +120,12 @@ def run(
     num_heads: Optional[int] = None,
     qkv_bias: Optional[bool] = None,
     causal: Optional[bool] = None,
+    num_kv_groups: Optional[int] = None,
+    head_dim: Optional[int] = None,
+    qk_norm: Optional[bool] = None,
+    rope_theta: Optional[float] = None,
+    prefix: str = "",
+    model_config: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
     backends: Sequence[str] = BACKENDS,
     ttnn_runtime: str = "auto",
     ttnn_python: Optional[str] = None,
@@ -144,6 +150,10 @@ def run(
     the variants that decode). ``padding="left"|"right"`` with ``pad_lengths``: run a
     padded batch and compare it at the real tokens with the sequences run one by one
     (:mod:`crosscheck.padding_check`).
+
+    ``prefix``: the layer of a whole model's ``weights`` to check (``model.layers.0.self_attn.``);
+    ``model_config``: a transformers ``config.json`` (heads, kv heads, head_dim, RoPE), whose
+    values the flags must not contradict.
     """
     t_start = time.perf_counter()
     backends = _check_choices(backends, dtype, ttnn_runtime)
@@ -152,8 +162,11 @@ def run(
     if "ttnn" in backends:
         check_ttnn_available(ttnn_runtime, ttnn_python)
     overrides = dict(d_in=d_in, d_out=d_out, context_length=context_length, dropout=dropout,
-                     num_heads=num_heads, qkv_bias=qkv_bias, causal=causal)
-    cases, data, weights_desc = build_cases(variants, weights=weights, inputs=inputs, overrides=overrides)
+                     num_heads=num_heads, qkv_bias=qkv_bias, causal=causal, num_kv_groups=num_kv_groups,
+                     head_dim=head_dim, qk_norm=qk_norm, rope_theta=rope_theta)
+    cases, data, weights_desc = build_cases(
+        variants, weights=weights, inputs=inputs, overrides=overrides, prefix=prefix, model_config=model_config
+    )
     if decode is not None and not variants:
         cases = [c for c in cases if c.variant.decodes(c.config)]
         if not cases:
@@ -223,7 +236,7 @@ def _report(results, cases, run_cases, data, weights_desc, ttnn_info, ttnn_versi
     """The :class:`Report` of a run: ``run_cases`` are the cases as run (padded ones for ``--padding``)."""
     return Report(
         results=results,
-        configs={c.variant.name: c.variant.resolve(c.config).to_dict() for c in cases},
+        configs={c.variant.name: c.variant.report_config(c.config) for c in cases},
         input={**data.describe(), "per_variant_shape": {c.variant.name: list(c.x.shape) for c in run_cases}},
         weights=weights_desc,
         versions=versions(ttnn_versions),
@@ -274,7 +287,7 @@ def _run_mode(cases, data, weights_desc, t_start, *, backends, dtype, attention_
 
 def export_bundle(
     out: Union[str, os.PathLike], variants=None, *, weights=None, inputs=None, attention_impl: Optional[str] = None,
-    **overrides,
+    prefix: str = "", model_config=None, **overrides,
 ) -> list[Case]:
     """Write the cases :func:`run` would run to a bundle file for another interpreter.
 
@@ -283,7 +296,9 @@ def export_bundle(
     from crosscheck.bundle import write_bundle
 
     check_attention_impl(attention_impl, variants)
-    cases, data, weights_desc = build_cases(variants, weights=weights, inputs=inputs, overrides=overrides)
+    cases, data, weights_desc = build_cases(
+        variants, weights=weights, inputs=inputs, overrides=overrides, prefix=prefix, model_config=model_config
+    )
     meta = {"input": data.describe(), "weights": weights_desc}
     if attention_impl is not None:
         meta["attention_impl"] = attention_impl
@@ -338,7 +353,7 @@ def compare_outputs(bundle_path, outputs_paths: Sequence[Union[str, os.PathLike]
     results.sort(key=lambda r: order[r.variant])
     return Report(
         results=results,
-        configs={c.variant.name: c.variant.resolve(c.config).to_dict() for c in cases},
+        configs={c.variant.name: c.variant.report_config(c.config) for c in cases},
         input={"source": f"bundle {os.fspath(bundle_path)}", **({"bundle_input": bmeta["input"]} if "input" in bmeta else {}),
                "per_variant_shape": {c.variant.name: list(c.x.shape) for c in cases}},
         weights=str(bmeta.get("weights", f"bundle {os.fspath(bundle_path)}")),

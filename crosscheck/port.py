@@ -1,9 +1,15 @@
 """Torch <-> Flax weight porting, driven by the tables in :mod:`crosscheck.portmap`.
 
-* :func:`load_state_dict` — torch state dict -> Flax ``variables`` (validated).
-* :func:`to_state_dict` — Flax ``variables`` -> torch state dict (keys, layouts and buffers).
+* :func:`load_state_dict` — torch state dict -> Flax ``variables`` (validated); a whole model's
+  state dict with a layer ``prefix`` (``model.layers.3.self_attn.``, ``transformer.h.0.attn.``,
+  the book's ``trf_blocks.0.att.``).
+* :func:`to_state_dict` — Flax ``variables`` -> torch state dict (keys, layouts and buffers), in
+  any format whose Flax module it is (transformers' key names too), under a ``prefix``.
 * :func:`from_torch` — a torch module (the book's classes, users' copies of
-  them, the fused-QKV class, ``torch.nn.MultiheadAttention``) -> ``(flax_module, variables)``.
+  them, the fused-QKV class, ``torch.nn.MultiheadAttention``, the book's two
+  ``GroupedQueryAttention`` classes, transformers' ``LlamaAttention``, ``Qwen3Attention`` and
+  ``GPT2Attention``) -> ``(flax_module, variables)``; what the weights cannot carry (RoPE)
+  comes from the module's config or from keyword arguments.
 * :func:`load_file` — ``.pt``/``.pth`` (``weights_only=True``) or ``.safetensors`` -> state dict.
 
 Every error names each offending key with the expected and the found shape.
@@ -46,14 +52,56 @@ def _shape(value: Any) -> tuple[int, ...]:
 # --- flax module <-> variant + config ----------------------------------------------------------
 
 
-def config_of(flax_module) -> tuple[registry.Variant, AttnConfig]:
-    """The registry variant and :class:`AttnConfig` a jaxattn module was built with."""
-    name = type(flax_module).__name__
+def _variant_arg(variant) -> registry.Variant:
+    if isinstance(variant, registry.Variant):
+        return variant
     try:
-        variant = registry.get(name)
+        return registry.get(str(variant))
     except KeyError as err:
-        raise BadInputError(f"not a jaxattn attention module: {name}") from err
-    return variant, variant.config_of(flax_module)
+        raise BadInputError(str(err.args[0])) from None
+
+
+def config_of(flax_module, variant=None) -> tuple[registry.Variant, AttnConfig]:
+    """The registry variant and :class:`AttnConfig` a jaxattn module was built with.
+
+    ``variant`` (a name or entry): the torch format, when several share the module's class
+    (``LlamaAttention`` runs on ``GroupedQueryAttention``); default: the variant named like the class.
+    """
+    name = type(flax_module).__name__
+    candidates = registry.for_flax_class(name)
+    if not candidates:
+        raise BadInputError(f"not a jaxattn attention module: {name}")
+    chosen = candidates[0] if variant is None else _variant_arg(variant)
+    if chosen not in candidates:
+        raise BadInputError(
+            f"{chosen.name} runs on jaxattn.{chosen.flax_class_name}, not {name}; "
+            f"formats of {name}: {', '.join(v.name for v in candidates)}"
+        )
+    raw = chosen.config_of(flax_module)
+    cfg = chosen.resolve(raw)
+    fixed = [f"{k}={getattr(raw, k)}" for k in ("qkv_bias", "qk_norm") if getattr(raw, k) != getattr(cfg, k)]
+    if fixed:
+        raise BadInputError(f"{name} with {', '.join(fixed)} is not a {chosen.name} (the format fixes it)")
+    return chosen, cfg
+
+
+# --- prefixes ------------------------------------------------------------------------------------
+
+
+def select_prefix(state_dict: StateDict, prefix: str) -> dict[str, Any]:
+    """The entries of a whole model's ``state_dict`` under ``prefix``, with the prefix removed.
+
+    Raises :class:`BadInputError` naming the prefix and a few keys when nothing is under it.
+    """
+    if not prefix:
+        return dict(state_dict)
+    found = {str(k)[len(prefix):]: v for k, v in state_dict.items() if str(k).startswith(prefix)}
+    if not found:
+        sample = ", ".join(repr(str(k)) for k in list(state_dict)[:3])
+        raise BadInputError(
+            f"no key starts with the prefix {prefix!r} (the state dict has {len(state_dict)} keys, e.g. {sample})"
+        )
+    return found
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -70,6 +118,7 @@ def check_state_dict(portmap: pm.PortMap, state_dict: StateDict, owner: str) -> 
         canonical[pm.canonical_key(str(key))] = value
     params = portmap.by_torch_key()
     buffers = {b.torch_key: b for b in portmap.buffers}
+    canonical = {k: v for k, v in canonical.items() if k not in portmap.ignored}
     problems: list[str] = []
     for key, entry in params.items():
         if key not in canonical:
@@ -121,11 +170,32 @@ def variables_from_state_dict(portmap: pm.PortMap, state_dict: StateDict, owner:
     return {"params": params}
 
 
-def load_state_dict(flax_module, state_dict: StateDict) -> dict:
-    """Flax ``variables`` for ``flax_module`` from a torch state dict (validated, exact)."""
+def _format_of(flax_module, state_dict: StateDict, variant) -> tuple[registry.Variant, AttnConfig]:
+    """The format ``state_dict`` is in, among those of ``flax_module``'s class (the one it fits)."""
+    if variant is not None:
+        return config_of(flax_module, variant)
+    candidates = registry.for_flax_class(type(flax_module).__name__)
+    for candidate in candidates[1:]:
+        try:
+            chosen, cfg = config_of(flax_module, candidate)
+            check_state_dict(chosen.portmap(cfg), state_dict, chosen.name)
+        except BadInputError:
+            continue
+        return chosen, cfg
+    return config_of(flax_module)
+
+
+def load_state_dict(flax_module, state_dict: StateDict, prefix: str = "", *, variant=None) -> dict:
+    """Flax ``variables`` for ``flax_module`` from a torch state dict (validated, exact).
+
+    ``prefix``: read the layer under it in a whole model's state dict (``model.layers.0.self_attn.``).
+    ``variant``: the torch format (a name, e.g. ``"LlamaAttention"``); default: the one whose keys
+    the state dict has, among the formats of ``flax_module``'s class.
+    """
     import jax.numpy as jnp
 
-    variant, cfg = config_of(flax_module)
+    state_dict = select_prefix(state_dict, prefix)
+    variant, cfg = _format_of(flax_module, state_dict, variant)
     variables = variables_from_state_dict(variant.portmap(cfg), state_dict, variant.name)
     import jax
 
@@ -135,13 +205,17 @@ def load_state_dict(flax_module, state_dict: StateDict) -> dict:
 # --- flax -> torch -------------------------------------------------------------------------------
 
 
-def to_state_dict(flax_module, variables: Mapping, return_tensors: str = "np") -> dict[str, Any]:
+def to_state_dict(
+    flax_module, variables: Mapping, return_tensors: str = "np", *, prefix: str = "", variant=None
+) -> dict[str, Any]:
     """The torch state dict (keys, layouts, and the ``mask`` buffers) of Flax ``variables``.
 
     ``return_tensors="np"`` gives numpy arrays; ``"pt"`` gives torch tensors,
-    ready for ``torch_module.load_state_dict``.
+    ready for ``torch_module.load_state_dict``. ``variant``: the torch format to write
+    (``"LlamaAttention"`` writes ``q_proj.weight`` ...; default: the one named like the
+    module's class); ``prefix`` goes before every key (``model.layers.0.self_attn.``).
     """
-    variant, cfg = config_of(flax_module)
+    variant, cfg = config_of(flax_module, variant)
     portmap = variant.portmap(cfg)
     params = variables.get("params", {})
     out: dict[str, Any] = {}
@@ -162,6 +236,7 @@ def to_state_dict(flax_module, variables: Mapping, return_tensors: str = "np") -
         raise PortError(f"{variant.name}: variables do not fit:\n  " + "\n  ".join(problems))
     for buf in portmap.buffers:
         out[buf.torch_key] = buf.expected()
+    out = {prefix + k: v for k, v in out.items()}
     if return_tensors == "pt":
         import torch
 
@@ -174,14 +249,17 @@ def to_state_dict(flax_module, variables: Mapping, return_tensors: str = "np") -
 # --- config inference ----------------------------------------------------------------------------
 
 
-def infer_config(variant: registry.Variant, state_dict: StateDict) -> dict[str, Any]:
+def infer_config(
+    variant: registry.Variant, state_dict: StateDict, known: Optional[Mapping[str, Any]] = None
+) -> dict[str, Any]:
     """The hyperparameters a state dict's keys and shapes pin down for ``variant``.
 
     Returns only what is certain (``d_in``, ``d_out``, ``qkv_bias``, ``context_length``
     from the ``mask`` buffer, ``num_heads`` for the wrapper); the caller supplies the rest.
-    Which keys tell what is the variant's own fact (:meth:`registry.Variant.infer_config`).
+    Which keys tell what is the variant's own fact (:meth:`registry.Variant.infer_config`);
+    ``known`` (flags, a config file) makes more certain (the kv heads once the head dim is known).
     """
-    return variant.infer_config({pm.canonical_key(str(k)): _shape(v) for k, v in state_dict.items()})
+    return variant.infer_config({pm.canonical_key(str(k)): _shape(v) for k, v in state_dict.items()}, known)
 
 
 # --- torch module -> flax -----------------------------------------------------------------------
@@ -207,37 +285,55 @@ def _book_config(variant: registry.Variant, torch_module) -> AttnConfig:
     return AttnConfig(**{**dict(d_in=0, d_out=0, context_length=0), **found})
 
 
-def recognise(torch_module) -> tuple[registry.Variant, AttnConfig]:
+def recognise(torch_module, **options) -> tuple[registry.Variant, AttnConfig]:
     """Which variant a torch module is, and its config, from its structure and attributes.
 
     Each registry entry recognises its own modules (:meth:`registry.Variant.recognises`);
-    the entries exclude each other, so at most one answers.
+    the entries exclude each other, so at most one answers. ``options``: what the module
+    cannot carry, by the names in :attr:`registry.Variant.options` (``rope_theta``,
+    ``freq_config`` or ``rope_scaling``, ``context_length``); a name the variant does not
+    read is an error.
     """
     cls = type(torch_module).__name__
     matches = [v for v in registry.VARIANTS if v.recognises(torch_module)]
     if not matches:
         raise BadInputError(
             f"cannot recognise torch module {cls}: expected one of the book's attention classes "
-            f"(W_query/W_key/W_value, heads, qkv+proj) or torch.nn.MultiheadAttention"
+            f"(W_query/W_key/W_value, heads, qkv+proj, GroupedQueryAttention), torch.nn.MultiheadAttention "
+            f"or transformers' LlamaAttention, Qwen3Attention, GPT2Attention"
         )
     if len(matches) > 1:
         raise BadInputError(f"torch module {cls} looks like several variants: {', '.join(v.name for v in matches)}")
     variant = matches[0]
+    unknown = sorted(set(options) - set(variant.options))
+    if unknown:
+        takes = f"it reads only {', '.join(variant.options)}" if variant.options else "it reads none"
+        raise BadInputError(f"{cls} ({variant.name}): unknown option(s) {', '.join(unknown)}; {takes}")
     if variant.torch_config is not None:
-        return variant, variant.torch_config(torch_module, recognise)
+        return variant, variant.resolve(variant.torch_config(torch_module, recognise, options))
     return variant, _book_config(variant, torch_module)
 
 
-def from_torch(torch_module) -> tuple[Any, dict]:
+def from_torch(torch_module, **options) -> tuple[Any, dict]:
     """``(flax_module, variables)`` equivalent to ``torch_module``, with its weights ported.
 
     Recognises the book's classes by structure (so users' own copies work),
     the fused-QKV class and ``torch.nn.MultiheadAttention`` (``batch_first``
-    self-attention; pass ``causal=True`` to the Flax module when you feed torch a causal mask).
+    self-attention; pass ``causal=True`` to the Flax module when you feed torch a causal mask),
+    the book's two ``GroupedQueryAttention`` classes (Llama 3, Qwen3) and transformers'
+    ``LlamaAttention``, ``Qwen3Attention`` (their ``config``: transformers 5's
+    ``rope_parameters`` or 4.x's ``rope_theta``/``rope_scaling``) and ``GPT2Attention``.
+
+    ``options``: what the module cannot carry: ``rope_theta``, ``freq_config`` (the book's
+    keys) or ``rope_scaling`` (transformers' dict), ``context_length``. The book's classes
+    need ``rope_theta`` and ``context_length``; a value that contradicts a module's config
+    is an error. The RoPE modules' ``apply(variables, x)`` is causal, positions ``0 .. T-1``.
+    Write the weights back with ``to_state_dict(flax_module, variables, variant=variant_name)``
+    for transformers' key names (:func:`recognise` tells the variant).
     """
-    variant, cfg = recognise(torch_module)
+    variant, cfg = recognise(torch_module, **options)
     flax_module = variant.flax_module(cfg)
-    return flax_module, load_state_dict(flax_module, torch_module.state_dict())
+    return flax_module, load_state_dict(flax_module, torch_module.state_dict(), variant=variant)
 
 
 # --- files ---------------------------------------------------------------------------------------

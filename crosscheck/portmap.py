@@ -13,13 +13,15 @@ interpreter without torch or JAX.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
 #: ``linear_weight``: torch ``nn.Linear.weight`` ``(out, in)`` = Flax ``kernel.T`` = ttnn ``(in, out)``.
 #: ``bias``: ``(out,)`` in torch and Flax, ``(1, out)`` in ttnn.
-#: ``raw``: a bare ``nn.Parameter`` used as ``x @ W`` (``SelfAttentionV1``), same layout everywhere.
+#: ``raw``: a bare ``nn.Parameter`` used as ``x @ W`` (``SelfAttentionV1``; transformers' ``Conv1D`` in GPT-2,
+#: whose ``weight`` is already ``(in, out)``), same layout everywhere.
+#: A norm's scale vector (``q_norm.scale``) uses ``bias``: ``(n,)``, and ``(1, n)`` in ttnn.
 Layout = Literal["linear_weight", "bias", "raw"]
 
 
@@ -29,6 +31,15 @@ class Entry:
     flax_path: tuple[str, ...]  # e.g. ("heads_0", "W_query", "kernel") under variables["params"]
     layout: Layout
     torch_shape: tuple[int, ...]
+    #: Where the ttnn parameter tree holds it, as a torch key of the book's layout (the ttnn programs read
+    #: the book's names whatever the torch format: transformers' ``q_proj.weight`` -> ``W_query.weight``);
+    #: ``None``: the torch key itself.
+    ttnn_key: Optional[str] = None
+
+    @property
+    def ttnn_name(self) -> str:
+        """The book-layout key the ttnn programs read (``ttnn_key``, else ``torch_key``)."""
+        return self.ttnn_key or self.torch_key
 
     @property
     def flax_shape(self) -> tuple[int, ...]:
@@ -62,6 +73,10 @@ class BufferEntry:
 class PortMap:
     entries: tuple[Entry, ...]
     buffers: tuple[BufferEntry, ...] = ()
+    #: Keys accepted and dropped, never required (as transformers' ``_keys_to_ignore_on_load_unexpected``):
+    #: buffers a format may carry that hold no weights (GPT-2's old ``bias``/``masked_bias`` masks, a
+    #: notebook's RoPE ``cos``/``sin`` tables, ``rotary_emb.inv_freq``).
+    ignored: tuple[str, ...] = ()
 
     def by_torch_key(self) -> dict[str, Entry]:
         return {e.torch_key: e for e in self.entries}
@@ -95,6 +110,29 @@ def linear(prefix: str, flax_prefix: tuple[str, ...], d_in: int, d_out: int, bia
     if bias:
         entries.append(Entry(f"{prefix}.bias", (*flax_prefix, "bias"), "bias", (d_out,)))
     return entries
+
+
+def linear_as(
+    prefix: str, flax_prefix: tuple[str, ...], ttnn_prefix: str, d_in: int, d_out: int, bias: bool
+) -> list[Entry]:
+    """``linear`` under another torch name: transformers' ``q_proj`` held as the book's ``W_query`` in ttnn."""
+    return [
+        Entry(e.torch_key, e.flax_path, e.layout, e.torch_shape, ttnn_prefix + e.torch_key[len(prefix):])
+        for e in linear(prefix, flax_prefix, d_in, d_out, bias)
+    ]
+
+
+def conv1d(prefix: str, flax_prefix: tuple[str, ...], ttnn_prefix: str, d_in: int, d_out: int) -> list[Entry]:
+    """transformers' ``Conv1D(nf=d_out, nx=d_in)``: weight ``(in, out)`` as is (``raw``), always a bias."""
+    return [
+        Entry(f"{prefix}.weight", (*flax_prefix, "kernel"), "raw", (d_in, d_out), f"{ttnn_prefix}.weight"),
+        Entry(f"{prefix}.bias", (*flax_prefix, "bias"), "bias", (d_out,), f"{ttnn_prefix}.bias"),
+    ]
+
+
+def norm_scale(torch_key: str, flax_prefix: tuple[str, ...], ttnn_key: str, size: int) -> Entry:
+    """An RMSNorm's scale ``(size,)`` (the book's ``.scale``, transformers' ``.weight``): ttnn ``(1, size)``."""
+    return Entry(torch_key, (*flax_prefix, "scale"), "bias", (size,), ttnn_key)
 
 
 def qkv_linears(prefix: str, flax_prefix: tuple[str, ...], d_in: int, d_out: int, bias: bool) -> list[Entry]:

@@ -8,13 +8,16 @@ Depends on JAX and Flax only. Layers, bottom up:
 * :func:`dot_product_attention` (:mod:`jaxattn.attention`): the one attention core,
   ``jax.nn.dot_product_attention``'s signature plus ``q_offset``; :mod:`jaxattn.core`
   gathers the functional core in one import;
-* the Linen modules: own parameters (named as the torch ones), project, call the core.
+* :mod:`jaxattn.rope` and :mod:`jaxattn.norms`: RoPE and RMS-norm as plain functions;
+* the Linen modules: own parameters (named as the torch ones), project, call the core;
+  :class:`GroupedQueryAttention` (Llama 3 / Qwen3) adds RoPE and QK-norm.
 """
 
 from jaxattn import core, implementations, masks
 from jaxattn.attention import dot_product_attention
 from jaxattn.base import AttentionModule
 from jaxattn.causal import CausalAttention, MultiHeadAttentionWrapper
+from jaxattn.gqa import GroupedQueryAttention
 from jaxattn.multihead import MultiHeadAttention, MultiHeadAttentionCombinedQKV, TorchMultiheadAttention
 from jaxattn.self_attention import SelfAttentionV1, SelfAttentionV2, SimplifiedSelfAttention
 
@@ -34,4 +37,5 @@ VARIANTS = (
 
 __all__ = [cls.__name__ for cls in VARIANTS] + [
     "AttentionModule", "VARIANTS", "core", "dot_product_attention", "implementations", "masks",
+    "GroupedQueryAttention",  # issue 12: beyond chapter 3, so not in VARIANTS
 ]

@@ -119,6 +119,17 @@ class AttentionModule(nn.Module):
             )
         return attention_mask.astype(jnp.bool_) if attention_mask.dtype != jnp.bool_ else attention_mask
 
+    def cache_offset(self):
+        """Position of this call's first token: the cached ``cache_index`` with ``decode``, else 0.
+
+        Read before :meth:`attend` appends the chunk (a module that rotates keys by position, such
+        as RoPE, needs it first). During ``init``, or before the cache exists, it is 0, as in
+        :meth:`update_cache`. Reads only; creates no variable.
+        """
+        if not self.decode or not self.has_variable("cache", "cached_key"):
+            return 0
+        return self.get_variable("cache", "cache_index")
+
     def update_cache(self, keys, values, key_mask):
         """Append this chunk's keys, values and key mask to the ``'cache'`` collection.
 

@@ -5,6 +5,8 @@
   layout, with its implementations in :mod:`jaxattn.implementations`.
 * The array primitives of :mod:`jaxattn.ops`: scores, the book's masked softmax,
   dropout, head split/merge.
+* RoPE (:mod:`jaxattn.rope`: :func:`compute_rope_params`, :func:`apply_rope`,
+  :func:`freq_config_from_rope_scaling`) and :func:`rms_norm` (:mod:`jaxattn.norms`).
 * :func:`naive_attention` and :func:`causal_attention`: chapter 3's head-first
   layout ``(..., tokens, head_dim)`` (any leading batch/head axes), kept for the
   code written against it; both go through :func:`dot_product_attention`.
@@ -19,6 +21,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from jaxattn import implementations
 from jaxattn.attention import attention_with_weights, dot_product_attention
+from jaxattn.norms import rms_norm
 from jaxattn.ops import (
     attention_scores,
     attention_weights,
@@ -28,14 +31,15 @@ from jaxattn.ops import (
     safe_softmax,
     split_heads,
 )
+from jaxattn.rope import apply_rope, compute_rope_params, freq_config_from_rope_scaling
 
 #: ``"auto"`` or a registered implementation name (:func:`jaxattn.implementations.names`).
 AttentionImpl = Literal["naive", "blockwise", "xla", "auto"]
 
 __all__ = [
-    "AttentionImpl", "attention_scores", "attention_weights", "attention_with_weights", "causal_attention",
-    "dot_product_attention", "dropout", "masked_softmax", "merge_heads", "naive_attention", "safe_softmax",
-    "split_heads",
+    "AttentionImpl", "apply_rope", "attention_scores", "attention_weights", "attention_with_weights", "causal_attention",
+    "compute_rope_params", "dot_product_attention", "dropout", "freq_config_from_rope_scaling", "masked_softmax",
+    "merge_heads", "naive_attention", "rms_norm", "safe_softmax", "split_heads",
 ]
 
 

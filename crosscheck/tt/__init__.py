@@ -25,7 +25,9 @@ Each program's count of roundings lives on its :class:`crosscheck.registry.Varia
 4 for ``SimplifiedSelfAttention`` (x, scores, softmax weights, context); 8 for the
 single-head projections (x, weight and bias, q/k/v, scores, the 1/sqrt(head_dim)
 scalar, scaled scores, weights, context); 10 with an output projection (its weight and
-its output). :data:`BF16_ROUNDINGS` is the table read off the registry.
+its output). ``GroupedQueryAttention`` (Llama 3) adds three for RoPE (the bf16 cos/sin
+table, ``x * cos``, the sum) to 13; Qwen3's ``qk_norm`` two more (``rms_norm``'s output
+and its scale) to 15. :data:`BF16_ROUNDINGS` is the table read off the registry.
 
 PCC: 0.999, tt-metal's bar for bf16 linear layers (softmax tests use 0.997-0.999).
 Measured on the host model (seed sentence and 2x50x40 inputs): max-abs 1.4e-3 to

@@ -36,6 +36,8 @@ Where a real device differs (the model is closer to float32 than the hardware):
 * softmax computes ``exp`` exactly in float32; the device default
   (``math_approx_mode=True``) uses an **approximate exp** and bf16 intermediates;
   the programs pass ``math_approx_mode=False`` and fp32 accumulation.
+* ``rms_norm`` is ``x / sqrt(mean(x**2) + eps) * gamma`` in float32 over the logical
+  width, rounded once; the device runs a fused kernel with the given kernel config.
 * SDPA is computed as one float32 softmax(QK^T * scale) V rounded once; the device
   runs FlashAttention-2 style chunks with bf16 intermediates.
 * A scalar operand of ``multiply``/``add`` is rounded to input A's dtype first
@@ -748,6 +750,65 @@ def softmax(
     return _like(input_tensor, out, layout=Layout.TILE, memory_config=memory_config)
 
 
+# --- normalization -------------------------------------------------------------------------------
+
+
+@_ttnn_function("rms_norm")
+def rms_norm(
+    input_tensor: Tensor,
+    *,
+    epsilon: float = 1e-12,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    residual_input_tensor: Tensor | None = None,
+    memory_config: MemoryConfig | None = None,
+    program_config=None,
+    compute_kernel_config: WormholeComputeKernelConfig | None = None,
+) -> Tensor:
+    """``x / sqrt(mean(x**2, -1) + epsilon) * weight`` over the LOGICAL last dim, float32, rounded once; output TILE.
+
+    ``weight`` (gamma): a TILE row ``(1, W)`` (or ``(W,)``) whose padded width equals the
+    input's and whose logical width is at least the input's, as 0.81.1 checks. The mean
+    is over the input's logical width; that a device kernel excludes the tile padding of
+    a width that is not a multiple of 32 is what the 0.81.1 gamma check implies (it
+    compares logical widths), not something a run here has shown.
+    """
+    _not_modelled("rms_norm", bias=bias, residual_input_tensor=residual_input_tensor, program_config=program_config)
+    _check_kernel_config(compute_kernel_config)
+    if input_tensor._device is None:
+        raise _fatal("Input tensor must be on device, got storage_type StorageType::HOST")
+    _on_device(input_tensor, "Input tensor must be on device")
+    if input_tensor.layout != Layout.TILE:
+        raise _fatal("ttnn::rms_norm does not support ROW_MAJOR input tensors. Use TILE layout.")
+    _float_dtype(input_tensor, "rms_norm")
+    if len(input_tensor.shape) < 1:
+        raise _fatal("rms_norm: the input must have rank >= 1")
+    x = input_tensor._values.astype(np.float32)
+    width = x.shape[-1]
+    out = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(epsilon))
+    if weight is not None:
+        if weight._device is None:
+            raise _fatal("Gamma must be on device.")
+        _on_device(weight, "Gamma must be on device.")
+        if weight._device is not input_tensor._device:
+            raise _fatal("Input tensor device must match gamma tensor device")
+        if weight.layout != Layout.TILE:
+            raise NotImplementedError("host model: a ROW_MAJOR rms_norm weight ([W/32, 32] sticks) is not modelled")
+        _float_dtype(weight, "rms_norm")
+        g_logical, g_padded = weight.shape[-1], weight.padded_shape[-1]
+        if g_padded != input_tensor.padded_shape[-1] or g_logical < width:
+            raise _fatal(
+                "Input and gamma padded widths must match and gamma logical width must be >= input logical width "
+                "(otherwise valid input columns would be multiplied by gamma padding). Got input: "
+                f"logical[-1]={width} padded[-1]={input_tensor.padded_shape[-1]} vs gamma: "
+                f"logical[-1]={g_logical} padded[-1]={g_padded}"
+            )
+        if any(d != 1 for d in weight.shape[:-1]):
+            raise _fatal(f"host model: rms_norm's weight must be a row [1, {g_logical}], got {list(weight.shape)}")
+        out = out * weight._values.reshape(-1)[:width]
+    return _like(input_tensor, out, layout=Layout.TILE, memory_config=memory_config)
+
+
 # --- elementwise ---------------------------------------------------------------------------------
 
 
@@ -926,6 +987,27 @@ def concat(tensors, dim: int = 0, *, memory_config: MemoryConfig | None = None, 
     except ValueError as err:
         raise _fatal(f"concat: {err}") from None
     return _like(tensors[0], out, memory_config=memory_config)
+
+
+@_ttnn_function("repeat_interleave")
+def repeat_interleave(input_tensor: Tensor, repeats: int, dim: int, *,
+                      memory_config: MemoryConfig | None = None) -> Tensor:
+    """torch's ``repeat_interleave(repeats, dim)``: each slice along ``dim`` ``repeats`` times in a row ([a, a, b, b]).
+
+    ``repeats`` is a ``uint32`` in 0.81.1 (one count for every slice; no per-slice tensor).
+    """
+    repeats = _uint32("repeat_interleave", "repeats", repeats)
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise TypeError(f"ttnn.repeat_interleave(): incompatible function arguments: dim must be an int, got {dim!r}")
+    _on_device(input_tensor, "Device Operations expect device tensors as inputs")
+    _float_dtype(input_tensor, "repeat_interleave")
+    rank = len(input_tensor.shape)
+    if not -rank <= int(dim) < rank:
+        raise _fatal(f"repeat_interleave: dim {dim} out of range for rank {rank}")
+    if repeats == 0:
+        raise NotImplementedError("host model: repeat_interleave with repeats=0 is not modelled")
+    out = np.repeat(input_tensor._values, repeats, axis=int(dim))
+    return _like(input_tensor, out, memory_config=memory_config)
 
 
 # --- KV cache -------------------------------------------------------------------------------------

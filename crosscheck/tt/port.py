@@ -12,7 +12,10 @@ The result mirrors the torch module tree with attribute access, as
 ``ttnn.model_preprocessing.ParameterDict`` does: ``parameters.W_query.weight``,
 ``parameters.heads[0].W_key.bias``, ``parameters.out_proj.bias``. torch's bare
 ``in_proj_weight``/``in_proj_bias`` become ``parameters.in_proj.weight``/``.bias``
-so the fused projection reads like any other linear.
+so the fused projection reads like any other linear. The tree uses the book's names
+whatever the torch format (each entry's ``ttnn_key``): transformers' ``q_proj.weight``
+is ``parameters.W_query.weight``, ``q_norm.weight`` is ``parameters.q_norm.scale``
+(``(1, head_dim)``), GPT-2's ``c_attn.weight`` is ``parameters.qkv.weight``.
 
 Numpy only (no torch): runs in the ttnn interpreter.
 """
@@ -77,14 +80,14 @@ def _insert(tree: ParameterDict, path: tuple[str, ...], value: Any) -> None:
 
 
 def ttnn_arrays(portmap: pm.PortMap, state_dict: Mapping[str, Any], owner: str) -> dict[str, np.ndarray]:
-    """Validated float32 arrays in ttnn layout, by canonical torch key."""
+    """Validated float32 arrays in ttnn layout, by the book-layout key the programs read (``Entry.ttnn_name``)."""
     canonical = check_state_dict(portmap, state_dict, owner)
     out = {}
     for entry in portmap.entries:
         array = np.asarray(to_numpy(canonical[entry.torch_key]), dtype=np.float32)
         array = np.ascontiguousarray(pm.to_ttnn(entry.layout, array))
         assert array.shape == entry.ttnn_shape, (entry.torch_key, array.shape, entry.ttnn_shape)
-        out[entry.torch_key] = array
+        out[entry.ttnn_name] = array
     return out
 
 

@@ -14,7 +14,9 @@ sees no key at all gets a zero context vector (not the mean of the values, not N
 Pitfalls these programs avoid (ttnn-notes §7): matmul never tilizes (all operands
 are TILE); head_dim is whatever the config gives (1 in the book's toy sizes), so
 the generic programs use only matmul/linear, reshape, permute, transpose, slice,
-add, multiply and softmax; the SDPA programs are picked only when head_dim is a
+add, multiply and softmax (plus, for grouped-query attention, concat for RoPE's
+half rotation, ``rms_norm`` for Qwen3's q/k norm and ``repeat_interleave`` for the
+shared key/value heads); the SDPA programs are picked only when head_dim is a
 multiple of 32; there is no unary minus on ttnn tensors and slice bounds are never
 negative. The masks are additive (0 = attend, :data:`ADDITIVE_MASK_VALUE` =
 masked), built with numpy (:func:`key_visibility`) and sent with ``from_torch``. Dropout is
@@ -345,6 +347,103 @@ def torch_multihead_attention_sdpa(ttnn, device, x, *, parameters, config, atten
                       attention_mask=attention_mask)
 
 
+# --- grouped-query attention (the book's Llama 3 / Qwen3 GroupedQueryAttention) ----------------------
+#
+# RoPE pairs dimensions as split halves (the book's and HF's ``rotate_half``: dim ``i`` with
+# ``i + head_dim/2``), not interleaved (Meta's original). Positions are ``0 .. tokens-1`` for every
+# sequence, as in the book (padding does not shift them). Key/value heads are expanded as the book's
+# ``repeat_interleave(group_size, dim=1)``: kv head ``g`` serves query heads ``g*group_size .. (g+1)*group_size-1``.
+
+
+def compute_rope_params(head_dim: int, theta_base: float = 10_000.0, context_length: int = 4096,
+                        freq_config: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+    """The book's ``compute_rope_params`` (llama3.py, incl. the Llama 3 frequency scaling) in numpy float32.
+
+    Returns ``(cos, sin)``, each ``(context_length, head_dim)``: angle ``p * inv_freq[j]`` in
+    column ``j`` and again in column ``j + head_dim/2``.
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    f32 = np.float32
+    inv_freq = f32(1.0) / (f32(theta_base) ** (np.arange(0, head_dim, 2, dtype=f32)[: head_dim // 2] / f32(head_dim)))
+    if freq_config is not None:
+        factor, low, high = (f32(freq_config[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        original = f32(freq_config["original_context_length"])
+        low_freq_wavelen, high_freq_wavelen = original / low, original / high
+        wavelen = f32(2 * np.pi) / inv_freq
+        inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth_factor = (original / wavelen - low) / (high - low)
+        smoothed_inv_freq = (f32(1) - smooth_factor) * (inv_freq / factor) + smooth_factor * inv_freq
+        is_medium_freq = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+        inv_freq = np.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama).astype(f32)
+    positions = np.arange(context_length, dtype=f32)
+    angles = positions[:, None] * inv_freq[None, :]  # (context_length, head_dim // 2)
+    angles = np.concatenate([angles, angles], axis=1)  # (context_length, head_dim)
+    return np.cos(angles).astype(f32), np.sin(angles).astype(f32)
+
+
+def rope_tables(ttnn, device, tokens: int, config):
+    """``(cos, sin)`` for positions ``0 .. tokens-1`` as ``(1, 1, tokens, head_dim)`` bf16 TILE tensors on ``device``."""
+    cos, sin = compute_rope_params(config.resolved_head_dim(), config.rope_theta, tokens, config.freq_config())
+
+    def send(a: np.ndarray):
+        return ttnn.from_torch(a[None, None], dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
+
+    return send(cos), send(sin)
+
+
+def apply_rope(ttnn, x, cos, sin):
+    """The book's ``apply_rope`` on ``(b, H, T, head_dim)``: ``x * cos + cat(-x2, x1) * sin``."""
+    b, heads, tokens, head_dim = x.shape
+    half = head_dim // 2
+    x1 = ttnn.slice(x, [0, 0, 0, 0], [b, heads, tokens, half])  # (b, H, T, hd/2), first half
+    x2 = ttnn.slice(x, [0, 0, 0, half], [b, heads, tokens, head_dim])  # second half
+    rotated = ttnn.concat([ttnn.multiply(x2, -1.0), x1], dim=-1)  # (b, H, T, hd); no unary minus in ttnn
+    return ttnn.add(ttnn.multiply(x, cos), ttnn.multiply(rotated, sin))
+
+
+def rms_norm(ttnn, x, parameters):
+    """The book's ``RMSNorm(head_dim, eps=1e-6)`` over the last dim; ``parameters.scale`` is ``(1, head_dim)``."""
+    return ttnn.rms_norm(x, epsilon=1e-6, weight=parameters.scale, compute_kernel_config=compute_kernel_config(ttnn))
+
+
+def gqa_qkv(ttnn, x, parameters, config):
+    """Projections, heads, optional q/k RMSNorm: queries ``(b, H, T, hd)``, keys/values ``(b, G, T, hd)`` (before RoPE)."""
+    queries = split_heads(ttnn, linear(ttnn, x, parameters.W_query), config.num_heads)  # (b, H, T, hd)
+    keys = split_heads(ttnn, linear(ttnn, x, parameters.W_key), config.kv_heads())  # (b, G, T, hd)
+    values = split_heads(ttnn, linear(ttnn, x, parameters.W_value), config.kv_heads())  # (b, G, T, hd)
+    if config.qk_norm:  # Qwen3
+        queries = rms_norm(ttnn, queries, parameters.q_norm)
+        keys = rms_norm(ttnn, keys, parameters.k_norm)
+    return queries, keys, values
+
+
+def expand_kv_heads(ttnn, t, group_size: int):
+    """``(b, G, T, hd)`` -> ``(b, G * group_size, T, hd)`` as the book's ``repeat_interleave(group_size, dim=1)``."""
+    return t if group_size == 1 else ttnn.repeat_interleave(t, group_size, 1)
+
+
+def grouped_query_attention(ttnn, device, x, *, parameters, config, attention_mask=None):
+    """The book's ``GroupedQueryAttention`` (Llama 3; Qwen3 with ``config.qk_norm``): RoPE, shared K/V heads, causal.
+
+    Reads ``parameters.W_query.weight`` ``(d_in, H * hd)``, ``W_key``/``W_value.weight``
+    ``(d_in, G * hd)``, ``out_proj.weight`` ``(H * hd, out)`` (each with an optional ``(1, n)``
+    ``bias``) and, with ``config.qk_norm``, ``q_norm.scale``/``k_norm.scale`` ``(1, hd)``;
+    ``H = config.num_heads``, ``G = config.kv_heads()``, ``hd = config.resolved_head_dim()``.
+    """
+    if config.num_heads % config.kv_heads():
+        raise ValueError(f"num_heads={config.num_heads} must be a multiple of kv_heads={config.kv_heads()}")
+    queries, keys, values = gqa_qkv(ttnn, x, parameters, config)
+    cos, sin = rope_tables(ttnn, device, queries.shape[-2], config)  # (1, 1, T, hd)
+    queries = apply_rope(ttnn, queries, cos, sin)
+    keys = apply_rope(ttnn, keys, cos, sin)
+    group_size = config.num_heads // config.kv_heads()
+    keys = expand_kv_heads(ttnn, keys, group_size)  # (b, H, T, hd)
+    values = expand_kv_heads(ttnn, values, group_size)  # (b, H, T, hd)
+    context_vec = attention(ttnn, device, queries, keys, values, causal=True, attention_mask=attention_mask)
+    return linear(ttnn, merge_heads(ttnn, context_vec), parameters.out_proj)  # (b, T, out)
+
+
 #: ``Variant.ttnn_program`` -> program.
 PROGRAMS: dict[str, Callable] = {
     f.__name__: f
@@ -357,6 +456,7 @@ PROGRAMS: dict[str, Callable] = {
         multi_head_attention,
         multi_head_attention_combined_qkv,
         torch_multihead_attention,
+        grouped_query_attention,
     )
 }
 
@@ -372,7 +472,7 @@ TILE_SIZE = 32
 
 def head_dim(program: str, config) -> int:
     """The per-head dim ``program`` attends over under ``config`` (a resolved AttnConfig)."""
-    return config.d_out // config.num_heads
+    return config.resolved_head_dim()
 
 
 def select(program: str, config) -> tuple[str, Callable]:

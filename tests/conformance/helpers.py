@@ -350,3 +350,25 @@ def random_case(variant, cfg, *, seed: int = 0, batch: int = 2, tokens: Optional
     tokens = tokens or min(resolved.context_length, 6) or 6
     shape = (tokens, resolved.d_in) if variant.unbatched and batch == 0 else (batch, tokens, resolved.d_in)
     return state_dict, rng.standard_normal(shape).astype(np.float32)
+
+
+def gqa_case(cfg, *, seed: int = 0, batch: int = 2, tokens: int = 6):
+    """``(arrays, x)`` for ``grouped_query_attention`` (no port table yet): ttnn-layout float32 arrays by tree path.
+
+    ``arrays[("W_query", "weight")]`` is ``(d_in, H * hd)``, biases and norm scales ``(1, n)``;
+    weights uniform(-1, 1) / sqrt(fan-in), N(0, 1) inputs.
+    """
+    rng = np.random.default_rng(seed)
+    hd, heads, kv = cfg.resolved_head_dim(), cfg.num_heads, cfg.kv_heads()
+    widths = {"W_query": (cfg.d_in, heads * hd), "W_key": (cfg.d_in, kv * hd), "W_value": (cfg.d_in, kv * hd),
+              "out_proj": (heads * hd, cfg.d_in)}
+    arrays = {}
+    for name, (n_in, n_out) in widths.items():
+        arrays[(name, "weight")] = rng.uniform(-1, 1, (n_in, n_out)) / np.sqrt(n_in)
+        if cfg.qkv_bias:
+            arrays[(name, "bias")] = rng.uniform(-1, 1, (1, n_out)) / np.sqrt(n_in)
+    if cfg.qk_norm:
+        arrays[("q_norm", "scale")] = rng.uniform(0.5, 1.5, (1, hd))
+        arrays[("k_norm", "scale")] = rng.uniform(0.5, 1.5, (1, hd))
+    x = rng.standard_normal((batch, tokens, cfg.d_in))
+    return {k: v.astype(np.float32) for k, v in arrays.items()}, x.astype(np.float32)

@@ -75,7 +75,7 @@ def test_every_variant_inits_applies_jits_and_ports_back(variant):
     assert eager.shape == (*x.shape[:-1], variant.output_dim(cfg))
     # numpy state dict -> Flax -> state dict is the identity, and the ported weights are the ones used
     variables = port_variables(variant, cfg, state_dict)
-    back = to_state_dict(module, variables)
+    back = to_state_dict(module, variables, variant=variant.name)
     assert sorted(back) == sorted(state_dict)
     for key, value in state_dict.items():
         np.testing.assert_array_equal(back[key], value)

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 from crosscheck import registry
+from crosscheck.config import AttnConfig
 from crosscheck.tt import host_model as hm
 from crosscheck.tt import decode_programs, programs, runtime
-from tests.conformance.helpers import call_problem, random_case, real_signatures, resolve, seed_config
+from crosscheck.tt.port import ParameterDict
+from tests.conformance.helpers import call_problem, gqa_case, random_case, real_signatures, resolve, seed_config
 
 
 @dataclass
@@ -61,6 +63,30 @@ def _configs(variant):
 
 CASES = [(v, label, cfg) for v in registry.VARIANTS for label, cfg in _configs(v)]
 
+#: grouped_query_attention, run directly with a hand-built parameter tree (its port table lives elsewhere):
+#: Llama 3 (GQA, scaled RoPE, head_dim 2) and Qwen3 (MQA, qk_norm with (1, head_dim) scales, biases).
+GQA_CASES = [
+    ("llama3_gqa", AttnConfig(d_in=8, d_out=8, num_heads=4, num_kv_groups=2, context_length=8,
+                              rope_scaling=AttnConfig.encode_freq_config(
+                                  {"factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
+                                   "original_context_length": 16}))),
+    ("qwen3_mqa", AttnConfig(d_in=16, d_out=16, num_heads=2, num_kv_groups=1, head_dim=8, qk_norm=True,
+                             qkv_bias=True, rope_theta=1_000_000.0, context_length=8)),
+]
+
+
+def _run_gqa(ttnn, device, cfg, padding):
+    arrays, x = gqa_case(cfg, batch=2)
+    parameters = ParameterDict()
+    for (module, leaf), array in arrays.items():
+        tensor = ttnn.from_torch(array, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
+        parameters.setdefault(module, ParameterDict())[leaf] = tensor
+    tt_x = ttnn.from_torch(x, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
+    program = programs.PROGRAMS["grouped_query_attention"]
+    return [np.asarray(ttnn.to_torch(program(ttnn, device, tt_x, parameters=parameters, config=cfg,
+                                             attention_mask=mask)), dtype=np.float32)
+            for mask in (None, padding)]
+
 
 @pytest.fixture(scope="module")
 def usage():
@@ -82,6 +108,16 @@ def usage():
             hm.close_device(device)
         assert all(np.all(np.isfinite(out)) for out in outs), f"{variant.name} ({label}) gave non-finite outputs"
         ran.append(runtime.program_name(variant, cfg))
+    for label, cfg in GQA_CASES:
+        padding = np.ones((2, 6), bool)
+        padding[0, -1] = padding[1, 0] = False
+        device = hm.open_device(device_id=0)
+        try:
+            outs = _run_gqa(Recorder(hm, log), device, cfg, padding)
+        finally:
+            hm.close_device(device)
+        assert all(np.all(np.isfinite(out)) for out in outs), f"grouped_query_attention ({label}) gave non-finite outputs"
+        ran.append("grouped_query_attention")
     return log, ran
 
 
@@ -109,6 +145,7 @@ def test_every_name_read_exists_in_real_ttnn(real_ttnn, usage):
             missing.append(dotted)
     assert missing == [], f"the programs use names real ttnn 0.81.1 lacks: {missing}"
     assert {"linear", "matmul", "softmax", "from_torch"} <= log.reads  # the proxy really saw the programs
+    assert {"rms_norm", "repeat_interleave", "slice", "concat"} <= log.reads  # and grouped_query_attention
 
 
 def test_every_call_fits_a_real_signature(real_ttnn, usage):

@@ -86,3 +86,27 @@ def test_cache_ops_are_modelled_with_the_wheels_signatures(real_ttnn):
     assert [p.name for p in pad.params] == ["input_tensor", "fill_value", "memory_config"]
     (sdpa,) = real_signatures(real_ttnn, "transformer.scaled_dot_product_attention")
     assert Param("attn_mask", "keyword_only", "None") in sdpa.params  # the SDPA twins pass padding through it
+
+
+def test_gqa_ops_are_modelled_with_the_wheels_signatures(real_ttnn):
+    """grouped_query_attention's ops as 0.81.1 declares them: rms_norm's keyword-only epsilon/weight
+    (default epsilon 1e-12, so the program passes the book's 1e-6), repeat_interleave's positional
+    ``repeats``/``dim`` (torch's ``repeat_interleave(repeats, dim)``), slice's positional bounds."""
+    assert {"rms_norm", "repeat_interleave", "slice", "concat", "multiply", "add"} <= set(hm.IMPLEMENTED)
+    (rms,) = real_signatures(real_ttnn, "rms_norm")
+    assert rms.params[:3] == (
+        Param("input_tensor", "positional", "<required>"),
+        Param("epsilon", "keyword_only", "1e-12"),
+        Param("weight", "keyword_only", "None"),
+    )
+    assert Param("compute_kernel_config", "keyword_only", "None") in rms.params
+    (rep,) = real_signatures(real_ttnn, "repeat_interleave")
+    assert rep.params == (
+        Param("input_tensor", "positional", "<required>"),
+        Param("repeats", "positional", "<required>"),
+        Param("dim", "positional", "<required>"),
+        Param("memory_config", "keyword_only", "None"),
+    )
+    doc = real_ttnn.repeat_interleave.__doc__ or ""
+    assert "Repeats elements of a :attr:`tensor` in the given :attr:`dim`" in doc
+    assert r"\frac{x}{\sqrt{\epsilon+\frac{1}{N}\sum_{i=1}^{N}x^{2}}} \cdot \gamma" in (real_ttnn.rms_norm.__doc__ or "")

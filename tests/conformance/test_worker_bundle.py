@@ -86,7 +86,7 @@ def test_padded_decode_bundle_equals_the_main_venv_host_model(tmp_path):
     meta = worker.run_bundle(path, tmp_path / "here.safetensors", backend="ttnn", runtime="host")
     here, _ = bd.read_outputs(tmp_path / "here.safetensors")
     there, there_meta = worker.run_in_interpreter(MAIN_PYTHON, path, tmp_path / "main.safetensors", runtime="host")
-    assert meta["decode_prompt_len"] == there_meta["decode_prompt_len"] == 2 and len(here) == len(cases) == 5
+    assert meta["decode_prompt_len"] == there_meta["decode_prompt_len"] == 2 and len(here) == len(cases) >= 5
     for name, value in here.items():
         assert np.isfinite(value).all(), name
         np.testing.assert_array_equal(value, there[name], err_msg=name)

@@ -77,7 +77,7 @@ def test_default_run_passes_with_every_variant_and_backend(default_run):
     report = json.loads((d / "report.json").read_text())
     assert report["passed"] is True
     pairs = {(r["variant"], r["backend"]) for r in report["results"]}
-    assert pairs == {(v, b) for v in registry.names() for b in ("torch", "flax", "ttnn")}
+    assert pairs == {(v.name, b) for v in registry.default_run() for b in ("torch", "flax", "ttnn")}
     for r in report["results"]:
         for key in ("variant", "backend", "runtime", "max_abs_err", "max_rel_err", "pcc", "ulp", "passed", "thresholds", "shape"):
             assert key in r
@@ -87,7 +87,7 @@ def test_default_run_passes_with_every_variant_and_backend(default_run):
     assert report["ttnn_runtime"]["name"] == "host"
     assert {"torch", "jax", "flax", "ttnn", "ttnn_reason"} <= set(report["versions"])
     assert report["versions"]["torch"] == torch.__version__
-    assert set(report["configs"]) == set(registry.names())
+    assert set(report["configs"]) == {v.name for v in registry.default_run()}
     assert report["configs"]["MultiHeadAttention"] == {
         "d_in": 3, "d_out": 2, "context_length": 6, "dropout": 0.0, "num_heads": 2, "qkv_bias": False, "causal": True,
     }
@@ -264,7 +264,7 @@ def test_attention_impl_runs_every_variant_and_is_recorded(impl, tmp_path, capsy
     report = json.loads(json_path.read_text())
     assert report["passed"] and report["attention_impl"] == impl
     flax_rows = {r["variant"]: r["attention_impl"] for r in report["results"] if r["backend"] == "flax"}
-    assert flax_rows == {n: (impl if n in TAKERS else None) for n in registry.names()}
+    assert flax_rows == {v.name: (impl if v.name in TAKERS else None) for v in registry.default_run()}
 
 
 @pytest.mark.parametrize("impl", IMPLS)

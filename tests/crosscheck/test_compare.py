@@ -178,3 +178,25 @@ def test_help_text_quotes_the_table():
     assert "max abs 1e-5, max rel 1e-4, PCC >= 0.99999" in EPILOG
     assert "max abs 5e-3, PCC >= 0.9999\n" in EPILOG and "max abs 4e-2, PCC >= 0.999\n" in EPILOG
     assert cmp.REL_FLOOR == 0.01 and "0.01 * max|r|" in EPILOG
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_never_pass_even_when_both_sides_agree(bad):
+    """Issue 15 repro 4: NaN == NaN used to count as max abs err 0, PCC 1, PASS."""
+    out = np.array([[0.5, bad], [1.0, 2.0]], np.float32)
+    c = cmp.compare(out, out.copy(), cmp.policy_for("flax", "float32"))
+    assert not c.passed
+    assert any("non-finite" in f and "output" in f and "(0, 1)" in f for f in c.failures)
+    assert any("non-finite" in f and "reference" in f for f in c.failures)
+
+
+def test_weights_that_overflow_fail_the_run_instead_of_passing():
+    torch = pytest.importorskip("torch")
+    from crosscheck import engine, torch_ref
+
+    torch.manual_seed(0)
+    module = torch_ref.MultiHeadAttention(3, 2, 6, 0.0, 2)
+    huge = {k: v * 1e20 if k != "mask" else v for k, v in module.state_dict().items()}
+    report = engine.run(["MultiHeadAttention"], weights=huge, backends=("torch", "flax"))
+    assert not report.passed
+    assert all(any("non-finite" in f for f in r.failures) for r in report.results)

@@ -60,7 +60,7 @@ def test_padding_equals_the_sequences_alone_in_every_backend():
     report = engine.run(padding="left", pad_lengths=[0, 3, 9], backends=("torch", "flax", "ttnn"),
                         ttnn_runtime="host", **SMALL)
     assert report.passed, report.failing_variants
-    assert len(report.results) == 3 * len(registry.VARIANTS)
+    assert len(report.results) == 3 * len(registry.default_run())
     # real tokens: 10 + 7 + 1, row i from input row i % 2
     assert {tuple(r.shape[:1]) for r in report.results} == {(18,)}
     assert report.mode == {"check": "padding", "side": "left", "pad_lengths": [0, 3, 9]}
@@ -96,8 +96,8 @@ def test_pad_case_layout_by_hand():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(variants=["SelfAttentionV2"], decode=2), "SelfAttentionV2 has no KV cache"),
-    (dict(variants=["TorchMultiheadAttention"], decode=2, causal=False), "TorchMultiheadAttention has no KV cache"),
+    (dict(variants=["SelfAttentionV2"], decode=2), "SelfAttentionV2 cannot decode: it has no torch reference with a KV cache"),
+    (dict(variants=["TorchMultiheadAttention"], decode=2, causal=False), "TorchMultiheadAttention cannot decode: it is not causal at this config"),
     (dict(decode=11), r"--decode 11: the prompt must have 1..10 tokens"),
     (dict(decode=0), r"--decode: the prompt length must be >= 1, got 0"),
     (dict(padding="left", pad_lengths=[10]), "10 padding tokens leave no real token of 10"),

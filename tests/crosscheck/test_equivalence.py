@@ -22,9 +22,12 @@ GRAD_ATOL = 1e-4
 
 
 def config_for(variant, d_in, head_dim, heads, tokens, qkv_bias, context_extra=0):
+    if "head_dim" in variant.fields:  # RoPE rotates pairs: an even head dim
+        head_dim *= 2
     return variant.resolve(
         AttnConfig(
-            d_in=d_in if variant.name != "TorchMultiheadAttention" else head_dim * heads,
+            # d_out is d_in where heads split the input width (embed_dim, n_embd)
+            d_in=head_dim * heads if variant.splits_heads_of and "d_out" not in variant.fields else d_in,
             d_out=head_dim * heads,
             context_length=tokens + context_extra,
             num_heads=heads,

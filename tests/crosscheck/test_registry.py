@@ -109,11 +109,17 @@ def test_infer_config_reads_the_torch_modules_own_state_dict(variant):
         assert inferred["num_heads"] == cfg.num_heads
 
 
+def _options(variant: registry.Variant, cfg: AttnConfig) -> dict:
+    """What a module cannot carry (the book's GQA classes: the RoPE settings), as ``from_torch`` takes it."""
+    return {k: getattr(cfg, k) for k in ("rope_theta", "context_length") if k in variant.options}
+
+
 @pytest.mark.parametrize("variant", registry.VARIANTS, ids=lambda v: v.name)
 def test_each_torch_reference_is_recognised_by_its_own_entry_only(variant):
-    module = variant.torch_module(_cfg(variant))
+    cfg = _cfg(variant)
+    module = variant.torch_module(cfg)
     assert [v.name for v in registry.VARIANTS if v.recognises(module)] == [variant.name]
-    assert port.recognise(module)[0] is variant
+    assert port.recognise(module, **_options(variant, cfg))[0] is variant
 
 
 def test_nothing_else_is_recognised():
@@ -139,7 +145,23 @@ def test_takes_attention_impl_matches_the_flax_modules_fields(variant):
 def test_the_variants_that_take_an_attention_impl():
     assert [v.name for v in registry.takes_attention_impl()] == [
         "CausalAttention", "MultiHeadAttentionWrapper", "MultiHeadAttention", "MultiHeadAttentionCombinedQKV",
-        "TorchMultiheadAttention",
+        "TorchMultiheadAttention", "GroupedQueryAttention", "LlamaAttention", "Qwen3Attention", "GPT2Attention",
+    ]
+
+
+def test_the_default_run_is_the_books_chapter_3_variants():
+    assert [v.name for v in registry.default_run()] == [
+        "SimplifiedSelfAttention", "SelfAttentionV1", "SelfAttentionV2", "CausalAttention",
+        "MultiHeadAttentionWrapper", "MultiHeadAttention", "MultiHeadAttentionCombinedQKV", "TorchMultiheadAttention",
+    ]
+
+
+def test_formats_that_share_a_flax_module_name_it():
+    assert [v.name for v in registry.for_flax_class("GroupedQueryAttention")] == [
+        "GroupedQueryAttention", "LlamaAttention", "Qwen3Attention",
+    ]
+    assert [v.name for v in registry.for_flax_class("MultiHeadAttentionCombinedQKV")] == [
+        "MultiHeadAttentionCombinedQKV", "GPT2Attention",
     ]
 
 
@@ -149,7 +171,8 @@ def test_bf16_roundings_and_the_ttnn_tables_derived_from_them():
     assert BF16_ROUNDINGS == {
         "SimplifiedSelfAttention": 4, "SelfAttentionV1": 8, "SelfAttentionV2": 8, "CausalAttention": 8,
         "MultiHeadAttentionWrapper": 8, "MultiHeadAttention": 10, "MultiHeadAttentionCombinedQKV": 10,
-        "TorchMultiheadAttention": 10,
+        "TorchMultiheadAttention": 10, "GroupedQueryAttention": 12, "LlamaAttention": 12, "Qwen3Attention": 12,
+        "GPT2Attention": 10,
     }
     assert TTNN_BF16_TOLERANCE == {n: (r * BF16_UNIT_ROUNDOFF, 0.999) for n, r in BF16_ROUNDINGS.items()}
 

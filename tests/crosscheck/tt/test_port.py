@@ -41,7 +41,7 @@ def test_every_entry_lands_in_ttnn_layout(variant, device):
     sd = random_state_dict(variant, cfg)
     tree = preprocess_parameters(ttnn, device, variant.portmap(cfg), sd, variant.name)
     for entry in variant.portmap(cfg).entries:
-        t = leaf(tree, entry.torch_key)
+        t = leaf(tree, entry.ttnn_name)  # the book's names whatever the format (q_proj -> W_query)
         assert t.shape == list(entry.ttnn_shape), entry.torch_key
         assert (t.dtype, t.layout, t.storage_type()) == (ttnn.bfloat16, ttnn.TILE_LAYOUT, ttnn.StorageType.DEVICE)
         expected = sd[entry.torch_key]

@@ -1,0 +1,141 @@
+"""Grouped-query attention with RoPE and optional QK-norm: the book's Llama 3 and Qwen3 ``GroupedQueryAttention``.
+
+``num_heads`` query heads share ``num_kv_groups`` key/value heads; query head ``h`` reads kv
+group ``h // (num_heads // num_kv_groups)`` (the book's ``repeat_interleave``). Here the keys
+and values are never repeated: the attention core takes ``(batch, tokens, kv_groups, head_dim)``
+directly. ``num_kv_groups == num_heads`` is multi-head attention, ``num_kv_groups == 1`` is
+multi-query attention.
+
+Step by step, as the book's ``forward``: project, split heads, RMS-normalise queries and keys
+(``qk_norm``, Qwen3), rotate them with RoPE (split halves, :mod:`jaxattn.rope`), causal attention,
+``out_proj``. Porting: the book's Qwen3 class is ``GroupedQueryAttention(d_in, num_heads,
+num_kv_groups, head_dim, qk_norm)``; the book's Llama 3 class ``(d_in, d_out, num_heads,
+num_kv_groups)`` is ``GroupedQueryAttention(d_in, num_heads, num_kv_groups, head_dim=d_out //
+num_heads, out_features=d_out, rope_theta=..., freq_config=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jaxtyping import Array, Float
+
+from jaxattn.base import AttentionModule
+from jaxattn.checks import check_input
+from jaxattn.norms import rms_norm
+from jaxattn.rope import apply_rope, compute_rope_params
+
+
+class RMSNorm(nn.Module):
+    """The book's ``qwen3.RMSNorm(emb_dim, eps)``: one parameter ``scale`` of shape ``(emb_dim,)``, ones."""
+
+    emb_dim: int
+    eps: float = 1e-6
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "*batch emb_dim"]) -> Float[Array, "*batch emb_dim"]:
+        scale = self.param("scale", nn.initializers.ones, (self.emb_dim,), self.param_dtype)
+        return rms_norm(x, jnp.asarray(scale), self.eps)  # params may arrive as numpy arrays
+
+
+class GroupedQueryAttention(AttentionModule):
+    """Causal grouped-query attention with RoPE and optional QK-norm.
+
+    ``GroupedQueryAttention(d_in, num_heads, num_kv_groups, head_dim=None, qk_norm=False,
+    context_length=4096, rope_theta=10_000.0, freq_config=None, qkv_bias=False, out_bias=False,
+    out_features=None)``: ``head_dim`` defaults to ``d_in // num_heads``; ``out_proj`` maps
+    ``num_heads * head_dim -> out_features`` (default ``d_in``). ``freq_config`` is the book's
+    Llama 3 scaling (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_context_length``), given as a dict or as (key, value) pairs; it is stored as a
+    sorted tuple so the module stays hashable.
+
+    Parameters: ``W_query``, ``W_key``, ``W_value``, ``out_proj`` (``kernel`` = torch ``weight.T``)
+    and, with ``qk_norm``, ``q_norm/scale`` and ``k_norm/scale`` of shape ``(head_dim,)``.
+    With ``decode=True`` queries and keys are rotated at positions ``cache_index ..
+    cache_index + T - 1`` and the keys go into the cache already rotated.
+    """
+
+    d_in: int
+    num_heads: int
+    num_kv_groups: int
+    head_dim: Optional[int] = None
+    qk_norm: bool = False
+    context_length: int = 4096
+    rope_theta: float = 10_000.0
+    freq_config: Optional[Union[tuple[tuple[str, float], ...], Mapping[str, float]]] = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    out_features: Optional[int] = None
+
+    def __post_init__(self):
+        if self.freq_config is not None:  # a dict is not hashable: keep sorted (key, value) pairs
+            object.__setattr__(self, "freq_config", tuple(sorted(dict(self.freq_config).items())))
+        super().__post_init__()
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """``head_dim``, or ``d_in // num_heads`` when it is ``None``."""
+        return self.d_in // self.num_heads if self.head_dim is None else self.head_dim
+
+    def check_config(self) -> None:
+        owner = type(self).__name__
+        if self.num_heads < 1 or self.num_kv_groups < 1:
+            raise ValueError(f"{owner}: num_heads={self.num_heads} and num_kv_groups={self.num_kv_groups} must be >= 1")
+        if self.num_heads % self.num_kv_groups != 0:
+            raise ValueError(
+                f"{owner}: num_heads={self.num_heads} must be divisible by num_kv_groups={self.num_kv_groups}"
+            )
+        if self.head_dim is None and self.d_in % self.num_heads != 0:
+            raise ValueError(
+                f"{owner}: d_in={self.d_in} must be divisible by num_heads={self.num_heads} when head_dim is not set"
+            )
+        head_dim = self.resolved_head_dim
+        if head_dim < 2 or head_dim % 2 != 0:
+            raise ValueError(f"{owner}: head_dim={head_dim} must be even for RoPE (rotates pairs of dimensions)")
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Float[Array, "batch tokens d_in"],
+        *,
+        attention_mask: Optional[ArrayLike] = None,
+        deterministic: bool = True,
+    ) -> Float[Array, "batch tokens out_features"]:
+        self.check_config()
+        check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
+        b, tokens, _ = x.shape
+        head_dim, kv_groups = self.resolved_head_dim, self.num_kv_groups
+
+        queries = self.dense(self.num_heads * head_dim, self.qkv_bias, "W_query")(x)  # (b, T, heads * hd)
+        keys = self.dense(kv_groups * head_dim, self.qkv_bias, "W_key")(x)  # (b, T, kv_groups * hd)
+        values = self.dense(kv_groups * head_dim, self.qkv_bias, "W_value")(x)  # (b, T, kv_groups * hd)
+        queries = queries.reshape(b, tokens, self.num_heads, head_dim)  # (b, T, heads, hd)
+        keys = keys.reshape(b, tokens, kv_groups, head_dim)  # (b, T, kv_groups, hd)
+        values = values.reshape(b, tokens, kv_groups, head_dim)  # (b, T, kv_groups, hd)
+
+        if self.qk_norm:  # Qwen3: normalise each head before RoPE
+            queries = RMSNorm(head_dim, 1e-6, self.param_dtype, name="q_norm")(queries)
+            keys = RMSNorm(head_dim, 1e-6, self.param_dtype, name="k_norm")(keys)
+
+        # RoPE at positions offset .. offset + T - 1 (offset = the cache index when decoding), keys
+        # rotated before they are cached; the tables cover every position the cache can hold.
+        cos, sin = compute_rope_params(
+            head_dim, self.rope_theta, self.context_length if self.decode else tokens,
+            None if self.freq_config is None else dict(self.freq_config),
+        )  # (positions, hd) each
+        offset = self.cache_offset()
+        queries = apply_rope(queries, cos, sin, offset=offset)  # (b, T, heads, hd)
+        keys = apply_rope(keys, cos, sin, offset=offset)  # (b, T, kv_groups, hd)
+
+        context_vec = self.attend(
+            queries, keys, values,
+            is_causal=True, rate=0.0, deterministic=deterministic, attention_mask=attention_mask,
+        )  # (b, T, heads, hd): kv groups shared by the core, never repeated
+        context_vec = context_vec.reshape(b, tokens, self.num_heads * head_dim)  # (b, T, heads * hd)
+        out_features = self.d_in if self.out_features is None else self.out_features
+        return self.dense(out_features, self.out_bias, "out_proj")(context_vec)  # (b, T, out_features)
