@@ -242,20 +242,54 @@ def rope_forward(spec: Spec, module, x, cfg: AttnConfig, attention_mask=None):
     """``module`` (a Llama/Qwen3 attention) on ``x`` at positions ``0..T-1``, causal: the context vectors.
 
     cos/sin come from the model's own rotary embedding class built from ``module.config``.
+    ``attention_mask``: ``x.shape[:-1]``, 1/True = real token. Padded keys are hidden by the
+    additive ``(batch, 1, T, T)`` mask eager attention adds (:func:`_mask`); RoPE positions stay
+    ``0..T-1`` in every row. A query that sees no key gets what a zero context gives
+    (``o_proj``'s bias, or zero): eager attention would give it the mean of every value there.
     """
     import torch
 
+    from crosscheck.torch_ref import check_attention_mask
+
     x, unbatched = _batched(x)
+    if attention_mask is not None:
+        attention_mask = check_attention_mask(
+            type(module).__name__, attention_mask[None] if unbatched else attention_mask, x.shape[:-1]
+        )
     rotary = getattr(spec.modeling(), spec.rotary_class)(module.config)
     positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
     with torch.no_grad():  # the tables hold no parameters; the layer itself keeps autograd
         cos, sin = rotary(x, positions)
     out, _ = module(x, position_embeddings=(cos.to(x.dtype), sin.to(x.dtype)), attention_mask=_mask(x, attention_mask))
+    out = _zero_unseen_rows(out, attention_mask, module.o_proj.bias)
     return out[0] if unbatched else out
 
 
+def _zero_unseen_rows(out, attention_mask, bias):
+    """Rows whose query sees no key (causal + padding) set to what a zero context gives: ``bias``, or zero."""
+    import torch
+
+    if attention_mask is None:
+        return out
+    tokens = out.shape[1]
+    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=out.device).tril()  # (T, T), True = visible
+    row_visible = (causal & attention_mask.to(out.device).bool()[:, None, :]).any(dim=-1, keepdim=True)  # (b, T, 1)
+    zero_context = torch.zeros((), dtype=out.dtype, device=out.device) if bias is None else bias
+    return torch.where(row_visible, out, zero_context)
+
+
 def gpt2_forward(module, x, cfg: AttnConfig, attention_mask=None):
-    """``GPT2Attention`` on ``x``, causal (eager attention adds the mask it is given: we give the causal one)."""
+    """``GPT2Attention`` on ``x``, causal (eager attention adds the mask it is given: we give the causal one).
+
+    As in :func:`rope_forward`, a query that sees no key gets ``c_proj``'s bias (a zero context).
+    """
+    from crosscheck.torch_ref import check_attention_mask
+
     x, unbatched = _batched(x)
+    if attention_mask is not None:
+        attention_mask = check_attention_mask(
+            type(module).__name__, attention_mask[None] if unbatched else attention_mask, x.shape[:-1]
+        )
     out = module(x, attention_mask=_mask(x, attention_mask))[0]
+    out = _zero_unseen_rows(out, attention_mask, module.c_proj.bias)
     return out[0] if unbatched else out

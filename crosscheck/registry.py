@@ -628,15 +628,26 @@ def _book_gqa_module(cfg: AttnConfig):
     )
 
 
+def _book_gqa_cached(cfg: AttnConfig):
+    """The book's ``kv_cache`` GQA: :func:`_book_gqa_module`'s arguments plus the RoPE settings."""
+    from crosscheck.torch_kv_cache import GroupedQueryAttention
+
+    return GroupedQueryAttention(
+        cfg.d_in, cfg.num_heads, cfg.kv_heads(), head_dim=cfg.resolved_head_dim(), qk_norm=cfg.qk_norm,
+        rope_theta=cfg.rope_theta, freq_config=cfg.freq_config(), context_length=cfg.context_length,
+    )
+
+
 def _book_gqa_forward(module, x, cfg: AttnConfig, attention_mask=None):
+    """The book's forward at positions ``0..T-1``; ``attention_mask`` hides padded keys (:func:`causal_forward`)."""
     from crosscheck.torch_gqa import causal_forward
 
-    if attention_mask is not None:
-        raise BadInputError("GroupedQueryAttention's torch reference (the book's forward) takes no attention_mask")
     unbatched = x.dim() == 2
+    if unbatched and attention_mask is not None:
+        attention_mask = attention_mask[None]
     out = causal_forward(
         module, x[None] if unbatched else x, rope_theta=cfg.rope_theta, freq_config=cfg.freq_config(),
-        context_length=max(cfg.context_length, x.shape[-2]),
+        context_length=max(cfg.context_length, x.shape[-2]), attention_mask=attention_mask,
     )
     return out[0] if unbatched else out
 
@@ -872,6 +883,7 @@ VARIANTS: tuple[Variant, ...] = (
         "grouped_query_attention", _is_book_gqa, _infer_book_gqa,
         _resolve=_resolve_gqa(qkv_bias=False),
         _torch_forward=_book_gqa_forward,
+        _torch_cached=_book_gqa_cached,
         torch_config=_book_gqa_config,
         _fit_guess=_gqa_fit_guess("W_query.weight", "W_key.weight"),
         **_GQA_COMMON,

@@ -7,7 +7,7 @@
 # the two GroupedQueryAttention classes (renamed Llama3GroupedQueryAttention and
 # Qwen3GroupedQueryAttention; code and state-dict keys unchanged), qwen3's RMSNorm, and
 # llama3's compute_rope_params / apply_rope (qwen3's are the same without freq_config).
-# Only causal_forward at the end is ours.
+# Only padding_mask and causal_forward at the end are ours.
 """Torch float32 references for grouped-query attention with RoPE (issue 12): the book's code as it is.
 
 RoPE layout: split halves (``rotated = cat(-x2, x1)``), as Hugging Face's ``rotate_half``,
@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from crosscheck.torch_ref import check_attention_mask
 
 
 class Llama3GroupedQueryAttention(nn.Module):
@@ -258,6 +260,25 @@ def apply_rope(x, cos, sin):
 # --- ours -------------------------------------------------------------------------------------
 
 
+def padding_mask(
+    attention_mask: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, row_visible)`` for the book's ``forward(x, mask, cos, sin)`` with padded keys hidden.
+
+    ``attention_mask``: ``(b, T)`` bool, True = real token. ``mask`` is ``(b, 1, T, T)`` bool, True =
+    masked: the book's ``triu(ones(T, T), diagonal=1)`` or a padded key. ``row_visible`` is
+    ``(b, T, 1)``: whether query ``t`` of row ``b`` sees any key. A row that sees none is left
+    unmasked in ``mask`` (so the book's ``-inf`` fill never makes an all ``-inf`` softmax, i.e. NaN);
+    the caller zeroes its output (:func:`causal_forward`).
+    """
+    causal = torch.triu(
+        torch.ones(num_tokens, num_tokens, device=attention_mask.device, dtype=torch.bool), diagonal=1
+    )  # (T, T)
+    hidden = causal | ~attention_mask[:, None, None, :]  # (b, 1, T, T): (T, T) | (b, 1, 1, T)
+    row_visible = (~hidden).any(dim=-1, keepdim=True)  # (b, 1, T, 1)
+    return hidden & row_visible, row_visible[:, 0]  # (b, 1, T, T), (b, T, 1)
+
+
 def causal_forward(
     module: nn.Module,
     x: torch.Tensor,
@@ -265,6 +286,7 @@ def causal_forward(
     rope_theta: float = 10_000.0,
     freq_config: Optional[Mapping[str, float]] = None,
     context_length: int = 4096,
+    attention_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``module(x, mask, cos, sin)`` as the book's model calls it, for positions ``0 .. T-1``.
 
@@ -274,13 +296,33 @@ def causal_forward(
     ``module.head_dim``, ``rope_theta``, ``context_length`` and ``freq_config`` (the book's keys:
     ``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_context_length``; ``None``
     for no Llama 3 scaling).
+
+    ``attention_mask`` (ours, as in Hugging Face): ``(batch, tokens)``, 1/True = real token. Padded
+    keys are hidden on top of the causal mask (:func:`padding_mask`, a ``(b, 1, T, T)`` mask the
+    book's classes take unchanged) and a query that sees no key gets what a zero context gives
+    (zero attention weights): ``out_proj``'s bias, none in both book classes, so zero. RoPE
+    positions stay ``0 .. T-1`` in every row (scores depend only on distances, so a padded row's
+    real tokens equal the sequence run alone). With ``attention_mask=None`` the ops are the book's.
     """
     tokens = x.shape[1]
     if tokens > context_length:
         raise ValueError(f"causal_forward: tokens={tokens} exceeds context_length={context_length}")
-    mask = torch.triu(torch.ones(tokens, tokens, device=x.device, dtype=torch.bool), diagonal=1)
     cos, sin = compute_rope_params(
         module.head_dim, theta_base=rope_theta, context_length=context_length,
         freq_config=None if freq_config is None else dict(freq_config),
     )
-    return module(x, mask, cos.to(x.device), sin.to(x.device))
+    cos, sin = cos.to(x.device), sin.to(x.device)
+    if attention_mask is None:
+        mask = torch.triu(torch.ones(tokens, tokens, device=x.device, dtype=torch.bool), diagonal=1)
+        return module(x, mask, cos, sin)
+    real = check_attention_mask(type(module).__name__, attention_mask, x.shape[:-1], what="(batch, tokens)")
+    mask, row_visible = padding_mask(real.to(x.device), tokens)
+    # Llama3GroupedQueryAttention slices ``mask[:num_tokens, :num_tokens]``, which on a (b, 1, T, T)
+    # mask cuts the batch to T rows: run at most T rows at a time (rows are independent).
+    outs = [
+        module(x[i:i + tokens], mask[i:i + tokens], cos, sin) for i in range(0, x.shape[0], tokens)
+    ]  # each (<= T, T, d_out)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    bias = module.out_proj.bias  # None in both book classes: a zero context gives a zero output
+    zero_context = torch.zeros((), dtype=out.dtype, device=out.device) if bias is None else bias
+    return torch.where(row_visible, out, zero_context)

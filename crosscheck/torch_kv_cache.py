@@ -33,6 +33,12 @@ What differs from the book's package:
 
 With ``use_cache=False`` every class runs the same ops as its ``torch_ref`` class (through the
 shared :func:`crosscheck.torch_ref.masked_attention`), so the outputs are equal bit for bit.
+
+:class:`GroupedQueryAttention` is the book's ``kv_cache.qwen3.GroupedQueryAttention`` on
+:class:`crosscheck.torch_gqa.Qwen3GroupedQueryAttention` (its constructor, plus the RoPE settings,
+and its state-dict keys): keys are cached after the k-norm and RoPE, one per kv group, never
+repeated. The book's ``kv_cache`` llama3/qwen3 models slice their causal mask right
+(``triu(ones(S, S), 1)[start_pos:S, :S]``), unlike its gpt2 class; so does this one.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crosscheck import torch_ref
+from crosscheck import torch_gqa, torch_ref
 from crosscheck.torch_ref import check_attention_mask, masked_attention
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (keys, values), tokens on dim -2
@@ -285,3 +291,73 @@ class MultiheadAttention(nn.Module):
         ).transpose(1, 2)  # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.reshape(b, num_tokens, embed_dim)
         return self.out_proj(context_vec), next_cache
+
+
+class GroupedQueryAttention(torch_gqa.Qwen3GroupedQueryAttention):
+    """The book's GQA (Llama 3 / Qwen3) with a KV cache, as ``llms_from_scratch.kv_cache.qwen3``.
+
+    Constructor: :class:`~crosscheck.torch_gqa.Qwen3GroupedQueryAttention`'s, plus the RoPE
+    settings the book's model keeps outside the layer (``rope_theta``, ``freq_config`` with the
+    book's Llama 3 keys or ``None``, ``context_length``: the cos/sin tables' length, so the most
+    tokens the cache can hold). The tables are non-persistent buffers: the state-dict keys are
+    the parent's. ``cache`` is ``(keys, values)``, each ``(b, num_kv_groups, tokens, head_dim)``;
+    a chunk's queries and keys are rotated at positions ``start_pos .. start_pos + T - 1``.
+    ``use_cache=False`` runs the ops of :func:`crosscheck.torch_gqa.causal_forward` (positions
+    ``0 .. T-1``), so equals it bit for bit, ``attention_mask`` included.
+    """
+
+    def __init__(
+        self, d_in, num_heads, num_kv_groups, head_dim=None, qk_norm=False, dtype=None,
+        *, rope_theta: float = 10_000.0, freq_config=None, context_length: int = 4096,
+    ):
+        super().__init__(d_in, num_heads, num_kv_groups, head_dim=head_dim, qk_norm=qk_norm, dtype=dtype)
+        self.context_length = context_length
+        cos, sin = torch_gqa.compute_rope_params(
+            self.head_dim, theta_base=rope_theta, context_length=context_length,
+            freq_config=None if freq_config is None else dict(freq_config),
+        )  # (context_length, head_dim) each
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        use_cache: bool = False,
+        start_pos: int = 0,
+        cache: Optional[KVCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[KVCache]]:
+        owner = type(self).__name__
+        b, num_tokens, _ = x.shape
+        end = start_pos + num_tokens
+        if end > self.context_length:
+            raise ValueError(
+                f"{owner}: start_pos={start_pos} + num_tokens={num_tokens} = {end} tokens exceed "
+                f"context_length={self.context_length} (the RoPE tables {tuple(self.cos.shape)})"
+            )
+        attention_mask = check_chunk_mask(owner, attention_mask, b, start_pos, num_tokens)
+        queries = self.W_query(x)  # (b, num_tokens, num_heads * head_dim)
+        keys = self.W_key(x)  # (b, num_tokens, num_kv_groups * head_dim)
+        values = self.W_value(x)
+        # (b, num_tokens, heads, head_dim) -> (b, heads, num_tokens, head_dim)
+        queries = queries.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = keys.view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
+        values = values.view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
+        if self.q_norm:
+            queries = self.q_norm(queries)
+        if self.k_norm:
+            keys = self.k_norm(keys)
+        cos, sin = self.cos[start_pos:end], self.sin[start_pos:end]  # New: positions start_pos .. end - 1
+        queries = torch_gqa.apply_rope(queries, cos, sin)
+        keys = torch_gqa.apply_rope(keys, cos, sin)
+        keys, values, next_cache = extend_cache(  # New: (b, num_kv_groups, start_pos + num_tokens, head_dim)
+            owner, keys, values, use_cache=use_cache, start_pos=start_pos, cache=cache
+        )
+        keys = keys.repeat_interleave(self.group_size, dim=1)  # (b, num_heads, start_pos + num_tokens, head_dim)
+        values = values.repeat_interleave(self.group_size, dim=1)
+        causal_mask = torch.triu(torch.ones(end, end, dtype=torch.bool, device=x.device), diagonal=1)
+        context = masked_attention(
+            queries, keys, values, causal_mask=causal_mask[start_pos:], attention_mask=attention_mask
+        )  # (b, num_heads, num_tokens, head_dim): rows start_pos .. end - 1 of the causal mask
+        context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)  # (b, num_tokens, d_out)
+        return self.out_proj(context), next_cache

@@ -23,6 +23,12 @@ shapes, head_dim = 1 included, because they compare padded shapes only:
 
 The step attends with the generic matmul/softmax path for every program (SDPA twins too):
 ``scaled_dot_product_attention_decode`` wants head_dim % 32 == 0 and k-chunked cache lengths.
+
+Grouped-query attention adds two hooks of :class:`CachedAttention`: ``positions`` rotates the
+queries and keys at their positions (RoPE at ``0 .. P-1`` in the prefill, a one-row cos/sin
+table at ``pos`` in a step) before the keys are cached, and ``expand`` repeats the cached
+``config.kv_heads()`` key/value heads for the query heads (``repeat_interleave``) only when
+attending: the caches hold the shared heads, not one copy per query head.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from crosscheck.tt.programs import (
     attention,
     combined_output,
     combined_qkv_heads,
+    gqa_expand,
+    gqa_qkv,
+    gqa_rope,
     key_visibility,
     masked_attention,
     mha_output,
@@ -101,19 +110,34 @@ def _always(config) -> bool:
     return True
 
 
+def _no_positions(ttnn, device, queries, keys, config, start: int):
+    return queries, keys
+
+
+def _same_heads(ttnn, t, config):
+    return t
+
+
 @dataclass(frozen=True)
 class CachedAttention:
     """A causal program as projections around one attention over heads: its prefill and its step.
 
-    ``project(ttnn, x, parameters, config)`` -> ``(queries, keys, values)``, each ``(b, H, T, hd)``;
+    ``project(ttnn, x, parameters, config)`` -> ``(queries, keys, values)``: queries ``(b, H, T, hd)``,
+    keys/values ``(b, G, T, hd)`` (``G = H`` but for grouped-query attention);
     ``output(ttnn, context_vec, parameters, config)`` -> the program's ``(b, T, d_out)``;
-    ``heads(config)`` -> ``(H, hd)``, the cache's shape; ``decodes(config)``: whether it is causal there.
+    ``heads(config)`` -> ``(G, hd)``, the cache's shape; ``decodes(config)``: whether it is causal there;
+    ``positions(ttnn, device, queries, keys, config, start)`` -> ``(queries, keys)`` at positions
+    ``start .. start + T - 1`` (RoPE; default: unchanged), applied before the keys are cached;
+    ``expand(ttnn, keys_or_values, config)`` -> ``(b, H, T, hd)``, the ``G`` cached heads for the ``H``
+    query heads, applied only when attending (default: unchanged).
     """
 
     project: Callable
     output: Callable
     heads: Callable
     decodes: Callable = _always
+    positions: Callable = _no_positions
+    expand: Callable = _same_heads
 
     def allocate(self, ttnn, device, config, batch: int, max_tokens: int) -> KVCache:
         num_heads, head_dim = self.heads(config)
@@ -121,8 +145,10 @@ class CachedAttention:
 
     def prefill(self, ttnn, device, x, *, parameters, config, cache: KVCache, attention_mask=None):
         """The first ``P`` tokens ``(b, P, d_in)``: their context vectors, their keys/values into ``cache``."""
-        queries, keys, values = self.project(ttnn, x, parameters, config)  # (b, H, P, hd)
-        write_prompt(ttnn, cache, keys, values, attention_mask)
+        queries, keys, values = self.project(ttnn, x, parameters, config)  # (b, H, P, hd); (b, G, P, hd)
+        queries, keys = self.positions(ttnn, device, queries, keys, config, 0)  # positions 0 .. P-1
+        write_prompt(ttnn, cache, keys, values, attention_mask)  # G heads
+        keys, values = self.expand(ttnn, keys, config), self.expand(ttnn, values, config)  # (b, H, P, hd)
         context_vec = attention(ttnn, device, queries, keys, values, causal=True, attention_mask=attention_mask)
         return self.output(ttnn, context_vec, parameters, config)  # (b, P, d_out)
 
@@ -130,10 +156,13 @@ class CachedAttention:
         """One token ``(b, 1, d_in)`` at position ``pos``: append its key/value, attend to cache positions 0..pos."""
         if not 0 <= pos < cache.max_tokens:
             raise ValueError(f"decode position {pos} is outside the cache's {cache.max_tokens} positions")
-        queries, keys, values = self.project(ttnn, x, parameters, config)  # (b, H, 1, hd)
+        queries, keys, values = self.project(ttnn, x, parameters, config)  # (b, H, 1, hd); (b, G, 1, hd)
+        queries, keys = self.positions(ttnn, device, queries, keys, config, pos)  # position pos
         write_token(ttnn, cache, keys, values, pos, attention_mask)
         visible = key_visibility(cache.real, 1, cache.max_tokens, causal=True, q_offset=pos)  # (b, 1, max_tokens)
-        context_vec = masked_attention(ttnn, device, queries, cache.keys, cache.values, visible)  # (b, H, 1, hd)
+        keys = self.expand(ttnn, cache.keys, config)  # (b, G, max_tokens, hd) -> (b, H, max_tokens, hd)
+        values = self.expand(ttnn, cache.values, config)
+        context_vec = masked_attention(ttnn, device, queries, keys, values, visible)  # (b, H, 1, hd)
         return self.output(ttnn, context_vec, parameters, config)  # (b, 1, d_out)
 
 
@@ -173,6 +202,10 @@ def _split_heads_shape(config) -> tuple[int, int]:
     return config.num_heads, config.d_out // config.num_heads
 
 
+def _kv_heads_shape(config) -> tuple[int, int]:
+    return config.kv_heads(), config.resolved_head_dim()
+
+
 #: ``Variant.ttnn_program`` -> its KV-cache decode (causal programs only; :func:`decode_program`).
 DECODE_PROGRAMS: dict[str, Any] = {
     "causal_attention": _CAUSAL_DECODE,
@@ -183,6 +216,9 @@ DECODE_PROGRAMS: dict[str, Any] = {
     ),
     "torch_multihead_attention": CachedAttention(
         torch_mha_qkv, torch_mha_output, heads=_split_heads_shape, decodes=lambda c: bool(c.causal)
+    ),
+    "grouped_query_attention": CachedAttention(
+        gqa_qkv, mha_output, heads=_kv_heads_shape, positions=gqa_rope, expand=gqa_expand
     ),
 }
 

@@ -382,12 +382,17 @@ def compute_rope_params(head_dim: int, theta_base: float = 10_000.0, context_len
     return np.cos(angles).astype(f32), np.sin(angles).astype(f32)
 
 
-def rope_tables(ttnn, device, tokens: int, config):
-    """``(cos, sin)`` for positions ``0 .. tokens-1`` as ``(1, 1, tokens, head_dim)`` bf16 TILE tensors on ``device``."""
-    cos, sin = compute_rope_params(config.resolved_head_dim(), config.rope_theta, tokens, config.freq_config())
+def rope_tables(ttnn, device, tokens: int, config, start: int = 0):
+    """``(cos, sin)`` for positions ``start .. start+tokens-1`` as ``(1, 1, tokens, head_dim)`` bf16 TILE tensors on ``device``.
+
+    Row ``p`` does not depend on ``start`` or on the table's length (each angle is the float32
+    product ``p * inv_freq[j]``), so a decode step's one-row table at ``pos`` is the forward's row ``pos``.
+    """
+    cos, sin = compute_rope_params(config.resolved_head_dim(), config.rope_theta, start + tokens, config.freq_config())
 
     def send(a: np.ndarray):
-        return ttnn.from_torch(a[None, None], dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
+        return ttnn.from_torch(np.ascontiguousarray(a[start:][None, None]), dtype=ttnn.bfloat16,
+                               layout=ttnn.TILE_LAYOUT, device=device)
 
     return send(cos), send(sin)
 
@@ -409,6 +414,8 @@ def rms_norm(ttnn, x, parameters):
 
 def gqa_qkv(ttnn, x, parameters, config):
     """Projections, heads, optional q/k RMSNorm: queries ``(b, H, T, hd)``, keys/values ``(b, G, T, hd)`` (before RoPE)."""
+    if config.num_heads % config.kv_heads():
+        raise ValueError(f"num_heads={config.num_heads} must be a multiple of kv_heads={config.kv_heads()}")
     queries = split_heads(ttnn, linear(ttnn, x, parameters.W_query), config.num_heads)  # (b, H, T, hd)
     keys = split_heads(ttnn, linear(ttnn, x, parameters.W_key), config.kv_heads())  # (b, G, T, hd)
     values = split_heads(ttnn, linear(ttnn, x, parameters.W_value), config.kv_heads())  # (b, G, T, hd)
@@ -418,9 +425,20 @@ def gqa_qkv(ttnn, x, parameters, config):
     return queries, keys, values
 
 
+def gqa_rope(ttnn, device, queries, keys, config, start: int = 0):
+    """RoPE on queries ``(b, H, T, hd)`` and keys ``(b, G, T, hd)`` at positions ``start .. start + T - 1``."""
+    cos, sin = rope_tables(ttnn, device, queries.shape[-2], config, start)  # (1, 1, T, hd)
+    return apply_rope(ttnn, queries, cos, sin), apply_rope(ttnn, keys, cos, sin)
+
+
 def expand_kv_heads(ttnn, t, group_size: int):
     """``(b, G, T, hd)`` -> ``(b, G * group_size, T, hd)`` as the book's ``repeat_interleave(group_size, dim=1)``."""
     return t if group_size == 1 else ttnn.repeat_interleave(t, group_size, 1)
+
+
+def gqa_expand(ttnn, t, config):
+    """Shared key/value heads ``(b, G, T, hd)`` -> one per query head ``(b, H, T, hd)`` (at attention time only)."""
+    return expand_kv_heads(ttnn, t, config.num_heads // config.kv_heads())
 
 
 def grouped_query_attention(ttnn, device, x, *, parameters, config, attention_mask=None):
@@ -431,17 +449,12 @@ def grouped_query_attention(ttnn, device, x, *, parameters, config, attention_ma
     ``bias``) and, with ``config.qk_norm``, ``q_norm.scale``/``k_norm.scale`` ``(1, hd)``;
     ``H = config.num_heads``, ``G = config.kv_heads()``, ``hd = config.resolved_head_dim()``.
     """
-    if config.num_heads % config.kv_heads():
-        raise ValueError(f"num_heads={config.num_heads} must be a multiple of kv_heads={config.kv_heads()}")
-    queries, keys, values = gqa_qkv(ttnn, x, parameters, config)
-    cos, sin = rope_tables(ttnn, device, queries.shape[-2], config)  # (1, 1, T, hd)
-    queries = apply_rope(ttnn, queries, cos, sin)
-    keys = apply_rope(ttnn, keys, cos, sin)
-    group_size = config.num_heads // config.kv_heads()
-    keys = expand_kv_heads(ttnn, keys, group_size)  # (b, H, T, hd)
-    values = expand_kv_heads(ttnn, values, group_size)  # (b, H, T, hd)
+    queries, keys, values = gqa_qkv(ttnn, x, parameters, config)  # (b, H, T, hd); (b, G, T, hd)
+    queries, keys = gqa_rope(ttnn, device, queries, keys, config)  # positions 0 .. T-1
+    keys = gqa_expand(ttnn, keys, config)  # (b, H, T, hd)
+    values = gqa_expand(ttnn, values, config)  # (b, H, T, hd)
     context_vec = attention(ttnn, device, queries, keys, values, causal=True, attention_mask=attention_mask)
-    return linear(ttnn, merge_heads(ttnn, context_vec), parameters.out_proj)  # (b, T, out)
+    return mha_output(ttnn, context_vec, parameters, config)  # (b, T, out)
 
 
 #: ``Variant.ttnn_program`` -> program.

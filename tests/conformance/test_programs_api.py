@@ -2,7 +2,8 @@
 
 Each program of :mod:`crosscheck.tt.programs` (and the parameter port it needs) runs on the
 host model through a recording proxy, without and with a padding mask, and every KV-cache
-decode program runs a prefill and steps (``fill_cache``, ``update_cache``); every
+decode program runs a prefill and steps (``fill_cache``, ``update_cache``; grouped-query
+attention also with hand-built parameter trees: scaled RoPE, qk_norm, biases); every
 module-level function call is logged as
 ``(dotted name, positional count, keyword names)`` and checked against the real signature.
 Attribute reads (``ttnn.bfloat16``, ``ttnn.MathFidelity.HiFi4``) are checked to exist.
@@ -75,17 +76,33 @@ GQA_CASES = [
 ]
 
 
-def _run_gqa(ttnn, device, cfg, padding):
+def _run_gqa(ttnn, device, cfg, padding, prompt_len=2):
+    """The forward without and with ``padding``, then the decode with it: ``[outputs], cache heads``."""
     arrays, x = gqa_case(cfg, batch=2)
     parameters = ParameterDict()
     for (module, leaf), array in arrays.items():
         tensor = ttnn.from_torch(array, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
         parameters.setdefault(module, ParameterDict())[leaf] = tensor
-    tt_x = ttnn.from_torch(x, dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
+
+    def send(a):
+        return ttnn.from_torch(np.ascontiguousarray(a), dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
+
+    def read(t):
+        return np.asarray(ttnn.to_torch(t), dtype=np.float32)
+
     program = programs.PROGRAMS["grouped_query_attention"]
-    return [np.asarray(ttnn.to_torch(program(ttnn, device, tt_x, parameters=parameters, config=cfg,
-                                             attention_mask=mask)), dtype=np.float32)
+    outs = [read(program(ttnn, device, send(x), parameters=parameters, config=cfg, attention_mask=mask))
             for mask in (None, padding)]
+    decoder = decode_programs.decode_program("grouped_query_attention", cfg)
+    batch, tokens = x.shape[:2]
+    cache = decoder.allocate(ttnn, device, cfg, batch, tokens)
+    parts = [read(decoder.prefill(ttnn, device, send(x[:, :prompt_len]), parameters=parameters, config=cfg,
+                                  cache=cache, attention_mask=padding[:, :prompt_len]))]
+    for pos in range(prompt_len, tokens):
+        parts.append(read(decoder.step(ttnn, device, send(x[:, pos : pos + 1]), parameters=parameters, config=cfg,
+                                       cache=cache, pos=pos, attention_mask=padding[:, pos : pos + 1])))
+    outs.append(np.concatenate(parts, axis=1))
+    return outs, tuple(cache.keys.shape)
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +130,12 @@ def usage():
         padding[0, -1] = padding[1, 0] = False
         device = hm.open_device(device_id=0)
         try:
-            outs = _run_gqa(Recorder(hm, log), device, cfg, padding)
+            outs, cache_shape = _run_gqa(Recorder(hm, log), device, cfg, padding)
         finally:
             hm.close_device(device)
         assert all(np.all(np.isfinite(out)) for out in outs), f"grouped_query_attention ({label}) gave non-finite outputs"
-        ran.append("grouped_query_attention")
+        assert cache_shape[1] == cfg.kv_heads(), f"grouped_query_attention ({label}): cache {cache_shape}"
+        ran += ["grouped_query_attention", ("decode", "grouped_query_attention"), ("gqa_decode", label)]
     return log, ran
 
 
@@ -129,8 +147,11 @@ def test_every_program_ran(usage):
 
 def test_every_decode_program_ran_through_the_cache_ops(usage):
     log, ran = usage
-    decoded = {name for kind, name in (r for r in ran if isinstance(r, tuple))}
+    decoded = {name for kind, name in (r for r in ran if isinstance(r, tuple)) if kind == "decode"}
     assert decoded == set(decode_programs.DECODE_PROGRAMS), f"never decoded: {sorted(set(decode_programs.DECODE_PROGRAMS) - decoded)}"
+    # grouped_query_attention also decoded with the hand-built trees: scaled RoPE, qk_norm, biases, MQA
+    assert {label for kind, label in (r for r in ran if isinstance(r, tuple)) if kind == "gqa_decode"} == {
+        label for label, _ in GQA_CASES}
     assert {"fill_cache", "update_cache", "fill_implicit_tile_padding"} <= log.reads
     assert ("update_cache", 3, ()) in log.calls and ("fill_cache", 3, ()) in log.calls  # positions are positional
 
@@ -146,6 +167,7 @@ def test_every_name_read_exists_in_real_ttnn(real_ttnn, usage):
     assert missing == [], f"the programs use names real ttnn 0.81.1 lacks: {missing}"
     assert {"linear", "matmul", "softmax", "from_torch"} <= log.reads  # the proxy really saw the programs
     assert {"rms_norm", "repeat_interleave", "slice", "concat"} <= log.reads  # and grouped_query_attention
+    assert ("repeat_interleave", 3, ()) in log.calls  # the kv heads, expanded when attending
 
 
 def test_every_call_fits_a_real_signature(real_ttnn, usage):

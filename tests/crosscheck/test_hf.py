@@ -191,3 +191,42 @@ def test_cli_contradiction_is_exit_2_with_one_line(qwen3_files, capsys, extra, m
     assert cli.main(BASE + extra) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_gpt2_rows_that_see_no_key_give_the_zero_context():
+    """Left padding: a query before the first real token gets c_proj's bias, as in Flax (not the mean of the values)."""
+    from crosscheck import registry
+    from crosscheck.config import AttnConfig
+
+    variant = registry.get("GPT2Attention")
+    cfg = variant.resolve(AttnConfig(d_in=8, d_out=8, num_heads=2, context_length=16, qkv_bias=True))
+    torch.manual_seed(0)
+    module = variant.torch_module(cfg).eval()
+    with torch.no_grad():
+        module.c_proj.bias.uniform_(-1, 1)
+        x = torch.randn(2, 6, 8)
+        mask = torch.ones(2, 6, dtype=torch.bool)
+        mask[1, :2] = False
+        out = variant.torch_forward(module, x, cfg, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1, :2], module.c_proj.bias.expand(2, -1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind, make_config", [CASES[0], CASES[2], CASES[3]])
+def test_gradients_equal_transformers(kind, make_config):
+    """d(sum(out * cotangent)) / d(x, every weight) in Flax equals transformers' autograd, <= 1e-4."""
+    module = _module(kind, make_config())
+    variant, cfg = port.recognise(module)
+    flax_module, variables = port.from_torch(module)
+    x = np.random.default_rng(3).normal(size=(2, 9, cfg.d_in)).astype(np.float32)
+    cotangent = np.random.default_rng(4).normal(size=(2, 9, variant.output_dim(cfg))).astype(np.float32)
+    x_t = torch.from_numpy(x).requires_grad_(True)
+    (variant.torch_forward(module, x_t, cfg) * torch.from_numpy(cotangent)).sum().backward()
+    with jax.default_matmul_precision("highest"):
+        grads = jax.grad(lambda v, x: (flax_module.apply(v, x) * cotangent).sum(), argnums=(0, 1))(variables, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(grads[1]), x_t.grad.numpy(), atol=1e-4, rtol=0)
+    torch_grads = {k: p.grad.numpy() for k, p in module.named_parameters()}
+    flax_grads = port.to_state_dict(flax_module, grads[0], variant=variant.name)
+    assert set(torch_grads) <= set(flax_grads)
+    for key, g in torch_grads.items():
+        np.testing.assert_allclose(np.asarray(flax_grads[key]), g, atol=1e-4, rtol=0, err_msg=key)

@@ -171,7 +171,7 @@ def test_bf16_roundings_and_the_ttnn_tables_derived_from_them():
     assert BF16_ROUNDINGS == {
         "SimplifiedSelfAttention": 4, "SelfAttentionV1": 8, "SelfAttentionV2": 8, "CausalAttention": 8,
         "MultiHeadAttentionWrapper": 8, "MultiHeadAttention": 10, "MultiHeadAttentionCombinedQKV": 10,
-        "TorchMultiheadAttention": 10, "GroupedQueryAttention": 12, "LlamaAttention": 12, "Qwen3Attention": 12,
+        "TorchMultiheadAttention": 10, "GroupedQueryAttention": 15, "LlamaAttention": 15, "Qwen3Attention": 15,
         "GPT2Attention": 10,
     }
     assert TTNN_BF16_TOLERANCE == {n: (r * BF16_UNIT_ROUNDOFF, 0.999) for n, r in BF16_ROUNDINGS.items()}

@@ -61,7 +61,7 @@ def host():
 def test_the_decoding_programs_are_the_causal_ones():
     names = {v.ttnn_program for v in DECODING}
     assert names == set(decode_programs.DECODE_PROGRAMS)
-    assert len(names) == 5 and not set(names) & {"self_attention_v1", "self_attention_v2", "simplified_self_attention"}
+    assert len(names) == 6 and not set(names) & {"self_attention_v1", "self_attention_v2", "simplified_self_attention"}
     mha = registry.get("TorchMultiheadAttention")
     assert runtime.has_decode(mha, SMALL) and not runtime.has_decode(mha, SMALL.replace(causal=False))
     assert decode_programs.decode_program("self_attention_v2", SMALL) is None

@@ -14,18 +14,24 @@ table, ``x * cos`` (or ``rotated * sin``), the RoPE sum, scores, the 1/sqrt(hd) 
 weights, context, out_proj's weight, the output; 15 with qk_norm: + rms_norm's output and its
 scale), PCC >= 0.999, on unit-scale data (weights uniform(-1, 1) /
 sqrt(fan-in), inputs uniform(-1, 1)).
+
+KV-cache decoding (``DECODE_PROGRAMS["grouped_query_attention"]``) runs through the runtime with the
+registry's ``GroupedQueryAttention``: it must equal the same runtime's full forward and this reference
+within the registry's budget (``TTNN_BF16_TOLERANCE``, 15 u), keep ``kv_heads`` heads in its caches,
+and rotate each step's query and key at the step's own position.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
-from crosscheck import compare
+from crosscheck import compare, registry
 from crosscheck.config import AttnConfig
-from crosscheck.tt import BF16_UNIT_ROUNDOFF, TTNN_MIN_PCC, programs
+from crosscheck.tt import BF16_UNIT_ROUNDOFF, TTNN_BF16_TOLERANCE, TTNN_MIN_PCC, decode_programs, programs, runtime
 from crosscheck.tt import host_model as hm
 from crosscheck.tt.port import ParameterDict
 
@@ -306,3 +312,127 @@ def test_host_rms_norm_matches_the_book_and_checks_gamma(device):
         hm.rms_norm(hm.from_torch(x, dtype=hm.bfloat16, device=device), weight=ts)
     with pytest.raises(TypeError, match="incompatible function arguments"):
         hm.rms_norm(tx, 1e-6)  # epsilon is keyword-only in 0.81.1
+
+
+# --- KV-cache decoding --------------------------------------------------------------------------------
+#
+# Through the runtime, as a user decodes: the registry's GroupedQueryAttention (the book's keys, no biases)
+# on the host model. Budget: the registry's (15 u max-abs, PCC 0.999; TTNN_BF16_TOLERANCE) against the
+# same runtime's full forward and against the float64 reference above (rounded to float32).
+
+DECODE_TOKENS = 24
+DECODE_BUDGET, DECODE_PCC = TTNN_BF16_TOLERANCE["GroupedQueryAttention"]
+DECODE_CASES = {
+    "mha": gqa_config(num_heads=4, kv=4),
+    "gqa": gqa_config(num_heads=4, kv=2),
+    "mqa": gqa_config(num_heads=4, kv=1),
+    "gqa_qk_norm": gqa_config(num_heads=4, kv=2, head_dim=8, qk_norm=True, theta=1_000_000.0),
+    "mqa_qk_norm_llama3_scaling": gqa_config(num_heads=4, kv=1, qk_norm=True, scaling=LLAMA3_SCALING,
+                                             theta=500_000.0),
+    "gqa_llama3_scaling_hd_6": gqa_config(d_in=12, num_heads=4, kv=2, head_dim=6, scaling=LLAMA3_SCALING),
+}
+GQA = registry.get("GroupedQueryAttention")
+
+
+@pytest.fixture(scope="module")
+def host():
+    with runtime.open_runtime("host") as rt:
+        yield rt
+
+
+def decode_inputs(cfg, tokens=DECODE_TOKENS, seed=7):
+    return np.random.default_rng(seed).uniform(-1, 1, (2, tokens, cfg.d_in)).astype(np.float32)
+
+
+def left_padding(tokens=DECODE_TOKENS):
+    """Sequence 1 starts at token 5: its queries 0 .. 4 see no key (context 0, out_proj(0) = 0)."""
+    real = np.ones((2, tokens), np.int64)
+    real[1, :5] = 0
+    return real
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "left_padding"])
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_decode_equals_the_full_forward_and_the_reference(host, name, padded):
+    cfg = DECODE_CASES[name]
+    weights = random_weights(cfg)
+    x = decode_inputs(cfg)
+    mask = left_padding() if padded else None
+    full = runtime.run_variant(host, GQA, cfg, weights, x, mask)
+    ref = reference(weights, x, cfg, mask).astype(np.float32)
+    for prompt_len in (1, 3, 8):
+        got = runtime.run_variant_decode(host, GQA, cfg, weights, x, prompt_len, mask)
+        label = f"{name}, padded={padded}, P={prompt_len}"
+        assert got.shape == full.shape == ref.shape == (2, DECODE_TOKENS, cfg.d_in) and got.dtype == np.float32
+        vs_full, vs_ref = compare.max_abs_err(got, full), compare.max_abs_err(got, ref)
+        assert vs_full <= DECODE_BUDGET, f"{label}: |decode - full| {vs_full:.3e} > {DECODE_BUDGET:.3e}"
+        assert vs_ref <= DECODE_BUDGET, f"{label}: |decode - reference| {vs_ref:.3e} > {DECODE_BUDGET:.3e}"
+        pcc = compare.pcc(ref, got)
+        assert pcc >= DECODE_PCC, f"{label}: PCC {pcc:.6f} < {DECODE_PCC}"
+        # the host model computes each row the same way whatever the token count: bit for bit
+        np.testing.assert_array_equal(got, full, err_msg=label)
+        if padded:
+            assert not got[1, :5].any(), f"{label}: a query that sees no key must give out_proj(0) = 0"
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1])
+def test_the_cache_holds_the_kv_heads_after_rope(host, kv):
+    """The caches are ``(b, G, tokens, hd)``, NOT repeated per query head, holding the rotated (and normed) keys."""
+    cfg = gqa_config(num_heads=4, kv=kv, qk_norm=True)
+    weights = random_weights(cfg)
+    x = decode_inputs(cfg, tokens=7)
+    parameters = ttnn_parameters(hm, host.device, weights)
+    decoder = decode_programs.decode_program("grouped_query_attention", cfg)
+    cache = decoder.allocate(hm, host.device, cfg, 2, 7)
+    assert tuple(cache.keys.shape) == tuple(cache.values.shape) == (2, kv, 7, 4)
+    keys_before = cache.keys
+
+    def to_tt(a):
+        return hm.from_torch(np.ascontiguousarray(a), dtype=hm.bfloat16, layout=hm.TILE_LAYOUT, device=host.device)
+
+    decoder.prefill(hm, host.device, to_tt(x[:, :3]), parameters=parameters, config=cfg, cache=cache)
+    for pos in range(3, 7):
+        decoder.step(hm, host.device, to_tt(x[:, pos : pos + 1]), parameters=parameters, config=cfg, cache=cache,
+                     pos=pos)
+    assert cache.keys is keys_before and tuple(cache.keys.shape) == (2, kv, 7, 4)
+    queries, keys, values = programs.gqa_qkv(hm, to_tt(x), parameters, cfg)
+    _, keys = programs.gqa_rope(hm, host.device, queries, keys, cfg)  # positions 0 .. 6
+    read = lambda t: np.asarray(hm.to_torch(t), np.float32)  # noqa: E731
+    np.testing.assert_array_equal(read(cache.keys), read(keys))
+    np.testing.assert_array_equal(read(cache.values), read(values))
+    assert cache.real.all()
+
+
+def test_a_step_rotates_at_its_own_position(host, monkeypatch):
+    """A step's one-row cos/sin table is the forward table's row ``pos``, bit for bit; and with q/k weights
+    x3 a decode that rotated every step at position 0 misses the reference by more than the budget,
+    so the sweep above could not pass a step that ignored its position."""
+    cfg = gqa_config(num_heads=4, kv=2, scaling=LLAMA3_SCALING)
+    cos, sin = programs.rope_tables(hm, host.device, DECODE_TOKENS, cfg)
+    for pos in (0, 5, 23):
+        one_cos, one_sin = programs.rope_tables(hm, host.device, 1, cfg, start=pos)
+        assert tuple(one_cos.shape) == (1, 1, 1, cfg.resolved_head_dim())
+        np.testing.assert_array_equal(hm.to_torch(one_cos)[0, 0, 0], hm.to_torch(cos)[0, 0, pos])
+        np.testing.assert_array_equal(hm.to_torch(one_sin)[0, 0, 0], hm.to_torch(sin)[0, 0, pos])
+    weights = random_weights(cfg)
+    weights["W_query.weight"] *= 3
+    weights["W_key.weight"] *= 3
+    x = decode_inputs(cfg)
+    ref = reference(weights, x, cfg).astype(np.float32)
+    assert compare.max_abs_err(runtime.run_variant_decode(host, GQA, cfg, weights, x, 3), ref) <= DECODE_BUDGET
+    right = decode_programs.DECODE_PROGRAMS["grouped_query_attention"]
+    at_zero = dataclasses.replace(right, positions=lambda ttnn, device, q, k, c, start: programs.gqa_rope(
+        ttnn, device, q, k, c, 0))
+    monkeypatch.setitem(decode_programs.DECODE_PROGRAMS, "grouped_query_attention", at_zero)
+    wrong = runtime.run_variant_decode(host, GQA, cfg, weights, x, 3)
+    assert compare.max_abs_err(wrong, ref) > 1.5 * DECODE_BUDGET, "the case does not tell the step's position"
+
+
+def test_decoding_huge_inputs_stays_finite(host):
+    for name in ("gqa", "mqa_qk_norm_llama3_scaling"):
+        cfg = DECODE_CASES[name]
+        weights = random_weights(cfg)
+        x = decode_inputs(cfg, tokens=10) * np.float32(1e4)
+        for mask in (None, left_padding(10)):
+            out = runtime.run_variant_decode(host, GQA, cfg, weights, x, 3, mask)
+            assert np.isfinite(out).all(), f"{name}, padded={mask is not None}: non-finite decode of x * 1e4"
