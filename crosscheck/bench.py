@@ -57,6 +57,7 @@ import numpy as np
 
 from crosscheck import bench_decode
 from crosscheck.errors import BadInputError
+from crosscheck.outputs import atomic_write, atomic_write_text, check_output_path, same_file
 
 JAX_IMPLS = ("jax-naive", "jax-blockwise", "jax-xla", "jax-auto", "jax-fused-blockwise")
 TORCH_IMPLS = ("torch-book", "torch-sdpa", "torch-compile")
@@ -497,8 +498,10 @@ def write_plot(rows: list[dict], path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), what="plot")
+    finally:
+        plt.close(fig)
 
 
 # --- entry points ------------------------------------------------------------------------------------
@@ -508,6 +511,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the benchmark; returns the exit status (bad options raise :class:`BadInputError`)."""
     if getattr(args, "child", None):
         return run_child(args)
+    _check_output_paths(args)
     if getattr(args, "decode", False):
         result = bench_decode.run(args)
         _write_json(result, args.json_path)
@@ -567,16 +571,26 @@ def main(args: argparse.Namespace) -> int:
             print(f"{policy:<10} compilations={r['compilations']:>3}  jit cache={r['jit_cache_size']}  "
                   f"sweep wall time={r['total_s']:.1f}s")
     _write_json(result, args.json_path)
-    if args.plot_path:
+    if args.plot_path is not None:
         write_plot(rows, args.plot_path)
         print(f"wrote {args.plot_path}")
     return 0
 
 
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """``--json`` and ``--plot`` checked before the benchmark runs (and never the same file)."""
+    json_path, plot_path = getattr(args, "json_path", None), getattr(args, "plot_path", None)
+    if json_path is not None:
+        check_output_path(json_path, "--json", what="JSON results")
+    if plot_path is not None:
+        check_output_path(plot_path, "--plot", what="plot")
+        if json_path is not None and same_file(plot_path, json_path):
+            raise BadInputError(f"--plot {plot_path} is also the --json file: give the plot and the results different names")
+
+
 def _write_json(result: dict, path: Optional[str]) -> None:
-    if path:
-        with open(path, "w") as fh:
-            json.dump(result, fh, indent=2)
+    if path is not None:
+        atomic_write_text(path, json.dumps(result, indent=2), what="JSON results")
         print(f"wrote {path}")
 
 

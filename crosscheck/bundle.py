@@ -36,6 +36,7 @@ import numpy as np
 
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
+from crosscheck.outputs import atomic_write, check_output_path
 
 FORMAT_VERSION = 1
 BUNDLE_FORMAT = "crosscheck-bundle"
@@ -156,17 +157,13 @@ def _check_format(header: dict, expected: str, path: str) -> None:
         )
 
 
-def _write(path: str, tensors: Mapping[str, np.ndarray], header: dict) -> None:
+def _write(path: str, tensors: Mapping[str, np.ndarray], header: dict, what: str) -> None:
+    """Check ``path`` (:func:`crosscheck.outputs.check_output_path`), then write it atomically."""
     from safetensors.numpy import save_file
 
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise BadInputError(f"cannot write {path}: directory {parent} does not exist")
-    try:
-        save_file(dict(tensors), path, metadata={_META_KEY: json.dumps(header, sort_keys=True)})
-    except OSError as err:
-        raise BadInputError(f"cannot write {path}: {err.strerror or err}") from None
+    path = check_output_path(path, "OUT", what=what)
+    metadata = {_META_KEY: json.dumps(header, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata), what=what)
 
 
 # --- bundles -------------------------------------------------------------------------------------
@@ -182,6 +179,8 @@ def write_bundle(
     """Write ``cases`` to one ``.safetensors`` file (see the module docstring for the layout).
 
     ``decode_prompt_len``: ask the worker to decode through the KV cache (stored in ``meta``).
+    Written atomically; callers that read files check ``path`` against them first
+    (:func:`crosscheck.outputs.check_output_path`).
     """
     tensors: dict[str, np.ndarray] = {}
     entries = []
@@ -205,7 +204,7 @@ def write_bundle(
         meta[DECODE_PROMPT_LEN] = check_decode_prompt_len(decode_prompt_len, "write_bundle")
     check_decode_prompt_len(meta.get(DECODE_PROMPT_LEN), "bundle meta")
     header = {"format": BUNDLE_FORMAT, "version": FORMAT_VERSION, "cases": entries, "meta": meta}
-    _write(os.fspath(path), tensors, header)
+    _write(os.fspath(path), tensors, header, "bundle")
 
 
 def read_bundle(path: str | os.PathLike) -> list[BundleCase]:
@@ -259,10 +258,10 @@ def read_bundle_meta(path: str | os.PathLike) -> dict:
 
 
 def write_outputs(path: str | os.PathLike, outputs: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-    """Write each variant's context vectors and ``meta`` (backend, runtime, versions)."""
+    """Write each variant's context vectors and ``meta`` (backend, runtime, versions), atomically."""
     tensors = {name: _as_array(value, f"output {name!r}") for name, value in outputs.items()}
     header = {"format": OUTPUTS_FORMAT, "version": FORMAT_VERSION, "meta": dict(meta)}
-    _write(os.fspath(path), tensors, header)
+    _write(os.fspath(path), tensors, header, "outputs file")
 
 
 def read_outputs(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:

@@ -303,7 +303,7 @@ def _finish(report, args, out) -> int:
     from crosscheck import report as rp
 
     rp.render(report, out, quiet=args.quiet)
-    if args.json:
+    if args.json is not None:
         rp.write_json(report, args.json)
     if report.passed:
         return 0
@@ -314,19 +314,20 @@ def _finish(report, args, out) -> int:
 # --- commands -----------------------------------------------------------------------------------
 
 
-def _check_json_path(path: Optional[str]) -> None:
-    """Fail before the run, not after it, when the JSON report cannot be written."""
+def _check_json_path(path: Optional[str], inputs) -> None:
+    """Fail before the run, not after it, when the JSON report cannot be written or would replace an input."""
     if path is not None:
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise BadInputError(f"cannot write JSON report {path}: directory {parent} does not exist")
+        from crosscheck.outputs import check_output_path
+
+        check_output_path(path, "--json", inputs, what="JSON report")
 
 
 def _run(args) -> int:
     from crosscheck import engine
     from crosscheck.padding_check import parse_pad_lengths
 
-    _check_json_path(args.json)
+    _check_json_path(args.json, [("--weights", args.weights), ("--input", args.input), ("--config", args.config),
+                                 ("--ttnn-python", args.ttnn_python)])
 
     out, err = _consoles(args)
     n_variants = len(args.variant) if args.variant else 8  # the default run's variants
@@ -373,7 +374,7 @@ def _bundle(argv: Sequence[str]) -> int:
         meta = run_bundle(args.bundle, args.out, backend=args.backend, runtime=args.ttnn_runtime)
         print(f"wrote {args.out} ({meta.get('backend')}, {meta.get('runtime')}: {meta.get('runtime_description')})")
         return 0
-    _check_json_path(args.json)
+    _check_json_path(args.json, [("BUNDLE", args.bundle), *(("OUTPUTS", o) for o in args.outputs)])
     out, _ = _consoles(args)
     report = engine.compare_outputs(args.bundle, args.outputs)
     return _finish(report, args, out)

@@ -291,10 +291,13 @@ def export_bundle(
 ) -> list[Case]:
     """Write the cases :func:`run` would run to a bundle file for another interpreter.
 
-    ``attention_impl`` goes into the bundle's meta, for the worker's Flax backend.
+    ``attention_impl`` goes into the bundle's meta, for the worker's Flax backend. ``out`` is checked
+    before any work: it must not be a directory nor one of the files read (weights, inputs, config).
     """
     from crosscheck.bundle import write_bundle
+    from crosscheck.outputs import check_output_path
 
+    check_output_path(out, "OUT", [("--weights", weights), ("--input", inputs), ("--config", model_config)], "bundle")
     check_attention_impl(attention_impl, variants)
     cases, data, weights_desc = build_cases(
         variants, weights=weights, inputs=inputs, overrides=overrides, prefix=prefix, model_config=model_config

@@ -7,7 +7,7 @@ import math
 import os
 from typing import Optional
 
-from crosscheck.errors import BadInputError
+from crosscheck.outputs import atomic_write_text, check_output_path
 from crosscheck.results import Report, Result
 
 
@@ -103,7 +103,11 @@ def _timing(report: Report) -> str:
 
 
 def write_json(report: Report, path: str | os.PathLike) -> None:
-    """The JSON report (see the README for its fields); NaN/inf written as strings to stay valid JSON."""
+    """The JSON report (see the README for its fields); NaN/inf written as strings to stay valid JSON.
+
+    Written atomically (:func:`crosscheck.outputs.atomic_write`): a failure leaves no partial file.
+    Callers check ``path`` against the run's inputs before the run (:func:`crosscheck.outputs.check_output_path`).
+    """
     path = os.fspath(path)
 
     def clean(x):
@@ -116,11 +120,5 @@ def write_json(report: Report, path: str | os.PathLike) -> None:
         return x
 
     text = json.dumps(clean(report.to_dict()), indent=2, allow_nan=False)
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise BadInputError(f"cannot write JSON report {path}: directory {parent} does not exist")
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    except OSError as err:
-        raise BadInputError(f"cannot write JSON report {path}: {err.strerror or err}") from None
+    check_output_path(path, "--json", what="JSON report")
+    atomic_write_text(path, text + "\n", what="JSON report")

@@ -60,6 +60,10 @@ def dot_product_attention(
     Returns:
       ``(batch, T, N, Hv)`` (or ``(T, N, Hv)``), in ``value``'s dtype.
 
+    Edge shapes, the same from every implementation: ``T = 0`` gives an empty
+    ``(batch, 0, N, Hv)``; ``S = 0`` gives zeros ``(batch, T, N, Hv)`` (no row sees
+    a key); ``T = S = 1`` (causal or not) gives the value itself.
+
     Differences from ``jax.nn.dot_product_attention``: a query row that sees no
     key (every key masked, or a ``-inf`` bias on all of them) returns **zeros**,
     never NaN and never the mean of the values; ``value`` may have its own head

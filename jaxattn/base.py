@@ -29,7 +29,7 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
 from jaxattn.attention import attention_with_weights, dot_product_attention
-from jaxattn.checks import check_input
+from jaxattn.checks import check_input, check_rate, check_sizes
 from jaxattn.masks import make_offset_causal_mask
 
 
@@ -177,6 +177,12 @@ class BookAttention(AttentionModule):
     d_out: int
     context_length: int
     dropout: float
+
+    def check_config(self) -> None:
+        """Positive ``d_in``, ``d_out``, ``context_length`` and ``dropout`` in [0, 1); at trace time (all static)."""
+        owner = type(self).__name__
+        check_sizes(owner, d_in=self.d_in, d_out=self.d_out, context_length=self.context_length)
+        check_rate(owner, "dropout", self.dropout)
 
     def check_input(self, x: Array) -> None:
         """``x`` must be ``(batch, tokens, d_in)`` with ``tokens <= context_length`` (the book's mask size)."""

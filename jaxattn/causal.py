@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxattn.base import BookAttention
+from jaxattn.checks import check_sizes
 
 
 class CausalAttention(BookAttention):
@@ -27,6 +28,7 @@ class CausalAttention(BookAttention):
     def __call__(
         self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens d_out"]:
+        self.check_config()
         self.check_input(x)
         b, tokens, _ = x.shape
         # One head: (b, T, d_out) viewed as (b, T, 1, d_out) for the attention core.
@@ -59,9 +61,12 @@ class MultiHeadAttentionWrapper(BookAttention):
     num_heads: int
     qkv_bias: bool = False
 
+    def check_config(self) -> None:
+        super().check_config()
+        check_sizes(type(self).__name__, num_heads=self.num_heads)
+
     def setup(self):
-        if self.num_heads < 1:
-            raise ValueError(f"{type(self).__name__}: num_heads must be >= 1, got {self.num_heads}")
+        self.check_config()  # setup runs on the first call, at trace time
         self.heads = [
             CausalAttention(
                 self.d_in, self.d_out, self.context_length, self.dropout, self.qkv_bias,

@@ -6,8 +6,42 @@ and cost nothing per call.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 from typing import Optional
+
+
+def check_sizes(owner: str, **sizes: object) -> None:
+    """Raise ``ValueError`` naming the first size that is not a positive integer (``None`` = not set, skipped).
+
+    ``check_sizes("MultiHeadAttention", d_in=4, d_out=-4)`` raises
+    ``MultiHeadAttention: d_out=-4 must be a positive integer``. Booleans are refused;
+    NumPy integers are accepted.
+    """
+    for name, value in sizes.items():
+        if value is None:
+            continue
+        try:
+            size = None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            size = None
+        if size is None or size < 1:
+            raise ValueError(f"{owner}: {name}={value!r} must be a positive integer")
+
+
+def check_rate(owner: str, name: str, rate: object) -> None:
+    """Raise ``ValueError`` unless ``rate`` is a probability of dropping, in ``[0, 1)`` (NaN is not).
+
+    A negative rate would scale the kept weights by ``1 / (1 - rate) < 1``, and 1 or more
+    would drop everything: ``MultiHeadAttention: dropout=-0.5 must be in [0, 1)``.
+    """
+    try:
+        value = float(rate)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 <= value < 1.0:  # False for NaN too
+        raise ValueError(f"{owner}: {name}={rate!r} must be in [0, 1)")
 
 
 def check_divisible(owner: str, d_out: int, num_heads: int, dim_name: str = "d_out") -> None:

@@ -25,7 +25,7 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
 from jaxattn.base import AttentionModule
-from jaxattn.checks import check_input
+from jaxattn.checks import check_input, check_sizes
 from jaxattn.norms import rms_norm
 from jaxattn.rope import apply_rope, compute_rope_params
 
@@ -39,6 +39,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "*batch emb_dim"]) -> Float[Array, "*batch emb_dim"]:
+        check_sizes(type(self).__name__, emb_dim=self.emb_dim)
         scale = self.param("scale", nn.initializers.ones, (self.emb_dim,), self.param_dtype)
         return rms_norm(x, jnp.asarray(scale), self.eps)  # params may arrive as numpy arrays
 
@@ -84,8 +85,10 @@ class GroupedQueryAttention(AttentionModule):
 
     def check_config(self) -> None:
         owner = type(self).__name__
-        if self.num_heads < 1 or self.num_kv_groups < 1:
-            raise ValueError(f"{owner}: num_heads={self.num_heads} and num_kv_groups={self.num_kv_groups} must be >= 1")
+        check_sizes(
+            owner, d_in=self.d_in, num_heads=self.num_heads, num_kv_groups=self.num_kv_groups,
+            head_dim=self.head_dim, context_length=self.context_length, out_features=self.out_features,
+        )
         if self.num_heads % self.num_kv_groups != 0:
             raise ValueError(
                 f"{owner}: num_heads={self.num_heads} must be divisible by num_kv_groups={self.num_kv_groups}"

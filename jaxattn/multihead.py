@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxattn.base import AttentionModule, BookAttention
-from jaxattn.checks import check_divisible, check_input
+from jaxattn.checks import check_divisible, check_input, check_rate, check_sizes
 
 
 class MultiHeadAttention(BookAttention):
@@ -31,11 +31,16 @@ class MultiHeadAttention(BookAttention):
     num_heads: int
     qkv_bias: bool = False
 
+    def check_config(self) -> None:
+        super().check_config()
+        check_sizes(type(self).__name__, num_heads=self.num_heads)
+        check_divisible(type(self).__name__, self.d_out, self.num_heads)
+
     @nn.compact
     def __call__(
         self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens d_out"]:
-        check_divisible(type(self).__name__, self.d_out, self.num_heads)
+        self.check_config()
         self.check_input(x)
         b, tokens, _ = x.shape
         head_dim = self.d_out // self.num_heads
@@ -68,6 +73,8 @@ class MultiHeadAttentionCombinedQKV(AttentionModule):
         self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens d_out"]:
         owner = type(self).__name__
+        check_sizes(owner, d_in=self.d_in, d_out=self.d_out, num_heads=self.num_heads, context_length=self.context_length)
+        check_rate(owner, "dropout", self.dropout)
         check_divisible(owner, self.d_out, self.num_heads)
         check_input(owner, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
         b, tokens, _ = x.shape
@@ -100,6 +107,8 @@ class TorchMultiheadAttention(AttentionModule):
         self, x: Float[Array, "batch tokens embed_dim"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens embed_dim"]:
         owner = type(self).__name__
+        check_sizes(owner, embed_dim=self.embed_dim, num_heads=self.num_heads)
+        check_rate(owner, "dropout", self.dropout)
         check_divisible(owner, self.embed_dim, self.num_heads, "embed_dim")
         check_input(owner, x.shape, d_in=self.embed_dim, ranks=(3,))
         b, tokens, _ = x.shape

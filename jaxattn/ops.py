@@ -73,6 +73,8 @@ def safe_softmax(logits: Float[Array, "*batch q k"]) -> Float[Array, "*batch q k
     fusing the division: it costs one more ``(q, k)`` buffer (measured: 384 MiB
     instead of 192 MiB of temporaries at 4 x 12 heads x 1024 tokens).
     """
+    if logits.shape[-1] == 0:  # no keys at all: nothing to weigh (and max has no identity)
+        return logits
     row_max = jnp.max(logits, axis=-1, keepdims=True)
     row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
     unnormalised = jnp.exp(logits - row_max)
@@ -87,7 +89,11 @@ def dropout(
 
     Same draw as ``flax.linen.Dropout`` (a Bernoulli keep-mask from ``rng``).
     """
-    if deterministic or rate == 0.0:
+    if deterministic:
+        return x
+    if not 0.0 <= rate <= 1.0:  # a negative rate would scale by 1/(1 - rate) < 1; NaN is no rate either
+        raise ValueError(f"dropout: rate={rate!r} must be in [0, 1]")
+    if rate == 0.0:
         return x
     if rate >= 1.0:
         return jnp.zeros_like(x)

@@ -23,7 +23,7 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
 from jaxattn import ops as core
-from jaxattn.checks import check_input
+from jaxattn.checks import check_input, check_sizes
 
 
 class SimplifiedSelfAttention(nn.Module):
@@ -55,6 +55,7 @@ class SelfAttentionV1(nn.Module):
     def __call__(
         self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: Optional[ArrayLike] = None
     ) -> Float[Array, "*batch tokens d_out"]:
+        check_sizes(type(self).__name__, d_in=self.d_in, d_out=self.d_out)
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(2, 3))
         shape = (self.d_in, self.d_out)
         init = nn.initializers.uniform(scale=1.0)
@@ -81,6 +82,7 @@ class SelfAttentionV2(nn.Module):
     def __call__(
         self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: Optional[ArrayLike] = None
     ) -> Float[Array, "*batch tokens d_out"]:
+        check_sizes(type(self).__name__, d_in=self.d_in, d_out=self.d_out)
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(2, 3))
         dense = lambda name: nn.Dense(  # noqa: E731 - three identical projections
             self.d_out, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name

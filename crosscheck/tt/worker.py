@@ -31,6 +31,7 @@ import numpy as np
 
 from crosscheck import bundle as bd
 from crosscheck.errors import BadInputError
+from crosscheck.outputs import check_output_path
 
 BACKENDS = ("ttnn", "flax")
 RUNTIMES = ("auto", "device", "host")
@@ -155,10 +156,12 @@ def run_bundle(bundle_path, out_path, backend: str = "ttnn", runtime: str = "aut
     """Run every case of ``bundle_path`` on ``backend`` in this interpreter; write ``out_path``; return meta.
 
     The Flax backend runs the attention core the bundle was exported with (its meta's ``attention_impl``);
-    a meta ``decode_prompt_len`` makes both backends decode through the KV cache.
+    a meta ``decode_prompt_len`` makes both backends decode through the KV cache. ``out_path`` is
+    checked before any work (:func:`crosscheck.outputs.check_output_path`): never the bundle itself.
     """
     _check_choice(backend, BACKENDS, "backend")
     _check_choice(runtime, RUNTIMES, "ttnn runtime")
+    check_output_path(out_path, "OUT", [("BUNDLE", bundle_path)], "outputs file")
     cases = bd.read_bundle(bundle_path)
     bundle_meta = bd.read_bundle_meta(bundle_path)
     outputs, meta = run_cases(

@@ -119,6 +119,8 @@ def blockwise_causal_attention(
     if scale is None:
         scale = head_dim**-0.5
     dv = value.shape[-1]
+    if tokens == 0 or math.prod(batch) == 0:  # nothing to attend: (*batch, 0, dv), and no blocks to cut
+        return jnp.zeros((*batch, tokens, dv), value.dtype)
     # As many blocks as block_size asks for, but evened out (rounded up to a multiple of 8) so
     # the zero-padded tail stays small: 768 tokens -> 2 blocks of 384, not 2 of 512.
     num_blocks = math.ceil(tokens / block_size)
@@ -320,6 +322,8 @@ def general_blockwise_attention(
     kv_tokens, kv_heads = key.shape[1], key.shape[2]
     group = heads // kv_heads
     dv = value.shape[-1]
+    if q_tokens == 0 or kv_tokens == 0:  # no query, or no key for any query: zeros (no blocks to cut)
+        return jnp.zeros((batch, q_tokens, heads, dv), value.dtype)
     acc_dtype = accumulation_dtype(query.dtype)
     bq, bk = _block_len(q_tokens, query_block), _block_len(kv_tokens, key_block)
     padded_q, padded_kv = _round_up(q_tokens, bq), _round_up(kv_tokens, bk)

@@ -36,6 +36,8 @@ def xla_attention(
     if dropout_rate:
         raise ValueError("xla_attention: dropout needs the full attention weights (use the naive kernel)")
     q_tokens, kv_tokens = query.shape[1], key.shape[1]
+    if q_tokens == 0 or kv_tokens == 0:  # no query, or no key for any query: zeros, not jax's empty softmax
+        return jnp.zeros((*query.shape[:3], value.shape[-1]), value.dtype), None
     top_left_causal = is_causal and isinstance(q_offset, int) and q_offset == 0
     if is_causal and not top_left_causal:
         causal = make_offset_causal_mask(q_tokens, kv_tokens, q_offset)[None, None]  # (1, 1, T, S)
