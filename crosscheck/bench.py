@@ -129,6 +129,14 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
         unknown = [i for i in impls if i not in ALL_IMPLS]
         if unknown:
             raise BadInputError(f"--impls: unknown {', '.join(unknown)}; choose from {', '.join(ALL_IMPLS)}")
+        if not impls:
+            raise BadInputError(f"--impls: give at least one implementation; choose from {', '.join(ALL_IMPLS)}")
+    if args.seed < 0:
+        raise BadInputError(f"--seed must be >= 0, got {args.seed}")
+    if args.recompile_sweep is not None:
+        for t in (t for g in args.recompile_sweep for t in (g if isinstance(g, list) else [g])):
+            if not MIN_TOKENS <= t <= MAX_TOKENS:
+                raise BadInputError(f"--recompile-sweep: {t} is outside [{MIN_TOKENS}, {MAX_TOKENS}]")
     return tokens, impls
 
 

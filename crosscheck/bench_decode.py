@@ -51,6 +51,8 @@ def _impls(args: argparse.Namespace) -> list[str]:
     bad = [i for i in chosen if i not in known]
     if bad:
         raise BadInputError(f"--impls with --decode: unknown {', '.join(bad)}; choose from {', '.join(known)}")
+    if not chosen:
+        raise BadInputError(f"--impls with --decode: give at least one implementation; choose from {', '.join(known)}")
     return chosen
 
 
@@ -60,6 +62,8 @@ def _validate(args: argparse.Namespace) -> list[str]:
             raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.d_model % args.heads:
         raise BadInputError(f"--d-model={args.d_model} must be divisible by --heads={args.heads}")
+    if args.seed < 0:
+        raise BadInputError(f"--seed must be >= 0, got {args.seed}")
     if args.dtype not in ("float32", "bfloat16"):
         raise BadInputError(f"--dtype must be float32 or bfloat16, got {args.dtype!r}")
     return _impls(args)

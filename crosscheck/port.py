@@ -373,8 +373,10 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        except Exception as err:  # noqa: BLE001 - a corrupt or foreign file makes the unpickler raise anything
+            # (a text file gave KeyError: 101): whatever it is, the file is not a state dict we can read.
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = f"{type(err).__name__}: {first}" if not isinstance(err, (pickle.UnpicklingError, RuntimeError)) else first
             raise BadInputError(
                 f"cannot load {path} as a state dict with torch.load(weights_only=True): {first}"
             ) from None

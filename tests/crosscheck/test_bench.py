@@ -94,3 +94,19 @@ def test_recompilations_counted_with_and_without_bucketing():
 def test_bad_options_exit_2_with_named_limit(argv, message, capsys):
     assert bench._cli(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--impls", ""], "--impls: give at least one implementation"),
+    (["--impls", "", "--decode"], "--impls with --decode: give at least one implementation"),
+    (["--seed", "-1", "--impls", "jax-naive"], "--seed must be >= 0, got -1"),
+    (["--seed", "-1", "--decode"], "--seed must be >= 0, got -1"),
+    (["--recompile-sweep", "0", "--impls", "jax-naive"], r"--recompile-sweep: 0 is outside \[1, 65536\]"),
+])
+def test_bad_bench_flags_are_refused_before_any_work(argv, message, capsys):
+    """Issue 15 repro 13: these ran nothing and exited 0, or failed only after the run without naming the flag."""
+    from crosscheck.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=message):
+        bench.main(parse(TINY + argv))
+    assert "crosscheck bench:" not in capsys.readouterr().out  # refused before the header: no work started

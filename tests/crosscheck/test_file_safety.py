@@ -232,3 +232,15 @@ def test_bench_checks_its_outputs_before_running(tmp_path, monkeypatch):
         with pytest.raises(BadInputError):
             bench.main(parser.parse_args(argv))
     assert ran == []
+
+
+@pytest.mark.parametrize("content", [b"hello world, not a pickle\n", b"\x80\x02}q\x00(X", b"\x00" * 64])
+def test_a_foreign_file_named_pt_is_a_one_line_error(tmp_path, content):
+    """Issue 15 repro 3: a text file named .pt gave `KeyError: 101` from the unpickler, with a traceback."""
+    from crosscheck import port
+    from crosscheck.errors import BadInputError
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(BadInputError, match=r"cannot load .*weights\.pt as a state dict with torch\.load\(weights_only=True\)"):
+        port.load_file(path)
