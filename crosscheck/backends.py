@@ -28,6 +28,21 @@ DTYPES = flax_runner.DTYPES
 TTNN_RUNTIMES = ("auto", "device", "host")
 
 
+def _torch_mask(case: Case):
+    import torch
+
+    return None if case.attention_mask is None else torch.from_numpy(np.asarray(case.attention_mask, dtype=bool))
+
+
+def torch_output(case: Case) -> np.ndarray:
+    """The float32 output of the torch reference on ``case`` (with its ``attention_mask``)."""
+    import torch
+
+    with torch.no_grad():
+        x = torch.from_numpy(np.array(case.x, dtype=np.float32))
+        return case.variant.torch_forward(case.torch_module, x, case.config, _torch_mask(case)).numpy()
+
+
 def torch_outputs(case: Case) -> tuple[np.ndarray, np.ndarray]:
     """``(float32 output, float64 output)`` of the torch reference on ``case`` (with its ``attention_mask``)."""
     import copy
@@ -35,12 +50,10 @@ def torch_outputs(case: Case) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     with torch.no_grad():
-        x = torch.from_numpy(np.array(case.x, dtype=np.float32))
-        mask = None if case.attention_mask is None else torch.from_numpy(np.asarray(case.attention_mask, dtype=bool))
-        out32 = case.variant.torch_forward(case.torch_module, x, case.config, mask).numpy()
+        x = torch.from_numpy(np.array(case.x, dtype=np.float64))
         m64 = copy.deepcopy(case.torch_module).double()
-        out64 = case.variant.torch_forward(m64, x.double(), case.config, mask).numpy()
-    return out32, out64
+        out64 = case.variant.torch_forward(m64, x, case.config, _torch_mask(case)).numpy()
+    return torch_output(case), out64
 
 
 def torch_decode_output(case: Case, prompt_len: int) -> np.ndarray:
@@ -56,7 +69,7 @@ def torch_decode_output(case: Case, prompt_len: int) -> np.ndarray:
     module.load_state_dict(case.torch_module.state_dict(), strict=True)
     module.eval()
     x = torch.from_numpy(np.array(case.x, dtype=np.float32))
-    mask = None if case.attention_mask is None else torch.from_numpy(np.asarray(case.attention_mask, dtype=bool))
+    mask = _torch_mask(case)
     bounds = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, x.shape[1])]
     outs, cache = [], None
     with torch.no_grad():

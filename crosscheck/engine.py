@@ -41,6 +41,7 @@ from crosscheck.backends import (
     TTNN_RUNTIMES,
     check_ttnn_available,
     flax_output,
+    torch_output,
     torch_outputs,
     ttnn_outputs_elsewhere,
     ttnn_outputs_in_process,
@@ -327,7 +328,7 @@ def compare_outputs(bundle_path, outputs_paths: Sequence[Union[str, os.PathLike]
         x = inp.validate_array(np.asarray(bc.inputs), f"{bundle_path}: {bc.variant}/inputs")
         _check_config(v, bc.config, x.shape[-2], from_weights=False)
         cases.append(Case(v, bc.config, sd, x, _torch_reference_module(v, bc.config, sd)))
-    refs = {c.variant.name: torch_outputs(c)[0] for c in cases}
+    refs = {c.variant.name: torch_output(c) for c in cases}
     results, ttnn_info, ttnn_versions, backends = [], None, None, []
     for path in outputs_paths:
         outs, meta = read_outputs(path)

@@ -21,7 +21,7 @@ import numpy as np
 
 from crosscheck import compare as cmp
 from crosscheck import flax_runner
-from crosscheck.backends import flax_output, torch_outputs
+from crosscheck.backends import flax_output, torch_output
 from crosscheck.cases import Case
 from crosscheck.errors import BadInputError
 from crosscheck.results import Result, result_of
@@ -85,7 +85,7 @@ def real_rows(out: np.ndarray, pad_lengths: Sequence[int], side: str) -> np.ndar
 
 def unpadded_reference(case: Case, sequences: Sequence[np.ndarray]) -> np.ndarray:
     """The torch float32 reference on each real sequence alone, rows concatenated like :func:`real_rows`."""
-    outs = [torch_outputs(dataclasses.replace(case, x=seq, attention_mask=None))[0][0] for seq in sequences]
+    outs = [torch_output(dataclasses.replace(case, x=seq, attention_mask=None))[0] for seq in sequences]
     return np.concatenate(outs, axis=0)
 
 
@@ -125,7 +125,7 @@ def run(
     for case in padded_cases:
         name = case.variant.name
         if "torch" in backends:
-            out, _ = torch_outputs(case)
+            out = torch_output(case)
             results[name].append(_row(name, "torch", "cpu", "float32", out, refs[name],
                                       cmp.policy_for("torch", "float32"), pad_lengths, side))
             step(f"torch padded {name}")
