@@ -27,7 +27,7 @@ venv: $(VENV)/.installed
 # torch==2.13.0 comes from constraints.txt: the local CPU build, never CUDA wheels.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,bench,hf]'
+	$(VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,bench,hf,plot]'
 	touch $@
 
 venv-ttnn: $(TTNN_VENV)/.installed

@@ -34,13 +34,28 @@ def _torch_mask(case: Case):
     return None if case.attention_mask is None else torch.from_numpy(np.asarray(case.attention_mask, dtype=bool))
 
 
+def _torch_forward(case: Case, module, x) -> np.ndarray:
+    """``module`` on ``x`` on the reference's device (:func:`crosscheck.placement.torch_device`), TF32 off."""
+    import copy
+
+    import torch
+
+    from crosscheck import placement
+
+    device = placement.torch_device()
+    mask = _torch_mask(case)
+    if device != "cpu":  # a copy: the case's module stays where the other checks expect it
+        module, x = copy.deepcopy(module).to(device), x.to(device)
+        mask = None if mask is None else mask.to(device)
+    with torch.no_grad(), placement.torch_without_tf32():
+        return case.variant.torch_forward(module, x, case.config, mask).cpu().numpy()
+
+
 def torch_output(case: Case) -> np.ndarray:
     """The float32 output of the torch reference on ``case`` (with its ``attention_mask``)."""
     import torch
 
-    with torch.no_grad():
-        x = torch.from_numpy(np.array(case.x, dtype=np.float32))
-        return case.variant.torch_forward(case.torch_module, x, case.config, _torch_mask(case)).numpy()
+    return _torch_forward(case, case.torch_module, torch.from_numpy(np.array(case.x, dtype=np.float32)))
 
 
 def torch_outputs(case: Case) -> tuple[np.ndarray, np.ndarray]:
@@ -49,10 +64,8 @@ def torch_outputs(case: Case) -> tuple[np.ndarray, np.ndarray]:
 
     import torch
 
-    with torch.no_grad():
-        x = torch.from_numpy(np.array(case.x, dtype=np.float64))
-        m64 = copy.deepcopy(case.torch_module).double()
-        out64 = case.variant.torch_forward(m64, x, case.config, _torch_mask(case)).numpy()
+    m64 = copy.deepcopy(case.torch_module).double()
+    out64 = _torch_forward(case, m64, torch.from_numpy(np.array(case.x, dtype=np.float64)))
     return torch_output(case), out64
 
 
@@ -82,14 +95,15 @@ def torch_decode_output(case: Case, prompt_len: int) -> np.ndarray:
     return torch.cat(outs, dim=1).numpy()
 
 
-def flax_output(case: Case, dtype: str = "float32", attention_impl: Optional[str] = None) -> np.ndarray:
+def flax_output(case: Case, dtype: str = "float32", attention_impl: Optional[str] = None, api: str = "linen") -> np.ndarray:
     """The jitted jaxattn module on ``case`` with float32 parameters, computing in ``dtype``.
 
     ``attention_impl``: the attention core for variants that take one (``None``: the module's default).
+    ``api``: ``"linen"`` or ``"nnx"`` (the :mod:`jaxattn.nnx` twin, same weights).
     """
     return flax_runner.run_flax(
         case.variant, case.config, case.state_dict, case.x, dtype=dtype, attention_impl=attention_impl,
-        attention_mask=case.attention_mask,
+        attention_mask=case.attention_mask, api=api,
     )
 
 
@@ -199,4 +213,15 @@ def versions(ttnn: Optional[dict] = None) -> dict:
             ttnn = {"ttnn": None, "ttnn_reason": f"{type(err).__name__}: {err}"}
     out["ttnn"] = ttnn.get("ttnn")
     out["ttnn_reason"] = ttnn.get("ttnn_reason")
+    out["jax_backend"] = _jax_backend()
     return out
+
+
+def _jax_backend() -> Optional[str]:
+    """JAX's platform and device (``"gpu: NVIDIA H100 80GB HBM3"``, ``"cpu"``), ``None`` without JAX."""
+    try:
+        from crosscheck import placement
+
+        return placement.jax_device()
+    except ImportError:
+        return None

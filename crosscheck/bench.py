@@ -39,6 +39,9 @@ counts traces (= compilations), checked against ``jax.jit``'s cache size.
 
 Decoding (``--decode``, with ``--prompt-len`` and ``--steps``): per-token latency of
 KV-cache decoding, Flax against the book's cached torch class (:mod:`crosscheck.bench_decode`).
+
+GPU (``--device cuda``, with ``--backward`` and ``--pipeline``): torch on CUDA against JAX on the
+GPU, synchronised per-call and pipelined timings and peak device memory (:mod:`crosscheck.bench_gpu`).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from crosscheck import bench_decode
+from crosscheck import bench_decode, bench_gpu, bench_models, bench_shard, budget
 from crosscheck.errors import BadInputError
 from crosscheck.outputs import atomic_write, atomic_write_text, check_output_path, same_file
 
@@ -105,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG of latency vs tokens here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one impl, RSS mode
     bench_decode.add_arguments(parser)
+    bench_shard.add_arguments(parser)
+    bench_gpu.add_arguments(parser)
+    budget.add_budget_option(parser)
 
 
 def _validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
@@ -143,66 +149,9 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
 # --- building the implementations ------------------------------------------------------------------
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def _jax_dtype(name: str):
-    import jax.numpy as jnp
-
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def _input_np(args: argparse.Namespace, tokens: int) -> np.ndarray:
-    """The ``(batch, tokens, d_model)`` float32 input every implementation of one shape gets."""
-    return np.random.default_rng(args.seed).standard_normal((args.batch, tokens, args.d_model), dtype=np.float32)
-
-
-def _book_torch(d_model: int, heads: int, context_length: int, dtype: str, seed: int):
-    import torch
-
-    from crosscheck.torch_ref import MultiHeadAttention
-
-    torch.manual_seed(seed)
-    module = MultiHeadAttention(d_model, d_model, context_length, 0.0, heads, qkv_bias=False)
-    return module.to(_torch_dtype(dtype)).eval()
-
-
-def _sdpa_class():
-    import torch
-    import torch.nn.functional as F
-
-    class SdpaMultiHeadAttention(torch.nn.Module):
-        """The book's ``MultiHeadAttention`` (same parameter names) on ``scaled_dot_product_attention``."""
-
-        def __init__(self, book):
-            super().__init__()
-            self.num_heads, self.head_dim, self.d_out = book.num_heads, book.head_dim, book.d_out
-            self.W_query, self.W_key, self.W_value, self.out_proj = book.W_query, book.W_key, book.W_value, book.out_proj
-
-        def forward(self, x):
-            b, t, _ = x.shape
-            split = lambda y: y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731 (b, H, T, hd)
-            q, k, v = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
-            context_vec = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, H, T, hd)
-            return self.out_proj(context_vec.transpose(1, 2).reshape(b, t, self.d_out))
-
-    return SdpaMultiHeadAttention
-
-
-def _flax_state(book, d_model, heads, context_length, dtype, impl):
-    """A jaxattn ``MultiHeadAttention`` with ``impl`` and the book module's weights (ported)."""
-    import jaxattn
-    from crosscheck.port import load_state_dict
-
-    jdtype = _jax_dtype(dtype)
-    module = jaxattn.MultiHeadAttention(
-        d_model, d_model, context_length, 0.0, heads, attention_impl=impl, dtype=jdtype, param_dtype=jdtype
-    )
-    state = {k: v.float().numpy() for k, v in book.state_dict().items() if k != "mask"}
-    return module, load_state_dict(module, state)
+# The models and inputs every row is built from live in crosscheck.bench_models (the GPU bench shares them).
+_torch_dtype, _jax_dtype, _input_np = bench_models.torch_dtype, bench_models.jax_dtype, bench_models.input_np
+_book_torch, _sdpa_class, _flax_state = bench_models.book_torch, bench_models.sdpa_class, bench_models.flax_state
 
 
 class Runner:
@@ -353,13 +302,20 @@ def max_abs_diffs(runners: list[Runner]) -> dict[str, Optional[float]]:
     return {name: float(np.abs(out - ref).max()) for name, out in outs.items()}
 
 
-def time_round_robin(runners: list[Runner], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Per-implementation wall times: warm-up excluded, one call each per round, order rotated."""
+def time_round_robin(
+    runners: list[Runner], repeats: int, warmup: int, on_round: Optional[Callable[[], None]] = None
+) -> dict[str, list[float]]:
+    """Per-implementation wall times: warm-up excluded, one call each per round, order rotated.
+
+    ``on_round()`` after the warm-up and after each timed round (the sweep's progress bar).
+    """
     live = [r for r in runners if r.status == "ok"]
     for runner in live:
         for _ in range(warmup):
             runner.call()
         runner.output = _to_numpy(runner.call())  # also a warm-up call; kept to check agreement
+    if on_round is not None:
+        on_round()
     times: dict[str, list[float]] = {r.name: [] for r in live}
     for rep in range(repeats):
         shift = rep % max(len(live), 1)
@@ -367,6 +323,8 @@ def time_round_robin(runners: list[Runner], repeats: int, warmup: int) -> dict[s
             start = time.perf_counter()
             runner.call()
             times[runner.name].append(time.perf_counter() - start)
+        if on_round is not None:
+            on_round()
     return times
 
 
@@ -520,11 +478,18 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "child", None):
         return run_child(args)
     _check_output_paths(args)
+    if bench_shard.wanted(args):  # --devices N --shard MODE: before anything imports JAX (crosscheck.devices)
+        _write_json(bench_shard.run(args), args.json_path)
+        return 0
+    if getattr(args, "device", "cpu") == "cuda":  # torch on CUDA, JAX on the GPU: crosscheck.bench_gpu
+        return bench_gpu.main(args)
     if getattr(args, "decode", False):
+        _check_budget(args, [args.prompt_len + args.steps], ["torch-book"])
         result = bench_decode.run(args)
         _write_json(result, args.json_path)
         return 0
     tokens_list, impls = _validate(args)
+    _check_budget(args, tokens_list, impls)
     import jax
     import torch
 
@@ -535,12 +500,14 @@ def main(args: argparse.Namespace) -> int:
     print("crosscheck bench: " + ", ".join(f"{k}={v}" for k, v in config.items() if k != "impls"))
     rows: list[dict] = []
     pieces: list[dict] = []
+    sweep = _sweep_progress(args, len(tokens_list))
     for tokens in tokens_list:
         context_length = tokens
         book = _book_torch(args.d_model, args.heads, tokens if any(i.startswith("torch") for i in impls) else 1,
                            args.dtype, args.seed)
         runners = build_runners(impls, tokens, args, book, context_length)
-        times = time_round_robin(runners, args.repeats, args.warmup)
+        label = f"tokens={tokens} ({len(runners)} impls)"
+        times = time_round_robin(runners, args.repeats, args.warmup, lambda: sweep.step(label))
         diffs = max_abs_diffs(runners)
         for runner in runners:
             row = {"impl": runner.name, "framework": runner.framework, "tokens": tokens, "batch": args.batch,
@@ -563,6 +530,7 @@ def main(args: argparse.Namespace) -> int:
             pieces += time_breakdown(tokens, args, book)
             print_breakdown(pieces, tokens)
             del book
+    sweep.close()
     for row in rows:  # speed relative to the fastest torch row of the same shape
         torch_ok = [r["median_s"] for r in rows if r["tokens"] == row["tokens"] and r["framework"] == "torch"
                     and r["median_s"] is not None]
@@ -583,6 +551,31 @@ def main(args: argparse.Namespace) -> int:
         write_plot(rows, args.plot_path)
         print(f"wrote {args.plot_path}")
     return 0
+
+
+def _check_budget(args: argparse.Namespace, tokens_list: list[int], impls: list[str]) -> None:
+    """Loop counts bounded and every shape's memory estimated (:mod:`crosscheck.budget`) before any work."""
+    for flag, value, limit in (("--repeats", args.repeats, budget.MAX_REPEATS), ("--warmup", args.warmup, budget.MAX_WARMUP),
+                               ("--heads", args.heads, budget.MAX_HEADS),
+                               ("--steps", getattr(args, "steps", 0), budget.MAX_DECODE_STEPS),
+                               ("--prompt-len", getattr(args, "prompt_len", 0), MAX_TOKENS)):
+        budget.check_count(int(value), limit, flag)
+    if args.recompile_sweep is not None:
+        n = sum(len(g) if isinstance(g, list) else 1 for g in args.recompile_sweep)
+        budget.check_count(n, budget.MAX_SWEEP_LENGTHS, "--recompile-sweep: the number of token counts")
+    itemsize = 2 if args.dtype == "bfloat16" else 4
+    with budget.limited(getattr(args, "max_memory", None)):
+        for tokens in tokens_list:
+            budget.check_terms(budget.bench_terms(tokens, args.batch, args.d_model, args.heads, itemsize, impls),
+                               f"bench at tokens={tokens}")
+
+
+def _sweep_progress(args: argparse.Namespace, shapes: int):
+    """The sweep's steps (warm-up + timed rounds per shape), with a bar on a terminal (:mod:`crosscheck.progress`)."""
+    from crosscheck import progress
+
+    bar = progress.Bar() if progress.wanted(json_path=getattr(args, "json_path", None)) else None
+    return progress.Steps(shapes * (args.repeats + 1), bar)
 
 
 def _check_output_paths(args: argparse.Namespace) -> None:

@@ -123,20 +123,63 @@ def _config_from_json(raw: Any, where: str) -> AttnConfig:
     return AttnConfig(**values)
 
 
+def _floating(array: np.ndarray) -> bool:
+    return array.dtype != bool and (np.issubdtype(array.dtype, np.floating) or str(array.dtype) == "bfloat16")
+
+
+def _check_case(case: BundleCase, where: str) -> None:
+    """A case read from a bundle, validated as the same values given by flags and files would be.
+
+    The config's fields (sizes >= 1, dropout in [0, 1), a finite positive RoPE base), the inputs
+    (floating, finite, width = ``d_in``), the weights (floating and finite; the causal ``mask`` may be
+    stored as integers) and the memory the case needs (:func:`crosscheck.budget.check_cases`, from the
+    variant's porting table) are checked before any backend sees them.
+    """
+    from crosscheck import budget, registry
+
+    cfg = case.config
+    try:
+        variant = registry.get(case.variant)
+    except KeyError as err:
+        raise BadInputError(f"{where}: {err.args[0]}") from None
+    for name in ("d_in", "d_out", "context_length", "num_heads"):
+        if getattr(cfg, name) < 1:
+            raise BadInputError(f"{where}: config {name} must be >= 1, found {getattr(cfg, name)}")
+    for name in ("num_kv_groups", "head_dim"):
+        if getattr(cfg, name) < 0:
+            raise BadInputError(f"{where}: config {name} must be >= 0 (0 = derived), found {getattr(cfg, name)}")
+    if not 0.0 <= cfg.dropout < 1.0:  # NaN fails this too
+        raise BadInputError(f"{where}: config dropout must be in [0, 1), found {cfg.dropout}")
+    if not (np.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):
+        raise BadInputError(f"{where}: config rope_theta must be a finite number > 0, found {cfg.rope_theta}")
+    budget.check_count(cfg.num_heads, budget.MAX_HEADS, f"{where}: config num_heads")
+    x = case.inputs
+    if not _floating(x):
+        raise BadInputError(f"{where}: inputs have dtype {x.dtype}; expected a floating dtype")
+    if 0 in x.shape:
+        raise BadInputError(f"{where}: empty inputs of shape {x.shape}")
+    if x.shape[-1] != cfg.d_in:
+        raise BadInputError(f"{where}: inputs have width {x.shape[-1]} but the config's d_in is {cfg.d_in}")
+    if not np.isfinite(x.astype(np.float32)).all():
+        raise BadInputError(f"{where}: inputs contain NaN or infinite values")
+    for key, value in case.state_dict.items():
+        if key.split(".")[-1] == "mask":
+            continue
+        if not _floating(value):
+            raise BadInputError(f"{where}: weight {key!r} has dtype {value.dtype}; expected a floating dtype")
+        if not np.isfinite(value.astype(np.float32)).all():
+            raise BadInputError(f"{where}: weight {key!r} has NaN or infinite values")
+    budget.check_cases([(variant, cfg, x.shape)], f"{where}'s inputs")
+
+
 def _read_header(path: str, what: str) -> tuple[dict[str, np.ndarray], dict]:
     """Tensors and the parsed ``crosscheck`` metadata of a safetensors file (validated container)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise BadInputError(f"{what} not found: {path}")
-    from safetensors import safe_open
+    from crosscheck.tensorfiles import read_safetensors
 
-    try:
-        with safe_open(path, framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises bare Exceptions for some corruptions
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BadInputError(f"cannot read {what} {path}: not a safetensors file ({first})") from None
+    tensors, metadata = read_safetensors(path, what)  # sizes checked against the budget before reading
     if _META_KEY not in metadata:
         raise BadInputError(f"{path} is a safetensors file but not a crosscheck {what} (no {_META_KEY!r} metadata)")
     try:
@@ -237,7 +280,11 @@ def read_bundle(path: str | os.PathLike) -> list[BundleCase]:
         if mask_key in tensors:
             mask = _mask_array(tensors[mask_key], inputs.shape, f"{path}: {mask_key!r}")
             claimed.add(mask_key)
-        cases.append(BundleCase(variant, config, state_dict, inputs, mask))
+        if any(c.variant == variant for c in cases):
+            raise BadInputError(f"{path}: case {variant!r} appears twice; a bundle holds one case per variant")
+        case = BundleCase(variant, config, state_dict, inputs, mask)
+        _check_case(case, f"{path}: case {variant!r}")
+        cases.append(case)
     stray = sorted(set(tensors) - claimed)
     if stray:
         raise BadInputError(f"{path}: tensors that belong to no case: {stray}")

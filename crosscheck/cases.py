@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from crosscheck import budget
 from crosscheck import inputs as inp
 from crosscheck import port, registry
 from crosscheck import portmap as pm
@@ -71,6 +72,9 @@ def select_variants(names: Optional[Iterable[str]], *, all_formats: bool = False
 
 def _float32_state_dict(sd: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
     """Canonical keys, float32 values: the weights as every backend receives them."""
+    clashes = pm.alias_collisions(sd)
+    if clashes:
+        raise PortError(f"{source}: ambiguous state dict, duplicate aliases: " + "; ".join(clashes))
     out = {}
     for key, value in sd.items():
         array = port.to_numpy(value)
@@ -272,6 +276,8 @@ def build_cases(
     if prefix and weights is None:
         raise BadInputError("--prefix selects a layer of --weights; no weights were given")
     overrides, origins = config_overrides(overrides, model_config)
+    if "num_heads" in overrides:  # before a porting table or module is built per head
+        budget.check_count(int(overrides["num_heads"]), budget.MAX_HEADS, origins.get("num_heads", "--num-heads"))
     chosen = select_variants(variants, all_formats=weights is not None)
     if variants:
         _check_needs(chosen)
@@ -299,15 +305,25 @@ def build_cases(
     d_in_hint = overrides.get("d_in") or (weight_d_in.pop() if len(weight_d_in) == 1 else None)
     data = inp.resolve_inputs(inputs, d_in_hint)
     tokens, d_in = data.array.shape[-2], data.array.shape[-1]
+    configs = [resolve_config(v, overrides, inferred[v.name], tokens, d_in, origins) for v in chosen]
+    # Before any torch module (mask buffers, one module per head) or activation exists.
+    budget.check_cases([(v, cfg, inp.for_variant(v, data.array).shape) for v, cfg in zip(chosen, configs)],
+                       _input_flag(inputs))
     cases = []
-    for v in chosen:
-        cfg = resolve_config(v, overrides, inferred[v.name], tokens, d_in, origins)
+    for v, cfg in zip(chosen, configs):
         module = _torch_reference_module(v, cfg, sd)
         state = sd if sd is not None else {k: t.detach().numpy().copy() for k, t in module.state_dict().items()}
         if sd is not None:
             port.check_state_dict(v.portmap(cfg), state, v.name)  # the mask buffer against the final config
         cases.append(Case(v, cfg, state, inp.for_variant(v, data.array), module))
     return cases, data, weights_desc
+
+
+def _input_flag(inputs) -> str:
+    """The flag to lower when the input's shape is what makes a run too large."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return f"the shape of --input {os.fspath(inputs)}"
+    return "--tokens/--batch" if isinstance(inputs, inp.RandomInputs) or inputs is None else "the inputs' shape"
 
 
 def _known(variant: registry.Variant, overrides: Mapping[str, Any]) -> dict:

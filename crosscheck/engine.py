@@ -31,10 +31,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from crosscheck import budget
 from crosscheck import compare as cmp
 from crosscheck import flax_runner
 from crosscheck import inputs as inp
-from crosscheck import port, registry
+from crosscheck import placement, port, registry, sharding_check
 from crosscheck.backends import (
     BACKENDS,
     DTYPES,
@@ -109,6 +110,7 @@ def check_attention_impl(attention_impl: Optional[str], variants: Optional[Itera
                 )
 
 
+@budget.with_max_memory
 def run(
     variants: Optional[Iterable[str]] = None,
     *,
@@ -135,7 +137,13 @@ def run(
     decode: Optional[int] = None,
     padding: Optional[str] = None,
     pad_lengths: Optional[Sequence[int]] = None,
+    train: bool = False,
+    grad: bool = False,
+    train_seed: Optional[int] = None,
     progress: Optional[Progress] = None,
+    api: str = "linen",
+    devices: Optional[int] = None,
+    shard: Optional[str] = None,
 ) -> Report:
     """Run the cross-check and return its :class:`Report` (never raises on a mismatch).
 
@@ -152,14 +160,41 @@ def run(
     padded batch and compare it at the real tokens with the sequences run one by one
     (:mod:`crosscheck.padding_check`).
 
+    ``train=True``: torch and Flax in training mode on identical dropout masks
+    (:mod:`crosscheck.train_check`; ``dropout`` defaults to 0.1). ``grad=True``: gradients of
+    ``sum(output * R)`` for the input and every parameter, per torch parameter name
+    (:mod:`crosscheck.grad_check`; in training mode with ``train``). ``train_seed`` (default 0)
+    draws the masks and ``R``. Both compare torch with Flax in float32: ttnn in ``backends`` is
+    skipped, with the reason in ``report.mode["skipped_backends"]``.
+
+    ``api``: the Flax modules to run: ``"linen"`` (rows ``flax``), ``"nnx"`` (the :mod:`jaxattn.nnx`
+    twins, rows ``flax-nnx``) or ``"both"``; NNX in the forward check only.
+
     ``prefix``: the layer of a whole model's ``weights`` to check (``model.layers.0.self_attn.``);
     ``model_config``: a transformers ``config.json`` (heads, kv heads, head_dim, RoPE), whose
     values the flags must not contradict.
+
+    ``max_memory`` (bytes or ``"8G"``; default: :mod:`crosscheck.budget`'s fraction of physical
+    memory): a run whose estimated memory exceeds it is refused before anything is allocated.
     """
     t_start = time.perf_counter()
     backends = _check_choices(backends, dtype, ttnn_runtime)
     check_attention_impl(attention_impl, variants)
     _check_mode(decode, padding, pad_lengths)
+    if placement.torch_device() != "cpu" and (train or grad or decode is not None or padding is not None):
+        raise BadInputError(f"--torch-device {placement.torch_device()}: only the forward check runs torch there; "
+                            "--train, --grad, --decode and --padding run torch on the CPU")
+    flax_apis = _flax_apis(api, decode=decode, padding=padding, train=train or grad)
+    skipped: dict[str, str] = {}
+    if train or grad:  # torch vs Flax only (crosscheck.train_check); ttnn is skipped with its reason
+        from crosscheck import train_check
+
+        kept = train_check.check_options(train=train, grad=grad, dtype=dtype, backends=backends,
+                                         attention_impl=attention_impl, decode=decode, padding=padding)
+        skipped = {b: train_check.TTNN_SKIPPED for b in backends if b not in kept}
+        backends = kept
+        if train and dropout is None:
+            dropout = train_check.DEFAULT_TRAIN_DROPOUT
     if "ttnn" in backends:
         check_ttnn_available(ttnn_runtime, ttnn_python)
     overrides = dict(d_in=d_in, d_out=d_out, context_length=context_length, dropout=dropout,
@@ -168,12 +203,19 @@ def run(
     cases, data, weights_desc = build_cases(
         variants, weights=weights, inputs=inputs, overrides=overrides, prefix=prefix, model_config=model_config
     )
+    if pad_lengths is not None:  # the padded batch: one row per length, each longer by its padding
+        budget.check_cases([(c.variant, c.config, (len(pad_lengths), c.x.shape[-2] + max(pad_lengths, default=0),
+                                                   c.x.shape[-1])) for c in cases], "--pad-lengths")
     if decode is not None and not variants:
         cases = [c for c in cases if c.variant.decodes(c.config)]
         if not cases:
             names = ", ".join(v.name for v in registry.decoding())
             raise BadInputError(f"--decode: none of the variants to run decodes; variants that decode: {names}")
-    total = len(cases) * len(backends)
+    # --devices N --shard MODE (crosscheck.sharding_check): the Flax rows run split, plus a "flax 1 device" row.
+    sharding_check.check_request(cases, devices=devices, shard=shard, backends=backends, attention_impl=attention_impl,
+                                 others=(("--decode", decode is not None), ("--padding", padding is not None),
+                                         ("--train", train), ("--grad", grad), ("--api nnx", api != "linen")))
+    total = len(cases) * (len(backends) + ("flax" in backends) * (len(flax_apis) - 1))
     done = 0
 
     def step(description: str) -> None:
@@ -182,6 +224,14 @@ def run(
         if progress is not None:
             progress(done, total, description)
 
+    if train or grad:
+        from crosscheck import train_check
+
+        results, mode = train_check.run(
+            cases, train=train, grad=grad, seed=0 if train_seed is None else int(train_seed), backends=backends,
+            attention_impl=attention_impl, skipped=skipped, step=step,
+        )
+        return _report(results, cases, cases, data, weights_desc, None, None, backends, attention_impl, t_start, mode)
     if decode is not None or padding is not None:
         return _run_mode(
             cases, data, weights_desc, t_start, backends=backends, dtype=dtype, attention_impl=attention_impl,
@@ -202,15 +252,22 @@ def run(
                 result_of(name, "torch", "cpu", "float32", "torch float64", out32, out64, tol, time.perf_counter() - t0)
             )
             step(f"torch {name}")
-        if "flax" in backends:
+        for flax_api in (flax_apis if "flax" in backends else ()):  # a row per Flax API (--api)
             t0 = time.perf_counter()
-            out = flax_output(case, dtype, attention_impl)
-            tol = cmp.policy_for("flax", dtype)
-            result = result_of(name, "flax", flax_runner.platform(), dtype, "torch float32", out, out32, tol,
+            out = (flax_output(case, dtype, attention_impl, api=flax_api) if shard is None
+                   else sharding_check.sharded_output(case, dtype, attention_impl, devices, shard))
+            tol = cmp.policy_for("flax", placement.tolerance_dtype(dtype))  # TF32's row below "highest"
+            backend = FLAX_API_BACKENDS[flax_api]
+            result = result_of(name, backend, flax_runner.platform(), dtype, "torch float32", out, out32, tol,
                                time.perf_counter() - t0)
             result.attention_impl = (attention_impl or flax_runner.AUTO) if case.variant.takes_attention_impl else None
+            if backend != "flax":  # placement.describe knows the "flax" row; the NNX row runs on the same JAX
+                result.device, result.precision = placement.jax_device(), placement.matmul_precision(dtype)
             by_variant[name].append(result)
-            step(f"flax {name}")
+            if shard is not None:
+                sharding_check.label(result, dtype, devices, shard)
+                by_variant[name].append(sharding_check.one_device_row(case, dtype, attention_impl, out, devices, shard))
+            step(f"{backend} {name}")
     ttnn_info, ttnn_versions = None, None
     if "ttnn" in backends:
         if ttnn_python is None:
@@ -228,13 +285,16 @@ def run(
                 result_of(name, "ttnn", ttnn_info["name"], "bfloat16", "torch float32", outs[name], refs[name], tol, secs.get(name))
             )
     results = [r for c in cases for r in by_variant[c.variant.name]]
-    return _report(results, cases, cases, data, weights_desc, ttnn_info, ttnn_versions, backends, attention_impl,
-                   t_start)
+    report = _report(results, cases, cases, data, weights_desc, ttnn_info, ttnn_versions, backends, attention_impl,
+                     t_start)
+    report.sharding = None if shard is None else sharding_check.describe(devices, shard)
+    return report
 
 
 def _report(results, cases, run_cases, data, weights_desc, ttnn_info, ttnn_versions, backends, attention_impl,
             t_start, mode: Optional[dict] = None) -> Report:
     """The :class:`Report` of a run: ``run_cases`` are the cases as run (padded ones for ``--padding``)."""
+    placement.describe(results)  # device and precision on every result
     return Report(
         results=results,
         configs={c.variant.name: c.variant.report_config(c.config) for c in cases},
@@ -247,6 +307,23 @@ def _report(results, cases, run_cases, data, weights_desc, ttnn_info, ttnn_versi
         attention_impl=(attention_impl or flax_runner.AUTO) if "flax" in backends else None,
         mode=mode,
     )
+
+
+#: ``api`` choices of :func:`run` and the backend name of each API's rows.
+APIS = ("linen", "nnx", "both")
+FLAX_API_BACKENDS = {"linen": "flax", "nnx": "flax-nnx"}
+
+
+def _flax_apis(api: str, *, decode, padding, train: bool) -> tuple[str, ...]:
+    """The Flax APIs to run (``api="both"``: Linen and NNX, a row each); NNX runs the forward check only."""
+    if api not in APIS:
+        raise BadInputError(f"--api must be one of {', '.join(APIS)}; got {api!r}")
+    apis = ("linen", "nnx") if api == "both" else (api,)
+    modes = [flag for flag, on in (("--decode", decode is not None), ("--padding", padding is not None),
+                                   ("--train/--grad", train)) if on]
+    if "nnx" in apis and modes:
+        raise BadInputError(f"--api {api}: the NNX modules run in the forward check; {modes[0]} runs Linen only")
+    return apis
 
 
 def _check_mode(decode: Optional[int], padding: Optional[str], pad_lengths: Optional[Sequence[int]]) -> None:
@@ -286,6 +363,7 @@ def _run_mode(cases, data, weights_desc, t_start, *, backends, dtype, attention_
 # --- bundles: export here, run elsewhere, compare here --------------------------------------------
 
 
+@budget.with_max_memory
 def export_bundle(
     out: Union[str, os.PathLike], variants=None, *, weights=None, inputs=None, attention_impl: Optional[str] = None,
     prefix: str = "", model_config=None, **overrides,
@@ -313,6 +391,7 @@ def export_bundle(
 _BUNDLE_DTYPE = {"ttnn": "bfloat16", "flax": "float32"}
 
 
+@budget.with_max_memory
 def compare_outputs(bundle_path, outputs_paths: Sequence[Union[str, os.PathLike]]) -> Report:
     """Compare outputs files (from ``bundle run`` / the worker) with the torch reference of the bundle."""
     from crosscheck.bundle import read_bundle, read_bundle_meta, read_outputs
@@ -327,6 +406,7 @@ def compare_outputs(bundle_path, outputs_paths: Sequence[Union[str, os.PathLike]
         port.check_state_dict(v.portmap(bc.config), sd, v.name)
         x = inp.validate_array(np.asarray(bc.inputs), f"{bundle_path}: {bc.variant}/inputs")
         _check_config(v, bc.config, x.shape[-2], from_weights=False)
+        budget.check_cases([(v, bc.config, x.shape)], f"the config or inputs of {os.fspath(bundle_path)}")
         cases.append(Case(v, bc.config, sd, x, _torch_reference_module(v, bc.config, sd)))
     refs = {c.variant.name: torch_output(c) for c in cases}
     results, ttnn_info, ttnn_versions, backends = [], None, None, []
@@ -350,6 +430,7 @@ def compare_outputs(bundle_path, outputs_paths: Sequence[Union[str, os.PathLike]
             tol = cmp.policy_for(backend, dtype, name)
             result = result_of(name, backend, str(runtime), dtype, "torch float32", outs[name], refs[name], tol)
             result.source = os.fspath(path)
+            result.device, result.precision = meta.get("device"), meta.get("precision")  # as the run recorded them
             if backend == "flax" and c.variant.takes_attention_impl:
                 result.attention_impl = meta.get("attention_impl", flax_runner.AUTO)
             results.append(result)

@@ -45,6 +45,8 @@ def describe_attention_impl(name: str) -> str:
         return name
     from jaxattn.implementations import AUTO_BLOCKWISE_MIN_TOKENS as n
 
+    if platform() == "gpu":  # jaxattn.implementations: never the lax loop, never T x T past a bound
+        return f"{AUTO} (gpu: cudnn for bfloat16/float16, flash for float32; xla for masks and offsets)"
     return f"{AUTO} (naive below {n} tokens, blockwise from {n})"
 
 
@@ -82,8 +84,11 @@ def matmul_precision(dtype: str) -> str:
 
     JAX's default on a GPU computes float32 matmuls in TF32 (10-bit mantissa), which no
     float32 tolerance survives; bfloat16/float16 runs keep the default, their own precision.
+    ``--matmul-precision`` chooses another one for float32 (:mod:`crosscheck.placement`).
     """
-    return "highest" if dtype == "float32" else "default"
+    from crosscheck import placement
+
+    return placement.matmul_precision(dtype)
 
 
 def _prepare(variant, cfg, state_dict, dtype, attention_impl, **clone):
@@ -111,14 +116,20 @@ def run_flax(
     dtype: str = "float32",
     attention_impl: Optional[str] = None,
     attention_mask: Optional[np.ndarray] = None,
+    api: str = "linen",
 ) -> np.ndarray:
     """The jitted jaxattn module on ``x`` with ``state_dict`` ported to float32 parameters, computing in ``dtype``.
+
+    ``api="nnx"``: the :mod:`jaxattn.nnx` twin under ``nnx.jit`` (:func:`run_flax_nnx`).
 
     Inference mode (``deterministic=True`` where the module has dropout), matmuls at
     :func:`matmul_precision`. ``attention_mask``: ``x.shape[:-1]``, 1 = real token. The
     weights are ported through ``port.port_variables``, looked up at call time so a test
     can tamper with them.
     """
+    if api == "nnx":
+        return run_flax_nnx(variant, cfg, state_dict, x, dtype=dtype, attention_impl=attention_impl,
+                            attention_mask=attention_mask)
     import jax
     import jax.numpy as jnp
 
@@ -128,6 +139,51 @@ def run_flax(
     apply = jax.jit(lambda v, x: module.apply(v, x, **kwargs))
     with jax.default_matmul_precision(matmul_precision(dtype)):
         out = apply(variables, jnp.asarray(x, dtype=_jax_dtype(dtype)))
+    return np.asarray(jax.device_get(out))
+
+
+def nnx_module(variant: registry.Variant, cfg: AttnConfig, state_dict: Mapping[str, Any], dtype: str = "float32",
+               attention_impl: Optional[str] = None):
+    """``variant``'s :mod:`jaxattn.nnx` module at ``cfg`` computing in ``dtype``, THE weights loaded as float32."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxattn.nnx import load_params
+
+    options = {"dtype": _jax_dtype(dtype)}
+    if attention_impl is not None and variant.takes_attention_impl:
+        options["attention_impl"] = attention_impl
+    # Built concretely: nnx.eval_shape would leave the RNG state abstract, which nnx.jit cannot take.
+    module = variant.flax_module(cfg, "nnx", rngs=nnx.Rngs(0), **options)
+    params = port.port_variables(variant, cfg, state_dict)["params"]
+    return load_params(module, jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), params))
+
+
+def run_flax_nnx(
+    variant: registry.Variant,
+    cfg: AttnConfig,
+    state_dict: Mapping[str, Any],
+    x: np.ndarray,
+    *,
+    dtype: str = "float32",
+    attention_impl: Optional[str] = None,
+    attention_mask: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """:func:`run_flax` through the NNX module (:func:`nnx_module`) under ``nnx.jit``: same weights, same core."""
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    module = nnx_module(variant, cfg, state_dict, dtype, attention_impl)
+    kwargs = {"deterministic": True} if "deterministic" in inspect.signature(type(module).__call__).parameters else {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = jnp.asarray(attention_mask, dtype=jnp.bool_)
+    apply = nnx.jit(lambda m, x: m(x, **kwargs))
+    with jax.default_matmul_precision(matmul_precision(dtype)):
+        out = apply(module, jnp.asarray(x, dtype=_jax_dtype(dtype)))
     return np.asarray(jax.device_get(out))
 
 

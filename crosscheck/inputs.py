@@ -82,24 +82,16 @@ def load_input(path: Union[str, os.PathLike]) -> np.ndarray:
     path = os.fspath(path)
     require_readable_file(path, "input")
     ext = os.path.splitext(path)[1].lower()
-    try:
-        if ext == ".npy":
-            obj = np.load(path, allow_pickle=False)
-        elif ext in (".pt", ".pth"):
-            import torch
+    from crosscheck import tensorfiles
 
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        elif ext == ".safetensors":
-            from safetensors.numpy import load_file
-
-            obj = dict(load_file(path))
-        else:
-            raise BadInputError(f"unsupported input format {ext or '(none)'} for {path}: use .npy, .pt or .safetensors")
-    except BadInputError:
-        raise
-    except Exception as err:  # numpy, torch and safetensors each raise their own types for a corrupt file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BadInputError(f"cannot read input file {path}: {first}") from None
+    if ext == ".npy":
+        obj = tensorfiles.read_npy(path, "input file")
+    elif ext in (".pt", ".pth"):
+        obj = tensorfiles.read_pt(path, "input file", "an input")
+    elif ext == ".safetensors":
+        obj = tensorfiles.read_safetensors(path, "input file")[0]
+    else:
+        raise BadInputError(f"unsupported input format {ext or '(none)'} for {path}: use .npy, .pt or .safetensors")
     return validate_array(_pick(obj, path), f"input {path}")
 
 
@@ -113,6 +105,11 @@ def random_inputs(spec: RandomInputs, d_in_hint: Optional[int] = None) -> Inputs
             raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if seed < 0:
         raise BadInputError(f"--seed must be >= 0, got {seed}")
+    from crosscheck import budget
+
+    # Before the draw: --batch 1000000000 would otherwise allocate 72 GB here.
+    budget.current().check(budget.nbytes((batch, tokens, d_in), 4) * 4,
+                           f"random inputs (batch {batch} x tokens {tokens} x d_in {d_in})", "lower --batch/--tokens/--d-in")
     array = np.random.default_rng(seed).random((batch, tokens, d_in), dtype=np.float32)
     return Inputs(array, "random", f"uniform [0, 1) {array.shape}, numpy default_rng({seed})")
 

@@ -113,6 +113,9 @@ def check_state_dict(portmap: pm.PortMap, state_dict: StateDict, owner: str) -> 
     Raises :class:`PortError` naming every missing, unexpected and mis-shaped key
     (with expected and found shapes) and every buffer whose values are wrong.
     """
+    clashes = pm.alias_collisions(state_dict)
+    if clashes:
+        raise PortError(f"{owner}: ambiguous state dict, duplicate aliases:\n  " + "\n  ".join(clashes))
     canonical: dict[str, Any] = {}
     for key, value in state_dict.items():
         canonical[pm.canonical_key(str(key))] = value
@@ -191,30 +194,55 @@ def load_state_dict(flax_module, state_dict: StateDict, prefix: str = "", *, var
     ``prefix``: read the layer under it in a whole model's state dict (``model.layers.0.self_attn.``).
     ``variant``: the torch format (a name, e.g. ``"LlamaAttention"``); default: the one whose keys
     the state dict has, among the formats of ``flax_module``'s class.
+
+    Dtypes: a module at the default ``param_dtype`` (float32) keeps each weight's own floating
+    dtype, so that :func:`to_state_dict` gives back exactly what came in (float64 stays a numpy
+    array where JAX runs without x64; the module computes in float32 from it); a module built with
+    another ``param_dtype`` gets its weights cast to it.
     """
-    import jax.numpy as jnp
+    import jax
 
     state_dict = select_prefix(state_dict, prefix)
     variant, cfg = _format_of(flax_module, state_dict, variant)
     variables = variables_from_state_dict(variant.portmap(cfg), state_dict, variant.name)
-    import jax
+    param_dtype = getattr(flax_module, "param_dtype", None)
+    return jax.tree.map(lambda a: _as_param(a, param_dtype), variables)
 
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype=getattr(flax_module, "param_dtype", a.dtype)), variables)
+
+def _as_param(array: np.ndarray, param_dtype) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    if param_dtype is not None and np.dtype(param_dtype) != np.float32:
+        return jnp.asarray(array, dtype=param_dtype)
+    if array.dtype == np.float64 and not jax.config.jax_enable_x64:
+        return array  # exact: a JAX array would be float32
+    return jnp.asarray(array)
 
 
 # --- flax -> torch -------------------------------------------------------------------------------
 
 
 def to_state_dict(
-    flax_module, variables: Mapping, return_tensors: str = "np", *, prefix: str = "", variant=None
+    flax_module, variables: Any = None, return_tensors: str = "np", *, prefix: str = "", variant=None,
+    buffers: Optional[bool] = None,
 ) -> dict[str, Any]:
     """The torch state dict (keys, layouts, and the ``mask`` buffers) of Flax ``variables``.
+
+    ``flax_module``: a Linen module with its ``variables``, or a :mod:`jaxattn.nnx` module alone
+    (its ``nnx.Param`` state is the variables) or with an ``nnx.State`` of its parameters.
 
     ``return_tensors="np"`` gives numpy arrays; ``"pt"`` gives torch tensors,
     ready for ``torch_module.load_state_dict``. ``variant``: the torch format to write
     (``"LlamaAttention"`` writes ``q_proj.weight`` ...; default: the one named like the
     module's class); ``prefix`` goes before every key (``model.layers.0.self_attn.``).
+
+    Keys and dtypes are the parameters' own (float64, float32, bfloat16, float16 round-trip
+    exactly). ``buffers``: write the causal ``mask`` buffers (in the weights' dtype); default: yes,
+    unless the module's ``context_length`` is :data:`UNBOUNDED_CONTEXT` (a source without a mask).
+    Their size is checked against the memory budget (:mod:`crosscheck.budget`) before allocation.
     """
+    variables = _linen_variables(flax_module, variables)
     variant, cfg = config_of(flax_module, variant)
     portmap = variant.portmap(cfg)
     params = variables.get("params", {})
@@ -234,16 +262,60 @@ def to_state_dict(
         out[entry.torch_key] = np.ascontiguousarray(pm.from_flax(entry.layout, value))
     if problems:
         raise PortError(f"{variant.name}: variables do not fit:\n  " + "\n  ".join(problems))
-    for buf in portmap.buffers:
-        out[buf.torch_key] = buf.expected()
+    if buffers is None:
+        buffers = not _unbounded(cfg)
+    if buffers and portmap.buffers:
+        from crosscheck import budget
+
+        # Before the allocation: CausalAttention(context_length=100000) would need 37 GiB of mask.
+        total = sum(budget.nbytes(b.torch_shape, 4) for b in portmap.buffers)
+        budget.current().check(total, f"{variant.name}: the mask buffers of context_length {cfg.context_length}",
+                               "pass buffers=False (no mask keys) or a smaller context_length")
+        like = next(iter(out.values()), np.zeros(0, np.float32)).dtype  # buffers follow the weights (torch .to())
+        for buf in portmap.buffers:
+            out[buf.torch_key] = buf.expected().astype(like)
     out = {prefix + k: v for k, v in out.items()}
     if return_tensors == "pt":
-        import torch
-
-        return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}
+        return {k: _to_torch(v) for k, v in out.items()}
     if return_tensors != "np":
         raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
     return out
+
+
+def _linen_variables(flax_module, variables: Any) -> Mapping:
+    """``variables`` as Linen's ``{"params": ...}``: an NNX module's (or an ``nnx.State``'s) ``nnx.Param`` tree."""
+    if variables is not None and not _is_nnx(variables):
+        return variables
+    source = flax_module if variables is None else variables
+    if not _is_nnx(source):
+        raise BadInputError(f"to_state_dict: a Linen module ({type(flax_module).__name__}) needs its variables")
+    from jaxattn.nnx import params_of
+
+    return {"params": params_of(source)}
+
+
+def _is_nnx(obj: Any) -> bool:
+    """Whether ``obj`` is an NNX module or state (without importing flax for Linen users' numpy trees)."""
+    return type(obj).__module__.startswith(("flax.nnx", "jaxattn.nnx"))
+
+
+#: The context length :func:`from_torch` gives a module whose source has no ``mask`` buffer and no
+#: ``context_length`` (the book's ``PyTorchMultiHeadAttention``): no limit, and no buffer written back.
+UNBOUNDED_CONTEXT = 1 << 30
+
+
+def _unbounded(cfg: AttnConfig) -> bool:
+    return cfg.context_length >= UNBOUNDED_CONTEXT
+
+
+def _to_torch(array: np.ndarray):
+    """A numpy array (ml_dtypes bfloat16 included, which ``torch.from_numpy`` does not know) as a tensor."""
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if str(array.dtype) == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
 
 
 # --- config inference ----------------------------------------------------------------------------
@@ -280,7 +352,9 @@ def _book_config(variant: registry.Variant, torch_module) -> AttnConfig:
             raise BadInputError(f"{cls}: has no num_heads attribute; cannot split heads")
         found["num_heads"] = int(num_heads)
     if "context_length" in variant.fields and "context_length" not in found:
-        found["context_length"] = int(getattr(torch_module, "context_length", 0)) or 1 << 30
+        # No mask buffer: nothing in the source bounds the tokens (the book's SDPA classes are causal through
+        # is_causal, whatever context_length attribute they keep), and no buffer is written back.
+        found["context_length"] = UNBOUNDED_CONTEXT
     found["dropout"] = _dropout_p(torch_module)
     return AttnConfig(**{**dict(d_in=0, d_out=0, context_length=0), **found})
 
@@ -314,8 +388,9 @@ def recognise(torch_module, **options) -> tuple[registry.Variant, AttnConfig]:
     return variant, _book_config(variant, torch_module)
 
 
-def from_torch(torch_module, **options) -> tuple[Any, dict]:
-    """``(flax_module, variables)`` equivalent to ``torch_module``, with its weights ported.
+def from_torch(torch_module, *, api: str = "linen", **options) -> Any:
+    """``(flax_module, variables)`` equivalent to ``torch_module``, with its weights ported; with
+    ``api="nnx"``, the :mod:`jaxattn.nnx` module alone, its ``nnx.Param`` holding the weights.
 
     Recognises the book's classes by structure (so users' own copies work),
     the fused-QKV class and ``torch.nn.MultiheadAttention`` (``batch_first``
@@ -331,9 +406,16 @@ def from_torch(torch_module, **options) -> tuple[Any, dict]:
     Write the weights back with ``to_state_dict(flax_module, variables, variant=variant_name)``
     for transformers' key names (:func:`recognise` tells the variant).
     """
+    if api not in registry.FLAX_APIS:
+        raise BadInputError(f"from_torch: api must be one of {', '.join(registry.FLAX_APIS)}; got {api!r}")
     variant, cfg = recognise(torch_module, **options)
-    flax_module = variant.flax_module(cfg)
-    return flax_module, load_state_dict(flax_module, torch_module.state_dict(), variant=variant)
+    flax_module = variant.flax_module(cfg, api)
+    variables = load_state_dict(flax_module, torch_module.state_dict(), variant=variant)
+    if api == "linen":
+        return flax_module, variables
+    from jaxattn.nnx import load_params
+
+    return load_params(flax_module, variables["params"], keep_dtype=True)
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -356,31 +438,12 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     require_readable_file(path, "weights")
     ext = os.path.splitext(path)[1].lower()
+    from crosscheck import tensorfiles
+
     if ext == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file as st_load
-
-        try:
-            return dict(st_load(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise BadInputError(f"cannot read safetensors file {path}: {err}") from None
-        except Exception as err:  # safetensors raises bare Exceptions for some corruptions
-            raise BadInputError(f"cannot read safetensors file {path}: {err}") from None
+        return tensorfiles.read_safetensors(path, "safetensors file")[0]
     if ext in (".pt", ".pth", ".bin"):
-        import pickle
-
-        import torch
-
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a corrupt or foreign file makes the unpickler raise anything
-            # (a text file gave KeyError: 101): whatever it is, the file is not a state dict we can read.
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            first = f"{type(err).__name__}: {first}" if not isinstance(err, (pickle.UnpicklingError, RuntimeError)) else first
-            raise BadInputError(
-                f"cannot load {path} as a state dict with torch.load(weights_only=True): {first}"
-            ) from None
-        return _as_state_dict(obj, path)
+        return _as_state_dict(tensorfiles.read_pt(path, "weights file"), path)
     raise BadInputError(f"unsupported weights format {ext or '(none)'} for {path}: use .pt, .pth or .safetensors")
 
 

@@ -156,3 +156,19 @@ KEY_ALIASES = {"W_val": "W_value"}
 def canonical_key(key: str) -> str:
     """Rewrite alias segments (``W_val`` -> ``W_value``) so a user's state dict matches our table."""
     return ".".join(KEY_ALIASES.get(part, part) for part in key.split("."))
+
+
+def alias_collisions(keys) -> list[str]:
+    """Keys that name one parameter twice (``W_val.weight`` and ``W_value.weight``), as ``"'a' and 'b'"`` lines.
+
+    Either spelling is accepted alone; both at once is ambiguous, and one would silently win.
+    """
+    seen: dict[str, str] = {}
+    clashes = []
+    for key in keys:
+        canonical = canonical_key(str(key))
+        if canonical in seen:
+            clashes.append(f"{seen[canonical]!r} and {str(key)!r} both name {canonical!r}")
+        else:
+            seen[canonical] = str(key)
+    return clashes

@@ -23,6 +23,9 @@ from crosscheck.errors import BadInputError
 Shapes = Mapping[str, tuple[int, ...]]
 
 
+#: The Flax APIs a variant's module exists in (:meth:`Variant.flax_module`).
+FLAX_APIS = ("linen", "nnx")
+
 #: Config fields only grouped-query attention reads (see :meth:`Variant.report_config`).
 _ROPE_FIELDS = ("num_kv_groups", "head_dim", "qk_norm", "rope_theta", "rope_scaling")
 
@@ -107,6 +110,15 @@ class Variant:
     #: Values that make a state dict's shapes consistent for the fit check only, where they
     #: do not pin them down (never used to run).
     _fit_guess: Optional[Callable[[Shapes], dict]] = None
+    #: ``crosscheck --shard`` modes the Flax module can be split by (:mod:`jaxattn.sharding`): ``batch``
+    #: needs a batch axis, ``heads`` projections that hold the heads side by side, ``sequence`` a
+    #: selectable attention core (ring attention).
+    shard_modes: tuple[str, ...] = ()
+    #: ``(torch_module, x, resolved cfg, keep mask (b, heads, T, S), p) -> output``: the torch forward in
+    #: training mode with a given dropout mask, where dropout happens inside one functional call
+    #: (``nn.MultiheadAttention``); ``None``: ``--train`` replaces the module's ``nn.Dropout``
+    #: submodules instead (:mod:`crosscheck.dropout_masks`).
+    torch_masked_forward: Optional[Callable[..., Any]] = None
 
     @property
     def flax_class_name(self) -> str:
@@ -132,8 +144,12 @@ class Variant:
     def portmap(self, cfg: AttnConfig) -> pm.PortMap:
         return self._portmap(self.resolve(cfg))
 
-    def flax_module(self, cfg: AttnConfig):
-        return self._flax(self.resolve(cfg))
+    def flax_module(self, cfg: AttnConfig, api: str = "linen", **options):
+        """The jaxattn module at ``cfg``: Linen, or ``api="nnx"`` for the :mod:`jaxattn.nnx` twin (same class
+        name, same parameter paths); ``options`` go to the constructor (``dtype``, ``rngs`` ...)."""
+        if api not in FLAX_APIS:
+            raise BadInputError(f"unknown Flax API {api!r}; choose from {', '.join(FLAX_APIS)}")
+        return self._flax(self.resolve(cfg), api, **options)
 
     def torch_module(self, cfg: AttnConfig):
         return self._torch(self.resolve(cfg))
@@ -365,9 +381,20 @@ def _is_simplified(module) -> bool:
 
 
 def _wrapper_torch_config(module, recognise, options: Mapping) -> AttnConfig:
-    """The first head's config (whatever single-head class it is), times the number of heads."""
-    _, head_cfg = recognise(module.heads[0])
-    return head_cfg.replace(num_heads=len(module.heads))
+    """The heads' config times their number: every head must be a causal single-head layer, all alike
+    (a ModuleList of non-causal ``SelfAttention_v2`` heads is not the book's wrapper)."""
+    cls = type(module).__name__
+    wrong = [f"heads.{i} ({type(head).__name__})" for i, head in enumerate(module.heads) if not _is_causal(head)]
+    if wrong:
+        raise BadInputError(
+            f"{cls}: not a MultiHeadAttentionWrapper: its heads must be causal single-head layers "
+            f"(W_query/W_key/W_value and a mask buffer); {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}"
+        )
+    found = [recognise(head)[1] for head in module.heads]
+    differ = [f"heads.{i}" for i, c in enumerate(found) if c != found[0]]
+    if differ:
+        raise BadInputError(f"{cls}: heads {', '.join(differ[:4])} differ in shape or context_length from heads.0")
+    return found[0].replace(num_heads=len(module.heads))
 
 
 def _no_config(module, recognise, options: Mapping) -> AttnConfig:
@@ -409,14 +436,37 @@ def _torch_mha_forward(module, x, cfg: AttnConfig, attention_mask=None):
     return torch_multihead_forward(module, x, cfg.causal, attention_mask=attention_mask)
 
 
+def _gpt2_masked_forward(module, x, cfg: AttnConfig, keep, p: float):
+    """GPT2Attention drops with ``nn.functional.dropout`` inside its eager call: its steps with the mask given."""
+    from crosscheck.dropout_masks import gpt2_forward_masked
+
+    return gpt2_forward_masked(module, x, keep, p)
+
+
+def _torch_mha_masked_forward(module, x, cfg: AttnConfig, keep, p: float):
+    """``nn.MultiheadAttention`` drops inside its functional call: its steps with the mask given."""
+    from crosscheck.dropout_masks import multihead_forward_masked
+
+    return multihead_forward_masked(module, x, cfg.causal, keep, p)
+
+
 # --- module factories (lazy imports) ------------------------------------------------------------
 
 
 def _flax(name: str, args: Callable[[AttnConfig], dict]):
-    def build(cfg: AttnConfig):
+    def build(cfg: AttnConfig, api: str = "linen", **options):
+        """The Linen module (``options``: fields to set), or with ``api="nnx"`` its ``jaxattn.nnx`` twin
+        (``options``: keyword arguments, e.g. ``dtype``; random weights from ``rngs``, default seed 0)."""
+        if api == "nnx":
+            from flax import nnx
+
+            import jaxattn.nnx
+
+            options.setdefault("rngs", nnx.Rngs(0))
+            return getattr(jaxattn.nnx, name)(**args(cfg), **options)
         import jaxattn
 
-        return getattr(jaxattn, name)(**args(cfg))
+        return getattr(jaxattn, name)(**args(cfg), **options)
 
     return build
 
@@ -779,6 +829,7 @@ _GQA_COMMON = dict(
     # x, W_query, queries, the cos/sin table, x*cos, the RoPE sum, scores, 1/sqrt(hd), scaled scores, weights,
     # context, out_proj's weight, the output: 13; qk_norm adds the norm's output and its scale: 15.
     bf16_roundings=15, takes_attention_impl=True, in_default_run=False, flax_class="GroupedQueryAttention",
+    shard_modes=("batch", "heads", "sequence"),
     defaults=_GQA_DEFAULTS, _output_dim=lambda cfg: cfg.d_in, _config_of=_gqa_config_of,
     _complete=_complete_gqa, _check=_check_gqa, options=("rope_theta", "freq_config", "rope_scaling", "context_length"),
 )
@@ -818,6 +869,7 @@ VARIANTS: tuple[Variant, ...] = (
         "CausalAttention", "3.5 causal mask + dropout", _CAUSAL_FIELDS, False,
         _causal, _flax("CausalAttention", _causal_args), _torch("CausalAttention", _causal_args),
         "causal_attention", _is_causal, _infer_linears, bf16_roundings=8, takes_attention_impl=True,
+        shard_modes=("batch", "sequence"),
         _torch_cached=_torch_cached("CausalAttention", _causal_args),
     ),
     Variant(
@@ -825,7 +877,7 @@ VARIANTS: tuple[Variant, ...] = (
         _wrapper, _flax("MultiHeadAttentionWrapper", _heads_args), _torch("MultiHeadAttentionWrapper", _heads_args),
         "multi_head_attention_wrapper", _has_heads, _infer_wrapper,
         # The heads run side by side: the longest path is one head's.
-        bf16_roundings=8, takes_attention_impl=True,
+        bf16_roundings=8, takes_attention_impl=True, shard_modes=("batch", "sequence"),
         # One head's keys are what every stack has; more heads are read from the keys.
         fit_defaults=(("num_heads", 1),),
         _output_dim=lambda cfg: cfg.num_heads * cfg.d_out,
@@ -837,6 +889,7 @@ VARIANTS: tuple[Variant, ...] = (
         _mha, _flax("MultiHeadAttention", _heads_args), _torch("MultiHeadAttention", _heads_args),
         "multi_head_attention", _is_mha, _infer_linears,
         bf16_roundings=10, takes_attention_impl=True, splits_heads_of="d_out",
+        shard_modes=("batch", "heads", "sequence"),
         _torch_cached=_torch_cached("MultiHeadAttention", _heads_args),
     ),
     Variant(
@@ -845,6 +898,7 @@ VARIANTS: tuple[Variant, ...] = (
         _torch("MultiHeadAttentionCombinedQKV", _heads_args), "multi_head_attention_combined_qkv",
         _is_combined_qkv, _infer_combined,
         bf16_roundings=10, takes_attention_impl=True, splits_heads_of="d_out",
+        shard_modes=("batch", "heads", "sequence"),
         _torch_cached=_torch_cached("MultiHeadAttentionCombinedQKV", _heads_args),
     ),
     Variant(
@@ -861,6 +915,7 @@ VARIANTS: tuple[Variant, ...] = (
         "torch_multihead_attention",
         _is_torch_mha, _infer_torch_mha,
         bf16_roundings=10, takes_attention_impl=True, splits_heads_of="embed_dim (= d_in)",
+        shard_modes=("batch", "heads", "sequence"),
         _resolve=lambda cfg: cfg.replace(d_out=cfg.d_in),
         # embed_dim is d_in (3 in the seed), which two heads cannot split.
         defaults=(("num_heads", 1),),
@@ -875,6 +930,7 @@ VARIANTS: tuple[Variant, ...] = (
         ),
         # nn.MultiheadAttention decodes only as the causal self-attention it is run as.
         _decodes=lambda cfg: cfg.causal,
+        torch_masked_forward=_torch_mha_masked_forward,
     ),
     Variant(
         "GroupedQueryAttention", "the book's Llama 3 / Qwen3 GQA: RoPE, kv groups, optional q/k RMSNorm",
@@ -919,10 +975,12 @@ VARIANTS: tuple[Variant, ...] = (
         _flax("MultiHeadAttentionCombinedQKV", lambda cfg: dict(_heads_args(cfg), qkv_bias=True)),
         _hf_module("gpt2"), "multi_head_attention_combined_qkv", _is_gpt2, _infer_gpt2,
         bf16_roundings=10, takes_attention_impl=True, splits_heads_of="n_embd (= d_in)",
+        shard_modes=("batch", "heads", "sequence"),
         _resolve=lambda cfg: cfg.replace(d_out=cfg.d_in, qkv_bias=True),
         # n_embd is d_in (3 in the seed), which two heads cannot split.
         defaults=(("num_heads", 1),),
         _torch_forward=_gpt2_forward,
+        torch_masked_forward=_gpt2_masked_forward,
         torch_config=_hf_config(rope=False),
         flax_class="MultiHeadAttentionCombinedQKV", in_default_run=False, needs=("transformers",),
     ),

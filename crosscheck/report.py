@@ -13,10 +13,13 @@ from crosscheck.results import Report, Result
 
 def backend_label(r: Result) -> str:
     """How a row names its backend, honest about what ran (e.g. ``ttnn (host model)``)."""
-    if r.backend == "torch":
-        return "torch (cpu, vs float64)" if r.reference == "torch float64" else "torch (cpu)"
-    if r.backend == "flax":
-        return f"flax ({r.runtime})"
+    if r.backend == "torch":  # the device: "cpu", or "cuda: NVIDIA H100 80GB HBM3" (--torch-device cuda)
+        device = r.device or "cpu"
+        return f"torch ({device}, vs float64)" if r.reference == "torch float64" else f"torch ({device})"
+    if r.backend == "flax":  # JAX's platform and device: "cpu", or "gpu: NVIDIA H100 80GB HBM3"
+        return f"flax ({r.device or r.runtime})"
+    if r.backend == "flax-nnx":  # the jaxattn.nnx modules (crosscheck --api nnx|both), same JAX device
+        return f"flax-nnx ({r.device or r.runtime})"
     if r.backend == "ttnn":
         return {"host": "ttnn (host model)", "device": "ttnn (device)"}.get(r.runtime, f"ttnn ({r.runtime})")
     return r.backend
@@ -62,11 +65,21 @@ def render(report: Report, console, *, quiet: bool = False) -> None:
             console.print(f"decode: prompt of {mode['prompt_len']} tokens, then one token at a time to {mode['tokens']}{compiled}")
         elif mode.get("check") == "padding":
             console.print(f"padding: {mode['side']}, pad lengths {mode['pad_lengths']}; real tokens vs each sequence alone")
+        elif mode.get("check") in ("train", "grad"):
+            _render_train_mode(mode, console)
         v = report.versions
         ttnn = v.get("ttnn") or f"absent ({v.get('ttnn_reason')})"
         console.print(f"versions: torch {v.get('torch')}, jax {v.get('jax')}, flax {v.get('flax')}, ttnn {ttnn}")
+        precisions = sorted({f"{r.dtype} at {r.precision}" for r in report.results if r.backend == "flax" and r.precision})
+        if precisions:  # what "float32" meant for the JAX matmuls (TF32 below "highest" on a GPU)
+            console.print(f"flax matmul precision: {', '.join(precisions)}")
         table = Table(box=box.SIMPLE_HEAVY, header_style="bold")
-        versus = mode.get("check") in ("decode", "padding")
+        versus = mode.get("check") in _VERSUS_CHECKS or report.sharding is not None  # --shard: "flax 1 device" rows
+        if report.sharding is not None:
+            sh = report.sharding
+            ring = ", attention as ring attention" if sh["mode"] == "sequence" else ""
+            console.print(f"sharding: {sh['mode']} over {sh['devices']} {sh.get('platform', '')} devices{ring} "
+                          "(jaxattn.sharding); the \"flax 1 device\" row is the same module on one device")
         for col, justify in (
             ("variant", "left"), ("backend", "left"), *((("vs", "left"),) if versus else ()), ("dtype", "left"), ("shape", "left"),
             ("max abs err", "right"), ("max rel err", "right"), ("PCC", "right"), ("ULP", "right"), ("", "left"),
@@ -86,7 +99,8 @@ def render(report: Report, console, *, quiet: bool = False) -> None:
         console.print(table)
     for r in report.results:
         for failure in r.failures:
-            against = f" vs {r.reference}" if (report.mode or {}).get("check") in ("decode", "padding") else ""
+            versus_rows = (report.mode or {}).get("check") in _VERSUS_CHECKS or report.sharding is not None
+            against = f" vs {r.reference}" if versus_rows else ""
             console.print(f"[red]FAIL[/red] {r.variant} / {backend_label(r)}{against}: {failure}", highlight=False)
     n_pass = sum(r.passed for r in report.results)
     total = len(report.results)
@@ -96,6 +110,24 @@ def render(report: Report, console, *, quiet: bool = False) -> None:
         console.print(
             f"[bold red]{total - n_pass} of {total} checks failed[/bold red]: {', '.join(report.failing_variants)}"
         )
+
+
+#: Checks whose rows name their reference in a "vs" column (several references per variant).
+_VERSUS_CHECKS = ("decode", "padding", "train", "grad")
+
+
+def _render_train_mode(mode: dict, console) -> None:
+    """The header lines of a --train / --grad run: dropout, masks, loss, and the backends skipped and why."""
+    from rich.markup import escape  # the loss names default_rng([seed, 1]): brackets, not markup
+
+    if mode.get("train"):
+        rate = mode.get("dropout")
+        rate = "no variant with dropout" if rate in (None, []) else f"dropout {rate}"
+        console.print(f"training mode: {rate}; masks: {mode.get('masks')} (seed {mode.get('seed')})")
+    if mode.get("check") == "grad":
+        console.print(f"gradients: loss {escape(str(mode.get('loss')))}, seed {mode.get('seed')}; torch autograd vs jax.grad")
+    for backend, why in (mode.get("skipped_backends") or {}).items():
+        console.print(f"{backend}: {why}")
 
 
 def _timing(report: Report) -> str:
@@ -109,6 +141,13 @@ def write_json(report: Report, path: str | os.PathLike) -> None:
     Callers check ``path`` against the run's inputs before the run (:func:`crosscheck.outputs.check_output_path`).
     """
     path = os.fspath(path)
+    text = json_text(report)
+    check_output_path(path, "--json", what="JSON report")
+    atomic_write_text(path, text, what="JSON report")
+
+
+def json_text(report) -> str:
+    """``report.to_dict()`` as indented JSON ending in a newline (``--json -`` prints it on stdout)."""
 
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
@@ -119,6 +158,4 @@ def write_json(report: Report, path: str | os.PathLike) -> None:
             return [clean(v) for v in x]
         return x
 
-    text = json.dumps(clean(report.to_dict()), indent=2, allow_nan=False)
-    check_output_path(path, "--json", what="JSON report")
-    atomic_write_text(path, text + "\n", what="JSON report")
+    return json.dumps(clean(report.to_dict()), indent=2, allow_nan=False) + "\n"

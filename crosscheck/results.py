@@ -39,6 +39,11 @@ class Result:
     #: Decoding: ``prompt_len``, ``steps`` and the token whose error is largest (``worst_token``,
     #: ``worst_token_max_abs_err``); padding: how many real positions were compared. ``None`` otherwise.
     detail: Optional[dict] = None
+    #: Where it ran, in words (``"cpu"``, ``"gpu: NVIDIA H100 80GB HBM3"``, ``"cuda: ..."`` for torch,
+    #: ``"ttnn host"``) and its matmul precision (``"highest"``, ``"default"``, ``"bfloat16"``);
+    #: filled by :func:`crosscheck.placement.describe`.
+    device: Optional[str] = None
+    precision: Optional[str] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +64,8 @@ class Report:
     #: What was checked: ``{"check": "forward"}``, ``{"check": "decode", "prompt_len": P, "tokens": T,
     #: "flax_compilations": {...}}`` or ``{"check": "padding", "side": ..., "pad_lengths": [...]}``.
     mode: Optional[dict] = None
+    #: ``--devices N --shard MODE``: ``{"mode": MODE, "devices": N, "platform": ...}``; ``None``: one device.
+    sharding: Optional[dict] = None
 
     @property
     def passed(self) -> bool:
@@ -89,6 +96,7 @@ class Report:
             "backends": list(self.backends),
             "attention_impl": self.attention_impl,
             "mode": self.mode or {"check": "forward"},
+            "sharding": self.sharding,
             "versions": self.versions,
             "ttnn_runtime": self.ttnn_runtime,
             "policy": {

@@ -10,7 +10,9 @@ Depends on JAX and Flax only. Layers, bottom up:
   gathers the functional core in one import;
 * :mod:`jaxattn.rope` and :mod:`jaxattn.norms`: RoPE and RMS-norm as plain functions;
 * the Linen modules: own parameters (named as the torch ones), project, call the core;
-  :class:`GroupedQueryAttention` (Llama 3 / Qwen3) adds RoPE and QK-norm.
+  :class:`GroupedQueryAttention` (Llama 3 / Qwen3) adds RoPE and QK-norm;
+* :mod:`jaxattn.nnx` (imported on its own: ``import jaxattn.nnx``): the same modules in Flax NNX,
+  over the same math functions.
 """
 
 from jaxattn import core, implementations, masks

@@ -18,6 +18,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from jaxattn import implementations
 
 QOffset = Union[int, Int[Array, ""]]
+#: ``jax.lax.Precision``, one of its names, or ``None`` (JAX's default for the backend).
+PrecisionLike = Union[None, str, jax.lax.Precision]
 
 
 def dot_product_attention(
@@ -33,6 +35,7 @@ def dot_product_attention(
     implementation: Optional[str] = None,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[PRNGKeyArray] = None,
+    precision: PrecisionLike = None,
 ) -> Float[Array, "*B T N Hv"]:
     """Scaled dot-product attention, ``softmax(q @ k.T * scale + bias, where=mask) @ v``.
 
@@ -56,6 +59,11 @@ def dot_product_attention(
         implementation that cannot serve the call raises ``ValueError`` saying why.
       dropout_rate, dropout_rng: dropout on the attention weights (Flax's names),
         served by implementations that materialise the weights (``naive``).
+      precision: the matmul precision of both products (``q @ k.T`` and ``weights @ v``),
+        as ``jax.lax.Precision`` or its names (``"default"``, ``"high"``, ``"highest"``), the
+        Flax convention. ``None`` follows ``jax_default_matmul_precision``, which on a GPU
+        means TF32 for float32 (a 10-bit mantissa): pass ``"highest"`` for float32 products.
+        Kernels that call a library (``cudnn``) ignore it: cuDNN runs bf16/fp16 only.
 
     Returns:
       ``(batch, T, N, Hv)`` (or ``(T, N, Hv)``), in ``value``'s dtype.
@@ -73,6 +81,7 @@ def dot_product_attention(
     return attention_with_weights(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal, q_offset=q_offset,
         implementation=implementation, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        precision=precision,
     )[0]
 
 
@@ -89,6 +98,7 @@ def attention_with_weights(
     implementation: Optional[str] = None,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[PRNGKeyArray] = None,
+    precision: PrecisionLike = None,
 ) -> tuple[Float[Array, "*B T N Hv"], Optional[Float[Array, "*B N T S"]]]:
     """:func:`dot_product_attention` plus the attention weights (before dropout) when the implementation has them.
 
@@ -128,6 +138,7 @@ def attention_with_weights(
         scale=head_dim**-0.5 if scale is None else scale,
         is_causal=bool(is_causal), q_offset=q_offset,
         dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        precision=_check_precision(precision),
     )
     if unbatched:
         out, weights = out[0], None if weights is None else weights[0]
@@ -181,3 +192,18 @@ def _check_q_offset(q_offset: QOffset) -> QOffset:
     if offset.ndim != 0 or not jnp.issubdtype(offset.dtype, jnp.integer):
         raise ValueError(f"dot_product_attention: q_offset must be an integer scalar, got {offset.dtype} {offset.shape}")
     return offset
+
+
+def _check_precision(precision: PrecisionLike) -> Optional[jax.lax.Precision]:
+    """``precision`` as a ``jax.lax.Precision`` (or ``None``); a ``ValueError`` naming the choices otherwise."""
+    if precision is None or isinstance(precision, jax.lax.Precision):
+        return precision
+    if isinstance(precision, str):
+        try:
+            return jax.lax.Precision(precision.lower())
+        except ValueError:
+            pass
+    raise ValueError(
+        f"dot_product_attention: precision must be None, a jax.lax.Precision or one of "
+        f"'default', 'high', 'highest'; got {precision!r}"
+    )

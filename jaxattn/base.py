@@ -12,13 +12,18 @@ class under it has it at the same place: ``qkv_bias`` comes after ``num_heads`` 
 ``MultiHeadAttention(d_in, d_out, context_length, dropout, num_heads, qkv_bias)`` but
 not in ``CausalAttention``, and ``MultiHeadAttentionCombinedQKV(d_in, d_out,
 num_heads, context_length, ...)`` has its own order.
+
+Below the Linen classes, the plain functions both shells (these Linen modules and the NNX
+modules of :mod:`jaxattn.nnx`) call, so the two APIs share one copy of the logic:
+:func:`call_attention` (the call into the core), :func:`append_to_cache` (the KV cache
+arithmetic) and :func:`key_mask`. A shell only keeps state: parameters, the cache, RNGs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -31,6 +36,11 @@ from jaxtyping import Array, Float
 from jaxattn.attention import attention_with_weights, dot_product_attention
 from jaxattn.checks import check_input, check_rate, check_sizes
 from jaxattn.masks import make_offset_causal_mask
+
+#: A projection as the variants' math functions take it: ``nn.Dense``, ``nnx.Linear``, any ``(..., n_in) -> (..., n)``.
+Projection = Callable[[Array], Array]
+#: A matmul precision as Flax takes it: ``jax.lax.Precision``, its name, or ``None`` (the backend's default).
+PrecisionLike = Union[None, str, lax.Precision]
 
 
 class AttentionModule(nn.Module):
@@ -58,10 +68,16 @@ class AttentionModule(nn.Module):
     #: of the maximum length makes the ``'cache'`` collection; each ``apply(..., mutable=["cache"])``
     #: appends a chunk (a prompt, then one token at a time) and attends to everything cached so far.
     decode: bool = False
+    #: Matmul precision of every projection and of the attention call (Flax's convention, as
+    #: ``nn.MultiHeadDotProductAttention(precision=...)``); ``None``: JAX's default for the backend.
+    precision: PrecisionLike = None
 
     def dense(self, features: int, use_bias: bool, name: str) -> nn.Dense:
         """An ``nn.Linear``-like projection named as the torch submodule (kernel = torch ``weight.T``)."""
-        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        return nn.Dense(
+            features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+            name=name,
+        )
 
     def attend(
         self,
@@ -79,45 +95,37 @@ class AttentionModule(nn.Module):
         ``attention_mask``: ``(batch, tokens)``, 1/True = a real token, 0 = padding; padded keys are
         invisible to every query, and a query that sees no real key gets zeros. With ``decode`` the keys,
         values and this mask are appended to the cache and the queries sit at ``q_offset = cache_index``.
+        The work is :func:`call_attention`'s; this shell supplies the cache, the RNG and the sowing.
         """
-        key_mask = None if attention_mask is None else self.key_mask(attention_mask, keys.shape[:2])
+        owner = type(self).__name__
+        mask = None if attention_mask is None else key_mask(owner, attention_mask, keys.shape[:2])
         q_offset = 0
         if self.decode:
-            keys, values, key_mask, q_offset = self.update_cache(keys, values, key_mask)
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # (b, 1, 1, S)
+            keys, values, mask, q_offset = self.update_cache(keys, values, mask)
         dropout_active = not deterministic and rate > 0.0
-        rng = self.make_rng("dropout") if dropout_active else None
-        if self.attention_fn is dot_product_attention:
-            implementation = "naive" if dropout_active else (None if self.attention_impl == "auto" else self.attention_impl)
-            context_vec, attn_weights = attention_with_weights(
-                queries, keys, values, mask=mask, is_causal=is_causal, q_offset=q_offset,
-                implementation=implementation, dropout_rate=rate if dropout_active else 0.0, dropout_rng=rng,
-            )  # (b, T, H, hd), (b, H, T, S) or None
-            if attn_weights is not None:
-                self.sow("intermediates", "attn_weights", self.sown_weights(attn_weights))
-        else:
-            if self.attention_impl != "auto":
-                raise ValueError(
-                    f"{type(self).__name__}: attention_impl={self.attention_impl!r} chooses among "
-                    "jaxattn.dot_product_attention's implementations; with a custom attention_fn, choose inside it"
-                )
-            if is_causal and self.decode:  # jax.nn's signature has no q_offset: the causal mask says it
-                causal = make_offset_causal_mask(queries.shape[1], keys.shape[1], q_offset)[None, None]
-                mask, is_causal = (causal if mask is None else mask & causal), False
-            extra = {"dropout_rate": rate, "dropout_rng": rng} if dropout_active else {}
-            context_vec = self.attention_fn(queries, keys, values, bias=None, mask=mask, is_causal=is_causal, **extra)
+        context_vec, attn_weights = call_attention(
+            owner, queries, keys, values, key_mask=mask, is_causal=is_causal, q_offset=q_offset,
+            attention_fn=self.attention_fn, attention_impl=self.attention_impl, precision=self.precision,
+            dropout_rate=rate if dropout_active else 0.0,
+            dropout_rng=self.make_rng("dropout") if dropout_active else None,
+        )
+        if attn_weights is not None:
+            self.sow("intermediates", "attn_weights", self.sown_weights(attn_weights))
         self.sow("intermediates", "context_vec", self.sown_context(context_vec))
+        if self.is_mutable_collection("intermediates"):
+            self.sow_stages(queries, keys, values)
         return context_vec
 
-    def key_mask(self, attention_mask: ArrayLike, expected: tuple[int, int]) -> Array:
-        """``attention_mask`` checked against ``(batch, tokens)`` and made boolean."""
-        attention_mask = jnp.asarray(attention_mask)
-        if attention_mask.shape != tuple(expected):
-            raise ValueError(
-                f"{type(self).__name__}: attention_mask must be (batch, tokens) = {tuple(expected)}, "
-                f"got shape {attention_mask.shape}"
-            )
-        return attention_mask.astype(jnp.bool_) if attention_mask.dtype != jnp.bool_ else attention_mask
+    def sow_stages(self, queries, keys, values) -> None:
+        """For ``crosscheck --stages``: what enters the core, head-first ``(b, heads, T, hd)``, and the
+        book's omega ``q @ k.T`` ``(b, heads, T, S)`` (unscaled, unmasked; kv groups shared as the core does)."""
+        b, tokens, heads, head_dim = queries.shape
+        kv_tokens, kv_heads = keys.shape[1], keys.shape[2]
+        grouped = queries.reshape(b, tokens, kv_heads, heads // kv_heads, head_dim)  # (b, T, K, G, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", grouped, keys, precision=self.precision)  # (b, K, G, T, S)
+        for name, value in (("queries", queries), ("keys", keys), ("values", values)):
+            self.sow("intermediates", name, jnp.swapaxes(value, 1, 2))
+        self.sow("intermediates", "attn_scores", scores.reshape(b, heads, tokens, kv_tokens))
 
     def cache_offset(self):
         """Position of this call's first token: the cached ``cache_index`` with ``decode``, else 0.
@@ -143,23 +151,10 @@ class AttentionModule(nn.Module):
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
         if not initialised:
             return keys, values, key_mask, 0
-        batch, max_tokens, kv_heads, head_dim = cached_key.value.shape
-        chunk = keys.shape[1]
-        if keys.shape[0] != batch or keys.shape[2:] != (kv_heads, head_dim) or chunk > max_tokens:
-            raise ValueError(
-                f"{type(self).__name__}: a chunk of keys {keys.shape} does not fit the cache "
-                f"{cached_key.value.shape} (batch, max_tokens, kv_heads, head_dim)"
-            )
-        index = cache_index.value + _check_room(cache_index.value, chunk, max_tokens, type(self).__name__)
-        if key_mask is None:
-            key_mask = jnp.ones((batch, chunk), jnp.bool_)
-        cached_key.value = lax.dynamic_update_slice(cached_key.value, keys.astype(cached_key.value.dtype), (0, index, 0, 0))
-        cached_value.value = lax.dynamic_update_slice(
-            cached_value.value, values.astype(cached_value.value.dtype), (0, index, 0, 0)
-        )
-        cached_mask.value = lax.dynamic_update_slice(cached_mask.value, key_mask, (0, index))
-        cache_index.value = index + chunk
-        return cached_key.value, cached_value.value, cached_mask.value, index
+        cache = KVCache(cached_key.value, cached_value.value, cached_mask.value, cache_index.value)
+        cache, index = append_to_cache(type(self).__name__, cache, keys, values, key_mask)
+        cached_key.value, cached_value.value, cached_mask.value, cache_index.value = cache
+        return cache.key, cache.value, cache.mask, index
 
     def sown_weights(self, attn_weights: Float[Array, "b heads q k"]) -> Array:
         """``attn_weights`` as sown: ``(b, heads, T, S)``, the book's layout."""
@@ -180,13 +175,111 @@ class BookAttention(AttentionModule):
 
     def check_config(self) -> None:
         """Positive ``d_in``, ``d_out``, ``context_length`` and ``dropout`` in [0, 1); at trace time (all static)."""
-        owner = type(self).__name__
-        check_sizes(owner, d_in=self.d_in, d_out=self.d_out, context_length=self.context_length)
-        check_rate(owner, "dropout", self.dropout)
+        check_book_config(self)
 
     def check_input(self, x: Array) -> None:
         """``x`` must be ``(batch, tokens, d_in)`` with ``tokens <= context_length`` (the book's mask size)."""
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
+
+
+def check_book_config(module) -> None:
+    """The book's ``(d_in, d_out, context_length, dropout)`` of a Linen or NNX ``module``: sizes and rate."""
+    owner = type(module).__name__
+    check_sizes(owner, d_in=module.d_in, d_out=module.d_out, context_length=module.context_length)
+    check_rate(owner, "dropout", module.dropout)
+
+
+# --- the functional core of the shells: Linen (above) and NNX (jaxattn.nnx) call these --------------
+
+
+class KVCache(NamedTuple):
+    """A KV cache's arrays: ``key``/``value`` ``(batch, max_tokens, kv_heads, head_dim)``, ``mask`` ``(batch,
+    max_tokens)`` (False = padding), ``index`` (int32 scalar, the number of tokens cached)."""
+
+    key: Array
+    value: Array
+    mask: Array
+    index: Array
+
+
+def key_mask(owner: str, attention_mask: ArrayLike, expected: tuple[int, int]) -> Array:
+    """``attention_mask`` checked against ``(batch, tokens)`` and made boolean."""
+    attention_mask = jnp.asarray(attention_mask)
+    if attention_mask.shape != tuple(expected):
+        raise ValueError(
+            f"{owner}: attention_mask must be (batch, tokens) = {tuple(expected)}, got shape {attention_mask.shape}"
+        )
+    return attention_mask.astype(jnp.bool_) if attention_mask.dtype != jnp.bool_ else attention_mask
+
+
+def append_to_cache(
+    owner: str,
+    cache: KVCache,
+    keys: Float[Array, "batch chunk kv_heads head_dim"],
+    values: Float[Array, "batch chunk kv_heads v_dim"],
+    chunk_mask: Optional[Array],
+) -> tuple[KVCache, Array]:
+    """``(the cache with the chunk written at its index, the chunk's first position)``; a full cache raises."""
+    batch, max_tokens, kv_heads, head_dim = cache.key.shape
+    chunk = keys.shape[1]
+    if keys.shape[0] != batch or keys.shape[2:] != (kv_heads, head_dim) or chunk > max_tokens:
+        raise ValueError(
+            f"{owner}: a chunk of keys {keys.shape} does not fit the cache "
+            f"{cache.key.shape} (batch, max_tokens, kv_heads, head_dim)"
+        )
+    index = cache.index + _check_room(cache.index, chunk, max_tokens, owner)
+    if chunk_mask is None:
+        chunk_mask = jnp.ones((batch, chunk), jnp.bool_)
+    new = KVCache(
+        lax.dynamic_update_slice(cache.key, keys.astype(cache.key.dtype), (0, index, 0, 0)),
+        lax.dynamic_update_slice(cache.value, values.astype(cache.value.dtype), (0, index, 0, 0)),
+        lax.dynamic_update_slice(cache.mask, chunk_mask, (0, index)),
+        index + chunk,
+    )
+    return new, index
+
+
+def call_attention(
+    owner: str,
+    queries: Float[Array, "batch q_tokens heads head_dim"],
+    keys: Float[Array, "batch kv_tokens kv_heads head_dim"],
+    values: Float[Array, "batch kv_tokens kv_heads v_dim"],
+    *,
+    key_mask: Optional[Array],
+    is_causal: bool,
+    q_offset,
+    attention_fn: Callable[..., Any],
+    attention_impl: str,
+    precision: PrecisionLike,
+    dropout_rate: float,
+    dropout_rng,
+) -> tuple[Float[Array, "batch q_tokens heads v_dim"], Optional[Float[Array, "batch heads q_tokens kv_tokens"]]]:
+    """``(context_vec, attn_weights or None)``: the attention call every multi-head shell makes.
+
+    ``key_mask``: ``(batch, kv_tokens)``, True = a real key. ``dropout_rate > 0`` means dropout is
+    active (then the default core runs the naive kernel, whose dropout is the book's). ``precision`` is
+    passed on only when set, so ``jax.nn.dot_product_attention`` still works as ``attention_fn``.
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (b, 1, 1, S)
+    extra = {} if precision is None else {"precision": precision}
+    if attention_fn is dot_product_attention:
+        implementation = "naive" if dropout_rate > 0.0 else (None if attention_impl == "auto" else attention_impl)
+        return attention_with_weights(
+            queries, keys, values, mask=mask, is_causal=is_causal, q_offset=q_offset,
+            implementation=implementation, dropout_rate=dropout_rate, dropout_rng=dropout_rng, **extra,
+        )  # (b, T, H, hd), (b, H, T, S) or None
+    if attention_impl != "auto":
+        raise ValueError(
+            f"{owner}: attention_impl={attention_impl!r} chooses among "
+            "jaxattn.dot_product_attention's implementations; with a custom attention_fn, choose inside it"
+        )
+    if is_causal and not (isinstance(q_offset, int) and q_offset == 0):
+        # jax.nn's signature has no q_offset: the causal mask says it
+        causal = make_offset_causal_mask(queries.shape[1], keys.shape[1], q_offset)[None, None]
+        mask, is_causal = (causal if mask is None else mask & causal), False
+    if dropout_rate > 0.0:
+        extra.update(dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    return attention_fn(queries, keys, values, bias=None, mask=mask, is_causal=is_causal, **extra), None
 
 
 def _check_room(index, chunk: int, max_tokens: int, owner: str):

@@ -16,7 +16,8 @@ num_heads, out_features=d_out, rope_theta=..., freq_config=...)``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Optional, Union
 
 import flax.linen as nn
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
-from jaxattn.base import AttentionModule
+from jaxattn.base import AttentionModule, Projection
 from jaxattn.checks import check_input, check_sizes
 from jaxattn.norms import rms_norm
 from jaxattn.rope import apply_rope, compute_rope_params
@@ -84,22 +85,7 @@ class GroupedQueryAttention(AttentionModule):
         return self.d_in // self.num_heads if self.head_dim is None else self.head_dim
 
     def check_config(self) -> None:
-        owner = type(self).__name__
-        check_sizes(
-            owner, d_in=self.d_in, num_heads=self.num_heads, num_kv_groups=self.num_kv_groups,
-            head_dim=self.head_dim, context_length=self.context_length, out_features=self.out_features,
-        )
-        if self.num_heads % self.num_kv_groups != 0:
-            raise ValueError(
-                f"{owner}: num_heads={self.num_heads} must be divisible by num_kv_groups={self.num_kv_groups}"
-            )
-        if self.head_dim is None and self.d_in % self.num_heads != 0:
-            raise ValueError(
-                f"{owner}: d_in={self.d_in} must be divisible by num_heads={self.num_heads} when head_dim is not set"
-            )
-        head_dim = self.resolved_head_dim
-        if head_dim < 2 or head_dim % 2 != 0:
-            raise ValueError(f"{owner}: head_dim={head_dim} must be even for RoPE (rotates pairs of dimensions)")
+        check_gqa_config(self)
 
     @nn.compact
     def __call__(
@@ -111,34 +97,94 @@ class GroupedQueryAttention(AttentionModule):
     ) -> Float[Array, "batch tokens out_features"]:
         self.check_config()
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
-        b, tokens, _ = x.shape
         head_dim, kv_groups = self.resolved_head_dim, self.num_kv_groups
-
-        queries = self.dense(self.num_heads * head_dim, self.qkv_bias, "W_query")(x)  # (b, T, heads * hd)
-        keys = self.dense(kv_groups * head_dim, self.qkv_bias, "W_key")(x)  # (b, T, kv_groups * hd)
-        values = self.dense(kv_groups * head_dim, self.qkv_bias, "W_value")(x)  # (b, T, kv_groups * hd)
-        queries = queries.reshape(b, tokens, self.num_heads, head_dim)  # (b, T, heads, hd)
-        keys = keys.reshape(b, tokens, kv_groups, head_dim)  # (b, T, kv_groups, hd)
-        values = values.reshape(b, tokens, kv_groups, head_dim)  # (b, T, kv_groups, hd)
-
+        q_norm = k_norm = None
         if self.qk_norm:  # Qwen3: normalise each head before RoPE
-            queries = RMSNorm(head_dim, 1e-6, self.param_dtype, name="q_norm")(queries)
-            keys = RMSNorm(head_dim, 1e-6, self.param_dtype, name="k_norm")(keys)
-
-        # RoPE at positions offset .. offset + T - 1 (offset = the cache index when decoding), keys
-        # rotated before they are cached; the tables cover every position the cache can hold.
-        cos, sin = compute_rope_params(
-            head_dim, self.rope_theta, self.context_length if self.decode else tokens,
-            None if self.freq_config is None else dict(self.freq_config),
-        )  # (positions, hd) each
-        offset = self.cache_offset()
-        queries = apply_rope(queries, cos, sin, offset=offset)  # (b, T, heads, hd)
-        keys = apply_rope(keys, cos, sin, offset=offset)  # (b, T, kv_groups, hd)
-
-        context_vec = self.attend(
-            queries, keys, values,
-            is_causal=True, rate=0.0, deterministic=deterministic, attention_mask=attention_mask,
-        )  # (b, T, heads, hd): kv groups shared by the core, never repeated
-        context_vec = context_vec.reshape(b, tokens, self.num_heads * head_dim)  # (b, T, heads * hd)
+            q_norm = RMSNorm(head_dim, 1e-6, self.param_dtype, name="q_norm")
+            k_norm = RMSNorm(head_dim, 1e-6, self.param_dtype, name="k_norm")
         out_features = self.d_in if self.out_features is None else self.out_features
-        return self.dense(out_features, self.out_bias, "out_proj")(context_vec)  # (b, T, out_features)
+        return grouped_query_attention(
+            x,
+            self.dense(self.num_heads * head_dim, self.qkv_bias, "W_query"),
+            self.dense(kv_groups * head_dim, self.qkv_bias, "W_key"),
+            self.dense(kv_groups * head_dim, self.qkv_bias, "W_value"),
+            self.dense(out_features, self.out_bias, "out_proj"),
+            partial(self.attend, rate=0.0, deterministic=deterministic, attention_mask=attention_mask),
+            q_norm=q_norm, k_norm=k_norm, num_heads=self.num_heads, num_kv_groups=kv_groups,
+            rope=rope_tables(self, tokens=x.shape[1]), offset=self.cache_offset(),
+        )
+
+
+# --- the math, shared with jaxattn.nnx ---------------------------------------------------------------
+
+
+def grouped_query_attention(
+    x: Float[Array, "batch tokens d_in"],
+    W_query: Projection,
+    W_key: Projection,
+    W_value: Projection,
+    out_proj: Projection,
+    attend: Callable[..., Array],
+    *,
+    q_norm: Optional[Callable[[Array], Array]],
+    k_norm: Optional[Callable[[Array], Array]],
+    num_heads: int,
+    num_kv_groups: int,
+    rope: tuple[Array, Array],
+    offset,
+) -> Float[Array, "batch tokens out_features"]:
+    """The book's ``GroupedQueryAttention.forward``: project, split heads, QK-norm, RoPE, attend, ``out_proj``.
+
+    ``rope``: the ``(cos, sin)`` tables, ``(positions, head_dim)`` each; ``offset``: the position of the
+    first token (the cache index when decoding). ``attend(queries, keys, values, is_causal=...)``: the
+    shell's call into the core, with the kv groups shared by the core, never repeated.
+    """
+    b, tokens, _ = x.shape
+    queries = W_query(x)  # (b, T, heads * hd)
+    keys = W_key(x)  # (b, T, kv_groups * hd)
+    values = W_value(x)  # (b, T, kv_groups * hd)
+    head_dim = queries.shape[-1] // num_heads
+    queries = queries.reshape(b, tokens, num_heads, head_dim)  # (b, T, heads, hd)
+    keys = keys.reshape(b, tokens, num_kv_groups, head_dim)  # (b, T, kv_groups, hd)
+    values = values.reshape(b, tokens, num_kv_groups, head_dim)  # (b, T, kv_groups, hd)
+
+    if q_norm is not None:  # Qwen3: normalise each head before RoPE
+        queries, keys = q_norm(queries), k_norm(keys)
+
+    # RoPE at positions offset .. offset + T - 1, keys rotated before they are cached.
+    cos, sin = rope
+    queries = apply_rope(queries, cos, sin, offset=offset)  # (b, T, heads, hd)
+    keys = apply_rope(keys, cos, sin, offset=offset)  # (b, T, kv_groups, hd)
+
+    context_vec = attend(queries, keys, values, is_causal=True)  # (b, T, heads, hd)
+    context_vec = context_vec.reshape(b, tokens, num_heads * head_dim)  # (b, T, heads * hd)
+    return out_proj(context_vec)  # (b, T, out_features)
+
+
+def rope_tables(module, *, tokens: int) -> tuple[Array, Array]:
+    """``(cos, sin)`` for a Linen or NNX ``GroupedQueryAttention``: every position its cache can hold when
+    decoding, else the ``tokens`` of this call."""
+    return compute_rope_params(
+        module.resolved_head_dim, module.rope_theta, module.context_length if module.decode else tokens,
+        None if module.freq_config is None else dict(module.freq_config),
+    )  # (positions, hd) each
+
+
+def check_gqa_config(module) -> None:
+    """The sizes of a Linen or NNX ``GroupedQueryAttention``; head_dim even for RoPE."""
+    owner = type(module).__name__
+    check_sizes(
+        owner, d_in=module.d_in, num_heads=module.num_heads, num_kv_groups=module.num_kv_groups,
+        head_dim=module.head_dim, context_length=module.context_length, out_features=module.out_features,
+    )
+    if module.num_heads % module.num_kv_groups != 0:
+        raise ValueError(
+            f"{owner}: num_heads={module.num_heads} must be divisible by num_kv_groups={module.num_kv_groups}"
+        )
+    if module.head_dim is None and module.d_in % module.num_heads != 0:
+        raise ValueError(
+            f"{owner}: d_in={module.d_in} must be divisible by num_heads={module.num_heads} when head_dim is not set"
+        )
+    head_dim = module.d_in // module.num_heads if module.head_dim is None else module.head_dim
+    if head_dim < 2 or head_dim % 2 != 0:
+        raise ValueError(f"{owner}: head_dim={head_dim} must be even for RoPE (rotates pairs of dimensions)")

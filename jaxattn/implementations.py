@@ -7,7 +7,8 @@ platforms, and whether it returns the attention weights. ``implementation=None``
 score for the call (by platform, dtype and length); an explicit name that cannot
 serve a call raises ``ValueError`` with the implementation and the reason.
 
-Built in: ``naive``, ``blockwise``, ``xla``. More register with :func:`register`
+Built in: ``naive``, ``blockwise``, ``xla`` (every platform), ``flash`` and ``cudnn`` (GPU only;
+on another backend naming them raises a ``ValueError`` that names the backend). More register with :func:`register`
 (the GPU kernels and ring attention will), without touching the dispatcher:
 
     from jaxattn import implementations
@@ -20,11 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from jaxattn.kernels import cudnn, flash
 from jaxattn.kernels.blockwise import blockwise_attention
 from jaxattn.kernels.naive import naive_attention
 from jaxattn.kernels.xla import xla_attention
 
-#: ``kernel(query, key, value, bias, mask, *, scale, is_causal, q_offset, dropout_rate, dropout_rng)``
+#: ``kernel(query, key, value, bias, mask, *, scale, is_causal, q_offset, dropout_rate, dropout_rng, precision)``
 #: ``-> (context, attn_weights or None)``; see :mod:`jaxattn.kernels`.
 Kernel = Callable[..., tuple[Any, Optional[Any]]]
 
@@ -153,19 +155,90 @@ def select(name: Optional[str], call: Call) -> Implementation:
     return max(scored, key=lambda t: t[:2])[2]
 
 
+# --- "auto": what each implementation scores, per platform ---------------------------------------
+# On a CPU: naive below AUTO_BLOCKWISE_MIN_TOKENS, blockwise from there (the README's sweep). On a GPU
+# the lax-loop blockwise path is ~25x slower than a fused kernel (issue 11: 4.65 ms against 0.17 ms
+# at 8 x 1024 tokens), so: cudnn for bf16/fp16 where it takes the call, the Pallas flash kernel for
+# float32 and what cuDNN refuses, xla (or naive) for masks, bias and q_offset while their (T, S)
+# float32 scores stay under SCORES_MEMORY_BOUND; past the bound such a call goes to blockwise, the one
+# kernel that then fits (slow, but it runs).
+
+#: The most bytes of float32 ``(B, N, T, S)`` scores "auto" lets a GPU implementation hold.
+SCORES_MEMORY_BOUND = 1 << 30
+
+
+def scores_bytes(call: Call) -> int:
+    """Bytes of the call's float32 ``(B, N, T, S)`` scores: what naive and xla hold at once."""
+    return 4 * call.batch * call.heads * call.q_tokens * call.kv_tokens
+
+
+def _fits(call: Call) -> bool:
+    return scores_bytes(call) <= SCORES_MEMORY_BOUND
+
+
+def _auto_naive(call: Call) -> Optional[float]:
+    if call.platform != "gpu" or call.dropout or _fits(call):  # dropout: naive is the only one
+        return 1.0
+    return None
+
+
+def _auto_blockwise(call: Call) -> Optional[float]:
+    if call.platform == "gpu":
+        return None if _fits(call) else 2.0
+    return 2.0 if call.q_tokens >= AUTO_BLOCKWISE_MIN_TOKENS else None
+
+
+def _auto_gpu(score: float, *, bounded: bool = False) -> Callable[[Call], Optional[float]]:
+    """``score`` on a GPU (while the scores fit, if ``bounded``), never elsewhere."""
+    return lambda call: score if call.platform == "gpu" and (not bounded or _fits(call)) else None
+
+
+def _flash_check(call: Call) -> Optional[str]:
+    if max(call.head_dim, call.value_head_dim) > flash.MAX_HEAD_DIM:
+        return f"it takes head dims up to {flash.MAX_HEAD_DIM}, not {max(call.head_dim, call.value_head_dim)}"
+    return None
+
+
 register(Implementation(
     "naive", naive_attention,
     summary="the book's path: full (T, S) weights in float32, returned; the only one with dropout",
     dropout=True, returns_weights=True,
-    auto=lambda call: 1.0,
+    auto=_auto_naive,
 ))
 register(Implementation(
     "blockwise", blockwise_attention,
     summary="online softmax over key blocks in pure JAX, O(T x block) memory, causal blocks skipped",
-    auto=lambda call: 2.0 if call.q_tokens >= AUTO_BLOCKWISE_MIN_TOKENS else None,
+    auto=_auto_blockwise,
 ))
 register(Implementation(
     "xla", xla_attention,
     summary="jax.nn.dot_product_attention(implementation='xla'), with q_offset and zero rows added",
     value_head_dim=False, mixed_dtypes=False,
+    auto=_auto_gpu(3.0, bounded=True),
+    # XLA:CPU has no float16 x float16 -> float32 dot, which jax.nn's xla path asks for.
+    check=lambda call: "XLA:CPU cannot run its float16 products" if call.platform == "cpu" and call.dtype == "float16" else None,
+))
+register(Implementation(
+    "flash", flash.flash_attention,
+    summary="FlashAttention-2 in Pallas (Triton on a GPU), forward and custom_vjp backward, causal blocks skipped",
+    mask=False, bias=False, q_offset=False, mixed_dtypes=False,
+    dtypes=("float32", "bfloat16", "float16"), platforms=("gpu",),
+    auto=_auto_gpu(4.0), check=_flash_check,
+))
+register(Implementation(
+    "cudnn", cudnn.cudnn_attention,
+    summary="jax.nn.dot_product_attention(implementation='cudnn'): cuDNN's fused attention, bf16/fp16",
+    mask=False, bias=False, q_offset=False, mixed_dtypes=False,
+    dtypes=cudnn.DTYPES, platforms=("gpu",),
+    auto=_auto_gpu(5.0), check=lambda call: cudnn.refusal(call.head_dim, call.value_head_dim),
+))
+
+# --- ring attention (issue 14): the mesh comes from jaxattn.sharding.ring_mesh, never chosen by "auto" ---
+from jaxattn.sharding import ring_kernel, ring_refusal  # noqa: E402  (below the table it registers into)
+
+register(Implementation(
+    "ring", ring_kernel,
+    summary="ring attention over a mesh axis (shard_map + ppermute, zig-zag token order), O(T / devices) per "
+    "device; needs jaxattn.sharding.ring_mesh or shard(..., 'sequence')",
+    q_offset=False, mixed_dtypes=False, check=ring_refusal,
 ))

@@ -9,16 +9,20 @@
   No torch is imported; only the layout is shared.
 
 All three project to ``(batch, tokens, heads, head_dim)`` and call the attention
-core through :meth:`jaxattn.base.AttentionModule.attend`.
+core through :meth:`jaxattn.base.AttentionModule.attend`. The math of each is a plain function
+below the classes, which the NNX modules (:mod:`jaxattn.nnx`) call too.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxattn.base import AttentionModule, BookAttention
+from jaxattn.base import AttentionModule, BookAttention, Projection, check_book_config
 from jaxattn.checks import check_divisible, check_input, check_rate, check_sizes
 
 
@@ -32,9 +36,7 @@ class MultiHeadAttention(BookAttention):
     qkv_bias: bool = False
 
     def check_config(self) -> None:
-        super().check_config()
-        check_sizes(type(self).__name__, num_heads=self.num_heads)
-        check_divisible(type(self).__name__, self.d_out, self.num_heads)
+        check_mha_config(self)
 
     @nn.compact
     def __call__(
@@ -42,17 +44,11 @@ class MultiHeadAttention(BookAttention):
     ) -> Float[Array, "batch tokens d_out"]:
         self.check_config()
         self.check_input(x)
-        b, tokens, _ = x.shape
-        head_dim = self.d_out // self.num_heads
-
-        def heads(name):  # (b, T, d_out) -> (b, T, H, hd): the book's view(b, T, H, hd)
-            return self.dense(self.d_out, self.qkv_bias, name)(x).reshape(b, tokens, self.num_heads, head_dim)
-
-        context_vec = self.attend(
-            heads("W_query"), heads("W_key"), heads("W_value"),
-            is_causal=True, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask,
-        )  # (b, T, H, hd)
-        return self.dense(self.d_out, True, "out_proj")(context_vec.reshape(b, tokens, self.d_out))  # (b, T, d_out)
+        W_query, W_key, W_value = (self.dense(self.d_out, self.qkv_bias, n) for n in ("W_query", "W_key", "W_value"))
+        attend = partial(self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask)
+        return multi_head_attention(
+            x, W_query, W_key, W_value, self.dense(self.d_out, True, "out_proj"), attend, num_heads=self.num_heads
+        )
 
 
 class MultiHeadAttentionCombinedQKV(AttentionModule):
@@ -72,20 +68,13 @@ class MultiHeadAttentionCombinedQKV(AttentionModule):
     def __call__(
         self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens d_out"]:
-        owner = type(self).__name__
-        check_sizes(owner, d_in=self.d_in, d_out=self.d_out, num_heads=self.num_heads, context_length=self.context_length)
-        check_rate(owner, "dropout", self.dropout)
-        check_divisible(owner, self.d_out, self.num_heads)
-        check_input(owner, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
-        b, tokens, _ = x.shape
-        head_dim = self.d_out // self.num_heads
-        qkv = self.dense(3 * self.d_out, self.qkv_bias, "qkv")(x)  # (b, T, 3 * d_out)
-        qkv = qkv.reshape(b, tokens, 3, self.num_heads, head_dim)  # (b, T, 3, H, hd)
-        context_vec = self.attend(
-            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-            is_causal=True, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask,
-        )  # (b, T, H, hd)
-        return self.dense(self.d_out, True, "proj")(context_vec.reshape(b, tokens, self.d_out))  # (b, T, d_out)
+        check_combined_qkv_config(self)
+        check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
+        attend = partial(self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask)
+        return combined_qkv_attention(
+            x, self.dense(3 * self.d_out, self.qkv_bias, "qkv"), self.dense(self.d_out, True, "proj"), attend,
+            num_heads=self.num_heads,
+        )
 
 
 class TorchMultiheadAttention(AttentionModule):
@@ -106,16 +95,95 @@ class TorchMultiheadAttention(AttentionModule):
     def __call__(
         self, x: Float[Array, "batch tokens embed_dim"], *, attention_mask=None, deterministic: bool = True
     ) -> Float[Array, "batch tokens embed_dim"]:
-        owner = type(self).__name__
-        check_sizes(owner, embed_dim=self.embed_dim, num_heads=self.num_heads)
-        check_rate(owner, "dropout", self.dropout)
-        check_divisible(owner, self.embed_dim, self.num_heads, "embed_dim")
-        check_input(owner, x.shape, d_in=self.embed_dim, ranks=(3,))
-        b, tokens, _ = x.shape
-        head_dim = self.embed_dim // self.num_heads
-        qkv = self.dense(3 * self.embed_dim, self.bias, "in_proj")(x)  # (b, T, 3 * E)
-        q, k, v = (t.reshape(b, tokens, self.num_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))  # (b, T, H, hd)
-        context_vec = self.attend(
-            q, k, v, is_causal=self.causal, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask
+        check_torch_mha_config(self)
+        check_input(type(self).__name__, x.shape, d_in=self.embed_dim, ranks=(3,))
+        attend = partial(self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask)
+        return torch_multihead_attention(
+            x, self.dense(3 * self.embed_dim, self.bias, "in_proj"), self.dense(self.embed_dim, self.bias, "out_proj"),
+            attend, num_heads=self.num_heads, causal=self.causal,
         )
-        return self.dense(self.embed_dim, self.bias, "out_proj")(context_vec.reshape(b, tokens, self.embed_dim))
+
+
+# --- the math, shared with jaxattn.nnx: projections and the attention call come in as callables -----
+# ``attend(queries, keys, values, is_causal=...)`` is the shell's call into the core (mask, dropout, cache).
+
+
+def multi_head_attention(
+    x: Float[Array, "batch tokens d_in"],
+    W_query: Projection,
+    W_key: Projection,
+    W_value: Projection,
+    out_proj: Projection,
+    attend: Callable[..., Array],
+    *,
+    num_heads: int,
+) -> Float[Array, "batch tokens d_out"]:
+    """The book's ``MultiHeadAttention.forward``: project, split heads, causal attention, merge, ``out_proj``."""
+    b, tokens, _ = x.shape
+
+    def heads(proj):  # (b, T, d_out) -> (b, T, H, hd): the book's view(b, T, H, hd)
+        y = proj(x)
+        return y.reshape(b, tokens, num_heads, y.shape[-1] // num_heads)
+
+    context_vec = attend(heads(W_query), heads(W_key), heads(W_value), is_causal=True)  # (b, T, H, hd)
+    return out_proj(context_vec.reshape(b, tokens, num_heads * context_vec.shape[-1]))  # (b, T, d_out)
+
+
+def combined_qkv_attention(
+    x: Float[Array, "batch tokens d_in"],
+    qkv: Projection,
+    proj: Projection,
+    attend: Callable[..., Array],
+    *,
+    num_heads: int,
+) -> Float[Array, "batch tokens d_out"]:
+    """The book's bonus ``MultiHeadAttentionCombinedQKV.forward``: one ``qkv`` projection viewed as ``(3, H, hd)``."""
+    b, tokens, _ = x.shape
+    qkv = qkv(x)  # (b, T, 3 * d_out)
+    qkv = qkv.reshape(b, tokens, 3, num_heads, qkv.shape[-1] // (3 * num_heads))  # (b, T, 3, H, hd)
+    context_vec = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)  # (b, T, H, hd)
+    return proj(context_vec.reshape(b, tokens, num_heads * context_vec.shape[-1]))  # (b, T, d_out)
+
+
+def torch_multihead_attention(
+    x: Float[Array, "batch tokens embed_dim"],
+    in_proj: Projection,
+    out_proj: Projection,
+    attend: Callable[..., Array],
+    *,
+    num_heads: int,
+    causal: bool,
+) -> Float[Array, "batch tokens embed_dim"]:
+    """``torch.nn.MultiheadAttention`` as self-attention: ``in_proj`` holds q, k, v stacked along the output."""
+    b, tokens, embed_dim = x.shape
+    qkv = in_proj(x)  # (b, T, 3 * E)
+    head_dim = embed_dim // num_heads
+    q, k, v = (t.reshape(b, tokens, num_heads, head_dim) for t in jnp.split(qkv, 3, axis=-1))  # (b, T, H, hd)
+    context_vec = attend(q, k, v, is_causal=causal)  # (b, T, H, hd)
+    return out_proj(context_vec.reshape(b, tokens, embed_dim))  # (b, T, E)
+
+
+# --- config checks of a Linen or NNX module (read its fields only) -----------------------------------
+
+
+def check_mha_config(module) -> None:
+    """``MultiHeadAttention``'s sizes, rate, and ``d_out`` split into ``num_heads``."""
+    check_book_config(module)
+    check_sizes(type(module).__name__, num_heads=module.num_heads)
+    check_divisible(type(module).__name__, module.d_out, module.num_heads)
+
+
+def check_combined_qkv_config(module) -> None:
+    owner = type(module).__name__
+    check_sizes(
+        owner, d_in=module.d_in, d_out=module.d_out, num_heads=module.num_heads, context_length=module.context_length
+    )
+    check_rate(owner, "dropout", module.dropout)
+    check_divisible(owner, module.d_out, module.num_heads)
+
+
+def check_torch_mha_config(module) -> None:
+    owner = type(module).__name__
+    check_sizes(owner, embed_dim=module.embed_dim, num_heads=module.num_heads)
+    check_rate(owner, "dropout", module.dropout)
+    check_divisible(owner, module.embed_dim, module.num_heads, "embed_dim")

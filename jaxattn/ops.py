@@ -20,10 +20,10 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 
 def attention_scores(
-    query: Float[Array, "*batch q d"], key: Float[Array, "*batch k d"]
+    query: Float[Array, "*batch q d"], key: Float[Array, "*batch k d"], *, precision=None
 ) -> Float[Array, "*batch q k"]:
-    """Unnormalised scores ``omega = q @ k.T`` (the book's ``attn_scores``)."""
-    return jnp.einsum("...qd,...kd->...qk", query, key)
+    """Unnormalised scores ``omega = q @ k.T`` (the book's ``attn_scores``); ``precision`` as ``jnp.einsum``'s."""
+    return jnp.einsum("...qd,...kd->...qk", query, key, precision=precision)
 
 
 def masked_softmax(

@@ -11,10 +11,13 @@ The scores are sown as the book computes them (``q @ k.T``); the weights come fr
 queries scaled first (see :func:`jaxattn.ops.scale_queries`: scaling the scores next to
 softmax's subtraction let XLA fuse them into an FMA that gave NaN at inputs x1e5) and
 a softmax whose all-masked rows are zeros (:func:`jaxattn.ops.safe_softmax`).
+
+The math is :func:`self_attention`, which the NNX modules (:mod:`jaxattn.nnx`) call too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import flax.linen as nn
@@ -23,6 +26,7 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
 from jaxattn import ops as core
+from jaxattn.base import PrecisionLike, Projection
 from jaxattn.checks import check_input, check_sizes
 
 
@@ -30,14 +34,22 @@ class SimplifiedSelfAttention(nn.Module):
     """Section 3.3: ``softmax(x @ x.T) @ x`` with no weights and no scaling."""
 
     dtype: jnp.dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(
         self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: Optional[ArrayLike] = None
     ) -> Float[Array, "*batch tokens d_in"]:
         check_input(type(self).__name__, x.shape, d_in=None, ranks=(2, 3))
-        x = x.astype(self.dtype)
-        return _attend(self, x, x, x, attention_mask, scale=None)  # no 1/sqrt(d): the book's step 1
+        return self_attention(
+            x.astype(self.dtype), no_projection, no_projection, no_projection,
+            scale=None,  # no 1/sqrt(d): the book's step 1
+            attention_mask=attention_mask, owner=type(self).__name__, sow=self.sow_intermediate,
+            precision=self.precision,
+        )
+
+    def sow_intermediate(self, name: str, value: Array) -> None:
+        self.sow("intermediates", name, value)
 
 
 class SelfAttentionV1(nn.Module):
@@ -50,6 +62,7 @@ class SelfAttentionV1(nn.Module):
     d_out: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(
@@ -58,15 +71,16 @@ class SelfAttentionV1(nn.Module):
         check_sizes(type(self).__name__, d_in=self.d_in, d_out=self.d_out)
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(2, 3))
         shape = (self.d_in, self.d_out)
-        init = nn.initializers.uniform(scale=1.0)
-        W_query = self.param("W_query", init, shape, self.param_dtype)
-        W_key = self.param("W_key", init, shape, self.param_dtype)
-        W_value = self.param("W_value", init, shape, self.param_dtype)
-        x = x.astype(self.dtype)
-        queries = x @ W_query.astype(self.dtype)  # (*b, T, d_out)
-        keys = x @ W_key.astype(self.dtype)
-        values = x @ W_value.astype(self.dtype)
-        return _attend(self, queries, keys, values, attention_mask, scale=self.d_out**-0.5)
+        W_query, W_key, W_value = (self.param(n, V1_INIT, shape, self.param_dtype) for n in ("W_query", "W_key", "W_value"))
+        projections = (raw_projection(W, self.dtype, self.precision) for W in (W_query, W_key, W_value))
+        return self_attention(
+            x.astype(self.dtype), *projections,
+            scale=self.d_out**-0.5, attention_mask=attention_mask, owner=type(self).__name__,
+            sow=self.sow_intermediate, precision=self.precision,
+        )
+
+    def sow_intermediate(self, name: str, value: Array) -> None:
+        self.sow("intermediates", name, value)
 
 
 class SelfAttentionV2(nn.Module):
@@ -77,6 +91,7 @@ class SelfAttentionV2(nn.Module):
     qkv_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    precision: PrecisionLike = None
 
     @nn.compact
     def __call__(
@@ -85,41 +100,70 @@ class SelfAttentionV2(nn.Module):
         check_sizes(type(self).__name__, d_in=self.d_in, d_out=self.d_out)
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(2, 3))
         dense = lambda name: nn.Dense(  # noqa: E731 - three identical projections
-            self.d_out, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            self.d_out, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            precision=self.precision, name=name,
         )
-        queries = dense("W_query")(x)  # (*b, T, d_out)
-        keys = dense("W_key")(x)
-        values = dense("W_value")(x)
-        return _attend(self, queries, keys, values, attention_mask, scale=self.d_out**-0.5)
+        return self_attention(
+            x, dense("W_query"), dense("W_key"), dense("W_value"), scale=self.d_out**-0.5,
+            attention_mask=attention_mask, owner=type(self).__name__, sow=self.sow_intermediate,
+            precision=self.precision,
+        )
+
+    def sow_intermediate(self, name: str, value: Array) -> None:
+        self.sow("intermediates", name, value)
 
 
-def _attend(
-    module: nn.Module,
-    queries: Float[Array, "*batch tokens d"],
-    keys: Float[Array, "*batch tokens d"],
-    values: Float[Array, "*batch tokens dv"],
-    attention_mask: Optional[ArrayLike],
+# --- the math, shared with jaxattn.nnx -----------------------------------------------------------------
+
+#: ``SelfAttentionV1``'s initialiser: the book's ``torch.rand``, uniform in [0, 1).
+V1_INIT = nn.initializers.uniform(scale=1.0)
+
+
+def no_projection(x: Array) -> Array:
+    """Section 3.3's "projection": the input itself (queries = keys = values = x)."""
+    return x
+
+
+def raw_projection(W: ArrayLike, dtype, precision: PrecisionLike) -> Projection:
+    """``x @ W`` in ``dtype``: the projection of ``SelfAttentionV1``'s raw ``(d_in, d_out)`` matrices."""
+    return lambda x: jnp.matmul(x, W.astype(dtype), precision=precision)  # (*b, T, d_out)
+
+
+def self_attention(
+    x: Float[Array, "*batch tokens d_in"],
+    W_query: Projection,
+    W_key: Projection,
+    W_value: Projection,
     *,
     scale: Optional[float],
+    attention_mask: Optional[ArrayLike],
+    owner: str,
+    sow: Callable[[str, Array], None],
+    precision: PrecisionLike = None,
 ) -> Float[Array, "*batch tokens dv"]:
-    """Unmasked (or key-padding-masked) attention shared by the three classes; sows the intermediates."""
-    attn_scores = core.attention_scores(queries, keys)  # (*b, T, T), the book's omega
+    """Sections 3.3-3.4: project, unmasked (or key-padding-masked) attention; ``sow(name, array)`` the scores
+    and weights. ``scale=None``: no ``1/sqrt(d)`` (section 3.3)."""
+    queries, keys, values = W_query(x), W_key(x), W_value(x)  # (*b, T, d_out) each
+    attn_scores = core.attention_scores(queries, keys, precision=precision)  # (*b, T, T), the book's omega
     scaled = queries if scale is None else core.scale_queries(queries, scale)
-    logits = core.attention_scores(scaled, keys).astype(core.accumulation_dtype(queries.dtype))
+    logits = core.attention_scores(scaled, keys, precision=precision).astype(core.accumulation_dtype(queries.dtype))
     if attention_mask is not None:
-        logits = jnp.where(_key_mask(module, attention_mask, queries.shape[:-1])[..., None, :], logits, -jnp.inf)
+        logits = jnp.where(_key_mask(owner, attention_mask, queries.shape[:-1])[..., None, :], logits, -jnp.inf)
     attn_weights = core.safe_softmax(logits)  # (*b, T, T)
-    module.sow("intermediates", "attn_scores", attn_scores)
-    module.sow("intermediates", "attn_weights", attn_weights)
-    return attn_weights.astype(values.dtype) @ values  # context_vec: (*b, T, dv)
+    sow("attn_scores", attn_scores)
+    sow("attn_weights", attn_weights)
+    sow("queries", queries)  # crosscheck --stages: the projections, (*b, T, d_out)
+    sow("keys", keys)
+    sow("values", values)
+    return jnp.matmul(attn_weights.astype(values.dtype), values, precision=precision)  # context_vec: (*b, T, dv)
 
 
-def _key_mask(module: nn.Module, attention_mask: ArrayLike, expected: tuple[int, ...]) -> Array:
+def _key_mask(owner: str, attention_mask: ArrayLike, expected: tuple[int, ...]) -> Array:
     """``attention_mask`` checked against ``x.shape[:-1]`` and made boolean."""
     attention_mask = jnp.asarray(attention_mask)
     if attention_mask.shape != tuple(expected):
         raise ValueError(
-            f"{type(module).__name__}: attention_mask must have the input's shape without d_in, "
+            f"{owner}: attention_mask must have the input's shape without d_in, "
             f"{tuple(expected)}, got shape {attention_mask.shape}"
         )
     return attention_mask.astype(jnp.bool_)

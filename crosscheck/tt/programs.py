@@ -28,7 +28,9 @@ KV-cache decoding lives in :mod:`crosscheck.tt.decode_programs`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -52,6 +54,35 @@ def compute_kernel_config(ttnn):
         fp32_dest_acc_en=True,
         packer_l1_acc=False,
     )
+
+
+# --- stage taps (crosscheck --stages) --------------------------------------------------------------
+#
+# ``crosscheck --stages`` compares the programs' intermediates with torch's and Flax's. A program
+# names each intermediate with :func:`tap`, which records it only inside :func:`recording_stages`
+# (the decode programs share the helpers and never record); the tensors stay ttnn tensors, read
+# back by the caller while the device is open.
+
+_STAGES: ContextVar[Optional[dict]] = ContextVar("crosscheck_tt_stages", default=None)
+
+
+@contextmanager
+def recording_stages() -> Iterator[dict]:
+    """Within the block, :func:`tap` appends to the yielded ``{stage name: [ttnn tensors]}`` (one per head or call)."""
+    stages: dict = {}
+    token = _STAGES.set(stages)
+    try:
+        yield stages
+    finally:
+        _STAGES.reset(token)
+
+
+def tap(name: str, tensor):
+    """``tensor``, recorded as stage ``name`` when a :func:`recording_stages` block is active."""
+    stages = _STAGES.get()
+    if stages is not None:
+        stages.setdefault(name, []).append(tensor)
+    return tensor
 
 
 # --- masks ----------------------------------------------------------------------------------------
@@ -127,17 +158,18 @@ def masked_attention(ttnn, device, queries, keys, values, visible: Optional[np.n
     rank = len(queries.shape)
     head_dim = keys.shape[-1]
     attn_scores = ttnn.matmul(queries, ttnn.transpose(keys, -2, -1), compute_kernel_config=config)  # (..., Tq, Tk)
+    tap("scores", attn_scores)
     rows = None
     if visible is not None:
         additive, rows = mask_tensors(ttnn, device, visible, rank)
         attn_scores = ttnn.add(attn_scores, additive)
     if scaled:
         attn_scores = ttnn.multiply(attn_scores, 1.0 / math.sqrt(head_dim))
-    attn_weights = ttnn.softmax(attn_scores, dim=-1, compute_kernel_config=config)
+    attn_weights = tap("weights", ttnn.softmax(attn_scores, dim=-1, compute_kernel_config=config))
     context_vec = ttnn.matmul(attn_weights, values, compute_kernel_config=config)  # (..., Tq, head_dim)
     if rows is not None:
         context_vec = ttnn.multiply(context_vec, rows)  # a query that sees no key: 0, not the mean of the values
-    return context_vec
+    return tap("context", context_vec)
 
 
 def attention(ttnn, device, queries, keys, values, *, causal: bool, scaled: bool = True, attention_mask=None):
@@ -227,7 +259,7 @@ def mha_qkv(ttnn, x, parameters, config):
     keys = split_heads(ttnn, linear(ttnn, x, parameters.W_key), config.num_heads)  # (b, H, T, hd)
     queries = split_heads(ttnn, linear(ttnn, x, parameters.W_query), config.num_heads)
     values = split_heads(ttnn, linear(ttnn, x, parameters.W_value), config.num_heads)
-    return queries, keys, values
+    return tap("queries", queries), tap("keys", keys), tap("values", values)
 
 
 def mha_output(ttnn, context_vec, parameters, config):
@@ -236,7 +268,7 @@ def mha_output(ttnn, context_vec, parameters, config):
 
 def combined_qkv_heads(ttnn, x, parameters, config):
     qkv = linear(ttnn, x, parameters.qkv)  # (b, T, 3 * d_out)
-    return split_fused_qkv(ttnn, qkv, config.num_heads)  # each (b, H, T, hd)
+    return _tap_qkv(split_fused_qkv(ttnn, qkv, config.num_heads))  # each (b, H, T, hd)
 
 
 def combined_output(ttnn, context_vec, parameters, config):
@@ -246,7 +278,12 @@ def combined_output(ttnn, context_vec, parameters, config):
 def torch_mha_qkv(ttnn, x, parameters, config):
     # torch keeps in_proj as bare parameters; the port gives them the nn.Linear shape (weight, bias).
     qkv = linear(ttnn, x, parameters.in_proj)  # (b, T, 3 * E), [q | k | v] as torch's in_proj_weight rows
-    return split_fused_qkv(ttnn, qkv, config.num_heads)
+    return _tap_qkv(split_fused_qkv(ttnn, qkv, config.num_heads))
+
+
+def _tap_qkv(qkv):
+    queries, keys, values = qkv
+    return [tap("queries", queries), tap("keys", keys), tap("values", values)]
 
 
 def torch_mha_output(ttnn, context_vec, parameters, config):
@@ -264,25 +301,25 @@ def simplified_self_attention(ttnn, device, x, *, parameters, config, attention_
 def self_attention_v1(ttnn, device, x, *, parameters, config, attention_mask=None):
     """Section 3.4 ``SelfAttention_v1``: raw ``(d_in, d_out)`` matrices."""
     mm = lambda a, b: ttnn.matmul(a, b, compute_kernel_config=compute_kernel_config(ttnn))  # noqa: E731
-    keys = mm(x, parameters.W_key)
-    queries = mm(x, parameters.W_query)
-    values = mm(x, parameters.W_value)
+    keys = tap("keys", mm(x, parameters.W_key))
+    queries = tap("queries", mm(x, parameters.W_query))
+    values = tap("values", mm(x, parameters.W_value))
     return attention(ttnn, device, queries, keys, values, causal=False, attention_mask=attention_mask)
 
 
 def self_attention_v2(ttnn, device, x, *, parameters, config, attention_mask=None):
     """Section 3.4 ``SelfAttention_v2``: ``nn.Linear`` projections."""
-    keys = linear(ttnn, x, parameters.W_key)
-    queries = linear(ttnn, x, parameters.W_query)
-    values = linear(ttnn, x, parameters.W_value)
+    keys = tap("keys", linear(ttnn, x, parameters.W_key))
+    queries = tap("queries", linear(ttnn, x, parameters.W_query))
+    values = tap("values", linear(ttnn, x, parameters.W_value))
     return attention(ttnn, device, queries, keys, values, causal=False, attention_mask=attention_mask)
 
 
 def causal_attention(ttnn, device, x, *, parameters, config, attention_mask=None):
     """Section 3.5.3: projections, causal mask, scale, softmax (dropout: identity)."""
-    keys = linear(ttnn, x, parameters.W_key)  # (b, T, d_out)
-    queries = linear(ttnn, x, parameters.W_query)
-    values = linear(ttnn, x, parameters.W_value)
+    keys = tap("keys", linear(ttnn, x, parameters.W_key))  # (b, T, d_out)
+    queries = tap("queries", linear(ttnn, x, parameters.W_query))
+    values = tap("values", linear(ttnn, x, parameters.W_value))
     return attention(ttnn, device, queries, keys, values, causal=True, attention_mask=attention_mask)
 
 
@@ -419,16 +456,17 @@ def gqa_qkv(ttnn, x, parameters, config):
     queries = split_heads(ttnn, linear(ttnn, x, parameters.W_query), config.num_heads)  # (b, H, T, hd)
     keys = split_heads(ttnn, linear(ttnn, x, parameters.W_key), config.kv_heads())  # (b, G, T, hd)
     values = split_heads(ttnn, linear(ttnn, x, parameters.W_value), config.kv_heads())  # (b, G, T, hd)
+    queries, keys, values = tap("queries", queries), tap("keys", keys), tap("values", values)
     if config.qk_norm:  # Qwen3
-        queries = rms_norm(ttnn, queries, parameters.q_norm)
-        keys = rms_norm(ttnn, keys, parameters.k_norm)
+        queries = tap("queries_normed", rms_norm(ttnn, queries, parameters.q_norm))
+        keys = tap("keys_normed", rms_norm(ttnn, keys, parameters.k_norm))
     return queries, keys, values
 
 
 def gqa_rope(ttnn, device, queries, keys, config, start: int = 0):
     """RoPE on queries ``(b, H, T, hd)`` and keys ``(b, G, T, hd)`` at positions ``start .. start + T - 1``."""
     cos, sin = rope_tables(ttnn, device, queries.shape[-2], config, start)  # (1, 1, T, hd)
-    return apply_rope(ttnn, queries, cos, sin), apply_rope(ttnn, keys, cos, sin)
+    return tap("queries_rope", apply_rope(ttnn, queries, cos, sin)), tap("keys_rope", apply_rope(ttnn, keys, cos, sin))
 
 
 def expand_kv_heads(ttnn, t, group_size: int):

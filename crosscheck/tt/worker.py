@@ -67,7 +67,7 @@ def _run_flax(
     import jax
     import jaxlib
 
-    from crosscheck import flax_runner
+    from crosscheck import flax_runner, placement
 
     flax_runner.check_attention_impl(attention_impl)
     outputs = {}
@@ -84,6 +84,9 @@ def _run_flax(
         "runtime": "jax",
         "runtime_description": f"JAX {jax.__version__} on {jax.default_backend()}",
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__},
+        # Where and how it ran, for the results `bundle compare` makes of these outputs (crosscheck.placement).
+        "device": placement.jax_device(),
+        "precision": flax_runner.matmul_precision("float32"),
     }
     if attention_impl is not None:
         meta["attention_impl"] = attention_impl

@@ -53,6 +53,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 from jax import lax
+from jax.lax import Precision
 from jaxtyping import Array, Bool, Float
 
 from jaxattn.ops import accumulation_dtype, scale_queries
@@ -92,6 +93,7 @@ def blockwise_causal_attention(
     block_size: Optional[int] = None,
     softmax_dtype=jnp.float32,
     method: str = "auto",
+    precision: Optional[Precision] = None,
 ) -> Float[Array, "*batch tokens dv"]:
     """Causal self-attention ``softmax(mask(q @ k.T) * scale) @ v`` without the ``(tokens, tokens)`` weights.
 
@@ -139,13 +141,13 @@ def blockwise_causal_attention(
         return x.reshape(n // group, group, padded, x.shape[-1])
 
     def attend(qkv):
-        return rows_fn(*qkv, num_blocks, block, jnp.asarray(scale, softmax_dtype), softmax_dtype)
+        return rows_fn(*qkv, num_blocks, block, jnp.asarray(scale, softmax_dtype), softmax_dtype, precision)
 
     out = lax.map(attend, (flat(query), flat(key), flat(value)))  # (n // group, group, padded, dv)
     return out.reshape(n, padded, dv)[:, :tokens].reshape(*batch, tokens, dv)
 
 
-def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softmax_dtype):
+def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softmax_dtype, precision=None):
     """The online-softmax loops on ``(rows, num_blocks * block, d)`` arrays -> ``(rows, num_blocks * block, dv)``."""
     rows, padded, _ = query.shape
     dv = value.shape[-1]
@@ -157,7 +159,7 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
     diagonal = jnp.tril(jnp.ones((block, block), dtype=jnp.bool_))  # within the diagonal block
 
     def scores(q, k):  # (rows, block, d) x (rows, block, d) -> (rows, block, block) in softmax_dtype
-        return jnp.einsum("nqd,nkd->nqk", q, k).astype(softmax_dtype)
+        return jnp.einsum("nqd,nkd->nqk", q, k, preferred_element_type=softmax_dtype, precision=precision)
 
     def update(carry, s, v):
         """Online-softmax step: fold one key block's (already scaled/masked) scores ``s`` into the carry."""
@@ -166,8 +168,8 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
         p = jnp.exp(s - m_new[..., None])  # (rows, block, block)
         correction = jnp.exp(m - m_new)
         l_new = l * correction + p.sum(axis=-1)
-        acc_new = acc * correction[..., None] + jnp.einsum("nqk,nkd->nqd", p.astype(v.dtype), v).astype(
-            softmax_dtype
+        acc_new = acc * correction[..., None] + jnp.einsum(
+            "nqk,nkd->nqd", p.astype(v.dtype), v, preferred_element_type=softmax_dtype, precision=precision
         )
         return m_new, l_new, acc_new
 
@@ -176,7 +178,9 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
         s = jnp.where(diagonal, scores(q, k_blocks[i]), -jnp.inf)
         m = s.max(axis=-1)
         p = jnp.exp(s - m[..., None])
-        pv = jnp.einsum("nqk,nkd->nqd", p.astype(value.dtype), v_blocks[i]).astype(softmax_dtype)
+        pv = jnp.einsum(
+            "nqk,nkd->nqd", p.astype(value.dtype), v_blocks[i], preferred_element_type=softmax_dtype, precision=precision
+        )
         carry = (m, p.sum(axis=-1), pv)
 
         def key_block(carry, kv):
@@ -193,7 +197,7 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
     return out.swapaxes(0, 1).reshape(rows, padded, dv)
 
 
-def _prefix_rows(query, key, value, num_blocks: int, block: int, scale, softmax_dtype):
+def _prefix_rows(query, key, value, num_blocks: int, block: int, scale, softmax_dtype, precision=None):
     """Query block ``i`` against its key prefix, one exact softmax each: ``(rows, padded, d)`` -> ``(rows, padded, dv)``.
 
     The prefix splits into the off-diagonal keys ``[0, i * block)``, which need no
@@ -204,10 +208,12 @@ def _prefix_rows(query, key, value, num_blocks: int, block: int, scale, softmax_
     query = query.astype(softmax_dtype) * scale  # scaling q is scaling every score, at T x d cost
 
     def scores(q, k):  # (rows, block, d) x (rows, keys, d) -> (rows, block, keys)
-        return jnp.einsum("nqd,nkd->nqk", q.astype(k.dtype), k).astype(softmax_dtype)
+        return jnp.einsum(
+            "nqd,nkd->nqk", q.astype(k.dtype), k, preferred_element_type=softmax_dtype, precision=precision
+        )
 
     def weighted(p, v):  # (rows, block, keys) x (rows, keys, dv) -> (rows, block, dv)
-        return jnp.einsum("nqk,nkd->nqd", p.astype(v.dtype), v).astype(softmax_dtype)
+        return jnp.einsum("nqk,nkd->nqd", p.astype(v.dtype), v, preferred_element_type=softmax_dtype, precision=precision)
 
     outs = []
     for i in range(num_blocks):  # unrolled: each block has its own prefix length
@@ -247,6 +253,7 @@ def blockwise_attention(
     q_offset=0,
     dropout_rate: float = 0.0,
     dropout_rng=None,
+    precision: Optional[Precision] = None,
 ) -> tuple[Float[Array, "B T N Hv"], None]:
     """The blockwise kernel behind ``implementation="blockwise"``; never materialises the weights."""
     if dropout_rate:
@@ -261,10 +268,12 @@ def blockwise_attention(
         def heads_first(x):  # (B, T, N, d) -> (B, N, T, d)
             return jnp.swapaxes(x, 1, 2)
 
-        out = blockwise_causal_attention(heads_first(query), heads_first(key), heads_first(value), scale=scale)
+        out = blockwise_causal_attention(
+            heads_first(query), heads_first(key), heads_first(value), scale=scale, precision=precision
+        )
         return heads_first(out), None
     out = general_blockwise_attention(
-        query, key, value, bias, mask, scale=scale, is_causal=is_causal, q_offset=q_offset
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal, q_offset=q_offset, precision=precision
     )
     return out, None
 
@@ -308,6 +317,7 @@ def general_blockwise_attention(
     q_offset=0,
     query_block: int = GENERAL_QUERY_BLOCK,
     key_block: int = GENERAL_KEY_BLOCK,
+    precision: Optional[Precision] = None,
 ) -> Float[Array, "B T N Hv"]:
     """Online-softmax attention over key blocks for any call :func:`jaxattn.dot_product_attention` accepts.
 
@@ -353,7 +363,7 @@ def general_blockwise_attention(
             k_j = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)  # (B, K, bk, H)
             v_j = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
             k_pos = j * bk + jnp.arange(bk)  # (bk,)
-            s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype).astype(acc_dtype)
+            s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype, precision=precision).astype(acc_dtype)
             visible = (k_pos < kv_tokens)[None, :]  # padded keys never count
             if is_causal:
                 visible = visible & (k_pos[None, :] <= q_pos[:, None])  # (bq, bk)
@@ -368,7 +378,9 @@ def general_blockwise_attention(
             p = jnp.exp(s - m_safe[..., None])  # (B, K, G, bq, bk)
             correction = jnp.exp(m - m_safe)
             l_new = l * correction + p.sum(axis=-1)
-            pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(value.dtype), v_j, preferred_element_type=acc_dtype)
+            pv = jnp.einsum(
+                "bkgqs,bksh->bkgqh", p.astype(value.dtype), v_j, preferred_element_type=acc_dtype, precision=precision
+            )
             return (m_new, l_new, acc * correction[..., None] + pv.astype(acc_dtype))
 
         def maybe_step(carry, j):

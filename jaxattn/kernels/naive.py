@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Optional
 
 import jax.numpy as jnp
+from jax.lax import Precision
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from jaxattn.ops import accumulation_dtype, dropout, safe_softmax, scale_queries
@@ -38,6 +39,7 @@ def naive_attention(
     q_offset=0,
     dropout_rate: float = 0.0,
     dropout_rng: Optional[PRNGKeyArray] = None,
+    precision: Optional[Precision] = None,
 ) -> tuple[Float[Array, "B T N Hv"], Float[Array, "B N T S"]]:
     """``(context, attn_weights)``; the weights are taken *before* dropout, to compare across frameworks."""
     batch, q_tokens, heads, head_dim = query.shape
@@ -49,7 +51,7 @@ def naive_attention(
     stacked = scale_queries(stacked.reshape(rows, group * q_tokens, head_dim), scale)  # (B*K, G*T, H)
     keys = jnp.swapaxes(key, 1, 2).reshape(rows, kv_tokens, head_dim)  # (B*K, S, H)
     values = jnp.swapaxes(value, 1, 2).reshape(rows, kv_tokens, value.shape[-1])  # (B*K, S, Hv)
-    scores = jnp.einsum("rmh,rsh->rms", stacked, keys, preferred_element_type=acc).astype(acc)  # (B*K, G*T, S)
+    scores = jnp.einsum("rmh,rsh->rms", stacked, keys, preferred_element_type=acc, precision=precision).astype(acc)  # (B*K, G*T, S)
     visible = _visible(mask, is_causal, q_offset, batch, q_tokens, kv_tokens, kv_heads, group)
     if visible is not None:
         scores = jnp.where(visible, scores, -jnp.inf)
@@ -59,7 +61,7 @@ def naive_attention(
     # The Bernoulli draw depends only on the element count and order: (B*K, G*T, S) draws what
     # the book's (b, heads, T, T) weights draw.
     dropped = dropout(weights, dropout_rate, dropout_rng, deterministic=dropout_rate == 0.0)
-    context = jnp.einsum("rms,rsh->rmh", dropped.astype(value.dtype), values)  # (B*K, G*T, Hv)
+    context = jnp.einsum("rms,rsh->rmh", dropped.astype(value.dtype), values, precision=precision)  # (B*K, G*T, Hv)
     context = context.reshape(batch, kv_heads, group, q_tokens, value.shape[-1]).transpose(0, 3, 1, 2, 4)
     return (
         context.reshape(batch, q_tokens, heads, value.shape[-1]),  # (B, T, N, Hv)

@@ -10,6 +10,7 @@ a ``-inf`` bias masks it; here it gets zeros, as from every implementation).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import jax
@@ -32,6 +33,7 @@ def xla_attention(
     q_offset=0,
     dropout_rate: float = 0.0,
     dropout_rng=None,
+    precision: Optional[jax.lax.Precision] = None,
 ) -> tuple[Float[Array, "B T N H"], None]:
     if dropout_rate:
         raise ValueError("xla_attention: dropout needs the full attention weights (use the naive kernel)")
@@ -47,12 +49,17 @@ def xla_attention(
         finite = bias > -jnp.inf
         mask = finite if mask is None else mask & finite
         bias = jnp.where(finite, bias, 0).astype(bias.dtype)
-    out = _batch_into_heads(
-        lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, bias, mask, scale=1.0, is_causal=top_left_causal, implementation="xla"
-        ),
-        scale_queries(query, scale), key, value, foldable=all(x is None or x.shape[:2] == (1, 1) for x in (bias, mask)),
-    )
+    # jax.nn.dot_product_attention takes no precision: the context sets it for the products it traces
+    # (None leaves the caller's own default alone).
+    chosen = contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision.name.lower())
+    with chosen:
+        out = _batch_into_heads(
+            lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, bias, mask, scale=1.0, is_causal=top_left_causal, implementation="xla"
+            ),
+            scale_queries(query, scale), key, value,
+            foldable=all(x is None or x.shape[:2] == (1, 1) for x in (bias, mask)),
+        )
     if mask is None:
         return out, None  # with no mask (causal from the top left included) every row sees key 0
     visible = mask

@@ -195,8 +195,8 @@ def test_explicit_choice_that_cannot_serve_names_implementation_and_reason(witho
         jaxattn.dot_product_attention(q, q, v_wide, implementation="xla")
     with pytest.raises(ValueError, match=r"'blockwise' cannot serve this call: .*dropout"):
         jaxattn.dot_product_attention(q, q, q, implementation="blockwise", dropout_rate=0.5, dropout_rng=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"unknown attention implementation 'flash'; known: naive, blockwise, xla"):
-        jaxattn.dot_product_attention(q, q, q, implementation="flash")
+    with pytest.raises(ValueError, match=r"unknown attention implementation 'flash3'; known: naive, blockwise, xla, flash, cudnn"):
+        jaxattn.dot_product_attention(q, q, q, implementation="flash3")
 
 
 @pytest.mark.parametrize(

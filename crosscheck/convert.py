@@ -1,0 +1,273 @@
+"""``crosscheck convert IN OUT``: a torch attention layer's weights as a Flax parameter file, and back.
+
+Direction by the files: IN a torch state dict (``.pt``/``.pth``/``.bin``, read with
+``weights_only=True``, or a ``.safetensors`` without Flax metadata; a whole model's with
+``prefix``) and OUT ``.safetensors`` or ``.msgpack`` writes Flax parameters; IN a Flax file
+written here (``.msgpack``, or ``.safetensors`` whose metadata says ``format: flax``) and OUT
+``.pt``/``.pth`` or ``.safetensors`` writes the torch state dict.
+
+The Flax files hold Linen's ``variables`` (``{"params": ...}``), which the :mod:`jaxattn.nnx`
+modules load too (:func:`jaxattn.nnx.load_params`):
+
+* ``.safetensors`` (``safetensors.numpy``): flat keys ``params/W_query/kernel`` (Flax's
+  ``flatten_dict(sep="/")``), metadata ``format``, ``crosscheck_variant``, ``crosscheck_config``
+  (the :class:`AttnConfig` as JSON), ``torch_buffers``, ``source``;
+* ``.msgpack`` (``flax.serialization``): ``{"params": ..., "metadata": {same keys}}``.
+
+Variant and config are inferred as ``crosscheck --weights`` infers them (:func:`crosscheck.cases.build_cases`:
+the keys and shapes, then flags and a transformers ``config.json``), and recorded in the file. Before
+writing, both sides run on one input (the seed sentence, or random inputs of the weights' width) and
+must agree within the float32 bound of the tolerance table; the written bytes are read back and must give
+the torch tensors again exactly. A failed check raises :class:`MismatchError` and writes nothing; bad
+input raises :class:`BadInputError`, also before anything is written. OUT is never replaced without
+``force`` and is written atomically (:mod:`crosscheck.outputs`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from crosscheck import compare as cmp
+from crosscheck import port, registry
+from crosscheck.config import AttnConfig
+from crosscheck.errors import BadInputError, MismatchError
+from crosscheck.outputs import atomic_write, check_output_path
+
+FLAX_SUFFIXES = (".safetensors", ".msgpack")
+TORCH_SUFFIXES = (".pt", ".pth", ".safetensors")
+FORMAT = "flax"
+SEP = "/"
+
+
+@dataclass
+class Converted:
+    """What :func:`convert` did: the direction, the variant and config, and the check's error (``None``: skipped)."""
+
+    direction: str  # "torch->flax" or "flax->torch"
+    variant: str
+    config: dict
+    tensors: int
+    max_abs_err: Optional[float]
+    bound: Optional[float]
+    out: str
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    variant: Optional[str] = None,
+    prefix: str = "",
+    model_config: Any = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    inputs: Any = None,
+    check: bool = True,
+    force: bool = False,
+) -> Converted:
+    """Convert ``src`` to ``dst`` (see the module docstring); returns what was done."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    port.require_readable_file(src, "IN")
+    check_output_path(dst, "OUT", [("IN", src), ("--config", model_config), ("--input", inputs)], "converted weights")
+    if os.path.exists(dst) and not force:
+        raise BadInputError(f"OUT {dst} exists; pass --force to replace it")
+    if _is_flax_file(src):
+        if prefix or variant or model_config or any(v is not None for v in (overrides or {}).values()):
+            raise BadInputError(f"{src} is a Flax file: its variant and config come from its metadata; drop the flags")
+        return _flax_to_torch(src, dst, inputs=inputs, check=check)
+    return _torch_to_flax(src, dst, variant=variant, prefix=prefix, model_config=model_config, overrides=overrides,
+                          inputs=inputs, check=check)
+
+
+# --- which file is which --------------------------------------------------------------------------
+
+
+def _suffix(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _is_flax_file(path: str) -> bool:
+    if _suffix(path) == ".msgpack":
+        return True
+    if _suffix(path) != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception as err:  # noqa: BLE001 - a corrupt file: say so, naming it
+        raise BadInputError(f"cannot read safetensors file {path}: {err}") from None
+
+
+# --- torch -> flax --------------------------------------------------------------------------------
+
+
+def _torch_to_flax(src, dst, *, variant, prefix, model_config, overrides, inputs, check) -> Converted:
+    from crosscheck.cases import build_cases
+
+    if _suffix(dst) not in FLAX_SUFFIXES:
+        raise BadInputError(f"OUT {dst}: a torch state dict converts to Flax .safetensors or .msgpack, not {_suffix(dst) or '(none)'}")
+    raw = port.select_prefix(port.load_file(src), prefix)  # the tensors as stored: their dtypes are kept
+    cases, _, _ = build_cases(
+        [variant] if variant else None, weights=raw, inputs=inputs, overrides=dict(overrides or {}),
+        model_config=model_config,
+    )
+    if len(cases) > 1:
+        names = ", ".join(c.variant.name for c in cases)
+        raise BadInputError(f"{src} fits several variants ({names}); choose one with --variant")
+    case = cases[0]
+    v, cfg = case.variant, case.config
+    portmap = v.portmap(cfg)
+    params = port.variables_from_state_dict(portmap, raw, v.name)["params"]
+    meta = {
+        "format": FORMAT, "crosscheck_variant": v.name, "crosscheck_config": json.dumps(v.resolve(cfg).to_dict()),
+        "torch_buffers": ",".join(b.torch_key for b in portmap.buffers
+                                  if b.torch_key in {port.pm.canonical_key(k) for k in raw}),
+        "source": os.path.basename(src) + (f" [{prefix}]" if prefix else ""),
+    }
+    data = _flax_bytes(dst, params, meta)
+    params_back, meta_back = _read_flax_bytes(data, _suffix(dst), dst)
+    # exact: the file gives back every tensor of the layer, bit for bit, dtype included
+    back = port.to_state_dict(v.flax_module(cfg), {"params": params_back}, variant=v, buffers=False)
+    _check_exact(back, {k: port.to_numpy(raw[k]) for k in raw}, portmap, src)
+    err = bound = None
+    if check:
+        from crosscheck.backends import torch_output
+
+        err, bound = _check_outputs(v, cfg, back, case.x, torch_output(case), f"{src} -> {dst}")
+    atomic_write(dst, lambda tmp: _write_bytes(tmp, data), "converted weights")
+    return Converted("torch->flax", v.name, v.report_config(cfg), len(portmap.entries), err, bound, dst)
+
+
+def _flax_bytes(dst: str, params: Mapping, meta: dict) -> bytes:
+    if _suffix(dst) == ".msgpack":
+        from flax.serialization import msgpack_serialize
+
+        return msgpack_serialize({"params": dict(params), "metadata": meta})
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save
+
+    flat = {k: np.ascontiguousarray(a) for k, a in flatten_dict({"params": params}, sep=SEP).items()}
+    bf16 = [k for k, a in flat.items() if str(a.dtype) == "bfloat16"]
+    if bf16:
+        raise BadInputError(f"{bf16[0]} is bfloat16, which safetensors.numpy cannot hold; write OUT as .msgpack")
+    return save(flat, metadata=meta)
+
+
+def _read_flax_bytes(data: bytes, suffix: str, where: str) -> tuple[dict, dict]:
+    """``(params, metadata)`` of a Flax file's bytes; :class:`BadInputError` naming ``where`` if they are not ours."""
+    try:
+        if suffix == ".msgpack":
+            from flax.serialization import msgpack_restore
+
+            tree = msgpack_restore(data)
+            params, meta = tree.get("params"), tree.get("metadata")
+        else:
+            from flax.traverse_util import unflatten_dict
+            from safetensors.numpy import load
+
+            meta = _safetensors_metadata(data)
+            params = unflatten_dict(dict(load(data)), sep=SEP).get("params")
+    except BadInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a foreign or corrupt file: one line naming it
+        raise BadInputError(f"cannot read {where} as a Flax parameter file: {type(err).__name__}: {err}") from None
+    if not isinstance(params, Mapping) or not isinstance(meta, Mapping) or meta.get("format") != FORMAT:
+        raise BadInputError(f"{where}: not a Flax parameter file written by crosscheck convert (no 'params' and metadata)")
+    return dict(params), dict(meta)
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of safetensors bytes (the header: an 8-byte length, then JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n].decode("utf-8")).get("__metadata__", {})
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# --- flax -> torch --------------------------------------------------------------------------------
+
+
+def _flax_to_torch(src, dst, *, inputs, check) -> Converted:
+    if _suffix(dst) not in TORCH_SUFFIXES:
+        raise BadInputError(f"OUT {dst}: a Flax file converts to a torch .pt, .pth or .safetensors, not {_suffix(dst) or '(none)'}")
+    with open(src, "rb") as f:
+        params, meta = _read_flax_bytes(f.read(), _suffix(src), src)
+    try:
+        v = registry.get(str(meta.get("crosscheck_variant")))
+        cfg = AttnConfig(**json.loads(meta["crosscheck_config"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise BadInputError(f"{src}: its metadata names no known variant and config ({err})") from None
+    buffers = [b for b in str(meta.get("torch_buffers", "")).split(",") if b]
+    flax_module = v.flax_module(cfg)
+    sd = port.to_state_dict(flax_module, {"params": params}, variant=v, buffers=bool(buffers))
+    sd = {k: a for k, a in sd.items() if k in buffers or k in v.portmap(cfg).by_torch_key()}
+    err = bound = None
+    if check:
+        import torch
+
+        from crosscheck import inputs as inp
+
+        module = v.torch_module(cfg)
+        module.load_state_dict({k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in sd.items()},
+                               strict=not _has_unloaded_buffers(module, sd))
+        module.eval()
+        x = inp.for_variant(v, inp.resolve_inputs(inputs, cfg.d_in).array)
+        with torch.no_grad():
+            ref = v.torch_forward(module, torch.from_numpy(np.asarray(x, np.float32)), cfg).numpy()
+        err, bound = _check_outputs(v, cfg, {k: a for k, a in sd.items() if k not in buffers}, x, ref,
+                                    f"{src} -> {dst}")
+    if _suffix(dst) == ".safetensors":
+        from safetensors.numpy import save
+
+        if any(str(a.dtype) == "bfloat16" for a in sd.values()):
+            raise BadInputError(f"{src} holds bfloat16 tensors, which safetensors.numpy cannot hold; write OUT as .pt")
+        data = save({k: np.ascontiguousarray(a) for k, a in sd.items()}, metadata={"format": "pt"})
+        atomic_write(dst, lambda tmp: _write_bytes(tmp, data), "converted weights")
+    else:
+        import torch
+
+        tensors = port.to_state_dict(flax_module, {"params": params}, "pt", variant=v, buffers=bool(buffers))
+        tensors = {k: t for k, t in tensors.items() if k in sd}
+        atomic_write(dst, lambda tmp: torch.save(tensors, tmp), "converted weights")
+    return Converted("flax->torch", v.name, v.report_config(cfg), len(sd), err, bound, dst)
+
+
+def _has_unloaded_buffers(module, sd: Mapping) -> bool:
+    """Whether the torch module registers buffers (the causal mask) that the source file did not carry."""
+    return bool(set(module.state_dict()) - set(sd))
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def _check_exact(back: Mapping[str, np.ndarray], raw: Mapping[str, np.ndarray], portmap, where: str) -> None:
+    """Every parameter of ``raw`` comes back from the Flax file bit for bit, in its dtype."""
+    canonical = {port.pm.canonical_key(k): a for k, a in raw.items()}
+    for entry in portmap.entries:
+        want, got = canonical[entry.torch_key], back[entry.torch_key]
+        if got.dtype != want.dtype or got.shape != want.shape or not np.array_equal(got, want):
+            raise MismatchError(f"{where}: {entry.torch_key} does not come back exactly from the Flax file")
+
+
+def _check_outputs(v, cfg, state_dict: Mapping, x: np.ndarray, ref: np.ndarray, where: str) -> tuple[float, float]:
+    """``(max abs error, bound)`` of the Flax module on ``state_dict`` (the file's tensors) against the torch
+    output ``ref``, run as every cross-check runs it (:func:`crosscheck.flax_runner.run_flax`, float32 at
+    precision highest); raises :class:`MismatchError` (nothing written) when over the table's float32 bound."""
+    from crosscheck.flax_runner import run_flax
+
+    float32 = {k: np.asarray(a, dtype=np.float32) for k, a in state_dict.items()}
+    out = run_flax(v, cfg, float32, x)
+    tol = cmp.policy_for("flax", "float32")
+    verdict = cmp.compare(out, ref, tol, computed_in="float32")
+    if not verdict.passed:
+        raise MismatchError(f"{where}: the Flax module and torch disagree ({'; '.join(verdict.failures)}); nothing written")
+    return float(verdict.metrics.max_abs_err), float(tol.max_abs)

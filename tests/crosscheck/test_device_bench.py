@@ -1,0 +1,117 @@
+"""``crosscheck bench --device cuda`` (crosscheck/bench_gpu.py): what a CPU can check, and the real run on a GPU.
+
+On a CPU: the refusal (exit 2, one line), the option checks, the synchronised timing
+loop (fake runners count launches and waits), the row and speed-up construction. Under the
+``gpu`` marker: one small real run, every row present and agreeing with torch's SDPA.
+"""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from crosscheck import bench, bench_gpu, cli
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+TINY = ["--device", "cuda", "--tokens", "16", "--batch", "1", "--d-model", "16", "--heads", "2", "--repeats", "2",
+        "--pipeline", "3"]
+
+
+def test_cuda_without_cuda_is_exit_2_in_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a machine without CUDA says
+    assert cli.main(["bench", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("crosscheck: error: --device cuda: torch ") and "sees no CUDA device" in err
+
+
+def test_jax_without_a_gpu_is_named(monkeypatch):
+    import jax
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    with pytest.raises(bench_gpu.BadInputError, match=r"--device cuda: JAX .* runs on 'cpu', not on a GPU"):
+        bench_gpu.check_cuda()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--impls", "jax-naive"], "--impls with --device cuda: unknown jax-naive; choose from torch-sdpa, "),
+    (["--pipeline", "0"], "--pipeline must be >= 1, got 0"),
+    (["--tokens", "70000"], r"--tokens: give token counts in \[1, 65536\], got \[70000\]"),
+    (["--heads", "3"], "--d-model=16 must be divisible by --heads=3"),
+])
+def test_bad_options_are_refused_before_any_gpu_work(argv, message, monkeypatch):
+    monkeypatch.setattr(bench_gpu, "check_cuda", lambda: pytest.fail("checked CUDA before the options"))
+    with pytest.raises(bench_gpu.BadInputError, match=message):
+        bench_gpu.main(parse(TINY + argv))
+
+
+class FakeDevice:
+    """A device whose work finishes only when waited for: records the order of launches and waits."""
+
+    def __init__(self):
+        self.events = []
+
+    def runner(self, name):
+        def call():
+            self.events.append("launch")
+            return len(self.events)
+
+        def wait(result):
+            assert isinstance(result, int)  # the result of a call, never None
+            self.events.append("wait")
+
+        return bench_gpu.GpuRunner(name, name.split("-")[0], call, wait, lambda: 123, lambda r: np.zeros(2))
+
+
+def test_timing_waits_after_every_call_and_once_per_pipeline():
+    device = FakeDevice()
+    timings = bench_gpu.time_runner(device.runner("jax-flash"), repeats=2, pipeline=3, warmup=1)
+    one_round = ["launch", "wait"] + ["launch"] * 3 + ["wait"]
+    assert device.events == ["launch", "wait"] + one_round * 2  # warm-up, then per-call and pipelined
+    assert len(timings["per_call_s"]) == len(timings["pipelined_s"]) == 2
+    assert all(t >= 0 for t in timings["per_call_s"] + timings["pipelined_s"])
+
+
+def test_rows_and_speedups():
+    args = parse(TINY + ["--backward", "--dtype", "bfloat16"])
+    device = FakeDevice()
+    sdpa = bench_gpu.make_row(device.runner("torch-sdpa"), {"per_call_s": [2.0, 4.0, 3.0], "pipelined_s": [1.0]},
+                              16, args, 1000, 0.0)
+    flash = bench_gpu.make_row(device.runner("jax-flash"), {"per_call_s": [1.5], "pipelined_s": [0.5, 0.5]},
+                               16, args, 800, 1e-3)
+    failed_runner = device.runner("torch-book")
+    failed_runner.status = "failed: OutOfMemoryError: CUDA out of memory"
+    failed = bench_gpu.make_row(failed_runner, None, 16, args, None, None)
+    rows = [sdpa, flash, failed]
+    bench_gpu.add_speedups(rows)
+    assert sdpa["per_call_median_s"] == 3.0 and sdpa["pass"] == "forward+backward" and sdpa["device"] == "cuda"
+    assert flash["speedup_vs_torch_sdpa"] == {"per_call_median_s": 2.0, "pipelined_median_s": 2.0}
+    assert failed["speedup_vs_torch_sdpa"] == {"per_call_median_s": None, "pipelined_median_s": None}
+    assert failed["status"].startswith("failed: OutOfMemoryError") and failed["per_call_median_s"] is None
+    assert flash["memory_method"].startswith("XLA memory_analysis") and sdpa["memory_method"].startswith("torch.cuda")
+    json.dumps(rows)  # plain data
+    bench_gpu.print_rows(rows, "a fake GPU")
+
+
+@pytest.mark.gpu
+def test_a_small_real_run_on_the_gpu(tmp_path):
+    path = tmp_path / "gpu.json"
+    args = parse(TINY + ["--tokens", "256", "--d-model", "128", "--dtype", "bfloat16", "--json", str(path)])
+    assert bench.main(args) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [r["impl"] for r in rows] == list(bench_gpu.GPU_IMPLS)
+    for r in rows:
+        if r["impl"] == "torch-compile" and r["status"] != "ok":
+            continue  # a compiler failure is reported, not hidden
+        assert r["status"] == "ok", r
+        assert r["per_call_median_s"] > 0 and r["pipelined_median_s"] > 0 and r["peak_device_bytes"] > 0
+        assert r["max_abs_diff_vs_torch_sdpa"] <= 4e-2 * 4, r  # bf16 budget, outputs of size ~1-4

@@ -1,0 +1,226 @@
+"""jaxattn.nnx: the NNX twins equal the Linen modules bit for bit, and work under nnx.jit, nnx.grad, nnx.vmap.
+
+No torch here (this file also runs on JAX 0.7.0 / flax 0.11.2); NNX against torch is
+tests/crosscheck/test_nnx_port.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxattn
+import jaxattn.nnx as jn
+
+B, T, D = 2, 5, 6
+
+#: (id, Linen module, NNX builder, input rank): every variant, biases on, a GQA with QK-norm and its own widths.
+CASES = [
+    ("simplified", jaxattn.SimplifiedSelfAttention(), lambda r: jn.SimplifiedSelfAttention(rngs=r)),
+    ("v1", jaxattn.SelfAttentionV1(D, 4), lambda r: jn.SelfAttentionV1(D, 4, rngs=r)),
+    ("v2", jaxattn.SelfAttentionV2(D, 4, True), lambda r: jn.SelfAttentionV2(D, 4, True, rngs=r)),
+    ("causal", jaxattn.CausalAttention(D, 4, 8, 0.0, True), lambda r: jn.CausalAttention(D, 4, 8, 0.0, True, rngs=r)),
+    ("wrapper", jaxattn.MultiHeadAttentionWrapper(D, 2, 8, 0.0, 3, True),
+     lambda r: jn.MultiHeadAttentionWrapper(D, 2, 8, 0.0, 3, True, rngs=r)),
+    ("mha", jaxattn.MultiHeadAttention(D, 4, 8, 0.0, 2, True), lambda r: jn.MultiHeadAttention(D, 4, 8, 0.0, 2, True, rngs=r)),
+    ("combined", jaxattn.MultiHeadAttentionCombinedQKV(D, 4, 2, 8, 0.0, True),
+     lambda r: jn.MultiHeadAttentionCombinedQKV(D, 4, 2, 8, 0.0, True, rngs=r)),
+    ("torch_mha", jaxattn.TorchMultiheadAttention(D, 2, causal=True), lambda r: jn.TorchMultiheadAttention(D, 2, causal=True, rngs=r)),
+    ("gqa", jaxattn.GroupedQueryAttention(D, 4, 2, head_dim=2, qk_norm=True, context_length=8, qkv_bias=True, out_features=3),
+     lambda r: jn.GroupedQueryAttention(D, 4, 2, head_dim=2, qk_norm=True, context_length=8, qkv_bias=True,
+                                        out_features=3, rngs=r)),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _x(seed=1, shape=(B, T, D)):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _perturbed(params, seed=3):
+    """Every parameter shifted by noise, so a parameter read from the wrong place (or a zero bias) shows."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [p + 0.5 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+
+
+def _pair(case):
+    _, linen, build = case
+    x = _x()
+    params = _perturbed(linen.init(jax.random.key(0), x).get("params", {}))
+    model = jn.load_params(build(nnx.Rngs(0)), params)
+    return linen, model, params, x
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_nnx_equals_linen_bit_for_bit_with_the_same_parameter_paths(case):
+    linen, model, params, x = _pair(case)
+    mask = jnp.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=bool)  # left padding in row 1
+    fresh = jn.params_of(case[2](nnx.Rngs(5)))  # the NNX module's own tree, before any load
+    assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)  # same names, same shapes
+    # The padding mask on one layer of each kind (the self-attention math, the core call, RoPE): fewer compiles.
+    for kwargs in ({}, {"attention_mask": mask}) if case[0] in ("v2", "mha", "gqa") else ({},):
+        want = jax.jit(lambda p, x: linen.apply({"params": p}, x, **kwargs))(params, x)
+        got = nnx.jit(lambda m, x: m(x, **kwargs))(model, x)
+        assert got.shape == want.shape
+        assert np.array_equal(np.asarray(got), np.asarray(want)), float(jnp.max(jnp.abs(got - want)))
+    loaded = jn.params_of(model)
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)))
+
+
+def test_unbatched_input_as_in_the_book():
+    linen, model, params, _ = _pair(CASES[2])  # SelfAttentionV2 takes (tokens, d_in)
+    x = _x(shape=(T, D))
+    assert np.array_equal(np.asarray(model(x)), np.asarray(linen.apply({"params": params}, x)))
+
+
+def test_load_params_names_missing_unexpected_and_misshaped_paths():
+    model = jn.MultiHeadAttention(D, 4, 8, 0.0, 2, rngs=nnx.Rngs(0))
+    params = jax.tree.map(np.asarray, jn.params_of(model))
+    params["W_query"]["kernel"] = np.zeros((D, 5), np.float32)
+    params["W_key"]["bias"] = np.zeros((4,), np.float32)  # no qkv_bias
+    del params["out_proj"]["bias"]
+    with pytest.raises(ValueError) as err:
+        jn.load_params(model, params)
+    text = str(err.value)
+    assert "W_query/kernel: expected shape (6, 4), found (6, 5)" in text
+    assert "unexpected parameter W_key/bias" in text and "missing parameter out_proj/bias" in text
+
+
+@pytest.mark.parametrize("case", [CASES[5], CASES[8]], ids=["mha", "gqa"])
+def test_nnx_grad_equals_jax_grad_of_linen(case):
+    linen, model, params, x = _pair(case)
+    weights = jax.random.normal(jax.random.key(9), linen.apply({"params": params}, x).shape)
+
+    def linen_loss(p):
+        return jnp.sum(linen.apply({"params": p}, x) * weights)
+
+    want = jax.jit(jax.grad(linen_loss))(params)
+    got = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) * weights)))(model)
+    got = jn.params_of(got)
+    for path_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(path_leaf), np.asarray(want_leaf), rtol=0, atol=1e-6)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert any(float(jnp.abs(g).max()) > 1e-3 for g in jax.tree.leaves(got))  # not trivially zero
+
+
+def test_nnx_vmap_over_a_stack_of_inputs_equals_one_call_each():
+    _, model, _, _ = _pair(CASES[5])
+    xs = _x(seed=4, shape=(3, B, T, D))
+    got = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(model, xs)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(got[i]), np.asarray(model(xs[i])), rtol=0, atol=1e-6)
+
+
+def test_dropout_draws_from_the_rngs_dropout_stream_as_the_core_applies_it():
+    rate = 0.5
+    model = jn.CausalAttention(D, 4, 8, rate, rngs=nnx.Rngs(0, dropout=7))
+    x = _x()
+    out_train = model(x, deterministic=False)
+    # Independent reference: the projections by hand, the naive core with the stream's first key.
+    key = nnx.Rngs(0, dropout=7).dropout()
+    q, k, v = (x @ jn.value_of(getattr(model, n).kernel) for n in ("W_query", "W_key", "W_value"))
+    split = lambda t: t.reshape(B, T, 1, 4)  # noqa: E731
+    want = jaxattn.dot_product_attention(
+        split(q), split(k), split(v), is_causal=True, dropout_rate=rate, dropout_rng=key, implementation="naive"
+    ).reshape(B, T, 4)
+    np.testing.assert_allclose(np.asarray(out_train), np.asarray(want), rtol=0, atol=1e-6)
+    assert not np.allclose(np.asarray(model(x, deterministic=False)), np.asarray(out_train))  # the stream advanced
+    assert np.array_equal(np.asarray(model(x)), np.asarray(model(x, deterministic=True)))  # default: inference
+    model.train()  # nnx's mode switch sets the deterministic attribute
+    assert not np.allclose(np.asarray(model(x)), np.asarray(model(x, deterministic=True)))
+    model.eval()
+    assert np.array_equal(np.asarray(model(x)), np.asarray(model(x, deterministic=True)))
+
+
+def test_dropout_under_nnx_jit_advances_the_stream():
+    model = jn.MultiHeadAttention(D, 4, 8, 0.3, 2, rngs=nnx.Rngs(0))
+    step = nnx.jit(lambda m, x: m(x, deterministic=False))
+    x = _x()
+    a, b = step(model, x), step(model, x)
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("case", [CASES[4], CASES[8]], ids=["wrapper", "gqa"])
+def test_decode_through_the_nnx_cache_equals_the_full_forward(case):
+    linen, model, params, x = _pair(case)
+    full = linen.apply({"params": params}, x)
+    name, _, build = case
+    decoder = jn.load_params(build(nnx.Rngs(0)), params)
+    for m in [decoder] + (decoder.heads if name == "wrapper" else []):
+        m.decode = True
+    decoder.init_cache(x.shape)
+    step = nnx.jit(lambda m, chunk: m(chunk))
+    chunks = [step(decoder, x[:, :2])] + [step(decoder, x[:, t:t + 1]) for t in range(2, T)]
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(chunks, axis=1)), np.asarray(full), rtol=0, atol=1e-5)
+    cache_holder = decoder.heads[0] if name == "wrapper" else decoder
+    assert int(jn.value_of(cache_holder.cache_index)) == T
+
+
+def test_decode_without_init_cache_says_what_to_call():
+    model = jn.MultiHeadAttention(D, 4, 8, 0.0, 2, decode=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"init_cache"):
+        model(_x())
+
+
+def _dot_precisions(fn, *args):
+    """The ``precision`` of every ``dot_general`` in ``fn``'s jaxpr, sub-jaxprs (jit, custom_jvp, cond) included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn.params["precision"])
+            for value in eqn.params.values():
+                for inner in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(inner, "jaxpr", inner)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_precision_reaches_every_projection(api):
+    x = _x()
+    if api == "linen":
+        module = jaxattn.MultiHeadAttention(D, 4, 8, 0.0, 2, precision="highest", attention_impl="naive")
+        params = module.init(jax.random.key(0), x)
+        fn = lambda x: module.apply(params, x)  # noqa: E731
+        plain = jaxattn.MultiHeadAttention(D, 4, 8, 0.0, 2, attention_impl="naive")
+        fn_plain = lambda x: plain.apply(params, x)  # noqa: E731
+    else:
+        module = jn.MultiHeadAttention(D, 4, 8, 0.0, 2, precision="highest", attention_impl="naive", rngs=nnx.Rngs(0))
+        fn = lambda x: module(x)  # noqa: E731
+        plain = jn.MultiHeadAttention(D, 4, 8, 0.0, 2, attention_impl="naive", rngs=nnx.Rngs(0))
+        fn_plain = lambda x: plain(x)  # noqa: E731
+    with jax.default_matmul_precision("default"):
+        precisions = _dot_precisions(fn, x)
+        plain_precisions = _dot_precisions(fn_plain, x)
+    assert sum(p == HIGHEST for p in precisions) >= 4  # W_query, W_key, W_value, out_proj at least
+    assert not any(p == HIGHEST for p in plain_precisions)  # None stays JAX's default
+
+
+@pytest.mark.parametrize("build", [
+    lambda p: jn.SimplifiedSelfAttention(precision=p),
+    lambda p: jn.SelfAttentionV1(D, 4, precision=p, rngs=nnx.Rngs(0)),
+    lambda p: jn.SelfAttentionV2(D, 4, precision=p, rngs=nnx.Rngs(0)),
+], ids=["simplified", "v1", "v2"])
+def test_precision_reaches_every_product_of_the_section_3_4_modules(build):
+    x = _x()
+    module = build("highest")
+    precisions = _dot_precisions(lambda x: module(x), x)
+    assert len(precisions) >= 3 and all(p == HIGHEST for p in precisions), precisions
+
+
+def test_bad_config_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"d_out=5 must be divisible by num_heads=2"):
+        jn.MultiHeadAttention(D, 5, 8, 0.0, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"needs rngs"):
+        jn.MultiHeadAttention(D, 4, 8, 0.0, 2)
