@@ -47,6 +47,7 @@ GPU, synchronised per-call and pipelined timings and peak device memory (:mod:`c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -104,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time one projection matmul and the attention core alone, JAX vs torch")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", dest="json_path", default=None, help="write results as JSON here")
+    parser.add_argument("--json", dest="json_path", default=None, help="write results as JSON here (-: stdout, the tables go to stderr)")
     parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG of latency vs tokens here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one impl, RSS mode
     bench_decode.add_arguments(parser)
@@ -474,19 +475,31 @@ def write_plot(rows: list[dict], path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the benchmark; returns the exit status (bad options raise :class:`BadInputError`)."""
+    """Run the benchmark; returns the exit status (bad options raise :class:`BadInputError`).
+
+    ``--json -``: the JSON alone on stdout, the tables on stderr (and no progress bar).
+    """
     if getattr(args, "child", None):
         return run_child(args)
+    if getattr(args, "json_path", None) != "-":
+        return _main(args)
+    stdout = sys.stdout
+    args.json_stream = stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     _check_output_paths(args)
     if bench_shard.wanted(args):  # --devices N --shard MODE: before anything imports JAX (crosscheck.devices)
-        _write_json(bench_shard.run(args), args.json_path)
+        _write_json(bench_shard.run(args), args.json_path, args)
         return 0
     if getattr(args, "device", "cpu") == "cuda":  # torch on CUDA, JAX on the GPU: crosscheck.bench_gpu
         return bench_gpu.main(args)
     if getattr(args, "decode", False):
         _check_budget(args, [args.prompt_len + args.steps], ["torch-book"])
         result = bench_decode.run(args)
-        _write_json(result, args.json_path)
+        _write_json(result, args.json_path, args)
         return 0
     tokens_list, impls = _validate(args)
     _check_budget(args, tokens_list, impls)
@@ -546,7 +559,7 @@ def main(args: argparse.Namespace) -> int:
         for policy, r in rec["policies"].items():
             print(f"{policy:<10} compilations={r['compilations']:>3}  jit cache={r['jit_cache_size']}  "
                   f"sweep wall time={r['total_s']:.1f}s")
-    _write_json(result, args.json_path)
+    _write_json(result, args.json_path, args)
     if args.plot_path is not None:
         write_plot(rows, args.plot_path)
         print(f"wrote {args.plot_path}")
@@ -581,7 +594,7 @@ def _sweep_progress(args: argparse.Namespace, shapes: int):
 def _check_output_paths(args: argparse.Namespace) -> None:
     """``--json`` and ``--plot`` checked before the benchmark runs (and never the same file)."""
     json_path, plot_path = getattr(args, "json_path", None), getattr(args, "plot_path", None)
-    if json_path is not None:
+    if json_path is not None and json_path != "-":  # "-": stdout
         check_output_path(json_path, "--json", what="JSON results")
     if plot_path is not None:
         check_output_path(plot_path, "--plot", what="plot")
@@ -589,8 +602,10 @@ def _check_output_paths(args: argparse.Namespace) -> None:
             raise BadInputError(f"--plot {plot_path} is also the --json file: give the plot and the results different names")
 
 
-def _write_json(result: dict, path: Optional[str]) -> None:
-    if path is not None:
+def _write_json(result: dict, path: Optional[str], args: Optional[argparse.Namespace] = None) -> None:
+    if path == "-":
+        print(json.dumps(result, indent=2), file=getattr(args, "json_stream", None) or sys.stdout)
+    elif path is not None:
         atomic_write_text(path, json.dumps(result, indent=2), what="JSON results")
         print(f"wrote {path}")
 

@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -296,7 +297,9 @@ def main(args: argparse.Namespace) -> int:
     rows = [row for tokens in tokens_list for row in run_shape(tokens, impls, args)]
     add_speedups(rows)
     print_rows(rows, gpu)
-    if args.json_path is not None:
+    if args.json_path == "-":
+        print(json.dumps({"config": config, "results": rows}, indent=2), file=getattr(args, "json_stream", None) or sys.stdout)
+    elif args.json_path is not None:
         atomic_write_text(args.json_path, json.dumps({"config": config, "results": rows}, indent=2), what="JSON results")
         print(f"wrote {args.json_path}")
     return 0

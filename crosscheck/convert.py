@@ -9,7 +9,8 @@ written here (``.msgpack``, or ``.safetensors`` whose metadata says ``format: fl
 The Flax files hold Linen's ``variables`` (``{"params": ...}``), which the :mod:`jaxattn.nnx`
 modules load too (:func:`jaxattn.nnx.load_params`):
 
-* ``.safetensors`` (``safetensors.numpy``): flat keys ``params/W_query/kernel`` (Flax's
+* ``.safetensors`` (written and read through ``safetensors.torch``, which holds bfloat16 and float64
+  exactly, where ``safetensors.numpy`` has no bfloat16): flat keys ``params/W_query/kernel`` (Flax's
   ``flatten_dict(sep="/")``), metadata ``format``, ``crosscheck_variant``, ``crosscheck_config``
   (the :class:`AttnConfig` as JSON), ``torch_buffers``, ``source``;
 * ``.msgpack`` (``flax.serialization``): ``{"params": ..., "metadata": {same keys}}``.
@@ -150,13 +151,36 @@ def _flax_bytes(dst: str, params: Mapping, meta: dict) -> bytes:
 
         return msgpack_serialize({"params": dict(params), "metadata": meta})
     from flax.traverse_util import flatten_dict
-    from safetensors.numpy import save
 
-    flat = {k: np.ascontiguousarray(a) for k, a in flatten_dict({"params": params}, sep=SEP).items()}
-    bf16 = [k for k, a in flat.items() if str(a.dtype) == "bfloat16"]
-    if bf16:
-        raise BadInputError(f"{bf16[0]} is bfloat16, which safetensors.numpy cannot hold; write OUT as .msgpack")
-    return save(flat, metadata=meta)
+    return _safetensors_bytes(flatten_dict({"params": params}, sep=SEP), meta)
+
+
+def _safetensors_bytes(arrays: Mapping[str, Any], meta: dict) -> bytes:
+    """safetensors bytes of numpy arrays, bfloat16 (ml_dtypes) included, bit for bit."""
+    import torch
+    from safetensors.torch import save
+
+    def tensor(a) -> "torch.Tensor":
+        a = np.array(a, copy=True, order="C")  # writable: torch shares numpy's memory
+        if str(a.dtype) == "bfloat16":  # torch has no numpy bfloat16: move the bits
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+
+    return save({k: tensor(a) for k, a in arrays.items()}, metadata=meta)
+
+
+def _arrays_of_safetensors(data: bytes) -> dict[str, np.ndarray]:
+    """The tensors of safetensors bytes as numpy arrays, bfloat16 as ``ml_dtypes.bfloat16``."""
+    import ml_dtypes
+    import torch
+    from safetensors.torch import load
+
+    def array(t: "torch.Tensor") -> np.ndarray:
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    return {k: array(t) for k, t in load(data).items()}
 
 
 def _read_flax_bytes(data: bytes, suffix: str, where: str) -> tuple[dict, dict]:
@@ -169,10 +193,9 @@ def _read_flax_bytes(data: bytes, suffix: str, where: str) -> tuple[dict, dict]:
             params, meta = tree.get("params"), tree.get("metadata")
         else:
             from flax.traverse_util import unflatten_dict
-            from safetensors.numpy import load
 
             meta = _safetensors_metadata(data)
-            params = unflatten_dict(dict(load(data)), sep=SEP).get("params")
+            params = unflatten_dict(_arrays_of_safetensors(data), sep=SEP).get("params")
     except BadInputError:
         raise
     except Exception as err:  # noqa: BLE001 - a foreign or corrupt file: one line naming it
@@ -226,11 +249,7 @@ def _flax_to_torch(src, dst, *, inputs, check) -> Converted:
         err, bound = _check_outputs(v, cfg, {k: a for k, a in sd.items() if k not in buffers}, x, ref,
                                     f"{src} -> {dst}")
     if _suffix(dst) == ".safetensors":
-        from safetensors.numpy import save
-
-        if any(str(a.dtype) == "bfloat16" for a in sd.values()):
-            raise BadInputError(f"{src} holds bfloat16 tensors, which safetensors.numpy cannot hold; write OUT as .pt")
-        data = save({k: np.ascontiguousarray(a) for k, a in sd.items()}, metadata={"format": "pt"})
+        data = _safetensors_bytes(sd, {"format": "pt"})
         atomic_write(dst, lambda tmp: _write_bytes(tmp, data), "converted weights")
     else:
         import torch

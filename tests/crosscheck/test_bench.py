@@ -36,6 +36,20 @@ def test_tiny_run_writes_json_and_png(tmp_path):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_json_dash_puts_the_json_alone_on_stdout_and_the_tables_on_stderr(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from crosscheck.cli import main
+
+    assert main(["bench", "--tokens", "8", "--d-model", "8", "--heads", "2", "--repeats", "1",
+                 "--impls", "jax-naive,torch-book", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)  # nothing but the JSON on stdout
+    assert {r["impl"] for r in result["results"]} == {"jax-naive", "torch-book"}
+    assert all(r["max_abs_diff_vs_reference"] < 1e-5 for r in result["results"])
+    assert "jax-naive" in err and "crosscheck bench:" in err
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
+
+
 def test_breakdown_times_each_piece_in_both_frameworks_on_the_same_inputs(tmp_path, capsys):
     json_path = tmp_path / "bench.json"
     args = parse(TINY + ["--impls", "jax-auto,torch-sdpa", "--breakdown", "--json", str(json_path)])

@@ -170,14 +170,20 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, bad_dir, capsy
     assert sorted(os.listdir(bad_dir)) == before
 
 
-def test_bfloat16_weights_go_to_msgpack_exactly_and_safetensors_says_why_not(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("flax_suffix,back_suffix", [(".safetensors", ".safetensors"), (".msgpack", ".pt")])
+def test_16_and_64_bit_weights_round_trip_exactly_through_both_formats(tmp_path, dtype, flax_suffix, back_suffix):
     variant = registry.get("SelfAttentionV2")
     torch_module, _, _ = make_pair(variant, _cfg(variant), seed=4)
-    sd = {k: t.to(torch.bfloat16) for k, t in torch_module.state_dict().items()}
-    torch.save(sd, tmp_path / "bf16.pt")
-    with pytest.raises(BadInputError, match=r"bfloat16.*write OUT as \.msgpack"):
-        convert.convert(tmp_path / "bf16.pt", tmp_path / "p.safetensors", variant="SelfAttentionV2", check=False)
-    convert.convert(tmp_path / "bf16.pt", tmp_path / "p.msgpack", variant="SelfAttentionV2")
-    convert.convert(tmp_path / "p.msgpack", tmp_path / "back.pt")
-    back = torch.load(tmp_path / "back.pt", weights_only=True)
-    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], t) for k, t in sd.items())
+    sd = {k: t.to(dtype) for k, t in torch_module.state_dict().items()}
+    torch.save(sd, tmp_path / "w.pt")
+    convert.convert(tmp_path / "w.pt", tmp_path / f"p{flax_suffix}", variant="SelfAttentionV2")
+    convert.convert(tmp_path / f"p{flax_suffix}", tmp_path / f"back{back_suffix}")
+    if back_suffix == ".pt":
+        back = torch.load(tmp_path / "back.pt", weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        back = load_file(tmp_path / "back.safetensors")
+    assert back.keys() == sd.keys()
+    assert all(back[k].dtype == dtype and torch.equal(back[k], t) for k, t in sd.items())
