@@ -88,9 +88,9 @@ EVERYTHING = dict(batch=2, heads=4, kv_heads=2, head_dim=4, q_tokens=5, kv_token
 @example(c=EVERYTHING)
 def test_forward_matches_jax_nn(impl, c):
     q, k, v, bias, mask = arrays(c)
-    with HIGHEST():
-        out = np.asarray(ours(impl, c)(q, k, v, bias, mask))
-        expected = np.asarray(reference(q, k, v, bias, mask, c))
+    with HIGHEST():  # jitted: one compilation per example, not one per eager op (3-4x faster here)
+        out = np.asarray(jax.jit(ours(impl, c))(q, k, v, bias, mask))
+        expected = np.asarray(jax.jit(lambda *a: reference(*a, c))(q, k, v, bias, mask))
     seen = seen_rows(mask, c)
     assert out.shape == expected.shape == (c["batch"], c["q_tokens"], c["heads"], c["head_dim"])
     assert np.isfinite(out).all()
@@ -115,8 +115,8 @@ def test_gradients_match_jax_nn(impl, c):
 
     argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
     with HIGHEST():
-        got = jax.grad(loss(ours(impl, c)), argnums)(q, k, v, bias)
-        expected = jax.grad(loss(lambda *a: reference(*a, c)), argnums)(q, k, v, bias)
+        got = jax.jit(jax.grad(loss(ours(impl, c)), argnums))(q, k, v, bias)
+        expected = jax.jit(jax.grad(loss(lambda *a: reference(*a, c)), argnums))(q, k, v, bias)
     for name, g, e in zip("qkvb", got, expected):
         assert np.isfinite(np.asarray(g)).all()
         np.testing.assert_allclose(g, e, atol=GRAD_TOL, rtol=0, err_msg=f"d loss / d {name} ({impl})")
