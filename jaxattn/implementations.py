@@ -160,8 +160,9 @@ def select(name: Optional[str], call: Call) -> Implementation:
 # the lax-loop blockwise path is ~25x slower than a fused kernel (issue 11: 4.65 ms against 0.17 ms
 # at 8 x 1024 tokens), so: cudnn for bf16/fp16 where it takes the call, the Pallas flash kernel for
 # float32 and what cuDNN refuses, xla (or naive) for masks, bias and q_offset while their (T, S)
-# float32 scores stay under SCORES_MEMORY_BOUND; past the bound such a call goes to blockwise, the one
-# kernel that then fits (slow, but it runs).
+# float32 scores stay under SCORES_MEMORY_BOUND; past the bound the flash kernel takes masks, bias and
+# q_offset (tile by tile, no scores held). Only what flash cannot serve past the bound (float64, head
+# dims over 256) still goes to blockwise, the one kernel that then fits (slow, but it runs).
 
 #: The most bytes of float32 ``(B, N, T, S)`` scores "auto" lets a GPU implementation hold.
 SCORES_MEMORY_BOUND = 1 << 30
@@ -193,6 +194,13 @@ def _auto_gpu(score: float, *, bounded: bool = False) -> Callable[[Call], Option
     return lambda call: score if call.platform == "gpu" and (not bounded or _fits(call)) else None
 
 
+def _auto_flash(call: Call) -> Optional[float]:
+    """4 on a GPU; for a mask, bias or q_offset 2.5: under xla's 3 (while the scores fit), over blockwise's 2."""
+    if call.platform != "gpu":
+        return None
+    return 2.5 if call.has_mask or call.has_bias or call.q_offset else 4.0
+
+
 def _flash_check(call: Call) -> Optional[str]:
     if max(call.head_dim, call.value_head_dim) > flash.MAX_HEAD_DIM:
         return f"it takes head dims up to {flash.MAX_HEAD_DIM}, not {max(call.head_dim, call.value_head_dim)}"
@@ -220,10 +228,11 @@ register(Implementation(
 ))
 register(Implementation(
     "flash", flash.flash_attention,
-    summary="FlashAttention-2 in Pallas (Triton on a GPU), forward and custom_vjp backward, causal blocks skipped",
-    mask=False, bias=False, q_offset=False, mixed_dtypes=False,
+    summary="FlashAttention-2 in Pallas (Triton on a GPU), forward and custom_vjp backward, causal blocks skipped "
+    "(q_offset too), masks and bias read tile by tile (dbias too)",
+    mixed_dtypes=False,
     dtypes=("float32", "bfloat16", "float16"), platforms=("gpu",),
-    auto=_auto_gpu(4.0), check=_flash_check,
+    auto=_auto_flash, check=_flash_check,
 ))
 register(Implementation(
     "cudnn", cudnn.cudnn_attention,

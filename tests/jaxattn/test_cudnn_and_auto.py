@@ -51,27 +51,39 @@ def test_gpu_picks_cudnn_for_16_bit_and_flash_for_float32_and_what_cudnn_refuses
     assert picked(dtype="bfloat16", head_dim=64, value_head_dim=32) == "flash"
 
 
-def test_gpu_masks_bias_and_offsets_go_to_xla_while_the_scores_fit_then_blockwise():
+def test_gpu_masks_bias_and_offsets_go_to_xla_while_the_scores_fit_then_flash():
     assert picked(dtype="bfloat16", has_mask=True) == "xla"
     assert picked(dtype="float32", has_bias=True) == "xla"
     assert picked(dtype="float32", tokens=1, kv_tokens=4096, q_offset=True) == "xla"  # a decode step
     assert picked(dtype="float16", tokens=1, kv_tokens=4096, q_offset=True) == "xla"
-    assert picked(dtype="bfloat16", tokens=16384, has_mask=True) == "blockwise"  # 12 GiB of scores
+    assert picked(dtype="bfloat16", tokens=16384, has_mask=True) == "flash"  # 12 GiB of scores
+    assert picked(dtype="float32", tokens=16384, has_mask=True, q_offset=True, heads=8, kv_heads=2) == "flash"
+    assert picked(dtype="float32", batch=8, tokens=1, kv_tokens=1 << 22, q_offset=True) == "flash"  # 1.5 GiB
+    assert picked(dtype="bfloat16", tokens=16384, has_bias=True) == "flash"
+    # What the flash kernel cannot serve past the bound still needs blockwise: float64, head dims over 256.
+    assert picked(dtype="float64", tokens=16384, has_mask=True) == "blockwise"
+    assert picked(dtype="float32", tokens=16384, has_mask=True, head_dim=512) == "blockwise"
     assert picked(dtype="float32", dropout=True) == "naive"  # only naive has the weights to drop
     assert picked(dtype="float64") == "xla"  # neither cuDNN nor the flash kernel takes float64
 
 
+def test_flash_registration_declares_masks_bias_and_offsets_not_dropout():
+    flash = implementations.get("flash")
+    assert flash.refusal(call(dtype="float32", has_mask=True, has_bias=True, q_offset=True)) is None
+    assert "dropout" in flash.refusal(call(dtype="float32", dropout=True))
+
+
 def test_gpu_never_the_lax_loop_while_scores_fit_and_never_t2_scores_past_the_bound():
     bound = implementations.SCORES_MEMORY_BOUND
-    for dtype, tokens, batch, mask, causal, group in itertools.product(
+    for dtype, tokens, batch, mask, bias, offset, causal, group in itertools.product(
         ("float32", "bfloat16", "float16"), (1, 100, 1024, 4096, 16384, 65536), (1, 8), (False, True), (False, True),
-        (1, 4),
+        (False, True), (False, True), (1, 4),
     ):
-        c = call(dtype=dtype, tokens=tokens, batch=batch, has_mask=mask, is_causal=causal, kv_heads=12 // group)
+        c = call(dtype=dtype, tokens=tokens, batch=batch, has_mask=mask, has_bias=bias, q_offset=offset,
+                 is_causal=causal, kv_heads=12 // group)
         name = implementations.select(None, c).name
-        if implementations.scores_bytes(c) <= bound:
-            assert name != "blockwise", c
-        else:
+        assert name != "blockwise", c  # masks, bias and q_offset past the bound: the flash kernel
+        if implementations.scores_bytes(c) > bound:
             assert name not in ("naive", "xla"), (c, implementations.scores_bytes(c))
 
 
