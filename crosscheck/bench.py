@@ -67,7 +67,7 @@ JAX_IMPLS = ("jax-naive", "jax-blockwise", "jax-xla", "jax-auto", "jax-fused-blo
 TORCH_IMPLS = ("torch-book", "torch-sdpa", "torch-compile")
 ALL_IMPLS = JAX_IMPLS + TORCH_IMPLS
 DTYPES = ("float32", "bfloat16")
-MIN_TOKENS, MAX_TOKENS = 1, 65536
+MIN_TOKENS, MAX_TOKENS = bench_models.MIN_TOKENS, bench_models.MAX_TOKENS
 DEFAULT_SWEEP = tuple(range(100, 1025, 44))  # 22 lengths that are neither powers of two nor multiples of 128
 
 
@@ -115,24 +115,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
-    tokens = [t for group in args.tokens for t in (group if isinstance(group, list) else [group])]
+    tokens = bench_models.flat(args.tokens)
     if not tokens:
         raise BadInputError("--tokens: give at least one token count")
     for t in tokens:
         if not MIN_TOKENS <= t <= MAX_TOKENS:
             raise BadInputError(f"--tokens: {t} is outside [{MIN_TOKENS}, {MAX_TOKENS}]")
-    for name in ("batch", "d_model", "heads", "repeats"):
-        if getattr(args, name) < 1:
-            raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    bench_models.check_sizes(args)
     if args.warmup < 0:
         raise BadInputError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.d_model % args.heads:
-        raise BadInputError(f"--d-model={args.d_model} must be divisible by --heads={args.heads}")
     if args.dtype not in DTYPES:
         raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     impls = list(ALL_IMPLS)
     if args.impls:
-        impls = [i for group in args.impls for i in (group if isinstance(group, list) else [group])]
+        impls = bench_models.flat(args.impls)
         unknown = [i for i in impls if i not in ALL_IMPLS]
         if unknown:
             raise BadInputError(f"--impls: unknown {', '.join(unknown)}; choose from {', '.join(ALL_IMPLS)}")
@@ -141,7 +137,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     if args.seed < 0:
         raise BadInputError(f"--seed must be >= 0, got {args.seed}")
     if args.recompile_sweep is not None:
-        for t in (t for g in args.recompile_sweep for t in (g if isinstance(g, list) else [g])):
+        for t in bench_models.flat(args.recompile_sweep):
             if not MIN_TOKENS <= t <= MAX_TOKENS:
                 raise BadInputError(f"--recompile-sweep: {t} is outside [{MIN_TOKENS}, {MAX_TOKENS}]")
     return tokens, impls

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from crosscheck import bench_models
 from crosscheck.errors import BadInputError
 
 JAX_DECODE_IMPLS = ("jax-naive", "jax-xla", "jax-blockwise", "jax-auto")
@@ -57,11 +58,7 @@ def _impls(args: argparse.Namespace) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> list[str]:
-    for name in ("batch", "d_model", "heads", "repeats", "prompt_len", "steps"):
-        if getattr(args, name) < 1:
-            raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.d_model % args.heads:
-        raise BadInputError(f"--d-model={args.d_model} must be divisible by --heads={args.heads}")
+    bench_models.check_sizes(args, "prompt_len", "steps")
     if args.seed < 0:
         raise BadInputError(f"--seed must be >= 0, got {args.seed}")
     if args.dtype not in ("float32", "bfloat16"):

@@ -43,7 +43,7 @@ from crosscheck.outputs import atomic_write_text
 GPU_IMPLS = ("torch-sdpa", "torch-book", "torch-compile", "jax-cudnn", "jax-flash", "jax-auto")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
-MIN_TOKENS, MAX_TOKENS = 1, 65536
+MIN_TOKENS, MAX_TOKENS = bench_models.MIN_TOKENS, bench_models.MAX_TOKENS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,19 +73,15 @@ def check_cuda() -> str:
 
 def validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     """Token counts and sizes (the CPU bench's limits) and the GPU rows asked for; a BadInputError naming the flag."""
-    tokens = [t for group in args.tokens for t in (group if isinstance(group, list) else [group])]
+    tokens = bench_models.flat(args.tokens)
     if not tokens or any(not MIN_TOKENS <= t <= MAX_TOKENS for t in tokens):
         raise BadInputError(f"--tokens: give token counts in [{MIN_TOKENS}, {MAX_TOKENS}], got {tokens}")
-    for name in ("batch", "d_model", "heads", "repeats", "pipeline"):
-        if getattr(args, name) < 1:
-            raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.d_model % args.heads:
-        raise BadInputError(f"--d-model={args.d_model} must be divisible by --heads={args.heads}")
+    bench_models.check_sizes(args, "pipeline")
     if args.dtype not in DTYPES:
         raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     impls = list(GPU_IMPLS)
     if args.impls:
-        impls = [i for group in args.impls for i in (group if isinstance(group, list) else [group])]
+        impls = bench_models.flat(args.impls)
         unknown = [i for i in impls if i not in GPU_IMPLS]
         if unknown or not impls:
             raise BadInputError(f"--impls with --device cuda: unknown {', '.join(unknown) or '(none given)'}; "

@@ -8,8 +8,30 @@ chosen ``attention_impl``, and the one input every row of a shape gets.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 
 import numpy as np
+
+from crosscheck.errors import BadInputError
+
+#: Sizes every bench shares: the flags that must be >= 1, and the token range.
+SIZE_FLAGS = ("batch", "d_model", "heads", "repeats")
+MIN_TOKENS, MAX_TOKENS = 1, 65536
+
+
+def flat(groups: Iterable) -> list:
+    """A repeatable comma-list flag (``--tokens 8,20 --tokens 64`` -> ``[[8, 20], 64]``) as one list."""
+    return [t for group in groups for t in (group if isinstance(group, list) else [group])]
+
+
+def check_sizes(args: argparse.Namespace, *more: str) -> None:
+    """:data:`SIZE_FLAGS` and ``more`` are >= 1 and ``--d-model`` divides by ``--heads``; else a
+    :class:`BadInputError` naming the flag."""
+    for name in (*SIZE_FLAGS, *more):
+        if getattr(args, name) < 1:
+            raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.d_model % args.heads:
+        raise BadInputError(f"--d-model={args.d_model} must be divisible by --heads={args.heads}")
 
 
 def torch_dtype(name: str):

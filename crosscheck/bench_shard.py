@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from crosscheck import bench_models
 from crosscheck.errors import BadInputError
 
 MODES = ("batch", "heads", "sequence")
@@ -55,14 +56,10 @@ def _validate(args: argparse.Namespace) -> list[int]:
         raise BadInputError("bench: --devices N and --shard batch|heads|sequence go together")
     if args.devices < 1:
         raise BadInputError(f"--devices must be >= 1, got {args.devices}")
-    tokens = [t for group in args.tokens for t in (group if isinstance(group, list) else [group])]
+    tokens = bench_models.flat(args.tokens)
     if not tokens or any(t < 1 for t in tokens):
         raise BadInputError(f"--tokens: give token counts >= 1, got {tokens}")
-    for name in ("batch", "d_model", "heads", "repeats"):
-        if getattr(args, name) < 1:
-            raise BadInputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.d_model % args.heads:
-        raise BadInputError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
+    bench_models.check_sizes(args)
     if args.shard == "heads" and args.heads % args.devices:
         raise BadInputError(f"--shard heads: --heads {args.heads} is not divisible by --devices {args.devices}")
     if args.dtype != "float32":

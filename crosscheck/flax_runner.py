@@ -91,20 +91,28 @@ def matmul_precision(dtype: str) -> str:
     return placement.matmul_precision(dtype)
 
 
-def _prepare(variant, cfg, state_dict, dtype, attention_impl, **clone):
-    """``(module, float32 variables, call kwargs)`` for ``variant`` at ``cfg`` on THE weights."""
-    import inspect
-
+def _float32_variables(variant, cfg, state_dict) -> dict:
+    """THE weights ported to ``variant``'s Flax variables, as float32 arrays (Linen and NNX alike)."""
     import jax
     import jax.numpy as jnp
 
+    variables = port.port_variables(variant, cfg, state_dict)
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), variables)
+
+
+def _inference_kwargs(module) -> dict:
+    """``deterministic=True`` where the module's ``__call__`` takes it (the variants with dropout)."""
+    import inspect
+
+    return {"deterministic": True} if "deterministic" in inspect.signature(type(module).__call__).parameters else {}
+
+
+def _prepare(variant, cfg, state_dict, dtype, attention_impl, **clone):
+    """``(module, float32 variables, call kwargs)`` for ``variant`` at ``cfg`` on THE weights."""
     module = flax_module(variant, cfg, dtype, attention_impl)
     if clone:
         module = module.clone(**clone)
-    variables = port.port_variables(variant, cfg, state_dict)
-    variables = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), variables)
-    kwargs = {"deterministic": True} if "deterministic" in inspect.signature(type(module).__call__).parameters else {}
-    return module, variables, kwargs
+    return module, _float32_variables(variant, cfg, state_dict), _inference_kwargs(module)
 
 
 def run_flax(
@@ -145,8 +153,6 @@ def run_flax(
 def nnx_module(variant: registry.Variant, cfg: AttnConfig, state_dict: Mapping[str, Any], dtype: str = "float32",
                attention_impl: Optional[str] = None):
     """``variant``'s :mod:`jaxattn.nnx` module at ``cfg`` computing in ``dtype``, THE weights loaded as float32."""
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from jaxattn.nnx import load_params
@@ -156,8 +162,7 @@ def nnx_module(variant: registry.Variant, cfg: AttnConfig, state_dict: Mapping[s
         options["attention_impl"] = attention_impl
     # Built concretely: nnx.eval_shape would leave the RNG state abstract, which nnx.jit cannot take.
     module = variant.flax_module(cfg, "nnx", rngs=nnx.Rngs(0), **options)
-    params = port.port_variables(variant, cfg, state_dict)["params"]
-    return load_params(module, jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), params))
+    return load_params(module, _float32_variables(variant, cfg, state_dict)["params"])
 
 
 def run_flax_nnx(
@@ -171,14 +176,12 @@ def run_flax_nnx(
     attention_mask: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """:func:`run_flax` through the NNX module (:func:`nnx_module`) under ``nnx.jit``: same weights, same core."""
-    import inspect
-
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     module = nnx_module(variant, cfg, state_dict, dtype, attention_impl)
-    kwargs = {"deterministic": True} if "deterministic" in inspect.signature(type(module).__call__).parameters else {}
+    kwargs = _inference_kwargs(module)
     if attention_mask is not None:
         kwargs["attention_mask"] = jnp.asarray(attention_mask, dtype=jnp.bool_)
     apply = nnx.jit(lambda m, x: m(x, **kwargs))
