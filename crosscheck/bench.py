@@ -15,7 +15,9 @@ Method: weights drawn once for the torch book class and ported to Flax with
 calls excluded (JAX's compile is timed separately, via ``lower().compile()``);
 then ``--repeats`` rounds in which every implementation runs once, round-robin,
 the order rotated each round; the median per implementation is reported with
-its speed ratio to the fastest torch implementation.
+its speed ratio to the fastest torch implementation. float32 JAX programs are
+compiled at matmul precision ``highest`` (``--device cuda`` and ``--decode`` too): a
+GPU's default is TF32, ~3e-4 off torch's float32; a CPU computes float32 either way.
 
 Memory (``--memory``): ``analysis`` (default) reports, for JAX only, XLA's own
 ``compiled.memory_analysis()`` (temp + argument + output bytes: what the
@@ -151,6 +153,11 @@ _torch_dtype, _jax_dtype, _input_np = bench_models.torch_dtype, bench_models.jax
 _book_torch, _sdpa_class, _flax_state = bench_models.book_torch, bench_models.sdpa_class, bench_models.flax_state
 
 
+def _precision(dtype: str) -> str:
+    """The JAX matmul precision of a ``dtype`` bench: ``highest`` for float32 (see the module docstring)."""
+    return "highest" if dtype == "float32" else "default"
+
+
 class Runner:
     """One implementation at one shape: ``call()`` runs a forward and waits for it."""
 
@@ -178,7 +185,8 @@ def _jax_runner(name, book, x_np, args, context_length) -> Runner:
         params = variables
         fn = jax.jit(module.apply)
     start = time.perf_counter()
-    compiled = fn.lower(params, x).compile()
+    with jax.default_matmul_precision(_precision(args.dtype)):
+        compiled = fn.lower(params, x).compile()
     compile_s = time.perf_counter() - start
     memory = None
     analysis = compiled.memory_analysis()
@@ -245,8 +253,9 @@ def build_piece_runners(tokens: int, args: argparse.Namespace, book) -> list[Run
     tdtype = _torch_dtype(args.dtype)
     x, qkv = jnp.asarray(x_np, jdtype), jnp.asarray(qkv_np, jdtype)
     kernel = jnp.asarray(book.W_query.weight.detach().float().numpy().T, jdtype)  # (d_in, d_out), as ported
-    projection = jax.jit(lambda x, w: x @ w).lower(x, kernel).compile()
-    attention = jax.jit(lambda q, k, v: core.causal_attention(q, k, v, impl="auto")[0]).lower(*qkv).compile()
+    with jax.default_matmul_precision(_precision(args.dtype)):
+        projection = jax.jit(lambda x, w: x @ w).lower(x, kernel).compile()
+        attention = jax.jit(lambda q, k, v: core.causal_attention(q, k, v, impl="auto")[0]).lower(*qkv).compile()
     x_t, qkv_t = torch.from_numpy(x_np).to(tdtype), torch.from_numpy(qkv_np).to(tdtype)
 
     def torch_projection():
@@ -476,7 +485,8 @@ def main(args: argparse.Namespace) -> int:
     ``--json -``: the JSON alone on stdout, the tables on stderr (and no progress bar).
     """
     if getattr(args, "child", None):
-        return run_child(args)
+        with _on_the_host():
+            return run_child(args)
     if getattr(args, "json_path", None) != "-":
         return _main(args)
     stdout = sys.stdout
@@ -492,6 +502,18 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if getattr(args, "device", "cpu") == "cuda":  # torch on CUDA, JAX on the GPU: crosscheck.bench_gpu
         return bench_gpu.main(args)
+    with _on_the_host():
+        return _main_on_the_cpu(args)
+
+
+def _on_the_host():
+    """``--device cpu``: JAX on the host CPU too, on a machine whose default backend is a GPU (torch is on the CPU)."""
+    import jax
+
+    return jax.default_device(jax.devices("cpu")[0])
+
+
+def _main_on_the_cpu(args: argparse.Namespace) -> int:
     if getattr(args, "decode", False):
         _check_budget(args, [args.prompt_len + args.steps], ["torch-book"])
         result = bench_decode.run(args)

@@ -6,7 +6,8 @@ with :class:`BadInputError` (exit 2) naming the flag or file, the estimate and t
 Counts that drive loops (heads, repeats, sweep lengths, decode steps) have fixed bounds.
 
 The limit: ``--max-memory`` (``8G``, ``512M``, ``1.5GiB``, plain bytes; K/M/G/T are powers
-of 1024), else :data:`DEFAULT_FRACTION` of the machine's physical memory. It enters from the
+of 1024), else :data:`DEFAULT_FRACTION` of the machine's physical memory (or the process's
+address-space limit, ``RLIMIT_AS``, where that is lower). It enters from the
 outside: :func:`limited` sets it for the code run inside it (a :mod:`contextvars` variable, so
 the library's entry points read it with :func:`current` without an argument on every call).
 
@@ -91,7 +92,8 @@ def add_budget_option(parser) -> None:
     g.add_argument(
         "--max-memory", type=_max_memory_arg, metavar="SIZE",
         help=f"refuse, before any allocation, a run estimated to need more memory than SIZE (e.g. 8G, 512M; "
-        f"K/M/G/T are powers of 1024; default: {DEFAULT_FRACTION:g} of the machine's physical memory)",
+        f"K/M/G/T are powers of 1024; default: {DEFAULT_FRACTION:g} of the machine's physical memory, or the "
+        "process's address-space limit RLIMIT_AS if lower)",
     )
 
 
@@ -115,9 +117,28 @@ class Budget:
             )
 
 
+def address_space_limit() -> Optional[int]:
+    """This process's address-space limit in bytes (``RLIMIT_AS``, soft), or ``None`` where it has none."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
 def default_budget() -> Budget:
+    """:data:`DEFAULT_FRACTION` of the physical memory, or the process's address-space limit where that is lower.
+
+    A process limited to less address space cannot hold more, however much memory the machine has.
+    """
     total = physical_memory()
-    return Budget(int(total * DEFAULT_FRACTION), f"default: {DEFAULT_FRACTION:g} of {format_bytes(total)} physical memory")
+    half = Budget(int(total * DEFAULT_FRACTION), f"default: {DEFAULT_FRACTION:g} of {format_bytes(total)} physical memory")
+    limit = address_space_limit()
+    if limit is not None and limit < half.limit:
+        return Budget(limit, f"default: the process's address-space limit (RLIMIT_AS), below {DEFAULT_FRACTION:g} "
+                      f"of {format_bytes(total)} physical memory")
+    return half
 
 
 _CURRENT: contextvars.ContextVar[Optional[Budget]] = contextvars.ContextVar("crosscheck_budget", default=None)

@@ -114,8 +114,9 @@ training mode and gradients (torch vs Flax only, float32; ttnn in --backends is 
 resource budget (crosscheck/budget.py):
   before anything is allocated, the memory a run needs is estimated from shapes (weights, mask buffers
   context_length^2, inputs, attention scores batch x heads x tokens^2, every copy counted) and a run over
-  --max-memory (default: half of the physical memory) is exit 2 naming the flag, the estimate and the
-  limit; tensors in files are sized from their headers (an expanded .pt view by its dense shape).
+  --max-memory (default: half of the physical memory, or the address-space limit RLIMIT_AS if lower) is
+  exit 2 naming the flag, the estimate and the limit; tensors in files are sized from their headers (an
+  expanded .pt view by its dense shape).
 
 exit codes: 0 all checks passed, 1 a mismatch (failing variants named), 2 bad usage or input.
 Colour follows the terminal; --no-color or NO_COLOR turns it off.

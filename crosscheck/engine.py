@@ -249,7 +249,8 @@ def run(
         if "torch" in backends:
             tol = cmp.policy_for("torch", "float32")
             by_variant[name].append(
-                result_of(name, "torch", "cpu", "float32", "torch float64", out32, out64, tol, time.perf_counter() - t0)
+                result_of(name, "torch", placement.torch_device(), "float32", "torch float64", out32, out64, tol,
+                          time.perf_counter() - t0)
             )
             step(f"torch {name}")
         for flax_api in (flax_apis if "flax" in backends else ()):  # a row per Flax API (--api)

@@ -19,7 +19,7 @@ class Result:
 
     variant: str
     backend: str
-    runtime: str  # "cpu" for torch/flax, "host" or "device" for ttnn
+    runtime: str  # torch: its device ("cpu", "cuda"); flax: JAX's platform; ttnn: "host" or "device"
     dtype: str  # the dtype the backend computed in
     reference: str  # what it was compared with
     shape: Optional[list[int]]

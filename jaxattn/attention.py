@@ -123,7 +123,7 @@ def attention_with_weights(
     if dropout and dropout_rng is None:
         raise ValueError("dot_product_attention: dropout_rate > 0 needs a dropout_rng (the 'dropout' stream)")
     call = implementations.Call(
-        platform=jax.default_backend(),
+        platform=_platform(query),
         dtype=str(query.dtype),
         batch=batch, q_tokens=q_tokens, kv_tokens=kv_tokens, heads=heads, kv_heads=kv_heads,
         head_dim=head_dim, value_head_dim=value.shape[-1],
@@ -143,6 +143,21 @@ def attention_with_weights(
     if unbatched:
         out, weights = out[0], None if weights is None else weights[0]
     return out, weights
+
+
+def _platform(query) -> str:
+    """Where the call runs, for ``auto`` and the platform checks: ``"cpu"``, ``"gpu"``, ``"tpu"``.
+
+    A concrete array's device; inside ``jit``, ``jax.default_device`` where one is set (arrays put on the
+    host of a GPU machine must not get a GPU kernel), else JAX's default backend.
+    """
+    if isinstance(query, jax.Array) and not isinstance(query, jax.core.Tracer):
+        return next(iter(query.devices())).platform
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.default_backend()
+    platform = device if isinstance(device, str) else device.platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 def _check_qkv(query, key, value) -> bool:

@@ -9,6 +9,12 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# On a GPU, XLA autotunes every new GEMM and fusion shape as it compiles: seconds per program, and the
+# suite compiles thousands of small ones. The tests check numbers, not speed (the bench runs outside
+# pytest, with autotuning), so they compile without it. XLA:CPU reads the flag and ignores it.
+if "xla_gpu_autotune_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_gpu_autotune_level=0"
+
 # On a GPU, JAX would reserve 75 % of its memory per process: with `make test`'s two pytest-xdist workers
 # (and torch CUDA beside them) that runs out. Allocate on demand instead.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -48,6 +54,46 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason=f"needs a CUDA GPU; JAX's default backend here is {jax.default_backend()!r}")
         for item in gpu_tests:
             item.add_marker(skip)
+
+
+# --- where the suite's time goes: JAXATTN_COMPILE_REPORT=DIR appends to DIR/compiles-<worker>.jsonl ----
+# One line per test that compiled: programs compiled and seconds in XLA's compiler (the cost that grows
+# on a GPU), from jax.monitoring's compile events; a line as each test ends, so a run stopped at a time
+# limit still tells where its time went. tools/gpu_suite.sh sets it; tools/compile_report.py reads it.
+_COMPILE_TIMES: list[float] = []
+
+
+def _on_compile_event(event: str, seconds: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILE_TIMES.append(seconds)
+
+
+def _compile_report_path():
+    folder = os.environ.get("JAXATTN_COMPILE_REPORT")
+    if not folder:
+        return None
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"compiles-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.jsonl")
+
+
+def pytest_configure(config):
+    if os.environ.get("JAXATTN_COMPILE_REPORT"):
+        jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = len(_COMPILE_TIMES)
+    yield
+    path = _compile_report_path()
+    if path and len(_COMPILE_TIMES) > start:
+        import json
+
+        times = _COMPILE_TIMES[start:]
+        row = {"test": item.nodeid, "backend": jax.default_backend(), "programs": len(times),
+               "compile_s": round(sum(times), 3)}
+        with open(path, "a") as out:
+            out.write(json.dumps(row) + "\n")
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+. tools/gpu_env.sh   # PY, PYTHONPATH, beartype from ./.whl where the machine lacks it
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # JAX and torch share the GPU in one process
-export PYTHONPATH=${PYTHONPATH:-.}
 summary="$OUT/summary.txt"
 : > "$summary"
 
@@ -33,21 +32,23 @@ step() {  # step NAME SECONDS COMMAND...: run, keep stdout+stderr in $OUT/NAME.t
 } > "$OUT/env.txt"
 
 # 1. What only a GPU can show: cuDNN and the compiled Pallas kernel against naive, forward and
-#    gradients; the cross-check with torch on CUDA; one small real bench run.
-step pytest_gpu 90 $PY -m pytest -q -p no:cacheprovider -m gpu -rs \
+#    gradients; the cross-check with torch on CUDA; one small real bench run. With them, the kernel's
+#    Triton lowering for every case (tests/jaxattn/test_flash_lowering.py), now also compiled by XLA.
+step pytest_gpu 100 $PY -m pytest -q -p no:cacheprovider -m gpu -rs \
   tests/jaxattn/test_flash.py tests/jaxattn/test_cudnn_and_auto.py \
   tests/crosscheck/test_device_and_precision.py tests/crosscheck/test_device_bench.py
+step pytest_lowering 25 $PY -m pytest -q -p no:cacheprovider tests/jaxattn/test_flash_lowering.py
 
 # 2. The float32 cross-check that failed in issue 11 (flax at TF32), at highest and at default precision.
-step crosscheck_f32 35 $PY -m crosscheck --variant MultiHeadAttention --batch 2 --tokens 256 --d-in 768 \
+step crosscheck_f32 30 $PY -m crosscheck --variant MultiHeadAttention --batch 2 --tokens 256 --d-in 768 \
   --d-out 768 --num-heads 12 --backends torch,flax --torch-device cuda --json "$OUT/crosscheck_f32.json"
-step crosscheck_tf32 35 $PY -m crosscheck --variant MultiHeadAttention --batch 2 --tokens 256 --d-in 768 \
+step crosscheck_tf32 30 $PY -m crosscheck --variant MultiHeadAttention --batch 2 --tokens 256 --d-in 768 \
   --d-out 768 --num-heads 12 --backends torch,flax --torch-device cuda --matmul-precision default \
   --json "$OUT/crosscheck_tf32.json"
 
 # 3. The bench at the issue's target shapes: bf16, d=768, 12 heads, causal; forward, then forward+backward.
 #    torch-book holds T x T scores: only at the two shorter shapes; torch-compile (slow to compile) at the first.
-#    The timeouts add up to 470 s.
+#    The bench timeouts add up to 310 s, all steps to 495 s (a device call may run 600 s).
 bench() {  # bench NAME SECONDS ARGS...
   local name=$1 secs=$2; shift 2
   step "bench_$name" "$secs" $PY -m crosscheck bench --device cuda --d-model 768 --heads 12 --repeats 5 \

@@ -46,17 +46,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Bool, Float
 
 from jaxattn.ops import scale_queries
 
-#: Query and key block lengths on a GPU (JAX's Triton example uses 128 x 128 forward); the
+#: The longest query and key blocks on a GPU (JAX's Triton example uses 128 x 128 forward); the
 #: tests pass small blocks to cover several blocks in interpret mode.
 BLOCK_Q = 128
 BLOCK_K = 128
-#: Blocks of the backward kernels (JAX's example: 32 x 32 keeps dk, dv and a q block in registers).
+#: The longest blocks of the backward kernels (JAX's example: 32 x 32 keeps dk, dv and a q block in registers).
 BLOCK_Q_BACKWARD = 64
 BLOCK_K_BACKWARD = 64
+#: The bytes one ``(block, head dim)`` tile may take, forward and backward: Triton stages the dot's
+#: operands in shared memory (228 KiB per SM on an H100), twice over with two pipeline stages, and the
+#: backward keeps dk and dv in registers. 128 x 64 float32 (d=768, 12 heads) is 32 KiB, JAX's example.
+TILE_BYTES = 32 * 1024
+TILE_BYTES_BACKWARD = 16 * 1024
 #: The largest head dim taken: a query block and a key/value block must fit in on-chip memory.
 MAX_HEAD_DIM = 256
 
@@ -74,9 +80,9 @@ def flash_attention(
     dropout_rate: float = 0.0,
     dropout_rng=None,
     precision: Optional[lax.Precision] = None,
-    block_q: int = BLOCK_Q,
-    block_k: int = BLOCK_K,
-    backward_blocks: tuple[int, int] = (BLOCK_Q_BACKWARD, BLOCK_K_BACKWARD),
+    block_q: Optional[int] = None,
+    block_k: Optional[int] = None,
+    backward_blocks: Optional[tuple[int, int]] = None,
     interpret: bool = False,
 ) -> tuple[Float[Array, "B T N Hv"], None]:
     """The kernel behind ``implementation="flash"`` (GPU): ``(context, None)``.
@@ -89,9 +95,16 @@ def flash_attention(
     array, so one compiled kernel serves every decode step. ``interpret=True`` runs the
     same kernel through Pallas' interpreter on any backend (correct on a CPU, and slow:
     how the tests check it, not a way to run fast).
+
+    ``block_q``, ``block_k`` and ``backward_blocks`` (powers of two >= 16) default to
+    :func:`default_blocks` of the padded head dim and the dtype.
     """
     if dropout_rate:
         raise ValueError("flash_attention: no dropout (use the naive kernel)")
+    defaults = default_blocks(_pow2_at_least(max(query.shape[-1], value.shape[-1])), jnp.dtype(query.dtype).itemsize)
+    block_q = defaults[0] if block_q is None else block_q
+    block_k = defaults[1] if block_k is None else block_k
+    backward_blocks = defaults[2] if backward_blocks is None else backward_blocks
     for name, size in (("block_q", block_q), ("block_k", block_k), ("backward_blocks", backward_blocks[0]),
                        ("backward_blocks", backward_blocks[1])):
         if size < 16 or size & (size - 1):  # Triton's dot wants powers of two >= 16; so do the block divisions
@@ -144,6 +157,23 @@ class _Config:
     interpret: bool
     mask: Optional[tuple[bool, bool, bool, bool]] = None  # per (B, N, T, S) axis: spelled out (else size 1)
     bias: Optional[tuple[bool, bool, bool, bool]] = None  # the same for the bias
+
+
+def default_blocks(head_dim: int, itemsize: int) -> tuple[int, int, tuple[int, int]]:
+    """``(block_q, block_k, backward_blocks)`` whose ``(block, head_dim)`` tiles fit :data:`TILE_BYTES`.
+
+    float32: 128 / 64 at head dim 64, 64 / 32 at 128, 32 / 16 at 256; bfloat16 twice that, at most
+    :data:`BLOCK_Q` / :data:`BLOCK_Q_BACKWARD`.
+    """
+    def fit(limit: int, budget: int) -> int:
+        return max(16, min(limit, _pow2_at_most(budget // (head_dim * itemsize))))
+
+    forward, backward = fit(BLOCK_Q, TILE_BYTES), fit(BLOCK_Q_BACKWARD, TILE_BYTES_BACKWARD)
+    return (forward, min(BLOCK_K, forward), (backward, min(BLOCK_K_BACKWARD, backward)))
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << max(n, 1).bit_length() - 1
 
 
 def _pow2_at_least(n: int, smallest: int = 16) -> int:
@@ -271,6 +301,16 @@ def _extras(mask, bias, config: _Config):
 _OFFSET_SPEC = pl.BlockSpec((1,), lambda b, n, x: (0,))
 
 
+def _triton(head_dim: int, value_dim: int) -> pltriton.CompilerParams:
+    """Triton, named: JAX 0.10 lowers a ``pallas_call`` without compiler params to Mosaic GPU on CUDA
+    (``jax_pallas_use_mosaic_gpu`` is on by default), which refuses these kernels (it copies whole
+    blocks to shared memory in warpgroup-sized units: "Got bytes=4" for the ``(1,)`` offset).
+
+    Warps as JAX's own Triton attention: 4 up to head dim 64, else 8; two pipeline stages.
+    """
+    return pltriton.CompilerParams(num_warps=4 if max(head_dim, value_dim) <= 64 else 8, num_stages=2)
+
+
 # --- forward ------------------------------------------------------------------------------------
 
 
@@ -345,6 +385,7 @@ def _forward(q, k, v, bias, mask, offset, config: _Config):
             jax.ShapeDtypeStruct((batch, heads, padded_q), jnp.float32),
         ],
         interpret=config.interpret,
+        compiler_params=_triton(head_dim, value_dim),
         name="jaxattn_flash_forward",
     )(q, k, v, offset, *_extras(mask, bias, config))
 
@@ -477,7 +518,7 @@ def _backward(q, k, v, bias, mask, offset, o, lse, do, config: _Config):
     group = heads // kv_heads
     bq, bk = config.block_q_bwd, config.block_k_bwd
     delta = jnp.swapaxes((o.astype(jnp.float32) * do.astype(jnp.float32)).sum(axis=-1), 1, 2)  # (B, N, T')
-    common = dict(interpret=config.interpret)
+    common = dict(interpret=config.interpret, compiler_params=_triton(head_dim, value_dim))
     inputs = [q, k, v, do, lse, delta, offset]
     extras = _extras(mask, bias, config)
     dq_specs = [
@@ -546,6 +587,7 @@ def _dbias(inputs, mask, bias, config: _Config, group: int):
         out_specs=bias_spec,
         out_shape=jax.ShapeDtypeStruct(bias.shape, jnp.float32),
         interpret=config.interpret,
+        compiler_params=_triton(inputs[0].shape[-1], inputs[2].shape[-1]),
         name="jaxattn_flash_dbias",
     )(*inputs, *_extras(mask, bias, config)).astype(bias.dtype)
 

@@ -13,6 +13,7 @@ import os
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # before JAX starts: 2 CPU devices here
+os.environ["JAX_PLATFORMS"] = "cpu"  # those, on a GPU machine too: the cluster is of host devices (gloo)
 
 import jax  # noqa: E402
 

@@ -68,6 +68,15 @@ def test_the_default_limit_is_half_the_physical_memory(capsys):
     assert budget.default_budget().limit == int(budget.physical_memory() * 0.5)
 
 
+def test_an_address_space_limit_below_that_is_the_default(monkeypatch):
+    """A process limited to 1 GiB of address space (RLIMIT_AS) cannot hold more, whatever the machine has."""
+    monkeypatch.setattr(budget, "address_space_limit", lambda: 1 << 30)
+    limited = budget.default_budget()
+    assert limited.limit == 1 << 30 and "address-space limit (RLIMIT_AS)" in limited.source
+    monkeypatch.setattr(budget, "address_space_limit", lambda: None)  # none: half the memory
+    assert budget.default_budget().limit == int(budget.physical_memory() * 0.5)
+
+
 def test_a_run_inside_the_budget_still_runs(capsys):
     assert cli.main(["--variant", "CausalAttention", "--backends", "torch,flax", "--context-length", "64", "-q",
                      "--max-memory", "1G"]) == 0

@@ -30,6 +30,7 @@ def test_every_result_records_its_device_and_precision_and_the_report_its_jax_ba
     assert data["versions"]["jax_backend"] == device
     rows = {r["backend"]: r for r in data["results"]}
     assert rows["torch"]["device"] == "cpu" and rows["torch"]["precision"] == "highest"
+    assert rows["torch"]["runtime"] == "cpu" and rows["flax"]["runtime"] == jax.default_backend()
     assert rows["flax"]["device"] == device and rows["flax"]["precision"] == "highest"
     assert rows["flax"]["thresholds"]["max_abs"] == 1e-5  # the float32 row
     assert rows["flax"]["max_abs_err"] <= 1e-5
@@ -153,4 +154,5 @@ def test_torch_on_cuda_and_flax_on_the_gpu_pass_at_highest(tmp_path):
     data = run_json(tmp_path, "--torch-device", "cuda" if cuda else "cpu")
     rows = {r["backend"]: r for r in data["results"]}
     assert rows["torch"]["device"].startswith("cuda: " if cuda else "cpu") and rows["flax"]["device"].startswith("gpu: ")
+    assert rows["torch"]["runtime"] == ("cuda" if cuda else "cpu") and rows["flax"]["runtime"] == "gpu"
     assert all(r["passed"] for r in data["results"])

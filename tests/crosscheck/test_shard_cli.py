@@ -2,7 +2,9 @@
 
 In-process runs use the 8 host devices tests/conftest.py forces; two subprocesses check what only a
 fresh process shows: the CLI sets the device count itself before JAX starts (the issue's acceptance
-command), and nothing imports JAX before the arguments are parsed.
+command), and nothing imports JAX before the arguments are parsed. On a GPU machine all of it runs on
+the host CPU devices: in process, JAX is seen as a CPU machine sees it (tests/host_cpu.py); the
+subprocesses get ``JAX_PLATFORMS=cpu``.
 """
 
 import json
@@ -16,10 +18,19 @@ import pytest
 from crosscheck import cli, devices, engine
 from crosscheck.errors import BadInputError
 from crosscheck.inputs import RandomInputs
+from tests.host_cpu import as_a_cpu_machine
 
 CROSSCHECK = str(Path(sys.executable).with_name("crosscheck"))
-# A fresh process with no device count of its own: the CLI must set it.
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "NO_COLOR": "1", "COLUMNS": "200"}
+# A fresh process with no device count of its own: the CLI must set it. Its devices are the host's
+# (a one-GPU machine has one GPU device).
+ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "NO_COLOR": "1", "COLUMNS": "200",
+       "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def cpu_machine(monkeypatch):
+    with as_a_cpu_machine(monkeypatch):
+        yield
 
 
 def rows(report):

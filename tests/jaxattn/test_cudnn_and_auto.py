@@ -87,6 +87,28 @@ def test_gpu_never_the_lax_loop_while_scores_fit_and_never_t2_scores_past_the_bo
             assert name not in ("naive", "xla"), (c, implementations.scores_bytes(c))
 
 
+def test_auto_follows_where_the_arrays_are_not_only_the_default_backend(monkeypatch):
+    """On a GPU machine, arrays on the host (or ``jax.default_device(cpu)`` under jit) get a CPU kernel."""
+    platforms = []
+    select = implementations.select
+    monkeypatch.setattr(implementations, "select", lambda name, call: platforms.append(call.platform) or
+                        select(name, call))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # a GPU machine, as dispatch sees it
+    rng = np.random.default_rng(0)
+    q = jax.device_put(np.float32(rng.normal(size=(1, 5, 2, 8))), jax.devices("cpu")[0])  # concrete, on the host
+    expected = naive_attention(q, q, q, scale=8**-0.5, is_causal=True, precision=jax.lax.Precision.HIGHEST)[0]
+
+    got = jaxattn.dot_product_attention(q, q, q, is_causal=True, precision="highest")  # eager: the array's device
+    with jax.default_device(jax.devices("cpu")[0]):  # traced: the default device
+        jitted = jax.jit(lambda q: jaxattn.dot_product_attention(q, q, q, is_causal=True, precision="highest"))(q)
+    traced_without = jax.eval_shape(lambda q: jaxattn.dot_product_attention(q, q, q, is_causal=True), q)
+
+    assert platforms == ["cpu", "cpu", "gpu"]  # the last: nothing says where, so the default backend
+    assert traced_without.shape == q.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(expected), atol=1e-6, rtol=0)
+
+
 def test_cudnn_off_the_gpu_is_a_value_error_naming_the_backend():
     q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
     backend = jax.default_backend()

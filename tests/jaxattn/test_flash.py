@@ -19,6 +19,7 @@ import jaxattn
 from jaxattn import implementations
 from jaxattn.kernels import flash
 from jaxattn.kernels.naive import naive_attention
+from tests.host_cpu import on_the_host
 
 HIGHEST = jax.lax.Precision.HIGHEST
 SMALL_BLOCKS = dict(block_q=16, block_k=16, backward_blocks=(16, 16))
@@ -29,6 +30,21 @@ CASES = [
     (2, 37, 37, 4, 2, 8, 8, True),
     (1, 20, 45, 2, 1, 16, 8, False),
 ]
+
+
+#: Tests that run the compiled kernel where JAX's backend is a GPU (besides the ``gpu`` ones).
+COMPILED = ("test_flash_off_the_gpu_is_a_value_error_naming_the_backend",)
+
+
+@pytest.fixture(autouse=True)
+def interpreted_on_the_host(request):
+    """The interpreted kernel and its references run on the host CPU, on a GPU machine too: there the
+    interpreter would launch a loop of tiny GPU programs (minutes for this file)."""
+    if request.node.get_closest_marker("gpu") or request.node.originalname in COMPILED:
+        yield
+        return
+    with on_the_host():
+        yield
 
 
 def qkv(case, seed=0, dtype=jnp.float32):

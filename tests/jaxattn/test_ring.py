@@ -1,7 +1,8 @@
 """Ring attention (jaxattn.kernels.ring) on 8 forced host CPU devices equals one device, forward and gradients.
 
 The reference is the naive kernel on one device (itself checked against jax.nn and torch elsewhere).
-tests/conftest.py forces 8 host devices before JAX initialises.
+tests/conftest.py forces 8 host devices before JAX initialises; on a GPU machine the rings and the
+reference run on them too (tests/host_cpu.py).
 """
 
 import functools
@@ -16,13 +17,20 @@ import jaxattn
 from jaxattn import sharding
 from jaxattn.kernels.naive import naive_attention
 from jaxattn.kernels.ring import ring_attention, ring_layout, zigzag_positions
+from tests.host_cpu import on_the_host
 
 HIGHEST = functools.partial(jax.default_matmul_precision, "highest")
 
 
+@pytest.fixture(autouse=True)
+def host():
+    with on_the_host():
+        yield
+
+
 def mesh_of(n):
-    assert len(jax.devices()) >= 8, "tests/conftest.py forces 8 host devices"
-    return Mesh(np.array(jax.devices()[:n]), ("seq",))
+    assert len(jax.devices("cpu")) >= 8, "tests/conftest.py forces 8 host devices"
+    return Mesh(np.array(jax.devices("cpu")[:n]), ("seq",))
 
 
 def qkv(batch, tokens, heads, kv_heads, seed=0, head_dim=8):

@@ -2,7 +2,9 @@
 
 Equality alone could hold with nothing split, so each mode is also checked in the compiled program:
 heads mode sums partial out_proj products (all-reduce), sequence mode passes keys round the ring
-(collective-permute), and the parameters are placed as the logical-axis table says.
+(collective-permute), and the parameters are placed as the logical-axis table says. On a GPU machine
+the tests see JAX as a CPU machine does (tests/host_cpu.py): meshes, arrays, the one-device references
+and jaxattn's ``auto`` choice.
 """
 
 import functools
@@ -16,12 +18,19 @@ from jax.sharding import PartitionSpec
 
 import jaxattn
 from jaxattn import sharding
+from tests.host_cpu import as_a_cpu_machine
 
 HIGHEST = functools.partial(jax.default_matmul_precision, "highest")
 
 
-@pytest.fixture(scope="module")
-def mesh():
+@pytest.fixture(autouse=True)
+def cpu_machine(monkeypatch):
+    with as_a_cpu_machine(monkeypatch):
+        yield
+
+
+@pytest.fixture
+def mesh(cpu_machine):
     return sharding.make_mesh(8, "devices")
 
 
