@@ -55,8 +55,8 @@ test: $(VENV)/.installed $(TTNN_VENV)/.installed
 	$(MAKE) --no-print-directory test-conformance || status=1; \
 	exit $$status
 
-# pytest-xdist: TEST_WORKERS processes share the tests (2: this project's 2-core CI machine; 465 s instead of
-# ~850 s for the main session there). `make test TEST_WORKERS=0` runs in one process.
+# pytest-xdist: TEST_WORKERS processes share the tests (2: this project's 2-core CI machine, where the main
+# session took 338 s on 2026-11-28). `make test TEST_WORKERS=0` runs in one process.
 TEST_WORKERS ?= 2
 
 test-main: $(VENV)/.installed

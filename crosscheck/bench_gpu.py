@@ -42,6 +42,9 @@ from crosscheck.outputs import atomic_write_text
 
 GPU_IMPLS = ("torch-sdpa", "torch-book", "torch-compile", "jax-cudnn", "jax-flash", "jax-auto")
 DEVICES = ("cpu", "cuda")
+#: Where the torch rows run: CUDA. The tests run the whole bench on the CPU by setting it to "cpu"
+#: (and faking ``torch.cuda``'s synchronise and memory calls), so no line of it first runs on a GPU.
+TORCH_DEVICE = "cuda"
 DTYPES = ("float32", "bfloat16")
 MIN_TOKENS, MAX_TOKENS = bench_models.MIN_TOKENS, bench_models.MAX_TOKENS
 
@@ -185,8 +188,8 @@ def _torch_runner(name: str, book, x_np: np.ndarray, r_np: np.ndarray, args) -> 
     import torch
 
     dtype = bench_models.torch_dtype(args.dtype)
-    x = torch.from_numpy(x_np).to("cuda", dtype).requires_grad_(args.backward)
-    r = torch.from_numpy(r_np).to("cuda", dtype)
+    x = torch.from_numpy(x_np).to(TORCH_DEVICE, dtype).requires_grad_(args.backward)
+    r = torch.from_numpy(r_np).to(TORCH_DEVICE, dtype)
     module = {"torch-book": lambda: book, "torch-sdpa": lambda: bench_models.sdpa_class()(book).eval(),
               "torch-compile": lambda: torch.compile(book)}[name]()
     params = [p for p in book.parameters()]
@@ -232,7 +235,7 @@ def run_shape(tokens: int, impls: list[str], args: argparse.Namespace) -> list[d
 
     x_np = bench_models.input_np(args, tokens)
     r_np = np.random.default_rng(args.seed + 1).standard_normal(x_np.shape[:2] + (args.d_model,), dtype=np.float32)
-    book = bench_models.book_torch(args.d_model, args.heads, tokens, args.dtype, args.seed).to("cuda")
+    book = bench_models.book_torch(args.d_model, args.heads, tokens, args.dtype, args.seed).to(TORCH_DEVICE)
     rows, outputs = [], {}
     with torch_without_tf32():
         for name in impls:

@@ -33,15 +33,6 @@ EXTRA = "pip install 'jaxattn[hf]' (transformers>=4.45)"
 _ALIASES = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "max_position_embeddings": "n_positions",
             "attention_dropout": "attn_pdrop"}
 
-#: transformers' ``rope_scaling`` keys -> the book's ``freq_config`` keys (Llama 3 scaling).
-_FREQ_KEYS = {
-    "factor": "factor",
-    "low_freq_factor": "low_freq_factor",
-    "high_freq_factor": "high_freq_factor",
-    "original_max_position_embeddings": "original_context_length",
-}
-
-
 def require_transformers():
     """The ``transformers`` module, or :class:`BadInputError` saying how to install it."""
     try:
@@ -71,20 +62,16 @@ def _get(config: Any, name: str, default: Any = _MISSING) -> Any:
 def rope_scaling_string(rope_scaling: Optional[Mapping[str, Any]], where: str) -> str:
     """transformers' ``rope_scaling`` / ``rope_parameters`` -> :attr:`AttnConfig.rope_scaling` ("" = none).
 
-    ``rope_type`` (4.x also spells it ``type``) ``default`` is no scaling, ``llama3`` is the
-    book's ``freq_config``; any other type is refused naming it.
+    :func:`jaxattn.rope.freq_config_from_rope_scaling` reads it (``default``: no scaling, ``llama3``:
+    the book's ``freq_config``); what it refuses is a :class:`BadInputError` naming ``where``.
     """
-    if not rope_scaling:
-        return ""
-    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-    if rope_type == "default":
-        return ""
-    if rope_type != "llama3":
-        raise BadInputError(f"{where}: rope_type {rope_type!r} is not supported (supported: default, llama3)")
-    missing = [k for k in _FREQ_KEYS if k not in rope_scaling]
-    if missing:
-        raise BadInputError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
-    return AttnConfig.encode_freq_config({book: rope_scaling[hf] for hf, book in _FREQ_KEYS.items()})
+    from jaxattn.rope import freq_config_from_rope_scaling  # here: reading a config must not start JAX
+
+    try:
+        freq_config = freq_config_from_rope_scaling(rope_scaling or None)
+    except ValueError as err:
+        raise BadInputError(f"{where}: {err}") from None
+    return AttnConfig.encode_freq_config(freq_config)
 
 
 def rope_settings(config: Any, where: str) -> dict:
@@ -194,11 +181,13 @@ class Spec:
                 resid_pdrop=0.0, n_layer=1, vocab_size=8, bos_token_id=0, eos_token_id=0,
                 attn_implementation="eager",
             )
+        from jaxattn.rope import FREQ_CONFIG_KEYS  # the book's freq_config keys -> transformers'
+
         rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
         freq = cfg.freq_config()
         if freq:
             rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta,
-                    **{hf: freq[book] for hf, book in _FREQ_KEYS.items()}}
+                    **{hf: freq[book] for book, hf in FREQ_CONFIG_KEYS.items()}}
             rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
         hd = cfg.resolved_head_dim()
         config = getattr(transformers, self.config_class)(

@@ -10,7 +10,7 @@ import torch
 from crosscheck import convert, flax_runner, registry
 from crosscheck.cli import main
 from crosscheck.config import AttnConfig
-from crosscheck.errors import BadInputError, MismatchError
+from crosscheck.errors import MismatchError
 from tests.crosscheck.conftest import make_pair
 
 #: Every format with parameters whose torch side this interpreter has.

@@ -1,7 +1,8 @@
 """``crosscheck bench --device cuda`` (crosscheck/bench_gpu.py): what a CPU can check, and the real run on a GPU.
 
 On a CPU: the refusal (exit 2, one line), the option checks, the synchronised timing
-loop (fake runners count launches and waits), the row and speed-up construction. Under the
+loop (fake runners count launches and waits), the row and speed-up construction, and the whole
+bench run end to end with torch's rows on the CPU (``bench_gpu.TORCH_DEVICE``). Under the
 ``gpu`` marker: one small real run, every row present and agreeing with torch's SDPA.
 """
 
@@ -100,6 +101,46 @@ def test_rows_and_speedups():
     assert flash["memory_method"].startswith("XLA memory_analysis") and sdpa["memory_method"].startswith("torch.cuda")
     json.dumps(rows)  # plain data
     bench_gpu.print_rows(rows, "a fake GPU")
+
+
+@pytest.fixture
+def torch_rows_on_the_cpu(monkeypatch):
+    """The bench as it runs on a GPU, with torch's rows on this CPU and ``torch.cuda``'s calls recorded."""
+    calls = []
+    monkeypatch.setattr(bench_gpu, "TORCH_DEVICE", "cpu")
+    monkeypatch.setattr(bench_gpu, "check_cuda", lambda: "this CPU standing in for a GPU")
+    for name, result in (("synchronize", None), ("reset_peak_memory_stats", None), ("max_memory_allocated", 4096),
+                         ("empty_cache", None)):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, name=name, result=result: calls.append(name) or result)
+    return calls
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_the_whole_bench_runs_with_torch_on_the_cpu(tmp_path, torch_rows_on_the_cpu, backward):
+    """Every line of the GPU bench but CUDA's own: models, ports, compiles, timings, peaks, diffs, JSON."""
+    import jax
+
+    path = tmp_path / "bench.json"
+    argv = TINY + ["--impls", "torch-sdpa", "torch-book", "jax-cudnn", "jax-flash", "jax-auto", "--json", str(path)]
+    assert bench.main(parse(argv + (["--backward"] if backward else []))) == 0
+    report = json.loads(path.read_text())
+    rows = {r["impl"]: r for r in report["results"]}
+    assert report["config"]["gpu"] == "this CPU standing in for a GPU" and report["config"]["backward"] == backward
+    for name in ("torch-sdpa", "torch-book", "jax-auto"):  # ran: timed, measured, compared with torch's SDPA
+        row = rows[name]
+        assert row["status"] == "ok", row
+        assert row["per_call_median_s"] > 0 and row["pipelined_median_s"] > 0 and row["peak_device_bytes"] > 0
+        assert row["max_abs_diff_vs_torch_sdpa"] <= 1e-5, row  # float32 at "highest", the same weights
+        assert row["pass"] == ("forward+backward" if backward else "forward")
+    assert rows["torch-sdpa"]["peak_device_bytes"] == 4096  # torch.cuda.max_memory_allocated's, as recorded
+    assert rows["jax-auto"]["compile_s"] > 0
+    refused = "failed: ValueError: attention implementation '{}' cannot serve this call: it "
+    assert rows["jax-cudnn"]["status"] == refused.format("cudnn") + "does not support dtype float32 (supports " \
+        "bfloat16, float16)"  # a refusal is the row's status, not a crash
+    if jax.default_backend() == "cpu":
+        assert rows["jax-flash"]["status"] == refused.format("flash") + "runs on gpu, not on cpu"
+    assert {"synchronize", "reset_peak_memory_stats", "max_memory_allocated", "empty_cache"} <= \
+        set(torch_rows_on_the_cpu)
 
 
 @pytest.mark.gpu

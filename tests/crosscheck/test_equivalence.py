@@ -58,7 +58,8 @@ def test_forward_matches_torch(variant, d_in, head_dim, heads, tokens, batch, qk
     torch_module, flax_module, variables = make_pair(variant, cfg, seed)
     x = make_input(variant, cfg, batch, tokens, seed)
     expected = torch_out(variant, torch_module, x, cfg)
-    got = np.asarray(flax_module.apply(variables, jnp.asarray(x)))
+    # Jitted: one program per example, not one per operation and shape (dozens; slow to compile on a GPU).
+    got = np.asarray(jax.jit(flax_module.apply)(variables, jnp.asarray(x)))
     assert got.shape == expected.shape
     err = np.abs(got - expected).max()
     assert err <= FORWARD_ATOL, f"{variant.name} {cfg}: max abs err {err:.3g} > {FORWARD_ATOL}"
@@ -114,6 +115,6 @@ def test_unbatched_variants_accept_the_books_single_sentence():
             continue
         cfg = AttnConfig()
         torch_module, flax_module, variables = make_pair(variant, cfg, seed=1)
-        got = np.asarray(flax_module.apply(variables, jnp.asarray(INPUTS)))
+        got = np.asarray(jax.jit(flax_module.apply)(variables, jnp.asarray(INPUTS)))
         assert got.shape == (6, variant.output_dim(cfg))
         np.testing.assert_allclose(got, torch_out(variant, torch_module, INPUTS, cfg), atol=FORWARD_ATOL)

@@ -34,8 +34,8 @@ def _compare(module, *, rope_theta, freq_config, tokens=7, batch=2, seed=0):
         expected = causal_forward(
             module, torch.from_numpy(x), rope_theta=rope_theta, freq_config=freq_config, context_length=context_length
         ).numpy()
-    with jax.default_matmul_precision("highest"):
-        got = np.asarray(flax_module.apply(variables, jnp.asarray(x)))
+    with jax.default_matmul_precision("highest"):  # jitted: one program, not one per operation (GPU compile time)
+        got = np.asarray(jax.jit(flax_module.apply)(variables, jnp.asarray(x)))
     assert got.shape == expected.shape
     err = float(np.max(np.abs(got - expected)))
     assert err <= 1e-5 * max(1.0, float(np.max(np.abs(expected)))), f"max abs error {err}"

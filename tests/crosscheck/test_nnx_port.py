@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from crosscheck import port, registry
+from crosscheck import placement, port, registry
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
 from tests.crosscheck.conftest import make_input, make_pair
@@ -72,7 +72,9 @@ def test_from_torch_api_nnx_loads_the_weights_into_an_nnx_module(variant):
     _, seen = port.recognise(torch_module, **options)  # nn.MultiheadAttention: not causal unless told
     with torch.no_grad():
         want = variant.torch_forward(torch_module, torch.from_numpy(x), seen).numpy()
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), want, atol=FORWARD_ATOL, rtol=0)
+    # Jitted: one program, not one per operation (slow to compile on a GPU).
+    got = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
+    np.testing.assert_allclose(got, want, atol=FORWARD_ATOL, rtol=0)
 
 
 def test_a_wrong_weight_makes_nnx_disagree_with_torch():
@@ -80,12 +82,12 @@ def test_a_wrong_weight_makes_nnx_disagree_with_torch():
     cfg = _cfg(variant)
     torch_module, _, variables = make_pair(variant, cfg, seed=1)
     kernel = variables["params"]["W_key"]["kernel"]  # (d_in, d_out)
-    variables["params"]["W_key"]["kernel"] = kernel[jnp.array([1, 0, 2, 3, 4, 5])]  # two input rows swapped
+    variables["params"]["W_key"]["kernel"] = np.asarray(kernel)[[1, 0, 2, 3, 4, 5]]  # two input rows swapped
     model = _nnx_of(variant, cfg, variables)
     x = make_input(variant, cfg, batch=1, tokens=6, seed=1)
     with torch.no_grad():
         want = variant.torch_forward(torch_module, torch.from_numpy(x), cfg).numpy()
-    assert np.abs(np.asarray(model(jnp.asarray(x))) - want).max() > 1e-3
+    assert np.abs(np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x))) - want).max() > 1e-3
 
 
 def test_bad_api_and_a_linen_module_without_variables_are_refused():
@@ -105,7 +107,7 @@ def test_cli_api_both_runs_an_nnx_row_per_variant(tmp_path, capsys, monkeypatch)
                  "--variant", "SelfAttentionV1", "--json", str(out_json)])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "flax-nnx (cpu)" in out
+    assert f"flax-nnx ({placement.jax_device()})" in out  # "cpu", or "gpu: <device>" where JAX runs on a GPU
     rows = {(r["variant"], r["backend"]): r for r in json.loads(out_json.read_text())["results"]}
     for name in ("MultiHeadAttention", "SelfAttentionV1"):
         nnx_row, linen_row = rows[(name, "flax-nnx")], rows[(name, "flax")]

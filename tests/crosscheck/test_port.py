@@ -67,7 +67,8 @@ def test_from_torch_recognises_every_reference_module(variant):
     x = INPUTS if variant.unbatched else INPUTS[None]
     with torch.no_grad():
         expected = variant.torch_forward(torch_module, torch.from_numpy(x), cfg.replace(causal=False)).numpy()
-    np.testing.assert_allclose(flax_module.apply(variables, jnp.asarray(x)), expected, atol=1e-5)
+    # Jitted: one program, not one per operation (slow to compile on a GPU).
+    np.testing.assert_allclose(jax.jit(flax_module.apply)(variables, jnp.asarray(x)), expected, atol=1e-5)
     if hasattr(flax_module, "dropout"):
         assert flax_module.dropout == 0.25
 
@@ -119,7 +120,7 @@ def test_users_own_copies_of_the_book_classes_are_recognised(build, expected_cla
     assert flax_module.context_length == 6
     with torch.no_grad():
         expected = torch_module(SEED_BATCH).numpy()
-    np.testing.assert_allclose(flax_module.apply(variables, jnp.asarray(INPUTS[None])), expected, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(flax_module.apply)(variables, jnp.asarray(INPUTS[None])), expected, atol=1e-6)
 
 
 def test_torch_multihead_attention_with_batch_first_and_causal_mask():
@@ -131,7 +132,7 @@ def test_torch_multihead_attention_with_batch_first_and_causal_mask():
     mask = nn.Transformer.generate_square_subsequent_mask(5)
     with torch.no_grad():
         expected = mha(x, x, x, attn_mask=mask, need_weights=False)[0].numpy()
-    got = flax_module.clone(causal=True).apply(variables, jnp.asarray(x.numpy()))
+    got = jax.jit(flax_module.clone(causal=True).apply)(variables, jnp.asarray(x.numpy()))
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -194,7 +195,7 @@ class TestLoadStateDictErrors:
         assert str(err.value).count("\n") == 3
 
     def test_to_state_dict_rejects_variables_that_do_not_fit(self):
-        variables = self.module.init(jax.random.key(0), jnp.ones((1, 6, 3)))
+        variables = jax.jit(self.module.init)(jax.random.key(0), jnp.ones((1, 6, 3)))
         params = jax.tree.map(np.asarray, variables["params"])
         params["W_key"]["kernel"] = np.zeros((3, 5), np.float32)
         del params["out_proj"]["bias"]

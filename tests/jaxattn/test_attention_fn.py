@@ -67,8 +67,8 @@ def test_torch_multihead_attention_goes_through_the_core(causal):
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
     for impl in ("naive", "blockwise", "xla"):
         module = jaxattn.TorchMultiheadAttention(8, 2, causal=causal, attention_impl=impl)
-        with jax.default_matmul_precision("highest"):
-            out = module.apply(port.load_state_dict(module, state), jnp.asarray(x.numpy()))
+        with jax.default_matmul_precision("highest"):  # jitted: one program, not one per operation (GPU compile time)
+            out = jax.jit(module.apply)(port.load_state_dict(module, state), jnp.asarray(x.numpy()))
         np.testing.assert_allclose(out, expected, atol=TOL, rtol=0, err_msg=impl)
 
 
@@ -81,10 +81,11 @@ def test_custom_attention_fn_receives_the_call_and_excludes_attention_impl(witho
 
     module = jaxattn.MultiHeadAttention(6, 4, 9, 0.5, num_heads=2, attention_fn=spy)
     x = jnp.ones((1, 5, 6))
-    variables = module.init(jax.random.key(0), x)
-    module.apply(variables, x)
+    variables = jax.jit(module.init)(jax.random.key(0), x)
+    jax.jit(module.apply)(variables, x)  # spy sees the call as it is traced
     assert seen == {"shape": (1, 5, 2, 2), "kv": (1, 5, 2, 2), "is_causal": True, "extra": []}
-    module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    train = jax.jit(lambda v, x, key: module.apply(v, x, deterministic=False, rngs={"dropout": key}))
+    train(variables, x, jax.random.key(1))
     assert seen["extra"] == ["dropout_rate", "dropout_rng"]  # training: Flax's dropout arguments
     with pytest.raises(ValueError, match="attention_impl='xla' chooses among jaxattn.dot_product_attention"):
         module.clone(attention_impl="xla").apply(variables, x)

@@ -1,5 +1,7 @@
 """Blockwise, XLA and auto causal attention against the naive path, a float64 numpy reference and torch."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,16 @@ from jaxattn import core
 from jaxattn.blockwise import AUTO_BLOCKWISE_MIN_TOKENS, blockwise_causal_attention, fuse_qkv_params, fused_mha
 
 TOL = 1e-5
+# The kernels, modules and gradients run jitted: one program per shape, not one per operation (slow to
+# compile on a GPU); the naive references, shared by several tests, once per shape. Only the tests of
+# argument errors call them eagerly.
+naive_causal_attention = jax.jit(functools.partial(core.causal_attention, impl="naive"))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_and_apply(module, x):
+    variables = module.init(jax.random.key(0), x)
+    return variables, module.apply(variables, x)
 
 
 def qkv(shape, seed=0, dv=None):
@@ -48,8 +60,8 @@ SHAPES = [
 @pytest.mark.parametrize("batch,tokens,head_dim,block_size", SHAPES)
 def test_blockwise_matches_naive_and_numpy(batch, tokens, head_dim, block_size, method):
     q, k, v = qkv(batch + (tokens, head_dim), dv=head_dim + 2)
-    out = blockwise_causal_attention(q, k, v, block_size=block_size, method=method)
-    naive, _ = core.causal_attention(q, k, v, impl="naive")
+    out = jax.jit(functools.partial(blockwise_causal_attention, block_size=block_size, method=method))(q, k, v)
+    naive, _ = naive_causal_attention(q, k, v)
     assert out.shape == naive.shape == batch + (tokens, head_dim + 2)
     np.testing.assert_allclose(out, naive, atol=TOL, rtol=0)
     np.testing.assert_allclose(out, numpy_causal_attention(q, k, v), atol=TOL, rtol=0)
@@ -59,10 +71,12 @@ def test_blockwise_matches_naive_and_numpy(batch, tokens, head_dim, block_size, 
 @pytest.mark.parametrize("tokens", [1, 7, 300])
 def test_every_impl_matches_numpy(impl, tokens):
     q, k, v = qkv((2, 3, tokens, 8), seed=tokens)
-    out, weights = core.causal_attention(q, k, v, impl=impl)
+    out, weights = jax.jit(functools.partial(core.causal_attention, impl=impl))(q, k, v)
     np.testing.assert_allclose(out, numpy_causal_attention(q, k, v), atol=TOL, rtol=0)
-    naive_chosen = impl == "auto" and tokens < AUTO_BLOCKWISE_MIN_TOKENS
-    assert (weights is not None) == naive_chosen  # only the naive path materialises weights
+    # Only the naive path materialises weights; auto picks it on a CPU below the threshold, never on a
+    # GPU (the flash kernel, tests/jaxattn/test_cudnn_and_auto.py).
+    naive_chosen = impl == "auto" and jax.default_backend() == "cpu" and tokens < AUTO_BLOCKWISE_MIN_TOKENS
+    assert (weights is not None) == naive_chosen
 
 
 def test_blockwise_matches_torch_sdpa():
@@ -71,7 +85,7 @@ def test_blockwise_matches_torch_sdpa():
     expected = torch.nn.functional.scaled_dot_product_attention(
         *(torch.from_numpy(np.asarray(a)) for a in (q, k, v)), is_causal=True
     ).numpy()
-    out = blockwise_causal_attention(q, k, v, block_size=16)
+    out = jax.jit(functools.partial(blockwise_causal_attention, block_size=16))(q, k, v)
     np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
 
 
@@ -92,7 +106,7 @@ def test_gradients_match_naive(impl, block_size, method):
         other = loss(lambda q, k, v: blockwise_causal_attention(q, k, v, block_size=block_size, method=method))
     else:
         other = loss(lambda q, k, v: core.causal_attention(q, k, v, impl=impl)[0])
-    expected = jax.grad(naive, argnums=(0, 1, 2))(q, k, v)
+    expected = jax.jit(jax.grad(naive, argnums=(0, 1, 2)))(q, k, v)
     got = jax.jit(jax.grad(other, argnums=(0, 1, 2)))(q, k, v)
     for name, e, g in zip("qkv", expected, got):
         np.testing.assert_allclose(g, e, atol=TOL, rtol=0, err_msg=f"d loss / d {name}")
@@ -125,25 +139,29 @@ def test_modules_match_naive(impl):
         lambda i: jaxattn.CausalAttention(12, 6, 32, 0.0, attention_impl=i),
         lambda i: jaxattn.MultiHeadAttentionCombinedQKV(12, 8, 2, 32, attention_impl=i),
     ):
-        variables = make("naive").init(jax.random.key(0), x)
-        expected = make("naive").apply(variables, x)
+        variables, expected = init_and_apply(make("naive"), x)
         out, state = jax.jit(lambda v, x: make(impl).apply(v, x, mutable=["intermediates"]))(variables, x)
         np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
-        assert ("attn_weights" in state["intermediates"]) == (impl == "auto")  # 21 tokens: auto is naive
+        naive_chosen = impl == "auto" and jax.default_backend() == "cpu"  # 21 tokens; on a GPU: flash
+        assert ("attn_weights" in state["intermediates"]) == naive_chosen
 
 
 @pytest.mark.slow
 def test_dropout_in_training_falls_back_to_naive():
     """With dropout active every impl draws the book's dropout mask on the full weights: outputs are identical."""
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9, 6)).astype(np.float32))
-    rngs = {"dropout": jax.random.key(5)}
+    key = jax.random.key(5)
     module = jaxattn.MultiHeadAttention(6, 4, 9, 0.5, num_heads=2)
-    variables = module.init(jax.random.key(0), x)
-    expected = module.apply(variables, x, deterministic=False, rngs=rngs)
-    assert not np.allclose(expected, module.apply(variables, x)), "dropout did nothing"
+    variables = jax.jit(module.init)(jax.random.key(0), x)
+
+    def train(module):
+        return jax.jit(lambda v, x, key: module.apply(v, x, deterministic=False, rngs={"dropout": key}))
+
+    expected = train(module)(variables, x, key)
+    assert not np.allclose(expected, jax.jit(module.apply)(variables, x)), "dropout did nothing"
     for impl in ("blockwise", "xla", "auto"):
         module = jaxattn.MultiHeadAttention(6, 4, 9, 0.5, num_heads=2, attention_impl=impl)
-        out = module.apply(variables, x, deterministic=False, rngs=rngs)  # naive inside: cheap eagerly
+        out = train(module)(variables, x, key)
         np.testing.assert_array_equal(out, expected)
 
 
@@ -151,11 +169,11 @@ def test_fused_mha_matches_module():
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 40, 16)).astype(np.float32))
     for bias in (False, True):
         module = jaxattn.MultiHeadAttention(16, 16, 64, 0.0, num_heads=4, qkv_bias=bias)
-        variables = module.init(jax.random.key(1), x)
+        variables = jax.jit(module.init)(jax.random.key(1), x)
         fused = fuse_qkv_params(variables["params"])
         assert fused["W_qkv"]["kernel"].shape == (16, 48)
         out = jax.jit(lambda p, x: fused_mha(p, x, num_heads=4))(fused, x)
-        np.testing.assert_allclose(out, module.apply(variables, x), atol=TOL, rtol=0)
+        np.testing.assert_allclose(out, jax.jit(module.apply)(variables, x), atol=TOL, rtol=0)
 
 
 def test_bad_impl_and_block_size_are_named(without_typecheck):

@@ -45,8 +45,9 @@ def test_pad_tokens_keeps_array_kind_and_values():
 def test_bucketed_equals_unpadded_on_real_tokens(impl, tokens):
     module = jaxattn.MultiHeadAttention(8, 8, 128, 0.0, num_heads=2, attention_impl=impl)
     x = np.random.default_rng(tokens).normal(size=(2, tokens, 8)).astype(np.float32)
-    variables = module.init(jax.random.key(0), jnp.asarray(x))
-    expected = module.apply(variables, jnp.asarray(x))
+    # init and the reference run jitted, as the bucketed call: one program each, not one per operation.
+    variables = jax.jit(module.init)(jax.random.key(0), x)
+    expected = jax.jit(module.apply)(variables, x)
     out = bucketed(jax.jit(lambda x: module.apply(variables, x)), policy="pow2", maximum=128)(x)
     assert out.shape == (2, tokens, 8)
     np.testing.assert_allclose(out, expected, atol=1e-6, rtol=0)
@@ -58,20 +59,20 @@ def test_trailing_tokens_are_invisible_to_real_tokens():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 20, 8)).astype(np.float32)
     apply = jax.jit(module.apply)
-    variables = module.init(jax.random.key(0), jnp.asarray(x))
-    expected = apply(variables, x)
+    variables = jax.jit(module.init)(jax.random.key(0), x)
+    expected = np.asarray(apply(variables, x))
     for tail in (np.zeros((1, 12, 8), np.float32), 100 * rng.normal(size=(1, 44, 8)).astype(np.float32)):
-        out = apply(variables, np.concatenate([x, tail], axis=1))[:, :20]
+        out = np.asarray(apply(variables, np.concatenate([x, tail], axis=1)))[:, :20]
         np.testing.assert_allclose(out, expected, atol=1e-6, rtol=0)
     # and the converse, so the check above can fail: a change *inside* the real tokens does show
-    changed = apply(variables, np.concatenate([x[:, :19], x[:, 19:] + 1.0], axis=1))
+    changed = np.asarray(apply(variables, np.concatenate([x[:, :19], x[:, 19:] + 1.0], axis=1)))
     assert not np.allclose(changed[:, 19], expected[:, 19])
 
 
 def test_bucketing_bounds_compilations():
     traces = []
     module = jaxattn.MultiHeadAttention(4, 4, 64, 0.0, num_heads=1)
-    variables = module.init(jax.random.key(0), jnp.zeros((1, 1, 4), jnp.float32))
+    variables = jax.jit(module.init)(jax.random.key(0), np.zeros((1, 1, 4), np.float32))
 
     @jax.jit
     def apply(x):

@@ -8,6 +8,7 @@ import pytest
 import jaxattn
 
 KEY = jax.random.key(0)
+# init and apply run jitted: one program per shape, not one per operation (slow to compile on a GPU).
 
 
 def batch(seed_inputs, b=2):
@@ -17,36 +18,38 @@ def batch(seed_inputs, b=2):
 class TestCausalAttention:
     def test_first_token_context_is_its_own_value(self, seed_inputs):
         module = jaxattn.CausalAttention(3, 2, 6, 0.0)
-        variables = module.init(KEY, batch(seed_inputs))
-        out = module.apply(variables, batch(seed_inputs))
-        w_value = variables["params"]["W_value"]["kernel"]
-        np.testing.assert_allclose(out[:, 0], batch(seed_inputs)[:, 0] @ w_value, atol=1e-6)
+        variables = jax.jit(module.init)(KEY, batch(seed_inputs))
+        out = np.asarray(jax.jit(module.apply)(variables, batch(seed_inputs)))
+        w_value = np.asarray(variables["params"]["W_value"]["kernel"])
+        np.testing.assert_allclose(out[:, 0], np.asarray(batch(seed_inputs))[:, 0] @ w_value, atol=1e-6)
 
     @pytest.mark.slow
     def test_receptive_field_is_causal(self):
         """d context_vec[i] / d x[j] is zero for every j > i and non-zero for j <= i."""
         module = jaxattn.CausalAttention(4, 3, 8, 0.0)
         x = jax.random.normal(jax.random.key(1), (1, 8, 4))
-        variables = module.init(KEY, x)
+        variables = jax.jit(module.init)(KEY, x)
+        grad_of_token = jax.jit(jax.grad(lambda x, i: module.apply(variables, x)[0, i].sum()))  # one program for all i
         for i in range(8):
-            grad = jax.grad(lambda x: module.apply(variables, x)[0, i].sum())(x)[0]
+            grad = grad_of_token(x, i)[0]
             norms = np.abs(np.asarray(grad)).sum(-1)
             assert np.all(norms[i + 1 :] == 0.0), f"token {i} sees the future: {norms}"
             assert np.all(norms[: i + 1] > 0.0), f"token {i} misses its past: {norms}"
 
     def test_weights_are_lower_triangular_and_rows_sum_to_one(self, seed_inputs):
-        module = jaxattn.CausalAttention(3, 2, 6, 0.0)
-        variables = module.init(KEY, batch(seed_inputs))
-        _, state = module.apply(variables, batch(seed_inputs), mutable=["intermediates"])
+        # naive: the kernel that has weights to sow (auto's choice here on a CPU; on a GPU auto takes flash)
+        module = jaxattn.CausalAttention(3, 2, 6, 0.0, attention_impl="naive")
+        variables = jax.jit(module.init)(KEY, batch(seed_inputs))
+        _, state = jax.jit(lambda v, x: module.apply(v, x, mutable=["intermediates"]))(variables, batch(seed_inputs))
         w = np.asarray(state["intermediates"]["attn_weights"][0])
         assert np.all(np.triu(w[0], k=1) == 0)
         np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
 
     def test_shorter_input_than_context_length_uses_the_mask_prefix(self, seed_inputs):
         module = jaxattn.CausalAttention(3, 2, 6, 0.0)
-        variables = module.init(KEY, batch(seed_inputs))
-        full = module.apply(variables, batch(seed_inputs))
-        prefix = module.apply(variables, batch(seed_inputs)[:, :4])
+        variables = jax.jit(module.init)(KEY, batch(seed_inputs))
+        x, apply = np.asarray(batch(seed_inputs)), jax.jit(module.apply)
+        full, prefix = np.asarray(apply(variables, x)), np.asarray(apply(variables, x[:, :4]))
         np.testing.assert_allclose(prefix, full[:, :4], atol=1e-6)  # causality: a prefix is unaffected
 
 
@@ -58,17 +61,17 @@ class TestDropout:
 
     def setup_module_and_params(self):
         module = jaxattn.CausalAttention(self.T, self.T, self.T, self.RATE)
-        x = jnp.eye(self.T)[None]  # one-hot tokens: values = W_value = identity
-        variables = module.init(KEY, x)
+        x = jnp.asarray(np.eye(self.T, dtype=np.float32)[None])  # one-hot tokens: values = W_value = identity
+        variables = jax.jit(module.init)(KEY, x)
         params = jax.tree.map(np.asarray, variables["params"])
         params["W_value"]["kernel"] = np.eye(self.T, dtype=np.float32)
         return module, {"params": params}, x
 
     def test_training_zeroes_about_rate_and_rescales_the_rest(self):
         module, variables, x = self.setup_module_and_params()
-        out, state = module.apply(
-            variables, x, deterministic=False, rngs={"dropout": jax.random.key(7)}, mutable=["intermediates"]
-        )
+        out, state = jax.jit(
+            lambda v, x, key: module.apply(v, x, deterministic=False, rngs={"dropout": key}, mutable=["intermediates"])
+        )(variables, x, jax.random.key(7))
         weights = np.asarray(state["intermediates"]["attn_weights"][0])[0]
         out = np.asarray(out)[0]
         causal = np.tril(np.ones((self.T, self.T), bool))
@@ -81,11 +84,12 @@ class TestDropout:
     def test_deterministic_equals_dropout_free_module(self):
         module, variables, x = self.setup_module_and_params()
         no_dropout = jaxattn.CausalAttention(self.T, self.T, self.T, 0.0)
-        np.testing.assert_array_equal(module.apply(variables, x), no_dropout.apply(variables, x))
+        np.testing.assert_array_equal(jax.jit(module.apply)(variables, x), jax.jit(no_dropout.apply)(variables, x))
 
     def test_same_key_same_result(self):
         module, variables, x = self.setup_module_and_params()
-        run = lambda k: module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(k)})  # noqa: E731
+        train = jax.jit(lambda v, x, key: module.apply(v, x, deterministic=False, rngs={"dropout": key}))
+        run = lambda k: train(variables, x, jax.random.key(k))  # noqa: E731
         np.testing.assert_array_equal(run(3), run(3))
         assert not np.array_equal(run(3), run(4))
 
@@ -99,13 +103,13 @@ class TestMultiHeadAttentionWrapper:
     def test_output_is_the_concatenation_of_independent_heads(self, seed_inputs):
         wrapper = jaxattn.MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=3)
         x = batch(seed_inputs)
-        variables = wrapper.init(KEY, x)
+        variables = jax.jit(wrapper.init)(KEY, x)
         assert set(variables["params"]) == {"heads_0", "heads_1", "heads_2"}
-        out = wrapper.apply(variables, x)
+        out = np.asarray(jax.jit(wrapper.apply)(variables, x))
         assert out.shape == (2, 6, 6)  # num_heads * d_out, as in the book
-        head = jaxattn.CausalAttention(3, 2, 6, 0.0)
+        head = jax.jit(jaxattn.CausalAttention(3, 2, 6, 0.0).apply)
         for i in range(3):
-            one = head.apply({"params": variables["params"][f"heads_{i}"]}, x)
+            one = head({"params": variables["params"][f"heads_{i}"]}, x)
             np.testing.assert_allclose(out[..., 2 * i : 2 * i + 2], one, atol=1e-7)
 
 

@@ -26,14 +26,26 @@ def inputs(batch=2, tokens=20, seed=0):
     return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, tokens, 8)).astype(np.float32))
 
 
+# Jitted with the module static: one program per module and shape, shared by the tests that repeat it,
+# not one per operation (slow to compile on a GPU).
+@functools.partial(jax.jit, static_argnums=0)
+def init(module, key, x):
+    return module.init(key, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply(module, variables, x, attention_mask=None):
+    return module.apply(variables, x, attention_mask=attention_mask)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(MODULES))
 def test_decoding_equals_the_full_forward(name, impl):
     x = inputs()
     full_module = MODULES[name](attention_impl=impl)
-    params = full_module.init(jax.random.key(0), x)["params"]
+    params = init(full_module, jax.random.key(0), x)["params"]
     decoder = MODULES[name](attention_impl=impl, decode=True)
-    cache = decoder.init(jax.random.key(0), x)["cache"]  # sized by the input: 20 tokens
+    cache = init(decoder, jax.random.key(0), x)["cache"]  # sized by the input: 20 tokens
 
     @jax.jit
     def step(cache, chunk):
@@ -41,26 +53,27 @@ def test_decoding_equals_the_full_forward(name, impl):
         return out, state["cache"]
 
     with HIGHEST():
-        expected = full_module.apply({"params": params}, x)
+        expected = apply(full_module, {"params": params}, x)
         outs = []
         out, cache = step(cache, x[:, :5])  # a 5-token prompt, then one token at a time
         outs.append(out)
         for t in range(5, 20):
             out, cache = step(cache, x[:, t : t + 1])
             outs.append(out)
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), expected, atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), expected, atol=TOL, rtol=0)
     assert step._cache_size() == 2  # the prompt and the step: no recompilation per token
 
 
 def test_a_full_cache_is_a_clear_error():
     x = inputs(tokens=4)
     decoder = MODULES["MultiHeadAttention"](decode=True)
-    variables = decoder.init(jax.random.key(0), x)
-    _, state = decoder.apply(variables, x[:, :3], mutable=["cache"])
+    variables = init(decoder, jax.random.key(0), x)
+    step = jax.jit(lambda v, chunk: decoder.apply(v, chunk, mutable=["cache"]))  # the check is a host callback
+    _, state = step(variables, x[:, :3])
     variables = {**variables, **state}
-    _, state = decoder.apply(variables, x[:, :1], mutable=["cache"])
+    _, state = step(variables, x[:, :1])
     with pytest.raises(Exception, match=r"KV cache full: 4 tokens cached \+ 1 new > max_tokens=4"):
-        jax.block_until_ready(decoder.apply({**variables, **state}, x[:, :1], mutable=["cache"]))
+        jax.block_until_ready(step({**variables, **state}, x[:, :1]))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -69,17 +82,17 @@ def test_padded_batch_equals_each_sequence_alone(side, impl):
     lengths = (11, 7, 1)
     module = MODULES["MultiHeadAttention"](attention_impl=impl)
     sequences = [inputs(batch=1, tokens=n, seed=i) for i, n in enumerate(lengths)]
-    params = module.init(jax.random.key(0), sequences[0])["params"]
+    params = init(module, jax.random.key(0), sequences[0])["params"]
     width = max(lengths)
     pad = lambda s: [(0, 0), (width - s.shape[1], 0) if side == "left" else (0, width - s.shape[1]), (0, 0)]  # noqa: E731
-    x = jnp.concatenate([jnp.pad(s, pad(s)) for s in sequences])
+    x = np.concatenate([np.pad(s, pad(s)) for s in sequences])
     real = np.zeros((len(lengths), width), bool)
     for i, n in enumerate(lengths):
         real[i, (width - n if side == "left" else 0) : (width if side == "left" else n)] = True
     with HIGHEST():
-        out = np.asarray(module.apply({"params": params}, x, attention_mask=jnp.asarray(real)))
+        out = np.asarray(apply(module, {"params": params}, x, real))
         for i, s in enumerate(sequences):
-            alone = np.asarray(module.apply({"params": params}, s))[0]
+            alone = np.asarray(apply(module, {"params": params}, s))[0]
             np.testing.assert_allclose(out[i][real[i]], alone, atol=TOL, rtol=0, err_msg=f"sequence {i}")
     assert np.isfinite(out).all()
     if side == "left":  # queries before the first real token see no key: their context is 0, then out_proj's bias
@@ -93,19 +106,18 @@ def test_decoding_with_padding_and_an_injected_attention_fn():
     real = np.ones((2, 12), bool)
     real[1, :4] = False
     full_module = MODULES["MultiHeadAttention"](attention_fn=jax.nn.dot_product_attention)
-    params = full_module.init(jax.random.key(0), x)["params"]
+    params = init(full_module, jax.random.key(0), x)["params"]
     decoder = MODULES["MultiHeadAttention"](attention_fn=jax.nn.dot_product_attention, decode=True)
-    cache = decoder.init(jax.random.key(0), x)["cache"]
+    cache = init(decoder, jax.random.key(0), x)["cache"]
+    step = jax.jit(lambda v, x, m: decoder.apply(v, x, attention_mask=m, mutable=["cache"]))
     with HIGHEST():
-        expected = np.asarray(full_module.apply({"params": params}, x, attention_mask=real))
+        expected = np.asarray(apply(full_module, {"params": params}, x, real))
         outs = []
         for start, stop in [(0, 6)] + [(t, t + 1) for t in range(6, 12)]:
-            out, state = decoder.apply(
-                {"params": params, "cache": cache}, x[:, start:stop], attention_mask=real[:, start:stop], mutable=["cache"]
-            )
+            out, state = step({"params": params, "cache": cache}, x[:, start:stop], real[:, start:stop])
             cache = state["cache"]
             outs.append(out)
-    got = np.asarray(jnp.concatenate(outs, axis=1))
+    got = np.concatenate(outs, axis=1)
     np.testing.assert_allclose(got[real], expected[real], atol=TOL, rtol=0)
 
 
@@ -131,7 +143,7 @@ def test_section_3_classes_take_a_padding_mask(name, side):
     module = SECTION_3[name]()
     lengths = (9, 4)
     sequences = [inputs(batch=1, tokens=n, seed=10 + i) for i, n in enumerate(lengths)]
-    variables = module.init(jax.random.key(1), sequences[0])
+    variables = init(module, jax.random.key(1), sequences[0])
     width = max(lengths)
     junk = inputs(batch=len(lengths), tokens=width, seed=99) * 100  # padding tokens: large, so a leak shows
     real = np.zeros((len(lengths), width), bool)
@@ -140,13 +152,13 @@ def test_section_3_classes_take_a_padding_mask(name, side):
         where = slice(width - n, width) if side == "left" else slice(0, n)
         x[i, where], real[i, where] = s[0], True
     with HIGHEST():
-        out = np.asarray(module.apply(variables, jnp.asarray(x), attention_mask=real))
+        out = np.asarray(apply(module, variables, x, real))
         for i, s in enumerate(sequences):
-            alone = np.asarray(module.apply(variables, s[0]))  # the book's unbatched call
+            alone = np.asarray(apply(module, variables, s[0]))  # the book's unbatched call
             np.testing.assert_allclose(out[i][real[i]], alone, atol=TOL * max(1.0, np.abs(alone).max()), rtol=0)
         # No mask: today's unmasked math, the padding included (its huge scores dominate).
-        assert not np.allclose(np.asarray(module.apply(variables, jnp.asarray(x)))[1][real[1]], out[1][real[1]])
-    all_padding = np.asarray(module.apply(variables, jnp.asarray(x[:1]), attention_mask=np.zeros((1, width), bool)))
+        assert not np.allclose(np.asarray(apply(module, variables, x))[1][real[1]], out[1][real[1]])
+    all_padding = np.asarray(apply(module, variables, x[:1], np.zeros((1, width), bool)))
     np.testing.assert_array_equal(all_padding, np.zeros_like(all_padding))  # no visible key: zeros, not NaN
 
 
@@ -160,7 +172,7 @@ def test_no_nan_for_inputs_scaled_by_1e4_with_padding(name):
     x = inputs(tokens=12) * 1e4
     real = np.ones((2, 12), bool)
     real[1, :5] = False
-    variables = module.init(jax.random.key(0), x)
+    variables = init(module, jax.random.key(0), x)
     out = np.asarray(jax.jit(lambda v, x, m: module.apply(v, x, attention_mask=m))(variables, x, real))
     assert np.isfinite(out).all()
     with HIGHEST():
@@ -174,11 +186,11 @@ def test_no_nan_for_inputs_scaled_by_1e4_with_padding(name):
 def test_no_nan_when_decoding_inputs_scaled_by_1e4(name):
     x = inputs(tokens=10) * 1e4
     decoder = MODULES[name](decode=True)
-    variables = decoder.init(jax.random.key(0), x)
+    variables = init(decoder, jax.random.key(0), x)
     step = jax.jit(lambda v, chunk: decoder.apply(v, chunk, mutable=["cache"]))
     out, state = step(variables, x[:, :4])
     outs = [out]
     for t in range(4, 10):
         out, state = step({**variables, **state}, x[:, t : t + 1])
         outs.append(out)
-    assert np.isfinite(np.asarray(jnp.concatenate(outs, axis=1))).all()
+    assert np.isfinite(np.concatenate(outs, axis=1)).all()

@@ -7,7 +7,6 @@ fixed size), so the sweep costs one compilation per prompt length plus one for t
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,15 +26,14 @@ MODULES = {
 }
 
 
-def decode(decoder, params, x, prompt_len, step):
-    cache = decoder.init(jax.random.key(0), x)["cache"]
+def decode(cache, params, x, prompt_len, step):
     outs = []
     out, cache = step(params, cache, x[:, :prompt_len])
     outs.append(out)
     for t in range(prompt_len, x.shape[1]):
         out, cache = step(params, cache, x[:, t : t + 1])
         outs.append(out)
-    return np.asarray(jnp.concatenate(outs, axis=1))
+    return np.concatenate(outs, axis=1)
 
 
 CASES = [(name, "naive", PROMPT_LENGTHS if name == "MultiHeadAttention" else (1, 64)) for name in MODULES] + [
@@ -46,10 +44,12 @@ CASES = [(name, "naive", PROMPT_LENGTHS if name == "MultiHeadAttention" else (1,
 @pytest.mark.parametrize("name, impl, prompts", CASES)
 def test_long_decodes_equal_the_full_forward(name, impl, prompts):
     # Inputs x3 of unit normals: larger scores than the seed's, so drift over 256 steps would show.
-    x = jnp.asarray(3 * np.random.default_rng(1).standard_normal((2, MAX_TOKENS, 8)).astype(np.float32))
+    # numpy: slicing it per token compiles nothing; init and the full forward run jitted (one program each).
+    x = 3 * np.random.default_rng(1).standard_normal((2, MAX_TOKENS, 8)).astype(np.float32)
     full_module = MODULES[name](attention_impl=impl)
-    params = full_module.init(jax.random.key(0), x)["params"]
+    params = jax.jit(full_module.init)(jax.random.key(0), x)["params"]
     decoder = MODULES[name](attention_impl=impl, decode=True)
+    empty_cache = jax.jit(decoder.init)(jax.random.key(0), x)["cache"]  # each decode starts from it
 
     @jax.jit
     def step(params, cache, chunk):
@@ -57,9 +57,9 @@ def test_long_decodes_equal_the_full_forward(name, impl, prompts):
         return out, state["cache"]
 
     with HIGHEST():
-        expected = np.asarray(full_module.apply({"params": params}, x))
+        expected = np.asarray(jax.jit(full_module.apply)({"params": params}, x))
         for prompt_len in prompts:
-            got = decode(decoder, params, x, prompt_len, step)
+            got = decode(empty_cache, params, x, prompt_len, step)
             worst = np.abs(got - expected).max(axis=(0, 2))
             assert worst.max() <= TOL * max(1.0, np.abs(expected).max()), (
                 f"prompt {prompt_len}: token {int(worst.argmax())} off by {worst.max():.2e}"

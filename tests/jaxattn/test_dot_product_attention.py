@@ -61,12 +61,13 @@ def reference(q, k, v, bias, mask, c):
 
 
 def seen_rows(mask, c):
-    """(B, T, N): rows with at least one visible key."""
-    visible = jnp.ones((1, 1, c["q_tokens"], c["kv_tokens"]), bool) if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    if c["is_causal"]:
-        visible = visible & jaxattn.masks.make_offset_causal_mask(c["q_tokens"], c["kv_tokens"], c["q_offset"])
-    seen = jnp.broadcast_to(visible.any(-1), (c["batch"], c["heads"], c["q_tokens"]))
-    return np.asarray(seen.swapaxes(1, 2))
+    """(B, T, N): rows with at least one visible key. In numpy: no eager JAX op to compile per example shape."""
+    visible = np.ones((1, 1, c["q_tokens"], c["kv_tokens"]), bool) if mask is None else np.asarray(mask)
+    visible = visible.reshape((1,) * (4 - visible.ndim) + visible.shape)
+    if c["is_causal"]:  # make_offset_causal_mask: query i sees key j <= q_offset + i
+        visible = visible & (np.arange(c["kv_tokens"]) <= c["q_offset"] + np.arange(c["q_tokens"])[:, None])
+    seen = np.broadcast_to(visible.any(-1), (c["batch"], c["heads"], c["q_tokens"]))
+    return seen.swapaxes(1, 2)
 
 
 def ours(impl, c):
@@ -105,10 +106,10 @@ def test_forward_matches_jax_nn(impl, c):
 @example(c=EVERYTHING)
 def test_gradients_match_jax_nn(impl, c):
     q, k, v, bias, mask = arrays(c)
-    seen = jnp.asarray(seen_rows(mask, c))[..., None]
-    cotangent = jnp.asarray(np.random.default_rng(c["seed"] + 1).normal(size=q.shape).astype(np.float32))
+    seen = seen_rows(mask, c)[..., None]
+    cotangent = np.random.default_rng(c["seed"] + 1).normal(size=q.shape).astype(np.float32)
     # Rows with no visible key differ by contract (zeros here, the mean of the values in jax.nn): no weight on them.
-    cotangent = jnp.where(seen, cotangent, 0.0)
+    cotangent = jnp.asarray(np.where(seen, cotangent, np.float32(0.0)))
 
     def loss(fn):
         return lambda q, k, v, bias: (fn(q, k, v, bias, mask) * cotangent).sum()
@@ -132,10 +133,11 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients(impl):
     bias = np.zeros((2, 2, 5, 5), np.float32)
     bias[0, 1, 3, :] = -np.inf  # batch 0, head 1, query 3: masked by an additive -inf bias
     args = (q, k, v, jnp.asarray(bias), jnp.asarray(mask))
-    out = np.asarray(jaxattn.dot_product_attention(*args, implementation=impl))
+    fn = functools.partial(jaxattn.dot_product_attention, implementation=impl)
+    out = np.asarray(jax.jit(fn)(*args))  # jitted, as the rest of the file: one program, not one per operation
     assert np.all(out[0, 1] == 0) and np.all(out[1] == 0) and np.all(out[0, 3, 1] == 0)
     assert np.all(out[0, 3, 0] != 0) and np.all(out[0, 0] != 0)
-    grads = jax.grad(lambda q, k, v: jaxattn.dot_product_attention(q, k, v, *args[3:], implementation=impl).sum(), (0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(lambda q, k, v, bias, mask: fn(q, k, v, bias, mask).sum(), (0, 1, 2)))(*args)
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
@@ -144,7 +146,8 @@ def test_naive_matches_hand_computed_grouped_heads():
     q = jnp.asarray([[[[1.0, 0.0], [0.0, 1.0]]]])  # (1, T=1, N=2, H=2)
     k = jnp.asarray([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (1, S=2, K=1, H=2)
     v = jnp.asarray([[[[10.0, 0.0]], [[0.0, 10.0]]]])
-    out, weights = jaxattn.core.attention_with_weights(q, k, v, scale=1.0, implementation="naive")
+    naive = functools.partial(jaxattn.core.attention_with_weights, scale=1.0, implementation="naive")
+    out, weights = (np.asarray(a) for a in jax.jit(naive)(q, k, v))
     e = np.exp(1.0)
     np.testing.assert_allclose(weights[0, :, 0], [[e / (e + 1), 1 / (e + 1)], [1 / (e + 1), e / (e + 1)]], rtol=1e-6)
     np.testing.assert_allclose(out[0, 0], [[10 * e / (e + 1), 10 / (e + 1)], [10 / (e + 1), 10 * e / (e + 1)]], rtol=1e-6)
@@ -158,8 +161,9 @@ def test_traced_q_offset_under_jit(impl):
     k, v = (jnp.asarray(rng.normal(size=(1, 9, 2, 4)).astype(np.float32)) for _ in "kv")
     fn = jax.jit(lambda q, k, v, off: jaxattn.dot_product_attention(q, k, v, is_causal=True, q_offset=off, implementation=impl))
     for offset in (0, 3, 7):
+        c = dict(is_causal=True, q_offset=offset, q_tokens=2, kv_tokens=9)
         with HIGHEST():
-            expected = reference(q, k, v, None, None, dict(is_causal=True, q_offset=offset, q_tokens=2, kv_tokens=9))
+            expected = jax.jit(lambda q, k, v: reference(q, k, v, None, None, c))(q, k, v)
             np.testing.assert_allclose(fn(q, k, v, jnp.int32(offset)), expected, atol=FORWARD_TOL)
 
 
@@ -167,11 +171,10 @@ def test_unbatched_rank3_like_jax_nn():
     rng = np.random.default_rng(4)
     q, k, v = (jnp.asarray(rng.normal(size=(6, 2, 4)).astype(np.float32)) for _ in range(3))
     with HIGHEST():
+        expected = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True))(q, k, v)
         for impl in IMPLS:
-            np.testing.assert_allclose(
-                jaxattn.dot_product_attention(q, k, v, is_causal=True, implementation=impl),
-                jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=FORWARD_TOL,
-            )
+            fn = functools.partial(jaxattn.dot_product_attention, is_causal=True, implementation=impl)
+            np.testing.assert_allclose(jax.jit(fn)(q, k, v), expected, atol=FORWARD_TOL)
 
 
 def test_auto_picks_by_length_and_dropout():

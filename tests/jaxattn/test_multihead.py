@@ -1,5 +1,7 @@
 """Section 3.6.2 and the fused layouts: identities between the variants, jit/vmap/grad, dtypes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,20 @@ KEY = jax.random.key(0)
 X = jax.random.normal(jax.random.key(42), (2, 7, 6))  # deliberately unequal dims: d_in=6, T=7
 
 
+# Jitted with the module static: one program per module and shape, shared by every test that calls it,
+# not one per operation (slow to compile on a GPU).
+@functools.partial(jax.jit, static_argnums=0)
+def jit_init(module, x):
+    return module.init(KEY, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def jit_apply(module, variables, x):
+    return module.apply(variables, x)
+
+
 def init(module, x=X):
-    return jax.tree.map(np.asarray, module.init(KEY, x)["params"])
+    return jax.tree.map(np.asarray, jit_init(module, x)["params"])
 
 
 def mha_params_with_bias(d_in=6, d_out=4, heads=2):
@@ -30,12 +44,12 @@ class TestMultiHeadAttention:
         mha = jaxattn.MultiHeadAttention(6, 6, 8, 0.0, num_heads=3)
         params = init(mha)
         params["out_proj"] = {"kernel": np.eye(6, dtype=np.float32), "bias": np.zeros(6, np.float32)}
-        out = mha.apply({"params": params}, X)
+        out = np.asarray(jit_apply(mha, {"params": params}, X))
         head = jaxattn.CausalAttention(6, 2, 8, 0.0)
         for h in range(3):
             cols = slice(2 * h, 2 * h + 2)
             head_params = {n: {"kernel": params[n]["kernel"][:, cols]} for n in ("W_query", "W_key", "W_value")}
-            np.testing.assert_allclose(out[..., cols], head.apply({"params": head_params}, X), atol=1e-6)
+            np.testing.assert_allclose(out[..., cols], jit_apply(head, {"params": head_params}, X), atol=1e-6)
 
     def test_combined_qkv_with_concatenated_kernels_is_the_same_layer(self):
         mha, p = mha_params_with_bias()
@@ -49,7 +63,7 @@ class TestMultiHeadAttention:
             "proj": p["out_proj"],
         }
         np.testing.assert_allclose(
-            fused.apply({"params": fused_params}, X), mha.apply({"params": p}, X), atol=1e-6
+            jit_apply(fused, {"params": fused_params}, X), jit_apply(mha, {"params": p}, X), atol=1e-6
         )
 
     def test_torch_layout_causal_mha_is_the_same_layer(self):
@@ -63,12 +77,13 @@ class TestMultiHeadAttention:
             },
             "out_proj": p["out_proj"],
         }
-        np.testing.assert_allclose(torch_style.apply({"params": tp}, X), mha.apply({"params": p}, X), atol=1e-6)
+        expected = jit_apply(mha, {"params": p}, X)
+        np.testing.assert_allclose(jit_apply(torch_style, {"params": tp}, X), expected, atol=1e-6)
 
     def test_non_causal_torch_layout_lets_the_first_token_see_everything(self):
         module = jaxattn.TorchMultiheadAttention(6, 2, causal=False)
-        variables = module.init(KEY, X)
-        grad = jax.grad(lambda x: module.apply(variables, x)[0, 0].sum())(X)
+        variables = jit_init(module, X)
+        grad = jax.jit(jax.grad(lambda x: module.apply(variables, x)[0, 0].sum()))(X)
         assert np.all(np.abs(np.asarray(grad[0])).sum(-1) > 0)
 
 
@@ -87,17 +102,17 @@ ALL_BATCHED = [
 @pytest.mark.parametrize("module", ALL_BATCHED, ids=lambda m: type(m).__name__)
 class TestFunctionalTransforms:
     def test_jit_equals_eager(self, module):
-        variables = module.init(KEY, X)
-        np.testing.assert_allclose(jax.jit(module.apply)(variables, X), module.apply(variables, X), atol=1e-6)
+        variables = jit_init(module, X)
+        np.testing.assert_allclose(jit_apply(module, variables, X), module.apply(variables, X), atol=1e-6)
 
     def test_vmap_over_the_batch_equals_the_batched_call(self, module):
-        variables = module.init(KEY, X)
-        per_example = jax.vmap(lambda x: module.apply(variables, x[None])[0])(X)
-        np.testing.assert_allclose(per_example, module.apply(variables, X), atol=1e-6)
+        variables = jit_init(module, X)
+        per_example = jax.jit(jax.vmap(lambda x: module.apply(variables, x[None])[0]))(X)
+        np.testing.assert_allclose(per_example, jit_apply(module, variables, X), atol=1e-6)
 
     def test_gradients_are_finite_and_nonzero(self, module):
-        variables = module.init(KEY, X)
-        grads = jax.grad(lambda v, x: module.apply(v, x).sum(), argnums=(0, 1))(variables, X)
+        variables = jit_init(module, X)
+        grads = jax.jit(jax.grad(lambda v, x: module.apply(v, x).sum(), argnums=(0, 1)))(variables, X)
         leaves = jax.tree.leaves(grads)
         assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
         assert np.abs(np.asarray(grads[1])).sum() > 0
@@ -106,11 +121,11 @@ class TestFunctionalTransforms:
 @pytest.mark.parametrize("module", ALL_BATCHED, ids=lambda m: type(m).__name__)
 def test_bfloat16_compute_stays_close_to_float32(module):
     """Every module has a ``dtype`` option: projections in bf16, softmax still in float32."""
-    variables = module.init(KEY, X)
+    variables = jit_init(module, X)
     low = module.clone(dtype=jnp.bfloat16)
-    out = low.apply(variables, X)
+    out = jit_apply(low, variables, X)
     assert out.dtype == jnp.bfloat16
-    ref = module.apply(variables, X)
+    ref = jit_apply(module, variables, X)
     # bf16 keeps 8 bits of mantissa: relative error ~2^-8 per op on O(1) values.
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=6e-2)
     assert not np.array_equal(np.asarray(out, np.float32), np.asarray(ref))

@@ -34,10 +34,15 @@ ALL_WEIGHTS = [
 PRINTED = dict(atol=5e-5 + 1e-9)  # the notebooks print 4 decimals
 
 
-def run_simplified(x):
+@jax.jit  # as the applies below: one program, not one per operation (slow to compile on a GPU)
+def _simplified(x):
     out, state = jaxattn.SimplifiedSelfAttention().apply({}, x, mutable=["intermediates"])
     inter = state["intermediates"]
     return out, inter["attn_scores"][0], inter["attn_weights"][0]
+
+
+def run_simplified(x):
+    return tuple(np.asarray(a) for a in _simplified(x))
 
 
 class TestSimplifiedSelfAttention:
@@ -65,8 +70,8 @@ class TestSimplifiedSelfAttention:
         assert np.abs(np.asarray(weights[1]) - np.asarray(naive)).max() > 5e-3
 
     def test_batched_equals_each_sentence(self, seed_inputs):
-        x = jnp.stack([jnp.asarray(seed_inputs), jnp.asarray(seed_inputs[::-1])])
-        out = jaxattn.SimplifiedSelfAttention().apply({}, x)
+        x = np.stack([seed_inputs, seed_inputs[::-1]])
+        out = np.asarray(jax.jit(jaxattn.SimplifiedSelfAttention().apply)({}, x))
         np.testing.assert_allclose(out[0], CONTEXT_VECS, **PRINTED)
         np.testing.assert_allclose(out[1], np.asarray(CONTEXT_VECS)[::-1], **PRINTED)
 
@@ -83,18 +88,18 @@ def explicit_attention(x, wq, wk, wv, bias=None):
 
 class TestSelfAttentionV1:
     def test_parameters_are_raw_matrices(self):
-        variables = jaxattn.SelfAttentionV1(3, 2).init(jax.random.key(0), jnp.ones((6, 3)))
+        variables = jax.jit(jaxattn.SelfAttentionV1(3, 2).init)(jax.random.key(0), np.ones((6, 3), np.float32))
         params = variables["params"]
         assert set(params) == {"W_query", "W_key", "W_value"}
         assert all(p.shape == (3, 2) for p in params.values())
         # torch.rand-like initialisation: uniform in [0, 1)
-        assert all(float(p.min()) >= 0.0 and float(p.max()) < 1.0 for p in params.values())
+        assert all(np.min(p) >= 0.0 and np.max(p) < 1.0 for p in params.values())
 
     def test_matches_explicit_formula(self, seed_inputs):
         rng = np.random.default_rng(0)
         wq, wk, wv = (rng.random((3, 2), dtype=np.float32) for _ in range(3))
         params = {"W_query": wq, "W_key": wk, "W_value": wv}
-        out = jaxattn.SelfAttentionV1(3, 2).apply({"params": params}, jnp.asarray(seed_inputs))
+        out = jax.jit(jaxattn.SelfAttentionV1(3, 2).apply)({"params": params}, jnp.asarray(seed_inputs))
         expected = explicit_attention(seed_inputs.astype(np.float64), wq, wk, wv)
         np.testing.assert_allclose(out, expected, atol=1e-6)
 
@@ -103,13 +108,13 @@ class TestSelfAttentionV2:
     @pytest.mark.parametrize("qkv_bias", [False, True])
     def test_matches_explicit_formula(self, seed_inputs, qkv_bias):
         module = jaxattn.SelfAttentionV2(3, 2, qkv_bias=qkv_bias)
-        variables = module.init(jax.random.key(1), jnp.asarray(seed_inputs))
+        variables = jax.jit(module.init)(jax.random.key(1), jnp.asarray(seed_inputs))
         p = jax.tree.map(np.asarray, variables["params"])
         if qkv_bias:  # make the biases non-zero so they are really exercised
             for name in p:
                 p[name]["bias"] = np.full(2, 0.1 * (1 + list(p).index(name)), np.float32)
         bias = [p[n]["bias"] for n in ("W_query", "W_key", "W_value")] if qkv_bias else None
-        out = module.apply({"params": p}, jnp.asarray(seed_inputs))
+        out = jax.jit(module.apply)({"params": p}, jnp.asarray(seed_inputs))
         expected = explicit_attention(
             seed_inputs.astype(np.float64), p["W_query"]["kernel"], p["W_key"]["kernel"], p["W_value"]["kernel"], bias
         )
@@ -117,9 +122,10 @@ class TestSelfAttentionV2:
 
     def test_unbatched_and_batched_agree(self, seed_inputs):
         module = jaxattn.SelfAttentionV2(3, 2)
-        variables = module.init(jax.random.key(2), jnp.asarray(seed_inputs))
-        single = module.apply(variables, jnp.asarray(seed_inputs))
-        batched = module.apply(variables, jnp.asarray(seed_inputs)[None].repeat(3, 0))
+        variables = jax.jit(module.init)(jax.random.key(2), jnp.asarray(seed_inputs))
+        apply = jax.jit(module.apply)
+        single = apply(variables, jnp.asarray(seed_inputs))
+        batched = apply(variables, jnp.asarray(seed_inputs[None].repeat(3, 0)))
         np.testing.assert_allclose(batched, np.broadcast_to(single, (3, 6, 2)), atol=1e-7)
 
 

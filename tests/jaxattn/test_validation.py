@@ -6,6 +6,7 @@
   empty / zero / value arrays, as :func:`jaxattn.dot_product_attention` documents.
 """
 
+import functools
 import math
 
 import jax
@@ -21,6 +22,8 @@ from jaxattn.kernels.blockwise import blockwise_causal_attention, general_blockw
 
 KEY = jax.random.key(0)
 IMPLS = ("naive", "blockwise", "xla")
+# Where a test is not about a call's Python-side checks, it runs jitted: one program per shape, not one per
+# operation (slow to compile on a GPU).
 
 
 def init_shapes(module, x):
@@ -60,9 +63,11 @@ def test_the_issues_negative_dropout_no_longer_rescales_in_training():
 
 @pytest.mark.parametrize("rate", [0.0, 0.5, 0.999])
 def test_dropout_inside_unit_interval_is_accepted(rate):
+    x = np.ones((1, 3, 4), np.float32)
     for module in _dropout_modules(rate):
-        variables = module.init(KEY, jnp.ones((1, 3, 4)))
-        out = module.apply(variables, jnp.ones((1, 3, 4)), deterministic=False, rngs={"dropout": KEY})
+        variables = jax.jit(module.init)(KEY, x)
+        train = jax.jit(lambda v, x, rng: module.apply(v, x, deterministic=False, rngs={"dropout": rng}))
+        out = train(variables, x, KEY)
         assert out.shape[:2] == (1, 3)
         assert np.isfinite(np.asarray(out)).all()
 
@@ -159,11 +164,10 @@ def test_ops_dropout_refuses_negative_and_nan_rates():
 
 
 def _qkv(batch, q_tokens, kv_tokens, heads, kv_heads, head_dim=4, seed=0):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (
-        jax.random.normal(kq, (batch, q_tokens, heads, head_dim)),
-        jax.random.normal(kk, (batch, kv_tokens, kv_heads, head_dim)),
-        jax.random.normal(kv, (batch, kv_tokens, kv_heads, head_dim)),
+    rng = np.random.default_rng(seed)  # numpy: no random-number program to compile per shape
+    return tuple(
+        jnp.asarray(rng.normal(size=(batch, tokens, n, head_dim)).astype(np.float32))
+        for tokens, n in ((q_tokens, heads), (kv_tokens, kv_heads), (kv_tokens, kv_heads))
     )
 
 
@@ -190,12 +194,11 @@ EDGE_CASES = [
 def _call(case, impl, batch=2):
     q_tokens, kv_tokens, heads, kv_heads, is_causal, q_offset, with_mask, with_bias = case
     q, k, v = _qkv(batch, q_tokens, kv_tokens, heads, kv_heads)
-    mask = jnp.ones((batch, 1, 1, kv_tokens), jnp.bool_) if with_mask else None
-    bias = jnp.zeros((1, heads, q_tokens, kv_tokens)) if with_bias else None
+    mask = np.ones((batch, 1, 1, kv_tokens), bool) if with_mask else None
+    bias = np.zeros((1, heads, q_tokens, kv_tokens), np.float32) if with_bias else None
+    fn = functools.partial(jaxattn.dot_product_attention, is_causal=is_causal, q_offset=q_offset, implementation=impl)
     with jax.default_matmul_precision("highest"):
-        out = jaxattn.dot_product_attention(
-            q, k, v, bias, mask, is_causal=is_causal, q_offset=q_offset, implementation=impl
-        )
+        out = jax.jit(fn)(q, k, v, bias, mask)
     return (q, k, v), out
 
 
@@ -248,30 +251,34 @@ def test_edge_shapes_unbatched(impl):
 
 def test_naive_weights_with_no_keys_are_empty_rows():
     q, k, v = _qkv(2, 3, 0, 4, 2)
-    out, weights = attention_with_weights(q, k, v, is_causal=True, implementation="naive")
+    out, weights = jax.jit(functools.partial(attention_with_weights, is_causal=True, implementation="naive"))(q, k, v)
     assert weights.shape == (2, 4, 3, 0)
     np.testing.assert_array_equal(out, np.zeros((2, 3, 4, 4)))
 
 
 def test_naive_dropout_with_no_keys_gives_zeros():
     q, k, v = _qkv(1, 2, 0, 2, 2)
-    out = jaxattn.dot_product_attention(q, k, v, implementation="naive", dropout_rate=0.5, dropout_rng=KEY)
+    fn = jax.jit(lambda q, k, v, rng: jaxattn.dot_product_attention(q, k, v, implementation="naive", dropout_rate=0.5,
+                                                                    dropout_rng=rng))
+    out = fn(q, k, v, KEY)
     np.testing.assert_array_equal(out, np.zeros((1, 2, 2, 4)))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradients_through_edge_shapes_are_finite_zeros(impl):
     q, k, v = _qkv(1, 3, 0, 2, 2)
-    grads = jax.grad(lambda q: jaxattn.dot_product_attention(q, k, v, implementation=impl).sum())(q)
+    grads = jax.jit(jax.grad(lambda q: jaxattn.dot_product_attention(q, k, v, implementation=impl).sum()))(q)
     np.testing.assert_array_equal(grads, np.zeros_like(q))
 
 
 def test_blockwise_functions_called_directly():
-    q = jnp.ones((2, 3, 0, 4))  # (*batch, tokens, d)
-    assert blockwise_causal_attention(q, q, jnp.ones((2, 3, 0, 6))).shape == (2, 3, 0, 6)
-    assert blockwise_causal_attention(jnp.ones((0, 5, 4)), jnp.ones((0, 5, 4)), jnp.ones((0, 5, 4))).shape == (0, 5, 4)
+    causal = jax.jit(blockwise_causal_attention)
+    general = jax.jit(functools.partial(general_blockwise_attention, scale=0.5))
+    q = np.ones((2, 3, 0, 4), np.float32)  # (*batch, tokens, d)
+    assert causal(q, q, np.ones((2, 3, 0, 6), np.float32)).shape == (2, 3, 0, 6)
+    assert causal(*[np.ones((0, 5, 4), np.float32)] * 3).shape == (0, 5, 4)
     q, k, v = _qkv(1, 2, 0, 2, 2)
-    np.testing.assert_array_equal(general_blockwise_attention(q, k, v, scale=0.5), np.zeros((1, 2, 2, 4)))
+    np.testing.assert_array_equal(general(q, k, v), np.zeros((1, 2, 2, 4)))
 
 
 MODULES_BY_IMPL = [  # (factory of attention_impl, d_in)
@@ -284,9 +291,9 @@ MODULES_BY_IMPL = [  # (factory of attention_impl, d_in)
 @pytest.mark.parametrize("tokens", [0, 1])
 @pytest.mark.parametrize("factory, d_in", MODULES_BY_IMPL, ids=["causal", "mha", "gqa"])
 def test_modules_on_zero_and_one_token_agree_across_implementations(factory, d_in, tokens):
-    x = jax.random.normal(KEY, (2, tokens, d_in))
-    variables = factory("naive").init(KEY, jnp.ones((2, 1, d_in)))
-    outs = {impl: np.asarray(factory(impl).apply(variables, x)) for impl in IMPLS}
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, tokens, d_in)).astype(np.float32))
+    variables = jax.jit(factory("naive").init)(KEY, np.ones((2, 1, d_in), np.float32))
+    outs = {impl: np.asarray(jax.jit(factory(impl).apply)(variables, x)) for impl in IMPLS}
     for impl, out in outs.items():
         assert out.shape[:2] == (2, tokens), f"{impl}: shape {out.shape}"
         assert np.isfinite(out).all(), f"{impl}: non-finite output"
