@@ -61,7 +61,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from crosscheck import bench_decode, bench_gpu, bench_models, bench_shard, budget
+from crosscheck import bench_decode, bench_gpu, bench_models, bench_shard, budget, placement
 from crosscheck.errors import BadInputError
 from crosscheck.outputs import atomic_write, atomic_write_text, check_output_path, same_file
 
@@ -153,11 +153,6 @@ _torch_dtype, _jax_dtype, _input_np = bench_models.torch_dtype, bench_models.jax
 _book_torch, _sdpa_class, _flax_state = bench_models.book_torch, bench_models.sdpa_class, bench_models.flax_state
 
 
-def _precision(dtype: str) -> str:
-    """The JAX matmul precision of a ``dtype`` bench: ``highest`` for float32 (see the module docstring)."""
-    return "highest" if dtype == "float32" else "default"
-
-
 class Runner:
     """One implementation at one shape: ``call()`` runs a forward and waits for it."""
 
@@ -185,7 +180,7 @@ def _jax_runner(name, book, x_np, args, context_length) -> Runner:
         params = variables
         fn = jax.jit(module.apply)
     start = time.perf_counter()
-    with jax.default_matmul_precision(_precision(args.dtype)):
+    with jax.default_matmul_precision(placement.matmul_precision(args.dtype)):
         compiled = fn.lower(params, x).compile()
     compile_s = time.perf_counter() - start
     memory = None
@@ -253,7 +248,7 @@ def build_piece_runners(tokens: int, args: argparse.Namespace, book) -> list[Run
     tdtype = _torch_dtype(args.dtype)
     x, qkv = jnp.asarray(x_np, jdtype), jnp.asarray(qkv_np, jdtype)
     kernel = jnp.asarray(book.W_query.weight.detach().float().numpy().T, jdtype)  # (d_in, d_out), as ported
-    with jax.default_matmul_precision(_precision(args.dtype)):
+    with jax.default_matmul_precision(placement.matmul_precision(args.dtype)):
         projection = jax.jit(lambda x, w: x @ w).lower(x, kernel).compile()
         attention = jax.jit(lambda q, k, v: core.causal_attention(q, k, v, impl="auto")[0]).lower(*qkv).compile()
     x_t, qkv_t = torch.from_numpy(x_np).to(tdtype), torch.from_numpy(qkv_np).to(tdtype)

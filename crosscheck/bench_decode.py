@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from crosscheck import bench_models
+from crosscheck import bench_models, placement
 from crosscheck.errors import BadInputError
 
 JAX_DECODE_IMPLS = ("jax-naive", "jax-xla", "jax-blockwise", "jax-auto")
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
               "cpu_count": os.cpu_count(), "load_avg_at_start": list(os.getloadavg())}
     print("crosscheck bench --decode: " + ", ".join(f"{k}={v}" for k, v in config.items()))
-    with jax.default_matmul_precision("highest" if args.dtype == "float32" else "default"):
+    with jax.default_matmul_precision(placement.matmul_precision(args.dtype)):
         for d in decoders:  # warm-up round: compiles, excluded
             _round(d, args.prompt_len, args.steps)
         times: dict[str, list[tuple[float, float]]] = {d.name: [] for d in decoders}

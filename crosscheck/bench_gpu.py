@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from crosscheck import bench_models
+from crosscheck import bench_models, placement
 from crosscheck.errors import BadInputError
 from crosscheck.outputs import atomic_write_text
 
@@ -165,9 +165,8 @@ def _jax_runner(name: str, book, x_np: np.ndarray, r_np: np.ndarray, args, token
         return (module.apply(v, x).astype(jnp.float32) * r).sum()
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1))) if args.backward else jax.jit(module.apply)
-    precision = "highest" if args.dtype == "float32" else "default"
     start = time.perf_counter()
-    with jax.default_matmul_precision(precision):
+    with jax.default_matmul_precision(placement.matmul_precision(args.dtype)):
         compiled = fn.lower(variables, x).compile()
     compile_s = time.perf_counter() - start
 
@@ -231,13 +230,11 @@ def run_shape(tokens: int, impls: list[str], args: argparse.Namespace) -> list[d
     """Every row at one token count, one after the other (each built, measured and dropped)."""
     import torch
 
-    from crosscheck.placement import torch_without_tf32
-
     x_np = bench_models.input_np(args, tokens)
     r_np = np.random.default_rng(args.seed + 1).standard_normal(x_np.shape[:2] + (args.d_model,), dtype=np.float32)
     book = bench_models.book_torch(args.d_model, args.heads, tokens, args.dtype, args.seed).to(TORCH_DEVICE)
     rows, outputs = [], {}
-    with torch_without_tf32():
+    with placement.torch_without_tf32():
         for name in impls:
             runner = GpuRunner(name, name.split("-")[0], lambda: None, lambda _: None, lambda: None, lambda _: None)
             timings, peak = None, None

@@ -14,6 +14,7 @@ from flax import nnx
 
 import jaxattn
 import jaxattn.nnx as jn
+from tests.jaxpr_dots import dot_precisions
 
 B, T, D = 2, 5, 6
 
@@ -188,24 +189,6 @@ def test_decode_without_init_cache_says_what_to_call():
         model(_x())
 
 
-def _dot_precisions(fn, *args):
-    """The ``precision`` of every ``dot_general`` in ``fn``'s jaxpr, sub-jaxprs (jit, custom_jvp, cond) included."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                found.append(eqn.params["precision"])
-            for value in eqn.params.values():
-                for inner in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(inner, "jaxpr", inner)  # ClosedJaxpr -> Jaxpr
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
-
-
 HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
 
 
@@ -224,8 +207,8 @@ def test_precision_reaches_every_projection(api):
         plain = jn.MultiHeadAttention(D, 4, 8, 0.0, 2, attention_impl="naive", rngs=nnx.Rngs(0))
         fn_plain = lambda x: plain(x)  # noqa: E731
     with jax.default_matmul_precision("default"):
-        precisions = _dot_precisions(fn, x)
-        plain_precisions = _dot_precisions(fn_plain, x)
+        precisions = dot_precisions(fn, x)
+        plain_precisions = dot_precisions(fn_plain, x)
     assert sum(p == HIGHEST for p in precisions) >= 4  # W_query, W_key, W_value, out_proj at least
     assert not any(p == HIGHEST for p in plain_precisions)  # None stays JAX's default
 
@@ -238,7 +221,7 @@ def test_precision_reaches_every_projection(api):
 def test_precision_reaches_every_product_of_the_section_3_4_modules(build):
     x = _x()
     module = build("highest")
-    precisions = _dot_precisions(lambda x: module(x), x)
+    precisions = dot_precisions(lambda x: module(x), x)
     assert len(precisions) >= 3 and all(p == HIGHEST for p in precisions), precisions
 
 

@@ -11,6 +11,7 @@ import pytest
 import jaxattn
 from jaxattn.kernels import flash
 from jaxattn.kernels.blockwise import blockwise_attention, blockwise_causal_attention
+from tests.jaxpr_dots import dot_precisions
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -76,24 +77,6 @@ def test_blockwise_online_gradient_at_4200_tokens_within_float32_rounding_of_nai
         diff, scale = float(jnp.abs(g - w).max()), float(jnp.abs(w).max())
         assert diff <= 4e-6 * scale, f"d/d{name}: |blockwise - naive| = {diff:.3g} at max |grad| {scale:.3g}"
         assert diff > 0.0  # the two really are different summations
-
-
-def dot_precisions(fn, *args) -> list:
-    """The ``precision`` of every ``dot_general`` in ``fn``'s jaxpr, loops and branches included."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                found.append(eqn.params["precision"])
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
 
 
 @pytest.mark.parametrize("impl", ["naive", "blockwise", "blockwise-general", "xla", "flash"])
