@@ -59,8 +59,9 @@ BLOCK_K = 128
 BLOCK_Q_BACKWARD = 64
 BLOCK_K_BACKWARD = 64
 #: The bytes one ``(block, head dim)`` tile may take, forward and backward: Triton stages the dot's
-#: operands in shared memory (228 KiB per SM on an H100), twice over with two pipeline stages, and the
-#: backward keeps dk and dv in registers. 128 x 64 float32 (d=768, 12 heads) is 32 KiB, JAX's example.
+#: operands in shared memory (228 KB per SM on an H100, NVIDIA's figure), twice over with two pipeline
+#: stages, and the backward keeps dk and dv in registers. 128 x 64 float32 (d=768, 12 heads) is 32 KiB,
+#: JAX's example.
 TILE_BYTES = 32 * 1024
 TILE_BYTES_BACKWARD = 16 * 1024
 #: The largest head dim taken: a query block and a key/value block must fit in on-chip memory.
