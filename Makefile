@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    builds .venv and runs the main job (`crosscheck` on the seed sentence)
-#   make test   builds .venv (and .venv-ttnn with the real ttnn) and runs every test
+#   make test   builds .venv (and .venv-ttnn with the real ttnn), lints and type-checks, runs every test and
+#               checks the built wheel in a clean environment
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 TTNN_VENV ?= .venv-ttnn
@@ -20,14 +22,14 @@ TTNN_BASE_PYTHON ?= $(shell \
 	if PYENV_VERSION=3.12.1 pyenv which python >/dev/null 2>&1; then PYENV_VERSION=3.12.1 pyenv which python; \
 	elif python3.12 -c pass >/dev/null 2>&1; then python3.12 -c 'import sys; print(sys.executable)'; fi)
 
-.PHONY: run test test-main test-conformance venv venv-ttnn clean
+.PHONY: run test lint test-main test-conformance test-package venv venv-ttnn clean
 
 venv: $(VENV)/.installed
 
 # torch==2.13.0 comes from constraints.txt: the local CPU build, never CUDA wheels.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,bench,hf,plot]'
+	$(VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[crosscheck,test,bench,hf,plot]'
 	touch $@
 
 venv-ttnn: $(TTNN_VENV)/.installed
@@ -48,32 +50,47 @@ $(TTNN_VENV)/.installed: pyproject.toml Makefile
 run: $(VENV)/.installed
 	$(VENV)/bin/crosscheck
 
-# Both sessions always run; the target fails if either failed.
+# Lint and types first, failing fast; then the three test parts always run, and the target fails if any did.
+# Each part prints its wall time (`time`), so a slow part shows in CI's log.
 test: $(VENV)/.installed $(TTNN_VENV)/.installed
+	@$(MAKE) --no-print-directory lint
 	@status=0; \
 	$(MAKE) --no-print-directory test-main || status=1; \
 	$(MAKE) --no-print-directory test-conformance || status=1; \
+	$(MAKE) --no-print-directory test-package || status=1; \
 	exit $$status
+
+# ruff (lint and the formatter's check) and mypy, configured in pyproject.toml.
+LINT_PATHS = jaxattn crosscheck tools
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 # pytest-xdist: TEST_WORKERS processes share the tests (2: this project's 2-core CI machine, where the main
 # session took 338 s on 2026-11-28). `make test TEST_WORKERS=0` runs in one process.
 TEST_WORKERS ?= 2
 
 test-main: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest --ignore=tests/conformance -n $(TEST_WORKERS)
+	time $(VENV)/bin/python -m pytest --ignore=tests/conformance -n $(TEST_WORKERS)
 
-# tests/conformance runs only in $(TTNN_VENV) (real ttnn 0.81.1, JAX 0.7.0 + Flax 0.11.2, numpy<2); the main
-# session ignores it. tests/jaxattn runs there again (tests not marked slow) to keep jaxattn working on the
-# oldest JAX it supports. pyproject addopts apply (jaxtyping's pytest plugin is installed in $(TTNN_VENV)).
+# tests/conformance runs only in $(TTNN_VENV) (real ttnn 0.81.1, JAX 0.7.0 + Flax 0.11.2, numpy<2): the main
+# session ignores it. Its test_jax_minimum*.py files keep jaxattn working on the oldest JAX it supports, every
+# public function once (the whole jaxattn tree runs in the main session). That interpreter is the ttnn
+# worker's: no torch, so CROSSCHECK_WORKER=1 (crosscheck.extra) lets the torch-free parts of crosscheck import.
+# pyproject addopts apply (jaxtyping's pytest plugin is installed in $(TTNN_VENV)).
 test-conformance: $(TTNN_VENV)/.installed
 	@if [ -f $(TTNN_VENV)/.installed ]; then \
-	  status=0; set -x; \
-	  $(TTNN_VENV)/bin/python -m pytest tests/conformance || status=1; \
-	  $(TTNN_VENV)/bin/python -m pytest -m "not slow" -n $(TEST_WORKERS) tests/jaxattn || status=1; \
-	  exit $$status; \
+	  set -x; time CROSSCHECK_WORKER=1 $(TTNN_VENV)/bin/python -m pytest -n $(TEST_WORKERS) tests/conformance; \
 	else \
 	  echo "SKIPPED tests/conformance: no Python 3.12 to build $(TTNN_VENV) (ttnn 0.81.1 + JAX 0.7.0 need it)"; \
 	fi
 
+# The built wheel and sdist, installed as the two audiences install them (tools/package_check.sh): jaxattn
+# alone without torch, then the [crosscheck] extra, not editable, running `crosscheck` on its default input.
+PACKAGE_CHECK_DIR ?= .package-check
+test-package: $(VENV)/.installed
+	time tools/package_check.sh $(abspath $(VENV))/bin/python $(PACKAGE_CHECK_DIR)
+
 clean:
-	rm -rf $(VENV) $(TTNN_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TTNN_VENV) $(PACKAGE_CHECK_DIR) .pytest_cache .hypothesis

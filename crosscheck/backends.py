@@ -15,7 +15,8 @@ import os
 import platform
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -88,31 +89,48 @@ def torch_decode_output(case: Case, prompt_len: int) -> np.ndarray:
     with torch.no_grad():
         for start, stop in bounds:
             out, cache = module(
-                x[:, start:stop], use_cache=True, start_pos=start, cache=cache,
+                x[:, start:stop],
+                use_cache=True,
+                start_pos=start,
+                cache=cache,
                 attention_mask=None if mask is None else mask[:, :stop],
             )
             outs.append(out)
     return torch.cat(outs, dim=1).numpy()
 
 
-def flax_output(case: Case, dtype: str = "float32", attention_impl: Optional[str] = None, api: str = "linen") -> np.ndarray:
+def flax_output(
+    case: Case, dtype: str = "float32", attention_impl: str | None = None, api: str = "linen"
+) -> np.ndarray:
     """The jitted jaxattn module on ``case`` with float32 parameters, computing in ``dtype``.
 
     ``attention_impl``: the attention core for variants that take one (``None``: the module's default).
     ``api``: ``"linen"`` or ``"nnx"`` (the :mod:`jaxattn.nnx` twin, same weights).
     """
     return flax_runner.run_flax(
-        case.variant, case.config, case.state_dict, case.x, dtype=dtype, attention_impl=attention_impl,
-        attention_mask=case.attention_mask, api=api,
+        case.variant,
+        case.config,
+        case.state_dict,
+        case.x,
+        dtype=dtype,
+        attention_impl=attention_impl,
+        attention_mask=case.attention_mask,
+        api=api,
     )
 
 
 def flax_decode_output(
-    case: Case, prompt_len: int, dtype: str = "float32", attention_impl: Optional[str] = None
+    case: Case, prompt_len: int, dtype: str = "float32", attention_impl: str | None = None
 ) -> tuple[np.ndarray, int]:
     """``(outputs, compilations)`` of the jaxattn module decoding ``case`` (:func:`flax_runner.run_flax_decode`)."""
     return flax_runner.run_flax_decode(
-        case.variant, case.config, case.state_dict, case.x, prompt_len, dtype=dtype, attention_impl=attention_impl,
+        case.variant,
+        case.config,
+        case.state_dict,
+        case.x,
+        prompt_len,
+        dtype=dtype,
+        attention_impl=attention_impl,
         attention_mask=case.attention_mask,
     )
 
@@ -129,7 +147,7 @@ def _ttnn_runtime_module():
 
 
 def ttnn_outputs_in_process(
-    cases: Sequence[Case], runtime: str, progress: Callable[[str], None], *, prompt_len: Optional[int] = None
+    cases: Sequence[Case], runtime: str, progress: Callable[[str], None], *, prompt_len: int | None = None
 ):
     """``({variant: output}, runtime info, versions, seconds per variant)`` in this interpreter.
 
@@ -146,14 +164,16 @@ def ttnn_outputs_in_process(
             if prompt_len is None:
                 out = rt.run_variant(opened, case.variant, case.config, case.state_dict, case.x, mask)
             else:
-                out = rt.run_variant_decode(opened, case.variant, case.config, case.state_dict, case.x, prompt_len, mask)
+                out = rt.run_variant_decode(
+                    opened, case.variant, case.config, case.state_dict, case.x, prompt_len, mask
+                )
             outputs[case.variant.name] = np.asarray(out)
             seconds[case.variant.name] = time.perf_counter() - t0
             progress(f"ttnn {case.variant.name}")
     return outputs, info, dict(rt.ttnn_versions()), seconds
 
 
-def check_ttnn_available(runtime: str, python: Optional[str]) -> None:
+def check_ttnn_available(runtime: str, python: str | None) -> None:
     """Fail before the slow part when the ttnn backend cannot run as asked."""
     if python is not None:
         if not (os.path.isfile(python) and os.access(python, os.X_OK)):
@@ -166,7 +186,7 @@ def check_ttnn_available(runtime: str, python: Optional[str]) -> None:
             raise BadInputError(f"ttnn runtime 'device' is not available: {reason}")
 
 
-def ttnn_outputs_elsewhere(cases: Sequence[Case], runtime: str, python: str, *, prompt_len: Optional[int] = None):
+def ttnn_outputs_elsewhere(cases: Sequence[Case], runtime: str, python: str, *, prompt_len: int | None = None):
     """The same, through a bundle run by ``python`` (B's worker), e.g. the 3.12 venv with real ttnn.
 
     The bundle carries each case's ``attention_mask`` and ``prompt_len`` (meta ``decode_prompt_len``).
@@ -189,14 +209,18 @@ def ttnn_outputs_elsewhere(cases: Sequence[Case], runtime: str, python: str, *, 
             f"the ttnn worker ({python}) ran with decode_prompt_len={meta.get(DECODE_PROMPT_LEN)!r}, "
             f"asked {prompt_len!r}: is it an older crosscheck?"
         )
-    info = {"name": meta.get("runtime"), "description": meta.get("runtime_description"), "python": meta.get("python", python)}
+    info = {
+        "name": meta.get("runtime"),
+        "description": meta.get("runtime_description"),
+        "python": meta.get("python", python),
+    }
     return outputs, info, dict(meta.get("versions", {})), {c.variant.name: elapsed / len(cases) for c in cases}
 
 
 # --- versions ------------------------------------------------------------------------------------
 
 
-def versions(ttnn: Optional[dict] = None) -> dict:
+def versions(ttnn: dict | None = None) -> dict:
     """Versions of the interpreter and every framework (``None`` where absent; why, for ttnn)."""
     out: dict[str, Any] = {"python": platform.python_version(), "numpy": np.__version__}
     for name in ("torch", "jax", "flax"):
@@ -209,7 +233,7 @@ def versions(ttnn: Optional[dict] = None) -> dict:
             ttnn = dict(_ttnn_runtime_module().ttnn_versions())
         except BadInputError as err:
             ttnn = {"ttnn": None, "ttnn_reason": str(err)}
-        except Exception as err:  # a broken ttnn install must not hide the report
+        except Exception as err:  # noqa: BLE001 - a broken ttnn install must not hide the report
             ttnn = {"ttnn": None, "ttnn_reason": f"{type(err).__name__}: {err}"}
     out["ttnn"] = ttnn.get("ttnn")
     out["ttnn_reason"] = ttnn.get("ttnn_reason")
@@ -217,7 +241,7 @@ def versions(ttnn: Optional[dict] = None) -> dict:
     return out
 
 
-def _jax_backend() -> Optional[str]:
+def _jax_backend() -> str | None:
     """JAX's platform and device (``"gpu: NVIDIA H100 80GB HBM3"``, ``"cpu"``), ``None`` without JAX."""
     try:
         from crosscheck import placement

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -57,7 +58,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -89,25 +91,44 @@ def _name_list(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``crosscheck bench`` options (GPT-2 small by default)."""
-    parser.add_argument("--tokens", type=_int_list, nargs="+", default=[[1024]],
-                        help="token counts, e.g. --tokens 128 256 1024 or --tokens 128,1024 (default 1024)")
+    parser.add_argument(
+        "--tokens",
+        type=_int_list,
+        nargs="+",
+        default=[[1024]],
+        help="token counts, e.g. --tokens 128 256 1024 or --tokens 128,1024 (default 1024)",
+    )
     parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     parser.add_argument("--d-model", type=int, default=768, help="d_in = d_out (default 768)")
     parser.add_argument("--heads", type=int, default=12, help="number of heads (default 12)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default float32)")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per shape (default 7)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per implementation (default 1)")
-    parser.add_argument("--impls", type=_name_list, nargs="+", default=None,
-                        help=f"subset of {', '.join(ALL_IMPLS)} (default all)")
-    parser.add_argument("--memory", choices=("analysis", "rss", "none"), default="analysis",
-                        help="peak memory: XLA memory_analysis (JAX only), per-impl subprocess RSS, or none")
-    parser.add_argument("--recompile-sweep", type=_int_list, nargs="*", default=None,
-                        help="count compilations over these token counts with/without bucketing "
-                        "(no value: 100,144,...,1024)")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also time one projection matmul and the attention core alone, JAX vs torch")
+    parser.add_argument(
+        "--impls", type=_name_list, nargs="+", default=None, help=f"subset of {', '.join(ALL_IMPLS)} (default all)"
+    )
+    parser.add_argument(
+        "--memory",
+        choices=("analysis", "rss", "none"),
+        default="analysis",
+        help="peak memory: XLA memory_analysis (JAX only), per-impl subprocess RSS, or none",
+    )
+    parser.add_argument(
+        "--recompile-sweep",
+        type=_int_list,
+        nargs="*",
+        default=None,
+        help="count compilations over these token counts with/without bucketing (no value: 100,144,...,1024)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time one projection matmul and the attention core alone, JAX vs torch",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", dest="json_path", default=None, help="write results as JSON here (-: stdout, the tables go to stderr)")
+    parser.add_argument(
+        "--json", dest="json_path", default=None, help="write results as JSON here (-: stdout, the tables go to stderr)"
+    )
     parser.add_argument("--plot", dest="plot_path", default=None, help="write a PNG of latency vs tokens here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one impl, RSS mode
     bench_decode.add_arguments(parser)
@@ -159,7 +180,7 @@ class Runner:
     def __init__(self, name: str, framework: str, call: Callable[[], Any], compile_s=None, memory_bytes=None):
         self.name, self.framework, self.call = name, framework, call
         self.compile_s, self.memory_bytes, self.status = compile_s, memory_bytes, "ok"
-        self.output: Optional[np.ndarray] = None
+        self.output: np.ndarray | None = None
 
 
 def _jax_runner(name, book, x_np, args, context_length) -> Runner:
@@ -170,8 +191,9 @@ def _jax_runner(name, book, x_np, args, context_length) -> Runner:
 
     impl = name.removeprefix("jax-")
     fused = impl == "fused-blockwise"
-    module, variables = _flax_state(book, args.d_model, args.heads, context_length, args.dtype,
-                                    "blockwise" if fused else impl)
+    module, variables = _flax_state(
+        book, args.d_model, args.heads, context_length, args.dtype, "blockwise" if fused else impl
+    )
     x = jnp.asarray(x_np, dtype=variables["params"]["out_proj"]["kernel"].dtype)
     if fused:
         params = fuse_qkv_params(variables["params"])
@@ -278,10 +300,19 @@ def time_breakdown(tokens: int, args: argparse.Namespace, book) -> list[dict]:
     for runner in runners:
         piece = runner.name.split("-", 1)[1]
         other = outputs[("torch-" if runner.framework == "jax" else "jax-") + piece]
-        rows.append({"piece": piece, "impl": runner.name, "framework": runner.framework, "tokens": tokens,
-                     "batch": args.batch, "median_s": statistics.median(times[runner.name]),
-                     "times_s": times[runner.name],
-                     "max_abs_diff_jax_vs_torch": float(np.abs(runner.output - other).max())})
+        assert runner.output is not None and other is not None  # time_round_robin ran every runner
+        rows.append(
+            {
+                "piece": piece,
+                "impl": runner.name,
+                "framework": runner.framework,
+                "tokens": tokens,
+                "batch": args.batch,
+                "median_s": statistics.median(times[runner.name]),
+                "times_s": times[runner.name],
+                "max_abs_diff_jax_vs_torch": float(np.abs(runner.output - other).max()),
+            }
+        )
     return rows
 
 
@@ -294,7 +325,7 @@ def _to_numpy(out) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def max_abs_diffs(runners: list[Runner]) -> dict[str, Optional[float]]:
+def max_abs_diffs(runners: list[Runner]) -> dict[str, float | None]:
     """Max |impl - reference| per implementation; the reference is torch-book if it ran, else the first."""
     outs = {r.name: r.output for r in runners if r.output is not None}
     if not outs:
@@ -304,7 +335,7 @@ def max_abs_diffs(runners: list[Runner]) -> dict[str, Optional[float]]:
 
 
 def time_round_robin(
-    runners: list[Runner], repeats: int, warmup: int, on_round: Optional[Callable[[], None]] = None
+    runners: list[Runner], repeats: int, warmup: int, on_round: Callable[[], None] | None = None
 ) -> dict[str, list[float]]:
     """Per-implementation wall times: warm-up excluded, one call each per round, order rotated.
 
@@ -350,15 +381,40 @@ def run_child(args: argparse.Namespace) -> int:
     before = _max_rss_bytes()
     runner.call()
     after = _max_rss_bytes()
-    print(json.dumps({"impl": args.child, "max_rss_bytes": after, "setup_rss_bytes": before,
-                      "forward_rss_rise_bytes": after - before, "status": runner.status}))
+    print(
+        json.dumps(
+            {
+                "impl": args.child,
+                "max_rss_bytes": after,
+                "setup_rss_bytes": before,
+                "forward_rss_rise_bytes": after - before,
+                "status": runner.status,
+            }
+        )
+    )
     return 0
 
 
 def measure_rss(impl: str, tokens: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "crosscheck.bench", "--child", impl, "--tokens", str(tokens),
-           "--batch", str(args.batch), "--d-model", str(args.d_model), "--heads", str(args.heads),
-           "--dtype", args.dtype, "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "crosscheck.bench",
+        "--child",
+        impl,
+        "--tokens",
+        str(tokens),
+        "--batch",
+        str(args.batch),
+        "--d-model",
+        str(args.d_model),
+        "--heads",
+        str(args.heads),
+        "--dtype",
+        args.dtype,
+        "--seed",
+        str(args.seed),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"status": f"failed: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
@@ -377,33 +433,41 @@ def count_recompilations(sweep: list[int], args: argparse.Namespace, impl: str =
     from jaxattn.bucketing import bucketed
 
     context_length = max(1 << (max(sweep) - 1).bit_length(), -(-max(sweep) // 128) * 128)
-    module = jaxattn.MultiHeadAttention(args.d_model, args.d_model, context_length, 0.0, args.heads,
-                                        attention_impl=impl)
+    module = jaxattn.MultiHeadAttention(
+        args.d_model, args.d_model, context_length, 0.0, args.heads, attention_impl=impl
+    )
     variables = module.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, 1, args.d_model), jnp.float32))
     rng = np.random.default_rng(args.seed)
-    out = {"sweep_tokens": list(sweep), "impl": impl, "batch": 1, "policies": {}}
-    for policy in ("none", "pow2", "multiple"):
-        traces = [0]
+    out: dict[str, Any] = {"sweep_tokens": list(sweep), "impl": impl, "batch": 1, "policies": {}}
 
+    def counted(traces: list[int]):
         def apply(v, x):
             traces[0] += 1  # runs once per trace, i.e. once per compilation
             return module.apply(v, x)
 
-        jitted = jax.jit(apply)
-        call = bucketed(lambda x: jitted(variables, x), policy=policy, multiple=128, maximum=context_length)
+        return apply
+
+    for policy in ("none", "pow2", "multiple"):
+        traces = [0]
+        jitted = jax.jit(counted(traces))
+        call = bucketed(functools.partial(jitted, variables), policy=policy, multiple=128, maximum=context_length)
         start = time.perf_counter()
         for t in sweep:
             call(rng.standard_normal((1, t, args.d_model), dtype=np.float32)).block_until_ready()
+        # jit's private compilation counter (absent from jax's stubs), read only where it exists
         cache_size = jitted._cache_size() if hasattr(jitted, "_cache_size") else None
-        out["policies"][policy] = {"compilations": traces[0], "jit_cache_size": cache_size,
-                                   "total_s": time.perf_counter() - start}
+        out["policies"][policy] = {
+            "compilations": traces[0],
+            "jit_cache_size": cache_size,
+            "total_s": time.perf_counter() - start,
+        }
     return out
 
 
 # --- output ----------------------------------------------------------------------------------------------
 
 
-def _fmt_bytes(n: Optional[int]) -> str:
+def _fmt_bytes(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
@@ -412,24 +476,30 @@ def print_table(rows: list[dict], tokens: int) -> None:
     torch_ok = [r for r in shape_rows if r["framework"] == "torch" and r["median_s"] is not None]
     fastest = min(torch_ok, key=lambda r: r["median_s"]) if torch_ok else None
     by_name = {r["impl"]: r for r in shape_rows}
-    head = f"{'impl':<22}{'median':>11}{'vs fastest torch':>18}{'vs sdpa':>9}{'vs book':>9}{'compile':>10}{'memory':>14}"
+    head = (
+        f"{'impl':<22}{'median':>11}{'vs fastest torch':>18}{'vs sdpa':>9}{'vs book':>9}{'compile':>10}{'memory':>14}"
+    )
     print(head)
     for r in shape_rows:
         if r["median_s"] is None:
             print(f"{r['impl']:<22}{r['status']}")
             continue
 
-        def ratio(ref):
+        def ratio(ref, r=r):
             return f"{ref['median_s'] / r['median_s']:.2f}x" if ref and ref["median_s"] else "-"
 
         mem = r.get("memory_rss") or r.get("memory") or {}
         mem_bytes = mem.get("max_rss_bytes", mem.get("total_bytes"))
         compile_s = "-" if r.get("compile_s") is None else f"{r['compile_s']:.2f}s"
-        print(f"{r['impl']:<22}{r['median_s'] * 1e3:>9.1f}ms{ratio(fastest):>18}{ratio(by_name.get('torch-sdpa')):>9}"
-              f"{ratio(by_name.get('torch-book')):>9}{compile_s:>10}{_fmt_bytes(mem_bytes):>14}")
+        print(
+            f"{r['impl']:<22}{r['median_s'] * 1e3:>9.1f}ms{ratio(fastest):>18}{ratio(by_name.get('torch-sdpa')):>9}"
+            f"{ratio(by_name.get('torch-book')):>9}{compile_s:>10}{_fmt_bytes(mem_bytes):>14}"
+        )
     diffs = {r["impl"]: r.get("max_abs_diff_vs_reference") for r in shape_rows}
-    print("max |out - torch-book| (or the first impl): "
-          + ", ".join(f"{k}={v:.1e}" for k, v in diffs.items() if v is not None))
+    print(
+        "max |out - torch-book| (or the first impl): "
+        + ", ".join(f"{k}={v:.1e}" for k, v in diffs.items() if v is not None)
+    )
     if fastest:
         print(f"(ratios = reference median / impl median; fastest torch: {fastest['impl']})")
 
@@ -442,8 +512,10 @@ def print_breakdown(pieces: list[dict], tokens: int) -> None:
         jax_s, torch_s = median[f"jax-{piece}"], median[f"torch-{piece}"]
         print(f"{piece:<16}{jax_s * 1e3:>9.1f}ms{torch_s * 1e3:>9.1f}ms{torch_s / jax_s:>19.2f}x")
     total = {fw: 4 * median[f"{fw}-projection"] + median[f"{fw}-attention-core"] for fw in ("jax", "torch")}
-    print(f"4 x projection + core: jax {total['jax'] * 1e3:.1f}ms, torch {total['torch'] * 1e3:.1f}ms "
-          "(one MHA forward is these plus the head split/merge and out_proj's bias)")
+    print(
+        f"4 x projection + core: jax {total['jax'] * 1e3:.1f}ms, torch {total['torch'] * 1e3:.1f}ms "
+        "(one MHA forward is these plus the head split/merge and out_proj's bias)"
+    )
 
 
 def write_plot(rows: list[dict], path: str) -> None:
@@ -511,36 +583,57 @@ def _on_the_host():
 def _main_on_the_cpu(args: argparse.Namespace) -> int:
     if getattr(args, "decode", False):
         _check_budget(args, [args.prompt_len + args.steps], ["torch-book"])
-        result = bench_decode.run(args)
-        _write_json(result, args.json_path, args)
+        decoded = bench_decode.run(args)
+        _write_json(decoded, args.json_path, args)
         return 0
     tokens_list, impls = _validate(args)
     _check_budget(args, tokens_list, impls)
     import jax
     import torch
 
-    config = {"batch": args.batch, "d_model": args.d_model, "heads": args.heads, "dtype": args.dtype,
-              "repeats": args.repeats, "warmup": args.warmup, "impls": impls, "memory": args.memory,
-              "jax": jax.__version__, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-              "load_avg_at_start": list(os.getloadavg())}
+    config = {
+        "batch": args.batch,
+        "d_model": args.d_model,
+        "heads": args.heads,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "impls": impls,
+        "memory": args.memory,
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "load_avg_at_start": list(os.getloadavg()),
+    }
     print("crosscheck bench: " + ", ".join(f"{k}={v}" for k, v in config.items() if k != "impls"))
     rows: list[dict] = []
     pieces: list[dict] = []
     sweep = _sweep_progress(args, len(tokens_list))
     for tokens in tokens_list:
         context_length = tokens
-        book = _book_torch(args.d_model, args.heads, tokens if any(i.startswith("torch") for i in impls) else 1,
-                           args.dtype, args.seed)
+        book = _book_torch(
+            args.d_model, args.heads, tokens if any(i.startswith("torch") for i in impls) else 1, args.dtype, args.seed
+        )
         runners = build_runners(impls, tokens, args, book, context_length)
         label = f"tokens={tokens} ({len(runners)} impls)"
-        times = time_round_robin(runners, args.repeats, args.warmup, lambda: sweep.step(label))
+        times = time_round_robin(runners, args.repeats, args.warmup, functools.partial(sweep.step, label))
         diffs = max_abs_diffs(runners)
         for runner in runners:
-            row = {"impl": runner.name, "framework": runner.framework, "tokens": tokens, "batch": args.batch,
-                   "d_model": args.d_model, "heads": args.heads, "dtype": args.dtype,
-                   "median_s": statistics.median(times[runner.name]) if runner.name in times else None,
-                   "times_s": times.get(runner.name, []), "compile_s": runner.compile_s, "status": runner.status,
-                   "memory": None, "max_abs_diff_vs_reference": diffs.get(runner.name)}
+            row = {
+                "impl": runner.name,
+                "framework": runner.framework,
+                "tokens": tokens,
+                "batch": args.batch,
+                "d_model": args.d_model,
+                "heads": args.heads,
+                "dtype": args.dtype,
+                "median_s": statistics.median(times[runner.name]) if runner.name in times else None,
+                "times_s": times.get(runner.name, []),
+                "compile_s": runner.compile_s,
+                "status": runner.status,
+                "memory": None,
+                "max_abs_diff_vs_reference": diffs.get(runner.name),
+            }
             if args.memory != "none" and runner.memory_bytes is not None:
                 row["memory"] = {"method": "xla memory_analysis (temp+argument+output)", **runner.memory_bytes}
             rows.append(row)
@@ -558,8 +651,11 @@ def _main_on_the_cpu(args: argparse.Namespace) -> int:
             del book
     sweep.close()
     for row in rows:  # speed relative to the fastest torch row of the same shape
-        torch_ok = [r["median_s"] for r in rows if r["tokens"] == row["tokens"] and r["framework"] == "torch"
-                    and r["median_s"] is not None]
+        torch_ok = [
+            r["median_s"]
+            for r in rows
+            if r["tokens"] == row["tokens"] and r["framework"] == "torch" and r["median_s"] is not None
+        ]
         row["speedup_vs_fastest_torch"] = (min(torch_ok) / row["median_s"]) if torch_ok and row["median_s"] else None
     result: dict[str, Any] = {"config": config, "results": rows}
     if args.breakdown:
@@ -570,8 +666,10 @@ def _main_on_the_cpu(args: argparse.Namespace) -> int:
         result["recompilation"] = rec
         print(f"\n== recompilations over {len(sweep)} token counts ({min(sweep)}..{max(sweep)}), batch 1 ==")
         for policy, r in rec["policies"].items():
-            print(f"{policy:<10} compilations={r['compilations']:>3}  jit cache={r['jit_cache_size']}  "
-                  f"sweep wall time={r['total_s']:.1f}s")
+            print(
+                f"{policy:<10} compilations={r['compilations']:>3}  jit cache={r['jit_cache_size']}  "
+                f"sweep wall time={r['total_s']:.1f}s"
+            )
     _write_json(result, args.json_path, args)
     if args.plot_path is not None:
         write_plot(rows, args.plot_path)
@@ -581,10 +679,13 @@ def _main_on_the_cpu(args: argparse.Namespace) -> int:
 
 def _check_budget(args: argparse.Namespace, tokens_list: list[int], impls: list[str]) -> None:
     """Loop counts bounded and every shape's memory estimated (:mod:`crosscheck.budget`) before any work."""
-    for flag, value, limit in (("--repeats", args.repeats, budget.MAX_REPEATS), ("--warmup", args.warmup, budget.MAX_WARMUP),
-                               ("--heads", args.heads, budget.MAX_HEADS),
-                               ("--steps", getattr(args, "steps", 0), budget.MAX_DECODE_STEPS),
-                               ("--prompt-len", getattr(args, "prompt_len", 0), MAX_TOKENS)):
+    for flag, value, limit in (
+        ("--repeats", args.repeats, budget.MAX_REPEATS),
+        ("--warmup", args.warmup, budget.MAX_WARMUP),
+        ("--heads", args.heads, budget.MAX_HEADS),
+        ("--steps", getattr(args, "steps", 0), budget.MAX_DECODE_STEPS),
+        ("--prompt-len", getattr(args, "prompt_len", 0), MAX_TOKENS),
+    ):
         budget.check_count(int(value), limit, flag)
     if args.recompile_sweep is not None:
         n = sum(len(g) if isinstance(g, list) else 1 for g in args.recompile_sweep)
@@ -592,8 +693,10 @@ def _check_budget(args: argparse.Namespace, tokens_list: list[int], impls: list[
     itemsize = 2 if args.dtype == "bfloat16" else 4
     with budget.limited(getattr(args, "max_memory", None)):
         for tokens in tokens_list:
-            budget.check_terms(budget.bench_terms(tokens, args.batch, args.d_model, args.heads, itemsize, impls),
-                               f"bench at tokens={tokens}")
+            budget.check_terms(
+                budget.bench_terms(tokens, args.batch, args.d_model, args.heads, itemsize, impls),
+                f"bench at tokens={tokens}",
+            )
 
 
 def _sweep_progress(args: argparse.Namespace, shapes: int):
@@ -612,10 +715,12 @@ def _check_output_paths(args: argparse.Namespace) -> None:
     if plot_path is not None:
         check_output_path(plot_path, "--plot", what="plot")
         if json_path is not None and same_file(plot_path, json_path):
-            raise BadInputError(f"--plot {plot_path} is also the --json file: give the plot and the results different names")
+            raise BadInputError(
+                f"--plot {plot_path} is also the --json file: give the plot and the results different names"
+            )
 
 
-def _write_json(result: dict, path: Optional[str], args: Optional[argparse.Namespace] = None) -> None:
+def _write_json(result: dict, path: str | None, args: argparse.Namespace | None = None) -> None:
     if path == "-":
         print(json.dumps(result, indent=2), file=getattr(args, "json_stream", None) or sys.stdout)
     elif path is not None:
@@ -623,7 +728,7 @@ def _write_json(result: dict, path: Optional[str], args: Optional[argparse.Names
         print(f"wrote {path}")
 
 
-def _cli(argv: Optional[list[str]] = None) -> int:
+def _cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m crosscheck.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

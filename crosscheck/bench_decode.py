@@ -1,4 +1,5 @@
-"""``crosscheck bench --decode``: per-token latency of jitted Flax KV-cache decoding against the book's cached torch class.
+"""``crosscheck bench --decode``: per-token latency of jitted Flax KV-cache decoding against the book's cached
+torch class.
 
 Same weights (the book's ``MultiHeadAttention``, GPT-2 small by default), same process:
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +39,11 @@ DEFAULT_DECODE_IMPLS = ("jax-naive", "jax-xla", "jax-auto", TORCH_DECODE_IMPL)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The decode bench's own options (it shares --batch, --d-model, --heads, --dtype, --repeats, --seed, --json)."""
     g = parser.add_argument_group("decoding (--decode)")
-    g.add_argument("--decode", action="store_true",
-                   help="time KV-cache decoding per token (Flax decode=True vs the book's cached torch class)")
+    g.add_argument(
+        "--decode",
+        action="store_true",
+        help="time KV-cache decoding per token (Flax decode=True vs the book's cached torch class)",
+    )
     g.add_argument("--prompt-len", type=int, default=16, help="prompt tokens before decoding (default 16)")
     g.add_argument("--steps", type=int, default=256, help="tokens decoded one at a time (default 256)")
 
@@ -71,17 +75,21 @@ class _Decoder:
 
     name: str
     framework: str
-    compilations: Optional[int] = None
-    traces: Optional[int] = None
+    compilations: int | None = None
+    traces: int | None = None
+    cache: Any
+    outs: list[Any]
 
     def reset(self) -> None: ...
     def prefill(self) -> None: ...
     def step(self, t: int) -> None: ...
-    def output(self) -> np.ndarray: ...
+    def output(self) -> np.ndarray:
+        raise NotImplementedError
 
 
 class _JaxDecoder(_Decoder):
     framework = "jax"
+    traces: int  # counted from 0 here
 
     def __init__(self, name, book, x_np, args):
         import jax
@@ -94,8 +102,15 @@ class _JaxDecoder(_Decoder):
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
         tokens = x_np.shape[1]
         module = jaxattn.MultiHeadAttention(
-            args.d_model, args.d_model, tokens, 0.0, args.heads, attention_impl=name.removeprefix("jax-"),
-            dtype=dtype, param_dtype=dtype, decode=True,
+            args.d_model,
+            args.d_model,
+            tokens,
+            0.0,
+            args.heads,
+            attention_impl=name.removeprefix("jax-"),
+            dtype=dtype,
+            param_dtype=dtype,
+            decode=True,
         )
         state = {k: v.float().numpy() for k, v in book.state_dict().items() if k != "mask"}
         self.params = load_state_dict(module.clone(decode=False), state)
@@ -131,7 +146,7 @@ class _JaxDecoder(_Decoder):
     def output(self) -> np.ndarray:
         import jax.numpy as jnp
 
-        self.compilations = self.fn._cache_size()
+        self.compilations = self.fn._cache_size()  # type: ignore[attr-defined]  # jit's private counter, not in stubs
         return np.asarray(jnp.concatenate(self.outs, axis=1), dtype=np.float32)
 
 
@@ -205,31 +220,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _TorchDecoder(book, x_np, args) if name == TORCH_DECODE_IMPL else _JaxDecoder(name, book, x_np, args)
         for name in impls
     ]
-    config = {"mode": "decode", "batch": args.batch, "d_model": args.d_model, "heads": args.heads,
-              "dtype": args.dtype, "prompt_len": args.prompt_len, "steps": args.steps, "repeats": args.repeats,
-              "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
-              "cpu_count": os.cpu_count(), "load_avg_at_start": list(os.getloadavg())}
+    config = {
+        "mode": "decode",
+        "batch": args.batch,
+        "d_model": args.d_model,
+        "heads": args.heads,
+        "dtype": args.dtype,
+        "prompt_len": args.prompt_len,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "load_avg_at_start": list(os.getloadavg()),
+    }
     print("crosscheck bench --decode: " + ", ".join(f"{k}={v}" for k, v in config.items()))
     with jax.default_matmul_precision(placement.matmul_precision(args.dtype)):
         for d in decoders:  # warm-up round: compiles, excluded
             _round(d, args.prompt_len, args.steps)
         times: dict[str, list[tuple[float, float]]] = {d.name: [] for d in decoders}
         for r in range(args.repeats):
-            order = decoders[r % len(decoders):] + decoders[: r % len(decoders)]
+            order = decoders[r % len(decoders) :] + decoders[: r % len(decoders)]
             for d in order:
                 times[d.name].append(_round(d, args.prompt_len, args.steps))
     outputs = {d.name: d.output() for d in decoders}
     reference = outputs.get(TORCH_DECODE_IMPL)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for d in decoders:
         per_token = statistics.median(t for _, t in times[d.name])
-        rows.append({
-            "impl": d.name, "framework": d.framework, "per_token_median_s": per_token,
-            "prefill_median_s": statistics.median(p for p, _ in times[d.name]),
-            "per_token_times_s": [t for _, t in times[d.name]],
-            "compilations": d.compilations, "traces": d.traces,
-            "max_abs_diff_vs_torch": None if reference is None else float(np.abs(outputs[d.name] - reference).max()),
-        })
+        rows.append(
+            {
+                "impl": d.name,
+                "framework": d.framework,
+                "per_token_median_s": per_token,
+                "prefill_median_s": statistics.median(p for p, _ in times[d.name]),
+                "per_token_times_s": [t for _, t in times[d.name]],
+                "compilations": d.compilations,
+                "traces": d.traces,
+                "max_abs_diff_vs_torch": None
+                if reference is None
+                else float(np.abs(outputs[d.name] - reference).max()),
+            }
+        )
     torch_row = next((r for r in rows if r["framework"] == "torch"), None)
     for row in rows:
         row["speedup_vs_torch"] = torch_row["per_token_median_s"] / row["per_token_median_s"] if torch_row else None
@@ -238,12 +271,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"\n== decode: prompt {args.prompt_len} + {args.steps} steps, batch={args.batch} d_model={args.d_model} "
-          f"heads={args.heads} {args.dtype} ==")
+    print(
+        f"\n== decode: prompt {args.prompt_len} + {args.steps} steps, batch={args.batch} d_model={args.d_model} "
+        f"heads={args.heads} {args.dtype} =="
+    )
     print(f"{'impl':<18}{'per token':>12}{'prefill':>12}{'vs torch':>10}{'compilations':>14}{'max|diff|':>12}")
     for r in rows:
         ratio = "-" if r["speedup_vs_torch"] is None else f"{r['speedup_vs_torch']:.2f}x"
         comp = "-" if r["compilations"] is None else str(r["compilations"])
         diff = "-" if r["max_abs_diff_vs_torch"] is None else f"{r['max_abs_diff_vs_torch']:.1e}"
-        print(f"{r['impl']:<18}{r['per_token_median_s'] * 1e3:>10.3f}ms{r['prefill_median_s'] * 1e3:>10.2f}ms"
-              f"{ratio:>10}{comp:>14}{diff:>12}")
+        print(
+            f"{r['impl']:<18}{r['per_token_median_s'] * 1e3:>10.3f}ms{r['prefill_median_s'] * 1e3:>10.2f}ms"
+            f"{ratio:>10}{comp:>14}{diff:>12}"
+        )

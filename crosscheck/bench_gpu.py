@@ -32,7 +32,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -52,11 +53,16 @@ MIN_TOKENS, MAX_TOKENS = bench_models.MIN_TOKENS, bench_models.MAX_TOKENS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--backward``, ``--pipeline`` (their own group of ``crosscheck bench``)."""
     g = parser.add_argument_group("GPU: --device cuda (torch on CUDA, JAX on the GPU)")
-    g.add_argument("--device", choices=DEVICES, default="cpu",
-                   help=f"cpu (default: the CPU benchmark) or cuda: rows {', '.join(GPU_IMPLS)}")
+    g.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help=f"cpu (default: the CPU benchmark) or cuda: rows {', '.join(GPU_IMPLS)}",
+    )
     g.add_argument("--backward", action="store_true", help="with --device cuda: time forward+backward")
-    g.add_argument("--pipeline", type=int, default=20,
-                   help="with --device cuda: calls per pipelined timing (default 20)")
+    g.add_argument(
+        "--pipeline", type=int, default=20, help="with --device cuda: calls per pipelined timing (default 20)"
+    )
 
 
 def check_cuda() -> str:
@@ -69,8 +75,10 @@ def check_cuda() -> str:
     import jax
 
     if jax.default_backend() != "gpu":
-        raise BadInputError(f"--device cuda: JAX {jax.__version__} runs on {jax.default_backend()!r}, not on a GPU "
-                            "(install jax[cuda12])")
+        raise BadInputError(
+            f"--device cuda: JAX {jax.__version__} runs on {jax.default_backend()!r}, not on a GPU "
+            "(install jax[cuda12])"
+        )
     return torch.cuda.get_device_name()
 
 
@@ -87,8 +95,10 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
         impls = bench_models.flat(args.impls)
         unknown = [i for i in impls if i not in GPU_IMPLS]
         if unknown or not impls:
-            raise BadInputError(f"--impls with --device cuda: unknown {', '.join(unknown) or '(none given)'}; "
-                                f"choose from {', '.join(GPU_IMPLS)}")
+            raise BadInputError(
+                f"--impls with --device cuda: unknown {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(GPU_IMPLS)}"
+            )
     return tokens, impls
 
 
@@ -96,8 +106,16 @@ class GpuRunner:
     """One row: ``call()`` launches a forward (or forward+backward) and returns its result; ``wait(result)``
     blocks until the device has finished it; ``peak_bytes()`` measures one call's peak device memory."""
 
-    def __init__(self, name: str, framework: str, call: Callable[[], Any], wait: Callable[[Any], None],
-                 peak_bytes: Callable[[], Optional[int]], output: Callable[[Any], np.ndarray], compile_s=None):
+    def __init__(
+        self,
+        name: str,
+        framework: str,
+        call: Callable[[], Any],
+        wait: Callable[[Any], None],
+        peak_bytes: Callable[[], int | None],
+        output: Callable[[Any], np.ndarray],
+        compile_s=None,
+    ):
         self.name, self.framework, self.call, self.wait = name, framework, call, wait
         self.peak_bytes, self.output, self.compile_s, self.status = peak_bytes, output, compile_s, "ok"
 
@@ -120,20 +138,37 @@ def time_runner(runner: GpuRunner, repeats: int, pipeline: int, warmup: int = 1)
     return {"per_call_s": per_call, "pipelined_s": pipelined}
 
 
-def make_row(runner: GpuRunner, timings: Optional[dict], tokens: int, args: argparse.Namespace,
-             peak: Optional[int], diff: Optional[float]) -> dict:
+def make_row(
+    runner: GpuRunner,
+    timings: dict | None,
+    tokens: int,
+    args: argparse.Namespace,
+    peak: int | None,
+    diff: float | None,
+) -> dict:
     """The JSON row of one runner at one shape (``timings`` ``None``: it failed, see ``status``)."""
-    def median(key: str) -> Optional[float]:
+
+    def median(key: str) -> float | None:
         return statistics.median(timings[key]) if timings else None
 
     return {
-        "impl": runner.name, "framework": runner.framework, "device": "cuda", "tokens": tokens,
-        "batch": args.batch, "d_model": args.d_model, "heads": args.heads, "dtype": args.dtype,
+        "impl": runner.name,
+        "framework": runner.framework,
+        "device": "cuda",
+        "tokens": tokens,
+        "batch": args.batch,
+        "d_model": args.d_model,
+        "heads": args.heads,
+        "dtype": args.dtype,
         "pass": "forward+backward" if args.backward else "forward",
-        "per_call_median_s": median("per_call_s"), "pipelined_median_s": median("pipelined_s"),
-        "times_s": timings or {}, "compile_s": runner.compile_s, "status": runner.status,
+        "per_call_median_s": median("per_call_s"),
+        "pipelined_median_s": median("pipelined_s"),
+        "times_s": timings or {},
+        "compile_s": runner.compile_s,
+        "status": runner.status,
         "peak_device_bytes": peak,
-        "memory_method": "torch.cuda.max_memory_allocated after reset" if runner.framework == "torch"
+        "memory_method": "torch.cuda.max_memory_allocated after reset"
+        if runner.framework == "torch"
         else "XLA memory_analysis of the compiled program (arguments + outputs + temporaries)",
         "max_abs_diff_vs_torch_sdpa": diff,
     }
@@ -156,7 +191,9 @@ def _jax_runner(name: str, book, x_np: np.ndarray, r_np: np.ndarray, args, token
     import jax
     import jax.numpy as jnp
 
-    module, variables = bench_models.flax_state(book, args.d_model, args.heads, tokens, args.dtype, name.removeprefix("jax-"))
+    module, variables = bench_models.flax_state(
+        book, args.d_model, args.heads, tokens, args.dtype, name.removeprefix("jax-")
+    )
     dtype = variables["params"]["out_proj"]["kernel"].dtype
     x, r = jax.device_put(jnp.asarray(x_np, dtype)), jax.device_put(jnp.asarray(r_np, jnp.float32))
     variables = jax.device_put(variables)
@@ -170,7 +207,7 @@ def _jax_runner(name: str, book, x_np: np.ndarray, r_np: np.ndarray, args, token
         compiled = fn.lower(variables, x).compile()
     compile_s = time.perf_counter() - start
 
-    def peak() -> Optional[int]:
+    def peak() -> int | None:
         analysis = compiled.memory_analysis()
         if analysis is None:
             return None
@@ -189,9 +226,12 @@ def _torch_runner(name: str, book, x_np: np.ndarray, r_np: np.ndarray, args) -> 
     dtype = bench_models.torch_dtype(args.dtype)
     x = torch.from_numpy(x_np).to(TORCH_DEVICE, dtype).requires_grad_(args.backward)
     r = torch.from_numpy(r_np).to(TORCH_DEVICE, dtype)
-    module = {"torch-book": lambda: book, "torch-sdpa": lambda: bench_models.sdpa_class()(book).eval(),
-              "torch-compile": lambda: torch.compile(book)}[name]()
-    params = [p for p in book.parameters()]
+    module = {
+        "torch-book": lambda: book,
+        "torch-sdpa": lambda: bench_models.sdpa_class()(book).eval(),
+        "torch-compile": lambda: torch.compile(book),
+    }[name]()
+    params = list(book.parameters())
 
     def call():
         if not args.backward:
@@ -221,6 +261,11 @@ def _torch_runner(name: str, book, x_np: np.ndarray, r_np: np.ndarray, args) -> 
     return runner
 
 
+def _no_output(_result: Any) -> np.ndarray:
+    """The output of a placeholder runner, one whose build failed: never asked for."""
+    raise RuntimeError("this runner failed before it ran: it has no output")
+
+
 def _failed(err: BaseException) -> str:
     first = str(err).splitlines()[0] if str(err) else ""
     return f"failed: {type(err).__name__}: {first}"[:300]
@@ -231,12 +276,12 @@ def run_shape(tokens: int, impls: list[str], args: argparse.Namespace) -> list[d
     import torch
 
     x_np = bench_models.input_np(args, tokens)
-    r_np = np.random.default_rng(args.seed + 1).standard_normal(x_np.shape[:2] + (args.d_model,), dtype=np.float32)
+    r_np = np.random.default_rng(args.seed + 1).standard_normal((*x_np.shape[:2], args.d_model), dtype=np.float32)
     book = bench_models.book_torch(args.d_model, args.heads, tokens, args.dtype, args.seed).to(TORCH_DEVICE)
     rows, outputs = [], {}
     with placement.torch_without_tf32():
         for name in impls:
-            runner = GpuRunner(name, name.split("-")[0], lambda: None, lambda _: None, lambda: None, lambda _: None)
+            runner = GpuRunner(name, name.split("-")[0], lambda: None, lambda _: None, lambda: None, _no_output)
             timings, peak = None, None
             try:
                 if name.startswith("jax-"):
@@ -261,18 +306,25 @@ def print_rows(rows: list[dict], gpu: str) -> None:
     for tokens in dict.fromkeys(r["tokens"] for r in rows):
         shape = [r for r in rows if r["tokens"] == tokens]
         first = shape[0]
-        print(f"\n== {gpu}: {first['pass']}, batch {first['batch']}, tokens {tokens}, d_model {first['d_model']}, "
-              f"heads {first['heads']}, {first['dtype']} ==")
+        print(
+            f"\n== {gpu}: {first['pass']}, batch {first['batch']}, tokens {tokens}, d_model {first['d_model']}, "
+            f"heads {first['heads']}, {first['dtype']} =="
+        )
         print(head)
         for r in shape:
+
             def ms(v):
                 return "-" if v is None else f"{v * 1e3:.3f}ms"
 
             s = r.get("speedup_vs_torch_sdpa") or {}
-            ratio = "/".join("-" if s.get(k) is None else f"{s[k]:.2f}x" for k in ("per_call_median_s", "pipelined_median_s"))
+            ratio = "/".join(
+                "-" if s.get(k) is None else f"{s[k]:.2f}x" for k in ("per_call_median_s", "pipelined_median_s")
+            )
             mem = "-" if r["peak_device_bytes"] is None else f"{r['peak_device_bytes'] / 2**20:,.0f} MiB"
-            print(f"{r['impl']:<15}{ms(r['per_call_median_s']):>12}{ms(r['pipelined_median_s']):>12}{ratio:>22}"
-                  f"{mem:>14}  {r['status']}")
+            print(
+                f"{r['impl']:<15}{ms(r['per_call_median_s']):>12}{ms(r['pipelined_median_s']):>12}{ratio:>22}"
+                f"{mem:>14}  {r['status']}"
+            )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -284,18 +336,35 @@ def main(args: argparse.Namespace) -> int:
     import jax
     import torch
 
-    config = {"device": "cuda", "gpu": gpu, "batch": args.batch, "d_model": args.d_model, "heads": args.heads,
-              "dtype": args.dtype, "backward": bool(args.backward), "repeats": args.repeats,
-              "pipeline": args.pipeline, "impls": impls, "jax": jax.__version__, "jax_backend": jax.default_backend(),
-              "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-              "matmul_precision": "highest (TF32 off in torch)" if args.dtype == "float32" else "default"}
+    config = {
+        "device": "cuda",
+        "gpu": gpu,
+        "batch": args.batch,
+        "d_model": args.d_model,
+        "heads": args.heads,
+        "dtype": args.dtype,
+        "backward": bool(args.backward),
+        "repeats": args.repeats,
+        "pipeline": args.pipeline,
+        "impls": impls,
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "matmul_precision": "highest (TF32 off in torch)" if args.dtype == "float32" else "default",
+    }
     print("crosscheck bench --device cuda: " + ", ".join(f"{k}={v}" for k, v in config.items() if k != "impls"))
     rows = [row for tokens in tokens_list for row in run_shape(tokens, impls, args)]
     add_speedups(rows)
     print_rows(rows, gpu)
     if args.json_path == "-":
-        print(json.dumps({"config": config, "results": rows}, indent=2), file=getattr(args, "json_stream", None) or sys.stdout)
+        print(
+            json.dumps({"config": config, "results": rows}, indent=2),
+            file=getattr(args, "json_stream", None) or sys.stdout,
+        )
     elif args.json_path is not None:
-        atomic_write_text(args.json_path, json.dumps({"config": config, "results": rows}, indent=2), what="JSON results")
+        atomic_write_text(
+            args.json_path, json.dumps({"config": config, "results": rows}, indent=2), what="JSON results"
+        )
         print(f"wrote {args.json_path}")
     return 0

@@ -71,7 +71,12 @@ def sdpa_class():
         def __init__(self, book):
             super().__init__()
             self.num_heads, self.head_dim, self.d_out = book.num_heads, book.head_dim, book.d_out
-            self.W_query, self.W_key, self.W_value, self.out_proj = book.W_query, book.W_key, book.W_value, book.out_proj
+            self.W_query, self.W_key, self.W_value, self.out_proj = (
+                book.W_query,
+                book.W_key,
+                book.W_value,
+                book.out_proj,
+            )
 
         def forward(self, x):
             b, t, _ = x.shape

@@ -20,13 +20,13 @@ Only the standard library and numpy are imported here (the ttnn worker reads bun
 from __future__ import annotations
 
 import contextlib
-import functools
 import contextvars
+import functools
 import math
 import os
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 from crosscheck.errors import BadInputError
 
@@ -90,7 +90,9 @@ def add_budget_option(parser) -> None:
     refused before any work."""
     g = parser.add_argument_group("resource budget")
     g.add_argument(
-        "--max-memory", type=_max_memory_arg, metavar="SIZE",
+        "--max-memory",
+        type=_max_memory_arg,
+        metavar="SIZE",
         help=f"refuse, before any allocation, a run estimated to need more memory than SIZE (e.g. 8G, 512M; "
         f"K/M/G/T are powers of 1024; default: {DEFAULT_FRACTION:g} of the machine's physical memory, or the "
         "process's address-space limit RLIMIT_AS if lower)",
@@ -117,7 +119,7 @@ class Budget:
             )
 
 
-def address_space_limit() -> Optional[int]:
+def address_space_limit() -> int | None:
     """This process's address-space limit in bytes (``RLIMIT_AS``, soft), or ``None`` where it has none."""
     try:
         import resource
@@ -133,15 +135,20 @@ def default_budget() -> Budget:
     A process limited to less address space cannot hold more, however much memory the machine has.
     """
     total = physical_memory()
-    half = Budget(int(total * DEFAULT_FRACTION), f"default: {DEFAULT_FRACTION:g} of {format_bytes(total)} physical memory")
+    half = Budget(
+        int(total * DEFAULT_FRACTION), f"default: {DEFAULT_FRACTION:g} of {format_bytes(total)} physical memory"
+    )
     limit = address_space_limit()
     if limit is not None and limit < half.limit:
-        return Budget(limit, f"default: the process's address-space limit (RLIMIT_AS), below {DEFAULT_FRACTION:g} "
-                      f"of {format_bytes(total)} physical memory")
+        return Budget(
+            limit,
+            f"default: the process's address-space limit (RLIMIT_AS), below {DEFAULT_FRACTION:g} "
+            f"of {format_bytes(total)} physical memory",
+        )
     return half
 
 
-_CURRENT: contextvars.ContextVar[Optional[Budget]] = contextvars.ContextVar("crosscheck_budget", default=None)
+_CURRENT: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("crosscheck_budget", default=None)
 
 
 def current() -> Budget:
@@ -150,7 +157,7 @@ def current() -> Budget:
 
 
 @contextlib.contextmanager
-def limited(max_memory: Optional[int | str]) -> Iterator[Budget]:
+def limited(max_memory: int | str | None) -> Iterator[Budget]:
     """Run the body under ``max_memory`` bytes (an int or a size string; ``None``: the default)."""
     if max_memory is None:
         budget = current()
@@ -192,7 +199,8 @@ def check_tensors(sizes: Sequence[tuple[str, Sequence[int], int]], where: str) -
         return
     big = max(sizes, key=lambda s: nbytes(s[1], s[2]))
     current().check(
-        4 * total, f"{where} (largest tensor {big[0]!r} of shape {tuple(int(d) for d in big[1])})",
+        4 * total,
+        f"{where} (largest tensor {big[0]!r} of shape {tuple(int(d) for d in big[1])})",
         "store smaller tensors (an expanded view is saved with its dense shape)",
     )
 
@@ -229,21 +237,37 @@ def case_terms(variant, cfg, x_shape: Sequence[int], input_flag: str = "--tokens
     portmap = variant.portmap(cfg)
     params = sum(nbytes(e.torch_shape, 1) for e in portmap.entries)
     buffers = sum(nbytes(b.torch_shape, 1) for b in portmap.buffers)
-    weight_flag = "--d-in/--d-out" + "".join(f"/--{f.replace('_', '-')}" for f in ("num_heads", "head_dim")
-                                             if f in variant.fields)
+    weight_flag = "--d-in/--d-out" + "".join(
+        f"/--{f.replace('_', '-')}" for f in ("num_heads", "head_dim") if f in variant.fields
+    )
     terms = [
         Term(params * _WEIGHT_BYTES, f"weights ({params} parameters)", weight_flag),
-        Term(buffers * _MASK_BYTES, f"mask buffers ({len(portmap.buffers)} x context_length {rc.context_length}^2)",
-             "--context-length"),
-        Term(batch * tokens * (d_in + 4 * width) * _ACTIVATION_BYTES,
-             f"inputs and activations (batch {batch} x tokens {tokens} x width {d_in}+4x{width})",
-             f"{input_flag} (or the width: --d-out/--head-dim)" if width > tokens else input_flag, False),
-        Term(batch * heads * tokens * tokens * _SCORE_BYTES,
-             f"attention scores (batch {batch} x heads {heads} x tokens {tokens}^2)", input_flag, False),
+        Term(
+            buffers * _MASK_BYTES,
+            f"mask buffers ({len(portmap.buffers)} x context_length {rc.context_length}^2)",
+            "--context-length",
+        ),
+        Term(
+            batch * tokens * (d_in + 4 * width) * _ACTIVATION_BYTES,
+            f"inputs and activations (batch {batch} x tokens {tokens} x width {d_in}+4x{width})",
+            f"{input_flag} (or the width: --d-out/--head-dim)" if width > tokens else input_flag,
+            False,
+        ),
+        Term(
+            batch * heads * tokens * tokens * _SCORE_BYTES,
+            f"attention scores (batch {batch} x heads {heads} x tokens {tokens}^2)",
+            input_flag,
+            False,
+        ),
     ]
     if "rope_theta" in variant.fields:
-        terms.append(Term(rc.context_length * max(rc.resolved_head_dim(), 1) * 16,
-                          f"RoPE tables (context_length {rc.context_length} x head_dim)", "--context-length"))
+        terms.append(
+            Term(
+                rc.context_length * max(rc.resolved_head_dim(), 1) * 16,
+                f"RoPE tables (context_length {rc.context_length} x head_dim)",
+                "--context-length",
+            )
+        )
     return terms
 
 
@@ -265,8 +289,10 @@ def check_cases(cases: Sequence[tuple], input_flag: str = "--tokens/--batch") ->
         return
     per_case = [(variant.name, case_terms(variant, cfg, x_shape, input_flag)) for variant, cfg, x_shape in cases]
     kept = [(name, t) for name, terms in per_case for t in terms if t.kept]
-    transient = max(((name, [t for t in terms if not t.kept]) for name, terms in per_case),
-                    key=lambda nt: sum(t.nbytes for t in nt[1]))
+    transient = max(
+        ((name, [t for t in terms if not t.kept]) for name, terms in per_case),
+        key=lambda nt: sum(t.nbytes for t in nt[1]),
+    )
     total = sum(t.nbytes for _, t in kept) + sum(t.nbytes for t in transient[1])
     name, big = max(kept + [(transient[0], t) for t in transient[1]], key=lambda nt: nt[1].nbytes)
     current().check(total, f"{name}: the run (mostly {big.what}: {format_bytes(big.nbytes)})", f"lower {big.flag}")
@@ -280,14 +306,21 @@ def bench_terms(tokens: int, batch: int, d_model: int, heads: int, itemsize: int
     size = max(itemsize, 4)
     terms = [
         Term(4 * d_model * d_model * size * 4, f"weights (4 x d_model {d_model}^2)", "--d-model"),
-        Term(batch * tokens * 5 * d_model * size * 4, f"activations (batch {batch} x tokens {tokens} x 5 d_model)",
-             "--batch/--tokens/--d-model"),
+        Term(
+            batch * tokens * 5 * d_model * size * 4,
+            f"activations (batch {batch} x tokens {tokens} x 5 d_model)",
+            "--batch/--tokens/--d-model",
+        ),
     ]
     naive = {"torch-book", "torch-compile", "jax-naive", "jax-xla", "jax-auto"}
     if naive & set(impls):
-        terms.append(Term(batch * heads * tokens * tokens * size * 3,
-                          f"attention scores (batch {batch} x heads {heads} x tokens {tokens}^2)",
-                          "--tokens/--batch/--heads (or --impls without naive-score implementations)"))
+        terms.append(
+            Term(
+                batch * heads * tokens * tokens * size * 3,
+                f"attention scores (batch {batch} x heads {heads} x tokens {tokens}^2)",
+                "--tokens/--batch/--heads (or --impls without naive-score implementations)",
+            )
+        )
     if {"torch-book", "torch-compile"} & set(impls):
         terms.append(Term(tokens * tokens * 4 * 2, f"the book's mask buffer (tokens {tokens}^2)", "--tokens"))
     return terms
@@ -297,7 +330,7 @@ def with_max_memory(fn):
     """Give ``fn`` a ``max_memory=`` keyword (bytes or a size string) that runs it under :func:`limited`."""
 
     @functools.wraps(fn)
-    def wrapper(*args, max_memory: Optional[int | str] = None, **kwargs):
+    def wrapper(*args, max_memory: int | str | None = None, **kwargs):
         with limited(max_memory):
             return fn(*args, **kwargs)
 

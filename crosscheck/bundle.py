@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,8 @@ class BundleCase:
     state_dict: dict[str, np.ndarray]
     inputs: np.ndarray
     #: ``inputs.shape[:-1]``, 1 = real token, 0 = padding; ``None``: no padding.
-    attention_mask: Optional[np.ndarray] = None
+    attention_mask: np.ndarray | None = None
+
 
 #: ``meta`` key of a bundle to be decoded through the KV cache: the prompt length (int >= 1).
 DECODE_PROMPT_LEN = "decode_prompt_len"
@@ -79,14 +81,15 @@ def _mask_array(mask: Any, inputs_shape: tuple[int, ...], where: str) -> np.ndar
     """A 0/1 ``uint8`` attention mask of ``inputs_shape[:-1]``, or :class:`BadInputError` naming ``where``."""
     array = _as_array(mask, where)
     if array.shape != tuple(inputs_shape[:-1]):
-        raise BadInputError(f"{where}: must have the inputs' shape without d_in, {tuple(inputs_shape[:-1])}; "
-                            f"found shape {array.shape}")
+        raise BadInputError(
+            f"{where}: must have the inputs' shape without d_in, {tuple(inputs_shape[:-1])}; found shape {array.shape}"
+        )
     if not np.isin(array, (0, 1)).all():
         raise BadInputError(f"{where}: must hold only 0 (padding) and 1 (real token)")
     return array.astype(np.uint8)
 
 
-def check_decode_prompt_len(value: Any, where: str) -> Optional[int]:
+def check_decode_prompt_len(value: Any, where: str) -> int | None:
     """``meta["decode_prompt_len"]`` validated: ``None`` (full forward) or an int >= 1."""
     if value is None:
         return None
@@ -111,11 +114,18 @@ def _config_from_json(raw: Any, where: str) -> AttnConfig:
                 try:
                     value = AttnConfig.encode_freq_config(json.loads(value))
                 except (ValueError, TypeError, AttributeError) as err:
-                    raise BadInputError(f"{where}: config field {name!r} is not a freq_config JSON object ({err})") from None
+                    raise BadInputError(
+                        f"{where}: config field {name!r} is not a freq_config JSON object ({err})"
+                    ) from None
         else:
-            ok = isinstance(value, bool) if expected is bool else (
-                isinstance(value, (int, float)) and not isinstance(value, bool)
-                if expected is float else isinstance(value, int) and not isinstance(value, bool)
+            ok = (
+                isinstance(value, bool)
+                if expected is bool
+                else (
+                    isinstance(value, (int, float)) and not isinstance(value, bool)
+                    if expected is float
+                    else isinstance(value, int) and not isinstance(value, bool)
+                )
             )
         if not ok:
             raise BadInputError(f"{where}: config field {name!r} must be {expected.__name__}, found {value!r}")
@@ -196,7 +206,8 @@ def _check_format(header: dict, expected: str, path: str) -> None:
         raise BadInputError(f"{path}: format is {header.get('format')!r}, expected {expected!r}")
     if header.get("version") != FORMAT_VERSION:
         raise BadInputError(
-            f"{path}: {expected} version {header.get('version')!r} is not supported (this crosscheck reads {FORMAT_VERSION})"
+            f"{path}: {expected} version {header.get('version')!r} is not supported "
+            f"(this crosscheck reads {FORMAT_VERSION})"
         )
 
 
@@ -215,9 +226,9 @@ def _write(path: str, tensors: Mapping[str, np.ndarray], header: dict, what: str
 def write_bundle(
     path: str | os.PathLike,
     cases: Sequence[BundleCase],
-    meta: Optional[Mapping[str, Any]] = None,
+    meta: Mapping[str, Any] | None = None,
     *,
-    decode_prompt_len: Optional[int] = None,
+    decode_prompt_len: int | None = None,
 ) -> None:
     """Write ``cases`` to one ``.safetensors`` file (see the module docstring for the layout).
 
@@ -226,12 +237,14 @@ def write_bundle(
     (:func:`crosscheck.outputs.check_output_path`).
     """
     tensors: dict[str, np.ndarray] = {}
-    entries = []
+    entries: list[dict[str, Any]] = []
     for case in cases:
         if not case.variant or _SEP in case.variant:
             raise BadInputError(f"bundle case: invalid variant name {case.variant!r}")
         if any(e["variant"] == case.variant for e in entries):
-            raise BadInputError(f"bundle case: variant {case.variant!r} appears twice; a bundle holds one case per variant")
+            raise BadInputError(
+                f"bundle case: variant {case.variant!r} appears twice; a bundle holds one case per variant"
+            )
         for key, value in case.state_dict.items():
             tensors[f"{case.variant}/weights/{key}"] = _as_array(value, f"{case.variant} weight {key!r}")
         inputs = tensors[f"{case.variant}/inputs"] = _as_array(case.inputs, f"{case.variant} inputs")
@@ -258,7 +271,8 @@ def read_bundle(path: str | os.PathLike) -> list[BundleCase]:
     entries = header.get("cases")
     if not isinstance(entries, list) or not entries:
         raise BadInputError(f"{path}: bundle has no cases")
-    cases, claimed = [], set()
+    cases: list[BundleCase] = []
+    claimed: set[str] = set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("variant"), str):
             raise BadInputError(f"{path}: case {i} has no variant name")
@@ -273,7 +287,7 @@ def read_bundle(path: str | os.PathLike) -> list[BundleCase]:
                 f"{path}: {inputs_key!r} must be (tokens, d_in) or (batch, tokens, d_in), found shape {inputs.shape}"
             )
         prefix = f"{variant}/weights/"
-        state_dict = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state_dict = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         claimed.update([inputs_key, *(prefix + k for k in state_dict)])
         mask_key = f"{variant}/attention_mask"
         mask = None

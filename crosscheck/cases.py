@@ -10,14 +10,14 @@ precedence is seed defaults < what the weights pin down < explicit flags.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
-from crosscheck import budget
+from crosscheck import budget, port, registry
 from crosscheck import inputs as inp
-from crosscheck import port, registry
 from crosscheck import portmap as pm
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError, PortError
@@ -26,14 +26,30 @@ from crosscheck.errors import BadInputError, PortError
 TORCH_SEED = 123
 #: Config fields a user may override; the CLI flag of each is ``--`` + the name with dashes.
 OVERRIDABLE = (
-    "d_in", "d_out", "context_length", "dropout", "num_heads", "qkv_bias", "causal",
-    "num_kv_groups", "head_dim", "qk_norm", "rope_theta", "rope_scaling",
+    "d_in",
+    "d_out",
+    "context_length",
+    "dropout",
+    "num_heads",
+    "qkv_bias",
+    "causal",
+    "num_kv_groups",
+    "head_dim",
+    "qk_norm",
+    "rope_theta",
+    "rope_scaling",
 )
 #: A ``--config`` file's name for each field (transformers' ``config.json``), for error messages.
 CONFIG_JSON_NAMES = {
-    "d_in": "hidden_size", "d_out": "num_attention_heads x head_dim", "num_heads": "num_attention_heads",
-    "num_kv_groups": "num_key_value_heads", "head_dim": "head_dim", "qkv_bias": "attention_bias",
-    "rope_theta": "rope_theta", "rope_scaling": "rope_scaling", "context_length": "max_position_embeddings",
+    "d_in": "hidden_size",
+    "d_out": "num_attention_heads x head_dim",
+    "num_heads": "num_attention_heads",
+    "num_kv_groups": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "qkv_bias": "attention_bias",
+    "rope_theta": "rope_theta",
+    "rope_scaling": "rope_scaling",
+    "context_length": "max_position_embeddings",
     "dropout": "attention_dropout",
 }
 
@@ -48,10 +64,10 @@ class Case:
     x: np.ndarray  # float32, (tokens, d_in) or (batch, tokens, d_in) as the variant takes it
     torch_module: Any = None
     #: ``x.shape[:-1]`` of 1 (real token) / 0 (padding), or ``None``: no padding.
-    attention_mask: Optional[np.ndarray] = None
+    attention_mask: np.ndarray | None = None
 
 
-def select_variants(names: Optional[Iterable[str]], *, all_formats: bool = False) -> list[registry.Variant]:
+def select_variants(names: Iterable[str] | None, *, all_formats: bool = False) -> list[registry.Variant]:
     """Registry variants by case-insensitive name, in the order given.
 
     Without names: the default run's variants (the book's chapter-3 ones), or every
@@ -95,15 +111,22 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _fits(variant: registry.Variant, sd: Mapping[str, Any], known: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+def _fits(variant: registry.Variant, sd: Mapping[str, Any], known: Mapping[str, Any] | None = None) -> str | None:
     """``None`` when ``sd`` fits ``variant`` at the config its shapes imply, else the port error."""
     known = {k: v for k, v in (known or {}).items() if k in variant.fields}
     inferred = port.infer_config(variant, sd, known)
     shapes = {k: tuple(np.shape(v)) for k, v in sd.items()}
     guess = {} if {"num_heads", "head_dim"} & set(known) else variant.fit_guess(shapes)
-    cfg = AttnConfig(**{
-        **AttnConfig().to_dict(), **dict(variant.defaults), **dict(variant.fit_defaults), **guess, **known, **inferred,
-    })
+    cfg = AttnConfig(
+        **{
+            **AttnConfig().to_dict(),
+            **dict(variant.defaults),
+            **dict(variant.fit_defaults),
+            **guess,
+            **known,
+            **inferred,
+        }
+    )
     if "context_length" in variant.fields and "context_length" not in inferred:
         cfg = cfg.replace(context_length=1)  # no mask buffer to check
     try:
@@ -114,7 +137,7 @@ def _fits(variant: registry.Variant, sd: Mapping[str, Any], known: Optional[Mapp
 
 
 def match_variants(
-    sd: Mapping[str, Any], candidates: Sequence[registry.Variant], known: Optional[Mapping[str, Any]] = None
+    sd: Mapping[str, Any], candidates: Sequence[registry.Variant], known: Mapping[str, Any] | None = None
 ) -> list[registry.Variant]:
     """The variants among ``candidates`` whose keys and shapes ``sd`` fits (``known``: flags, config file).
 
@@ -126,7 +149,7 @@ def match_variants(
         return fitting
     if not errors:
         raise BadInputError("weights were given but no selected variant has parameters")
-    closest = min(errors, key=lambda n: errors[n].count("\n"))
+    closest = min(errors, key=lambda n: (errors[n] or "").count("\n"))  # none fits: every error is a string
     raise PortError(f"the weights fit no variant; closest: {errors[closest]}")
 
 
@@ -141,7 +164,7 @@ def resolve_config(
     inferred: Mapping[str, Any],
     tokens: int,
     d_in: int,
-    origins: Optional[Mapping[str, str]] = None,
+    origins: Mapping[str, str] | None = None,
 ) -> AttnConfig:
     """The config ``variant`` runs with: seed defaults < what the weights pin down < explicit flags.
 
@@ -199,7 +222,7 @@ def _check_config(variant: registry.Variant, cfg: AttnConfig, tokens: int, from_
         raise BadInputError(f"{name}: input has tokens={tokens}, beyond context_length={rc.context_length} ({source})")
 
 
-def _torch_reference_module(case_variant: registry.Variant, cfg: AttnConfig, weights: Optional[dict]):
+def _torch_reference_module(case_variant: registry.Variant, cfg: AttnConfig, weights: dict | None):
     import torch
 
     torch.manual_seed(TORCH_SEED)
@@ -224,7 +247,7 @@ def _check_needs(variants: Iterable[registry.Variant]) -> None:
 
 
 def config_overrides(
-    overrides: Mapping[str, Any], model_config: Union[None, str, os.PathLike, Mapping[str, Any]]
+    overrides: Mapping[str, Any], model_config: str | os.PathLike | Mapping[str, Any] | None
 ) -> tuple[dict, dict]:
     """``(overrides, origins)``: the flags and a transformers ``config.json``'s values, which must agree.
 
@@ -236,7 +259,7 @@ def config_overrides(
     from crosscheck import hf
 
     if isinstance(model_config, Mapping):
-        where, found = "config", hf.attn_fields(model_config, "config", rope=not ("n_embd" in model_config))
+        where, found = "config", hf.attn_fields(model_config, "config", rope="n_embd" not in model_config)
     else:
         where, found = os.fspath(model_config), hf.read_config_json(model_config)
     name = os.path.basename(where)
@@ -254,13 +277,13 @@ def config_overrides(
 
 
 def build_cases(
-    variants: Optional[Iterable[str]] = None,
+    variants: Iterable[str] | None = None,
     *,
-    weights: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
-    inputs: Union[None, str, os.PathLike, np.ndarray, inp.RandomInputs] = None,
-    overrides: Optional[Mapping[str, Any]] = None,
+    weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    inputs: str | os.PathLike | np.ndarray | inp.RandomInputs | None = None,
+    overrides: Mapping[str, Any] | None = None,
     prefix: str = "",
-    model_config: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
+    model_config: str | os.PathLike | Mapping[str, Any] | None = None,
 ) -> tuple[list[Case], inp.Inputs, str]:
     """``(cases, inputs, weights description)``: everything validated before anything runs.
 
@@ -307,10 +330,12 @@ def build_cases(
     tokens, d_in = data.array.shape[-2], data.array.shape[-1]
     configs = [resolve_config(v, overrides, inferred[v.name], tokens, d_in, origins) for v in chosen]
     # Before any torch module (mask buffers, one module per head) or activation exists.
-    budget.check_cases([(v, cfg, inp.for_variant(v, data.array).shape) for v, cfg in zip(chosen, configs)],
-                       _input_flag(inputs))
+    budget.check_cases(
+        [(v, cfg, inp.for_variant(v, data.array).shape) for v, cfg in zip(chosen, configs, strict=True)],
+        _input_flag(inputs),
+    )
     cases = []
-    for v, cfg in zip(chosen, configs):
+    for v, cfg in zip(chosen, configs, strict=True):
         module = _torch_reference_module(v, cfg, sd)
         state = sd if sd is not None else {k: t.detach().numpy().copy() for k, t in module.state_dict().items()}
         if sd is not None:
@@ -336,7 +361,10 @@ def bundle_cases(cases: Sequence[Case]):
 
     return [
         BundleCase(
-            c.variant.name, c.config, dict(c.state_dict), np.asarray(c.x, dtype=np.float32),
+            c.variant.name,
+            c.config,
+            dict(c.state_dict),
+            np.asarray(c.x, dtype=np.float32),
             attention_mask=None if c.attention_mask is None else np.asarray(c.attention_mask),
         )
         for c in cases

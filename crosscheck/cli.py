@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from crosscheck.errors import BadInputError, MismatchError
 
@@ -126,7 +126,7 @@ Colour follows the terminal; --no-color or NO_COLOR turns it off.
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line error the rest of the CLI uses."""
 
-    def error(self, message: str):  # noqa: D401 - argparse API
+    def error(self, message: str):  # argparse's API
         self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -174,38 +174,83 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
     """What to run: variants, weights, hyperparameters, inputs (shared by the run and `bundle export`)."""
     g = p.add_argument_group("variants and weights")
     g.add_argument(
-        "--variant", action="append", metavar="NAME",
+        "--variant",
+        action="append",
+        metavar="NAME",
         help="jaxattn class name, case-insensitive, repeatable (default: all 8, or those --weights fits)",
     )
     g.add_argument("--weights", metavar="PATH", help="torch state dict: .pt/.pth (weights_only) or .safetensors")
     g.add_argument(
-        "--prefix", default="", metavar="P",
-        help="the layer to read from a whole model's --weights, e.g. model.layers.0.self_attn. or transformer.h.0.attn.",
+        "--prefix",
+        default="",
+        metavar="P",
+        help="the layer to read from a whole model's --weights, "
+        "e.g. model.layers.0.self_attn. or transformer.h.0.attn.",
     )
     g.add_argument(
-        "--config", metavar="PATH",
+        "--config",
+        metavar="PATH",
         help="a transformers config.json: heads, kv heads, head_dim, hidden size, RoPE settings, attention_bias",
     )
     h = p.add_argument_group("hyperparameters a state dict cannot carry (checked against it where it can)")
-    h.add_argument("--num-heads", type=_positive_int, metavar="N", help="heads (default 2; 1 for TorchMultiheadAttention)")
-    h.add_argument("--context-length", type=_positive_int, metavar="N", help="mask size (default: the mask buffer, else the token count)")
-    h.add_argument("--d-out", type=_positive_int, metavar="N", help="output width (default 2; TorchMultiheadAttention: d_in)")
-    h.add_argument("--d-in", type=_positive_int, metavar="N", help="input width (default: the weights', else 3); also sets random inputs' width")
-    h.add_argument("--dropout", type=_dropout, metavar="P", help="dropout rate: recorded only in inference mode; applied with --train (default there 0.1)")
-    h.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None, help="Q/K/V projections with bias")
-    h.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None, help="causal mask for TorchMultiheadAttention (default on)")
-    h.add_argument("--num-kv-groups", type=_positive_int, metavar="N", help="GQA: key/value heads (default: 2, or the weights' with the head dim known)")
+    h.add_argument(
+        "--num-heads", type=_positive_int, metavar="N", help="heads (default 2; 1 for TorchMultiheadAttention)"
+    )
+    h.add_argument(
+        "--context-length",
+        type=_positive_int,
+        metavar="N",
+        help="mask size (default: the mask buffer, else the token count)",
+    )
+    h.add_argument(
+        "--d-out", type=_positive_int, metavar="N", help="output width (default 2; TorchMultiheadAttention: d_in)"
+    )
+    h.add_argument(
+        "--d-in",
+        type=_positive_int,
+        metavar="N",
+        help="input width (default: the weights', else 3); also sets random inputs' width",
+    )
+    h.add_argument(
+        "--dropout",
+        type=_dropout,
+        metavar="P",
+        help="dropout rate: recorded only in inference mode; applied with --train (default there 0.1)",
+    )
+    h.add_argument(
+        "--qkv-bias", action=argparse.BooleanOptionalAction, default=None, help="Q/K/V projections with bias"
+    )
+    h.add_argument(
+        "--causal",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="causal mask for TorchMultiheadAttention (default on)",
+    )
+    h.add_argument(
+        "--num-kv-groups",
+        type=_positive_int,
+        metavar="N",
+        help="GQA: key/value heads (default: 2, or the weights' with the head dim known)",
+    )
     h.add_argument("--head-dim", type=_positive_int, metavar="N", help="GQA: per-head dim (default: d_out / num_heads)")
     h.add_argument("--rope-theta", type=_positive_float, metavar="X", help="GQA: RoPE base (default 10000)")
-    h.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="GroupedQueryAttention: RMSNorm on queries and keys (Qwen3)")
+    h.add_argument(
+        "--qk-norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="GroupedQueryAttention: RMSNorm on queries and keys (Qwen3)",
+    )
     i = p.add_argument_group("inputs (default: the seed sentence)")
-    i.add_argument("--input", metavar="PATH", help="(tokens, d_in) or (batch, tokens, d_in) from .npy, .pt or .safetensors")
+    i.add_argument(
+        "--input", metavar="PATH", help="(tokens, d_in) or (batch, tokens, d_in) from .npy, .pt or .safetensors"
+    )
     i.add_argument("--batch", type=_positive_int, metavar="B", help="random inputs: batch size (default 1)")
     i.add_argument("--tokens", type=_positive_int, metavar="T", help="random inputs: tokens (default 6)")
     i.add_argument("--seed", type=_seed, metavar="S", help="random inputs: numpy seed (default 0)")
     a = p.add_argument_group("attention core")
     a.add_argument(
-        "--attention-impl", metavar="NAME",
+        "--attention-impl",
+        metavar="NAME",
         help="attention core of the Flax modules that take one: auto (default: jaxattn picks by token count) "
         "or a name from jaxattn.implementations.names(), e.g. naive, blockwise, xla",
     )
@@ -216,11 +261,19 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
     from crosscheck.placement import PRECISIONS, TORCH_DEVICES
 
     g = p.add_argument_group("devices and matmul precision (recorded on every result)")
-    g.add_argument("--torch-device", default="cpu", choices=TORCH_DEVICES,
-                   help="where the torch reference runs (default cpu; cuda needs a CUDA build of torch and a GPU)")
-    g.add_argument("--matmul-precision", default="highest", choices=PRECISIONS,
-                   help="JAX's float32 matmul precision (default highest; default/high = TF32 on a GPU, judged "
-                   "against the TF32 row of the tolerance table)")
+    g.add_argument(
+        "--torch-device",
+        default="cpu",
+        choices=TORCH_DEVICES,
+        help="where the torch reference runs (default cpu; cuda needs a CUDA build of torch and a GPU)",
+    )
+    g.add_argument(
+        "--matmul-precision",
+        default="highest",
+        choices=PRECISIONS,
+        help="JAX's float32 matmul precision (default highest; default/high = TF32 on a GPU, judged "
+        "against the TF32 row of the tolerance table)",
+    )
 
 
 def _add_budget_option(p: argparse.ArgumentParser) -> None:
@@ -233,12 +286,14 @@ def _add_stages_options(p: argparse.ArgumentParser) -> None:
     """``--stages`` and ``--plot`` (crosscheck.stages, crosscheck.plots)."""
     s = p.add_argument_group("explaining a mismatch (instead of, or next to, the forward check)")
     s.add_argument(
-        "--stages", action="store_true",
+        "--stages",
+        action="store_true",
         help="compare every intermediate (projections, RoPE/norm, scores, weights, context, output) of flax and "
         "ttnn with torch's; a row per stage and each backend's first stage over its bound",
     )
     s.add_argument(
-        "--plot", metavar="DIR",
+        "--plot",
+        metavar="DIR",
         help="write DIR/<variant>.png (each head's attention weights per backend, labelled with the tokens, "
         "beside |difference to torch|) and DIR/summary.png (every variant's error against its bound); needs .[plot]",
     )
@@ -248,11 +303,13 @@ def _add_stages_options(p: argparse.ArgumentParser) -> None:
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training mode and gradients (torch vs Flax, float32)")
     t.add_argument(
-        "--train", action="store_true",
+        "--train",
+        action="store_true",
         help="dropout active in torch and Flax on identical masks (rate: --dropout, default 0.1; masks from --seed)",
     )
     t.add_argument(
-        "--grad", action="store_true",
+        "--grad",
+        action="store_true",
         help="compare gradients of sum(output * R) w.r.t. the input and every parameter (per torch name); "
         "with --train, in training mode on the same masks",
     )
@@ -270,24 +327,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_case_options(p)
     d = p.add_argument_group("decoding and padding (instead of the forward check)")
     d.add_argument(
-        "--decode", type=_positive_int, metavar="PROMPT_LEN",
+        "--decode",
+        type=_positive_int,
+        metavar="PROMPT_LEN",
         help="prefill PROMPT_LEN tokens, then decode the input's other tokens one at a time through the KV cache; "
         "every step compared across backends and with each backend's full forward (causal variants)",
     )
     d.add_argument("--padding", choices=("left", "right"), help="run a padded batch with an attention mask")
     d.add_argument(
-        "--pad-lengths", metavar="LIST",
+        "--pad-lengths",
+        metavar="LIST",
         help="padding tokens per row, e.g. 0,3,5 (row i pads input row i %% batch); compared with the "
         "rows run one by one, at the real tokens",
     )
     _add_train_options(p)
     b = p.add_argument_group("backends")
-    b.add_argument("--backends", default="torch,flax,ttnn", metavar="LIST", help="comma-separated subset of torch,flax,ttnn (default: all)")
-    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="what Flax computes in (torch stays the float32 reference; ttnn is bfloat16)")
-    b.add_argument("--ttnn-runtime", default="auto", choices=("auto", "device", "host"), help="auto: a Tenstorrent device when found, else the host model")
-    b.add_argument("--ttnn-python", metavar="PATH", help="run the ttnn backend in this interpreter (e.g. .venv-ttnn/bin/python) via a bundle")
     b.add_argument(
-        "--api", default="linen", choices=("linen", "nnx", "both"),
+        "--backends",
+        default="torch,flax,ttnn",
+        metavar="LIST",
+        help="comma-separated subset of torch,flax,ttnn (default: all)",
+    )
+    b.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="what Flax computes in (torch stays the float32 reference; ttnn is bfloat16)",
+    )
+    b.add_argument(
+        "--ttnn-runtime",
+        default="auto",
+        choices=("auto", "device", "host"),
+        help="auto: a Tenstorrent device when found, else the host model",
+    )
+    b.add_argument(
+        "--ttnn-python",
+        metavar="PATH",
+        help="run the ttnn backend in this interpreter (e.g. .venv-ttnn/bin/python) via a bundle",
+    )
+    b.add_argument(
+        "--api",
+        default="linen",
+        choices=("linen", "nnx", "both"),
         help="the Flax modules of the flax backend: Linen (rows 'flax'), the jaxattn.nnx twins (rows 'flax-nnx') "
         "or both; NNX runs the forward check only",
     )
@@ -305,13 +386,16 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
         "several devices (jaxattn.sharding; rows: flax vs torch, and flax vs the same module on 1 device)"
     )
     g.add_argument(
-        "--devices", type=_positive_int, metavar="N",
+        "--devices",
+        type=_positive_int,
+        metavar="N",
         help="split the Flax run over N devices. On a CPU, crosscheck makes N host devices itself: it sets "
         "XLA_FLAGS=--xla_force_host_platform_device_count=N right after parsing the arguments, before "
         "anything imports JAX (JAX reads it once, when it starts); on a GPU, N must not exceed the GPUs present",
     )
     g.add_argument(
-        "--shard", choices=("batch", "heads", "sequence"),
+        "--shard",
+        choices=("batch", "heads", "sequence"),
         help="batch: split the batch; heads: split the projections by heads (num_heads divisible by N); "
         "sequence: split the tokens, attention as ring attention (any token count: padded and masked)",
     )
@@ -360,8 +444,13 @@ def _consoles(args):
 
     no_color = bool(getattr(args, "no_color", False)) or "NO_COLOR" in os.environ
     out_tty = sys.stdout.isatty()
-    out = Console(file=sys.stdout, no_color=no_color, highlight=False, width=None if out_tty else 160,
-                  force_terminal=None if out_tty else False)
+    out = Console(
+        file=sys.stdout,
+        no_color=no_color,
+        highlight=False,
+        width=None if out_tty else 160,
+        force_terminal=None if out_tty else False,
+    )
     err = Console(file=sys.stderr, no_color=no_color, highlight=False)
     return out, err
 
@@ -382,9 +471,18 @@ def _inputs(args):
 
 def _overrides(args) -> dict:
     return dict(
-        d_in=args.d_in, d_out=args.d_out, context_length=args.context_length, dropout=args.dropout,
-        num_heads=args.num_heads, qkv_bias=args.qkv_bias, causal=args.causal, num_kv_groups=args.num_kv_groups,
-        head_dim=args.head_dim, qk_norm=args.qk_norm, rope_theta=args.rope_theta, prefix=args.prefix,
+        d_in=args.d_in,
+        d_out=args.d_out,
+        context_length=args.context_length,
+        dropout=args.dropout,
+        num_heads=args.num_heads,
+        qkv_bias=args.qkv_bias,
+        causal=args.causal,
+        num_kv_groups=args.num_kv_groups,
+        head_dim=args.head_dim,
+        qk_norm=args.qk_norm,
+        rope_theta=args.rope_theta,
+        prefix=args.prefix,
         model_config=args.config,
     )
 
@@ -416,7 +514,7 @@ def _finish(report, args, out, render=None) -> int:
 # --- commands -----------------------------------------------------------------------------------
 
 
-def _check_json_path(path: Optional[str], inputs) -> None:
+def _check_json_path(path: str | None, inputs) -> None:
     """Fail before the run, not after it, when the JSON report cannot be written or would replace an input."""
     if path is not None and path != "-":  # "-": stdout
         from crosscheck.outputs import check_output_path
@@ -432,8 +530,15 @@ def _run(args) -> int:
     from crosscheck import engine, placement
     from crosscheck.padding_check import parse_pad_lengths
 
-    _check_json_path(args.json, [("--weights", args.weights), ("--input", args.input), ("--config", args.config),
-                                 ("--ttnn-python", args.ttnn_python)])
+    _check_json_path(
+        args.json,
+        [
+            ("--weights", args.weights),
+            ("--input", args.input),
+            ("--config", args.config),
+            ("--ttnn-python", args.ttnn_python),
+        ],
+    )
     if getattr(args, "stages", False) or getattr(args, "plot", None) is not None:
         return _stages(args)
 
@@ -447,7 +552,7 @@ def _run(args) -> int:
                 args.variant,
                 weights=args.weights,
                 inputs=_inputs(args),
-                backends=[b for b in args.backends.split(",")],
+                backends=list(args.backends.split(",")),
                 ttnn_runtime=args.ttnn_runtime,
                 ttnn_python=args.ttnn_python,
                 dtype=args.dtype,
@@ -482,17 +587,21 @@ def _stages(args) -> int:
     """``--stages`` (the stage report) and/or ``--plot DIR`` (pictures from the same stages)."""
     from crosscheck import stages
 
-    for flag, value in (("--decode", args.decode), ("--padding", args.padding), ("--ttnn-python", args.ttnn_python),
-                        ("--attention-impl", args.attention_impl)):
+    for flag, value in (
+        ("--decode", args.decode),
+        ("--padding", args.padding),
+        ("--ttnn-python", args.ttnn_python),
+        ("--attention-impl", args.attention_impl),
+    ):
         if value is not None:
-            raise BadInputError(f"--stages/--plot run the forward pass on the naive core in this interpreter; "
-                                f"drop {flag}")
+            raise BadInputError(
+                f"--stages/--plot run the forward pass on the naive core in this interpreter; drop {flag}"
+            )
     plan = None
     if args.plot is not None:
         from crosscheck import plots
 
-        plan = plots.plan(args.plot, args.variant, from_weights=args.weights is not None,
-                          overwrite=args.plot_overwrite)
+        plan = plots.plan(args.plot, args.variant, from_weights=args.weights is not None, overwrite=args.plot_overwrite)
     code = None
     if not args.stages:  # the forward check's report, and pictures from the stages
         code = _run(argparse.Namespace(**{**vars(args), "plot": None}))
@@ -500,8 +609,14 @@ def _stages(args) -> int:
     bar = _ProgressBar(err) if _progress_wanted(args) else None
     try:
         report = stages.run(
-            args.variant, weights=args.weights, inputs=_inputs(args), backends=args.backends.split(","),
-            ttnn_runtime=args.ttnn_runtime, dtype=args.dtype, progress=bar, **_overrides(args),
+            args.variant,
+            weights=args.weights,
+            inputs=_inputs(args),
+            backends=args.backends.split(","),
+            ttnn_runtime=args.ttnn_runtime,
+            dtype=args.dtype,
+            progress=bar,
+            **_overrides(args),
         )
     finally:
         if bar is not None:
@@ -528,7 +643,11 @@ def _bundle_action(args) -> int:
 
     if args.action == "export":
         cases = engine.export_bundle(
-            args.out, args.variant, weights=args.weights, inputs=_inputs(args), attention_impl=args.attention_impl,
+            args.out,
+            args.variant,
+            weights=args.weights,
+            inputs=_inputs(args),
+            attention_impl=args.attention_impl,
             **_overrides(args),
         )
         print(f"wrote {args.out}: {', '.join(c.variant.name for c in cases)}")
@@ -590,17 +709,26 @@ def _convert(argv: Sequence[str]) -> int:
     overrides = _overrides(args)
     prefix, model_config = overrides.pop("prefix"), overrides.pop("model_config")
     done = convert.convert(
-        args.src, args.dst, variant=args.variant[0] if args.variant else None, prefix=prefix,
-        model_config=model_config, overrides=overrides, inputs=_inputs(args), check=not args.no_check,
+        args.src,
+        args.dst,
+        variant=args.variant[0] if args.variant else None,
+        prefix=prefix,
+        model_config=model_config,
+        overrides=overrides,
+        inputs=_inputs(args),
+        check=not args.no_check,
         force=args.force,
     )
-    checked = "not checked (--no-check)" if done.max_abs_err is None else \
-        f"checked: max abs err {done.max_abs_err:.2e} <= {done.bound:.0e}"
+    checked = (
+        "not checked (--no-check)"
+        if done.max_abs_err is None
+        else f"checked: max abs err {done.max_abs_err:.2e} <= {done.bound:.0e}"
+    )
     print(f"{PROG} convert: {done.direction} {done.variant}, {done.tensors} tensors -> {done.out}; {checked}")
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "bench":

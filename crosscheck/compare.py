@@ -35,7 +35,6 @@ equal; a NaN or inf on one side only makes the abs/rel/ulp errors ``inf``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -90,7 +89,7 @@ def _ordered_bits(x: np.ndarray) -> np.ndarray:
     return np.where(bits < 0, np.int64(-(2**31)) - bits, bits)
 
 
-def ulp_distance(a: np.ndarray, r: np.ndarray) -> Optional[int]:
+def ulp_distance(a: np.ndarray, r: np.ndarray) -> int | None:
     """Max ULP distance in float32, or ``None`` when ``a`` is not float32."""
     if np.asarray(a).dtype != np.float32:
         return None
@@ -148,7 +147,7 @@ class Metrics:
     max_abs_err: float
     max_rel_err: float
     pcc: float
-    ulp: Optional[int]
+    ulp: int | None
     ref_scale: float = 1.0
 
 
@@ -158,7 +157,7 @@ def ref_scale(r: np.ndarray) -> float:
     return max(1.0, float(finite.max()) if finite.size else 0.0)
 
 
-def metrics(candidate: np.ndarray, reference: np.ndarray, computed_in: Optional[str] = None) -> Metrics:
+def metrics(candidate: np.ndarray, reference: np.ndarray, computed_in: str | None = None) -> Metrics:
     """All four metrics of ``candidate`` against ``reference`` (shapes must match).
 
     ``computed_in``: the dtype the candidate was computed in when it differs from the
@@ -184,10 +183,10 @@ class Tolerance:
     ``max_abs`` is scaled by the reference's ``ref_scale`` (see the module docstring).
     """
 
-    max_abs: Optional[float] = None
-    max_rel: Optional[float] = None
-    min_pcc: Optional[float] = None
-    max_ulp: Optional[int] = None
+    max_abs: float | None = None
+    max_rel: float | None = None
+    min_pcc: float | None = None
+    max_ulp: int | None = None
     why: str = ""
 
     def to_dict(self) -> dict:
@@ -196,7 +195,7 @@ class Tolerance:
         return d
 
 
-def _ttnn_policy(variant: Optional[str]) -> Tolerance:
+def _ttnn_policy(variant: str | None) -> Tolerance:
     """ttnn's row lives next to the ttnn programs (crosscheck.tt), which count their own bf16 roundings."""
     from crosscheck.tt import TTNN_BF16_ABS_BUDGET, TTNN_BF16_TOLERANCE, TTNN_MIN_PCC
 
@@ -217,11 +216,15 @@ def _ttnn_policy(variant: Optional[str]) -> Tolerance:
 #: whatever a run happened to produce; see README "How numbers compare" for the measurements.
 POLICY: dict[tuple[str, str], Tolerance] = {
     ("torch", "float32"): Tolerance(
-        max_abs=1e-5, max_rel=1e-4, min_pcc=0.99999,
+        max_abs=1e-5,
+        max_rel=1e-4,
+        min_pcc=0.99999,
         why="float32 rounding of the reference itself (vs float64); same bound as Flax float32",
     ),
     ("flax", "float32"): Tolerance(
-        max_abs=1e-5, max_rel=1e-4, min_pcc=0.99999,
+        max_abs=1e-5,
+        max_rel=1e-4,
+        min_pcc=0.99999,
         why="same math in float32, other kernels and summation order: HF's 1e-5 Flax<->PyTorch bar; "
         "rel 1e-4 = ~16 ulps of float32 at the 1/100 floor",
     ),
@@ -238,24 +241,28 @@ POLICY: dict[tuple[str, str], Tolerance] = {
     ),
     # --devices N --shard MODE (crosscheck.sharding_check): the sharded Flax output vs the same module on 1 device.
     ("flax sharded", "float32"): Tolerance(
-        max_abs=1e-6, min_pcc=0.99999,
+        max_abs=1e-6,
+        min_pcc=0.99999,
         why="the same float32 program split over devices: only the order of sums changes (ring attention "
         "folds key blocks in another order, heads mode sums out_proj's partial products): ~8 ulps at unit scale",
     ),
     ("flax", "float16"): Tolerance(
-        max_abs=5e-3, min_pcc=0.9999,
+        max_abs=5e-3,
+        min_pcc=0.9999,
         why="float16 compute (unit roundoff 4.9e-4) over ~4 rounded stages: ~10 eps; elementwise rel "
         "error of a ~0 output is O(1) in float16, so rel is reported, not gated",
     ),
     # --matmul-precision default|high on a GPU: float32 arrays, products of TF32-rounded operands
     # (crosscheck.placement.tolerance_dtype picks this row for float32 below "highest").
     ("flax", "tensorfloat32"): Tolerance(
-        max_abs=5e-3, min_pcc=0.9999,
+        max_abs=5e-3,
+        min_pcc=0.9999,
         why="TF32 products (10-bit mantissa: unit roundoff 2^-11 = 4.9e-4 on each operand, float32 sums) over "
         "~4 matmul stages, two rounded operands each: ~10 eps, as the float16 row; rel reported, not gated",
     ),
     ("flax", "bfloat16"): Tolerance(
-        max_abs=4e-2, min_pcc=0.999,
+        max_abs=4e-2,
+        min_pcc=0.999,
         why="bfloat16 compute (unit roundoff 3.9e-3) over ~4 rounded stages: ~10 eps; PCC as tt-metal's "
         "bf16 linear tests; rel reported, not gated (O(1) on ~0 outputs)",
     ),
@@ -278,12 +285,18 @@ def grad_policy(reference_error: float, ref_scale_: float) -> Tolerance:
     reference's :func:`ref_scale` (``max_abs`` is multiplied by it in :func:`verdict`).
     """
     base = POLICY[("flax grad", "float32")]
+    assert base.max_abs is not None  # the grad row is bounded in max abs error
     widened = GRAD_REFERENCE_FACTOR * float(reference_error) / ref_scale_
-    return Tolerance(max_abs=max(base.max_abs, widened), max_rel=base.max_rel, min_pcc=base.min_pcc,
-                     max_ulp=base.max_ulp, why=base.why)
+    return Tolerance(
+        max_abs=max(base.max_abs, widened),
+        max_rel=base.max_rel,
+        min_pcc=base.min_pcc,
+        max_ulp=base.max_ulp,
+        why=base.why,
+    )
 
 
-def policy_for(backend: str, dtype: str, variant: Optional[str] = None) -> Tolerance:
+def policy_for(backend: str, dtype: str, variant: str | None = None) -> Tolerance:
     """The row of :data:`POLICY` for ``backend`` computing in ``dtype`` (ttnn: per ``variant``)."""
     if backend == "ttnn":
         return _ttnn_policy(variant)
@@ -303,7 +316,7 @@ class Comparison:
 
     shape: tuple[int, ...]
     reference_shape: tuple[int, ...]
-    metrics: Optional[Metrics]
+    metrics: Metrics | None
     tolerance: Tolerance
     passed: bool
     failures: list[str] = field(default_factory=list)
@@ -313,12 +326,18 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def verdict(m: Metrics, tol: Tolerance, shape: tuple[int, ...], reference_shape: Optional[tuple[int, ...]] = None) -> list[str]:
+def verdict(
+    m: Metrics, tol: Tolerance, shape: tuple[int, ...], reference_shape: tuple[int, ...] | None = None
+) -> list[str]:
     """The failure messages of ``m`` under ``tol`` (empty when it passes); each names value, bound and shapes."""
     where = f"(output {shape} vs reference {reference_shape or shape})"
     out = []
     if tol.max_abs is not None and not m.max_abs_err <= tol.max_abs * m.ref_scale:
-        bound = _fmt(tol.max_abs) if m.ref_scale == 1.0 else f"{_fmt(tol.max_abs * m.ref_scale)} (= {_fmt(tol.max_abs)} x max|ref| {_fmt(m.ref_scale)})"
+        bound = (
+            _fmt(tol.max_abs)
+            if m.ref_scale == 1.0
+            else f"{_fmt(tol.max_abs * m.ref_scale)} (= {_fmt(tol.max_abs)} x max|ref| {_fmt(m.ref_scale)})"
+        )
         out.append(f"max abs err {_fmt(m.max_abs_err)} > {bound} {where}")
     if tol.max_rel is not None and not m.max_rel_err <= tol.max_rel:
         out.append(f"max rel err {_fmt(m.max_rel_err)} > {_fmt(tol.max_rel)} {where}")
@@ -329,9 +348,7 @@ def verdict(m: Metrics, tol: Tolerance, shape: tuple[int, ...], reference_shape:
     return out
 
 
-def compare(
-    candidate: np.ndarray, reference: np.ndarray, tol: Tolerance, computed_in: Optional[str] = None
-) -> Comparison:
+def compare(candidate: np.ndarray, reference: np.ndarray, tol: Tolerance, computed_in: str | None = None) -> Comparison:
     """Metrics and verdict of ``candidate`` against ``reference``; a shape mismatch is a failure."""
     shape, ref_shape = tuple(np.shape(candidate)), tuple(np.shape(reference))
     if shape != ref_shape:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -45,12 +44,12 @@ class AttnConfig:
         """``head_dim``, or ``d_out // num_heads`` when 0."""
         return self.head_dim or self.d_out // max(self.num_heads, 1)
 
-    def freq_config(self) -> Optional[dict]:
+    def freq_config(self) -> dict | None:
         """The book's ``freq_config`` dict, or ``None`` without Llama 3 scaling."""
         return json.loads(self.rope_scaling) if self.rope_scaling else None
 
     @staticmethod
-    def encode_freq_config(freq_config: Optional[dict]) -> str:
+    def encode_freq_config(freq_config: dict | None) -> str:
         """``freq_config`` (the book's keys) as the canonical string :attr:`rope_scaling` holds."""
         if not freq_config:
             return ""
@@ -60,7 +59,7 @@ class AttnConfig:
             raise ValueError(f"freq_config needs {', '.join(keys)}; missing {', '.join(missing)}")
         return json.dumps({k: float(freq_config[k]) for k in keys}, sort_keys=True)
 
-    def replace(self, **changes) -> "AttnConfig":
+    def replace(self, **changes) -> AttnConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
@@ -53,8 +54,8 @@ class Converted:
     variant: str
     config: dict
     tensors: int
-    max_abs_err: Optional[float]
-    bound: Optional[float]
+    max_abs_err: float | None
+    bound: float | None
     out: str
 
 
@@ -62,10 +63,10 @@ def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     *,
-    variant: Optional[str] = None,
+    variant: str | None = None,
     prefix: str = "",
     model_config: Any = None,
-    overrides: Optional[Mapping[str, Any]] = None,
+    overrides: Mapping[str, Any] | None = None,
     inputs: Any = None,
     check: bool = True,
     force: bool = False,
@@ -80,8 +81,16 @@ def convert(
         if prefix or variant or model_config or any(v is not None for v in (overrides or {}).values()):
             raise BadInputError(f"{src} is a Flax file: its variant and config come from its metadata; drop the flags")
         return _flax_to_torch(src, dst, inputs=inputs, check=check)
-    return _torch_to_flax(src, dst, variant=variant, prefix=prefix, model_config=model_config, overrides=overrides,
-                          inputs=inputs, check=check)
+    return _torch_to_flax(
+        src,
+        dst,
+        variant=variant,
+        prefix=prefix,
+        model_config=model_config,
+        overrides=overrides,
+        inputs=inputs,
+        check=check,
+    )
 
 
 # --- which file is which --------------------------------------------------------------------------
@@ -112,10 +121,15 @@ def _torch_to_flax(src, dst, *, variant, prefix, model_config, overrides, inputs
     from crosscheck.cases import build_cases
 
     if _suffix(dst) not in FLAX_SUFFIXES:
-        raise BadInputError(f"OUT {dst}: a torch state dict converts to Flax .safetensors or .msgpack, not {_suffix(dst) or '(none)'}")
+        raise BadInputError(
+            f"OUT {dst}: a torch state dict converts to Flax .safetensors or .msgpack, not {_suffix(dst) or '(none)'}"
+        )
     raw = port.select_prefix(port.load_file(src), prefix)  # the tensors as stored: their dtypes are kept
     cases, _, _ = build_cases(
-        [variant] if variant else None, weights=raw, inputs=inputs, overrides=dict(overrides or {}),
+        [variant] if variant else None,
+        weights=raw,
+        inputs=inputs,
+        overrides=dict(overrides or {}),
         model_config=model_config,
     )
     if len(cases) > 1:
@@ -126,9 +140,12 @@ def _torch_to_flax(src, dst, *, variant, prefix, model_config, overrides, inputs
     portmap = v.portmap(cfg)
     params = port.variables_from_state_dict(portmap, raw, v.name)["params"]
     meta = {
-        "format": FORMAT, "crosscheck_variant": v.name, "crosscheck_config": json.dumps(v.resolve(cfg).to_dict()),
-        "torch_buffers": ",".join(b.torch_key for b in portmap.buffers
-                                  if b.torch_key in {port.pm.canonical_key(k) for k in raw}),
+        "format": FORMAT,
+        "crosscheck_variant": v.name,
+        "crosscheck_config": json.dumps(v.resolve(cfg).to_dict()),
+        "torch_buffers": ",".join(
+            b.torch_key for b in portmap.buffers if b.torch_key in {port.pm.canonical_key(k) for k in raw}
+        ),
         "source": os.path.basename(src) + (f" [{prefix}]" if prefix else ""),
     }
     data = _flax_bytes(dst, params, meta)
@@ -160,7 +177,7 @@ def _safetensors_bytes(arrays: Mapping[str, Any], meta: dict) -> bytes:
     import torch
     from safetensors.torch import save
 
-    def tensor(a) -> "torch.Tensor":
+    def tensor(a) -> torch.Tensor:
         a = np.array(a, copy=True, order="C")  # writable: torch shares numpy's memory
         if str(a.dtype) == "bfloat16":  # torch has no numpy bfloat16: move the bits
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
@@ -175,7 +192,7 @@ def _arrays_of_safetensors(data: bytes) -> dict[str, np.ndarray]:
     import torch
     from safetensors.torch import load
 
-    def array(t: "torch.Tensor") -> np.ndarray:
+    def array(t: torch.Tensor) -> np.ndarray:
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
@@ -201,14 +218,16 @@ def _read_flax_bytes(data: bytes, suffix: str, where: str) -> tuple[dict, dict]:
     except Exception as err:  # noqa: BLE001 - a foreign or corrupt file: one line naming it
         raise BadInputError(f"cannot read {where} as a Flax parameter file: {type(err).__name__}: {err}") from None
     if not isinstance(params, Mapping) or not isinstance(meta, Mapping) or meta.get("format") != FORMAT:
-        raise BadInputError(f"{where}: not a Flax parameter file written by crosscheck convert (no 'params' and metadata)")
+        raise BadInputError(
+            f"{where}: not a Flax parameter file written by crosscheck convert (no 'params' and metadata)"
+        )
     return dict(params), dict(meta)
 
 
 def _safetensors_metadata(data: bytes) -> dict:
     """The ``__metadata__`` of safetensors bytes (the header: an 8-byte length, then JSON)."""
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n].decode("utf-8")).get("__metadata__", {})
+    return json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__", {})
 
 
 def _write_bytes(path: str, data: bytes) -> None:
@@ -221,14 +240,16 @@ def _write_bytes(path: str, data: bytes) -> None:
 
 def _flax_to_torch(src, dst, *, inputs, check) -> Converted:
     if _suffix(dst) not in TORCH_SUFFIXES:
-        raise BadInputError(f"OUT {dst}: a Flax file converts to a torch .pt, .pth or .safetensors, not {_suffix(dst) or '(none)'}")
+        raise BadInputError(
+            f"OUT {dst}: a Flax file converts to a torch .pt, .pth or .safetensors, not {_suffix(dst) or '(none)'}"
+        )
     with open(src, "rb") as f:
         params, meta = _read_flax_bytes(f.read(), _suffix(src), src)
     try:
         v = registry.get(str(meta.get("crosscheck_variant")))
         cfg = AttnConfig(**json.loads(meta["crosscheck_config"]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise BadInputError(f"{src}: its metadata names no known variant and config ({err})") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadInputError(f"{src}: its metadata names no known variant and config ({exc})") from None
     buffers = [b for b in str(meta.get("torch_buffers", "")).split(",") if b]
     flax_module = v.flax_module(cfg)
     sd = port.to_state_dict(flax_module, {"params": params}, variant=v, buffers=bool(buffers))
@@ -240,14 +261,17 @@ def _flax_to_torch(src, dst, *, inputs, check) -> Converted:
         from crosscheck import inputs as inp
 
         module = v.torch_module(cfg)
-        module.load_state_dict({k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in sd.items()},
-                               strict=not _has_unloaded_buffers(module, sd))
+        module.load_state_dict(
+            {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in sd.items()},
+            strict=not _has_unloaded_buffers(module, sd),
+        )
         module.eval()
         x = inp.for_variant(v, inp.resolve_inputs(inputs, cfg.d_in).array)
         with torch.no_grad():
             ref = v.torch_forward(module, torch.from_numpy(np.asarray(x, np.float32)), cfg).numpy()
-        err, bound = _check_outputs(v, cfg, {k: a for k, a in sd.items() if k not in buffers}, x, ref,
-                                    f"{src} -> {dst}")
+        err, bound = _check_outputs(
+            v, cfg, {k: a for k, a in sd.items() if k not in buffers}, x, ref, f"{src} -> {dst}"
+        )
     if _suffix(dst) == ".safetensors":
         data = _safetensors_bytes(sd, {"format": "pt"})
         atomic_write(dst, lambda tmp: _write_bytes(tmp, data), "converted weights")
@@ -288,5 +312,8 @@ def _check_outputs(v, cfg, state_dict: Mapping, x: np.ndarray, ref: np.ndarray, 
     tol = cmp.policy_for("flax", "float32")
     verdict = cmp.compare(out, ref, tol, computed_in="float32")
     if not verdict.passed:
-        raise MismatchError(f"{where}: the Flax module and torch disagree ({'; '.join(verdict.failures)}); nothing written")
+        raise MismatchError(
+            f"{where}: the Flax module and torch disagree ({'; '.join(verdict.failures)}); nothing written"
+        )
+    assert verdict.metrics is not None and tol.max_abs is not None  # a pass has metrics; the float32 row a bound
     return float(verdict.metrics.max_abs_err), float(tol.max_abs)

@@ -16,7 +16,7 @@ decode; the engine refuses others by name.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -35,8 +35,11 @@ def check_cases(cases: Sequence[Case], prompt_len: int) -> None:
     for case in cases:
         if not case.variant.decodes(case.config):
             names = ", ".join(v.name for v in registry.decoding())
-            why = "it is not causal at this config" if case.variant in registry.decoding() else (
-                "it has no torch reference with a KV cache")
+            why = (
+                "it is not causal at this config"
+                if case.variant in registry.decoding()
+                else ("it has no torch reference with a KV cache")
+            )
             raise BadInputError(f"{case.variant.name} cannot decode: {why}; variants that decode: {names}")
         tokens = case.x.shape[-2]
         if not 1 <= prompt_len <= tokens:
@@ -68,7 +71,7 @@ def detail(out: np.ndarray, ref: np.ndarray, prompt_len: int) -> dict:
 
 
 #: ``ttnn_outputs(cases, prompt_len)`` -> ``({variant: output}, runtime info, versions, seconds)``.
-TtnnOutputs = Callable[[Sequence[Case], Optional[int]], tuple]
+TtnnOutputs = Callable[[Sequence[Case], int | None], tuple]
 
 
 def run(
@@ -77,10 +80,10 @@ def run(
     *,
     backends: Sequence[str],
     dtype: str,
-    attention_impl: Optional[str],
-    ttnn_outputs: Optional[TtnnOutputs],
+    attention_impl: str | None,
+    ttnn_outputs: TtnnOutputs | None,
     step: Callable[[str], None],
-) -> tuple[list[Result], dict, Optional[dict], Optional[dict]]:
+) -> tuple[list[Result], dict, dict | None, dict | None]:
     """Decode every case on ``backends``; ``(results, mode, ttnn runtime info, ttnn versions)``."""
     from crosscheck.backends import torch_output
 
@@ -95,18 +98,28 @@ def run(
         full32 = torch_output(case)  # float32 only: the float64 run is the forward check's
         torch_dec[name] = dec = torch_decode_output(case, prompt_len)
         if "torch" in backends:
-            results[name].append(result_of(
-                name, "torch", "cpu", "float32", "torch full forward", dec, full32, cmp.policy_for("torch", "float32"),
-                detail=detail(dec, full32, prompt_len),
-            ))
+            results[name].append(
+                result_of(
+                    name,
+                    "torch",
+                    "cpu",
+                    "float32",
+                    "torch full forward",
+                    dec,
+                    full32,
+                    cmp.policy_for("torch", "float32"),
+                    detail=detail(dec, full32, prompt_len),
+                )
+            )
             step(f"torch decode {name}")
         if "flax" in backends:
             out, compilations[name] = flax_decode_output(case, prompt_len, dtype, attention_impl)
             full = flax_output(case, dtype, attention_impl)
             impl = (attention_impl or flax_runner.AUTO) if case.variant.takes_attention_impl else None
             for reference, ref in (("torch decode", torch_dec[name]), ("flax full forward", full)):
-                r = result_of(name, "flax", platform, dtype, reference, out, ref, flax_tol,
-                              detail=detail(out, ref, prompt_len))
+                r = result_of(
+                    name, "flax", platform, dtype, reference, out, ref, flax_tol, detail=detail(out, ref, prompt_len)
+                )
                 r.attention_impl = impl
                 results[name].append(r)
             step(f"flax decode {name}")
@@ -120,10 +133,19 @@ def run(
                 raise BadInputError(f"the ttnn backend returned no decode output for {name}")
             tol = cmp.policy_for("ttnn", "bfloat16", name)
             for reference, ref in (("torch decode", torch_dec[name]), ("ttnn full forward", full[name])):
-                results[name].append(result_of(
-                    name, "ttnn", info["name"], "bfloat16", reference, decoded[name], ref, tol,
-                    detail=detail(decoded[name], ref, prompt_len),
-                ))
+                results[name].append(
+                    result_of(
+                        name,
+                        "ttnn",
+                        info["name"],
+                        "bfloat16",
+                        reference,
+                        decoded[name],
+                        ref,
+                        tol,
+                        detail=detail(decoded[name], ref, prompt_len),
+                    )
+                )
             step(f"ttnn decode {name}")
     tokens = int(cases[0].x.shape[-2]) if cases else 0
     mode = {"check": "decode", "prompt_len": prompt_len, "tokens": tokens}

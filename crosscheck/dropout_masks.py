@@ -29,8 +29,9 @@ Sites are paired by call order (the wrapper's heads run ``heads_0 .. heads_{n-1}
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,16 +73,28 @@ class SiteKeys:
         self.seed = seed
         self.sites: list[Site] = []
 
-    def __call__(self, query, key, value, bias=None, mask=None, *, is_causal=False, dropout_rate=0.0,
-                 dropout_rng=None, precision=None):
+    def __call__(
+        self,
+        query,
+        key,
+        value,
+        bias=None,
+        mask=None,
+        *,
+        is_causal=False,
+        dropout_rate=0.0,
+        dropout_rng=None,
+        precision=None,
+    ):
         from jaxattn import dot_product_attention
 
         extra = {} if precision is None else {"precision": precision}
         if dropout_rate > 0.0:
             batch, q_tokens, heads, _ = query.shape  # (b, T, N, hd)
             kv_tokens, kv_heads = key.shape[1], key.shape[2]  # (b, S, K, hd)
-            extra.update(implementation="naive", dropout_rate=dropout_rate,
-                         dropout_rng=site_key(self.seed, len(self.sites)))
+            extra.update(
+                implementation="naive", dropout_rate=dropout_rate, dropout_rng=site_key(self.seed, len(self.sites))
+            )
             self.sites.append(Site(batch, heads, kv_heads, q_tokens, kv_tokens, float(dropout_rate)))
         return dot_product_attention(query, key, value, bias, mask, is_causal=is_causal, **extra)
 
@@ -99,7 +112,7 @@ def site_mask(seed: int, index: int, site: Site) -> np.ndarray:
     return np.transpose(np.asarray(jax.device_get(out)) > 0.0, (0, 2, 1, 3))  # (b, N, T, S)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kept_weights():
     """The read-back as one jitted function (compiled once per site shape, not op by op)."""
     import jax
@@ -111,8 +124,12 @@ def _kept_weights():
         b, n, k, t, s = site.batch, site.heads, site.kv_heads, site.q_tokens, site.kv_tokens
         eye = jnp.broadcast_to(jnp.eye(s, dtype=jnp.float32)[None, :, None, :], (b, s, k, s))  # (b, S, K, S)
         return dot_product_attention(
-            jnp.zeros((b, t, n, 1), jnp.float32), jnp.zeros((b, s, k, 1), jnp.float32), eye,
-            implementation="naive", dropout_rate=site.rate, dropout_rng=key,
+            jnp.zeros((b, t, n, 1), jnp.float32),
+            jnp.zeros((b, s, k, 1), jnp.float32),
+            eye,
+            implementation="naive",
+            dropout_rate=site.rate,
+            dropout_rng=key,
         )  # (b, T, N, S)
 
     return jax.jit(kept, static_argnums=1)
@@ -132,14 +149,14 @@ def _torch_nn():
     return nn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mask_dropout_class():
     """``MaskDropout(keep, p, name)``: ``nn.Dropout(p)`` with its keep mask given (torch imported only here).
 
     ``forward(x) = x * (keep / (1 - p))``, the product ``nn.Dropout`` forms with its own Bernoulli
     draw; it counts its calls so a site skipped or run twice is caught (:func:`check_calls`).
     """
-    nn = _torch_nn()
+    from torch import nn
 
     class MaskDropout(nn.Module):
         def __init__(self, keep, p: float, name: str):
@@ -149,7 +166,8 @@ def mask_dropout_class():
         def forward(self, x):
             if self.keep.numel() != x.numel():
                 raise BadInputError(
-                    f"{self.site_name}: the dropout mask {tuple(self.keep.shape)} does not fit the weights {tuple(x.shape)}"
+                    f"{self.site_name}: the dropout mask {tuple(self.keep.shape)} "
+                    f"does not fit the weights {tuple(x.shape)}"
                 )
             self.calls += 1
             return x * (self.keep.reshape(x.shape).to(x.dtype) / (1.0 - self.p))
@@ -174,12 +192,13 @@ def inject_masks(module, masks: Sequence[np.ndarray], sites: Sequence[Site]) -> 
     found = dropout_modules(module)
     if len(found) != len(sites):
         raise BadInputError(
-            f"{type(module).__name__}: {len(found)} torch dropout module(s) ({', '.join(n for n, _ in found) or 'none'}) "
+            f"{type(module).__name__}: {len(found)} torch dropout module(s) "
+            f"({', '.join(n for n, _ in found) or 'none'}) "
             f"but the Flax module applies dropout at {len(sites)} site(s)"
         )
     cls = mask_dropout_class()
     injected = []
-    for (name, old), keep, site in zip(found, masks, sites):
+    for (name, old), keep, site in zip(found, masks, sites, strict=True):
         if abs(old.p - site.rate) > 1e-12:
             raise BadInputError(f"{name}: torch dropout p={old.p} but the Flax site's rate is {site.rate}")
         new = cls(torch.from_numpy(np.ascontiguousarray(keep)), old.p, name)
@@ -227,8 +246,9 @@ def multihead_forward_masked(module, x, causal: bool, keep: np.ndarray, p: float
     return module.out_proj(context)
 
 
-def torch_forward_masked(variant, module, x, cfg, masks: Sequence[np.ndarray], sites: Sequence[Site],
-                         attention_mask: Optional[Any] = None):
+def torch_forward_masked(
+    variant, module, x, cfg, masks: Sequence[np.ndarray], sites: Sequence[Site], attention_mask: Any | None = None
+):
     """The torch reference of ``variant`` in training mode on ``x`` with the sites' masks.
 
     ``module`` is changed in place (its dropout modules replaced); pass a copy.
@@ -256,7 +276,9 @@ def gpt2_forward_masked(module, x, keep: np.ndarray, p: float):
     import torch
 
     if module.resid_dropout.p != 0.0:
-        raise BadInputError(f"GPT2Attention: resid_dropout p={module.resid_dropout.p}; only the attention dropout is shared")
+        raise BadInputError(
+            f"GPT2Attention: resid_dropout p={module.resid_dropout.p}; only the attention dropout is shared"
+        )
     unbatched = x.dim() == 2
     x = x[None] if unbatched else x
     b, tokens, _ = x.shape

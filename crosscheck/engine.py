@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from crosscheck import budget
+from crosscheck import budget, flax_runner, placement, port, registry, sharding_check
 from crosscheck import compare as cmp
-from crosscheck import flax_runner
 from crosscheck import inputs as inp
-from crosscheck import placement, port, registry, sharding_check
 from crosscheck.backends import (
     BACKENDS,
     DTYPES,
@@ -55,8 +54,8 @@ from crosscheck.cases import (
     _check_config,
     _float32_state_dict,
     _torch_reference_module,
-    bundle_cases,
     build_cases,
+    bundle_cases,
     match_variants,
     resolve_config,
     select_variants,
@@ -66,10 +65,31 @@ from crosscheck.results import Report, Result, result_of
 
 #: The public API, including the names re-exported from cases, backends and results.
 __all__ = [
-    "BACKENDS", "DTYPES", "OVERRIDABLE", "TORCH_SEED", "TTNN_RUNTIMES", "Case", "Progress", "Report", "Result",
-    "build_cases", "bundle_cases", "check_attention_impl", "compare_outputs", "export_bundle", "flax_output",
-    "match_variants", "port", "registry", "resolve_config", "run", "select_variants", "torch_outputs",
-    "ttnn_outputs_elsewhere", "ttnn_outputs_in_process", "versions",
+    "BACKENDS",
+    "DTYPES",
+    "OVERRIDABLE",
+    "TORCH_SEED",
+    "TTNN_RUNTIMES",
+    "Case",
+    "Progress",
+    "Report",
+    "Result",
+    "build_cases",
+    "bundle_cases",
+    "check_attention_impl",
+    "compare_outputs",
+    "export_bundle",
+    "flax_output",
+    "match_variants",
+    "port",
+    "registry",
+    "resolve_config",
+    "run",
+    "select_variants",
+    "torch_outputs",
+    "ttnn_outputs_elsewhere",
+    "ttnn_outputs_in_process",
+    "versions",
 ]
 
 #: ``progress(done, total, description)`` — called after each step.
@@ -92,7 +112,7 @@ def _check_choices(backends: Sequence[str], dtype: str, ttnn_runtime: str) -> tu
     return tuple(b for b in BACKENDS if b in backends)
 
 
-def check_attention_impl(attention_impl: Optional[str], variants: Optional[Iterable[str]]) -> None:
+def check_attention_impl(attention_impl: str | None, variants: Iterable[str] | None) -> None:
     """Refuse an unknown core, and a core for an explicitly named variant that has no choice of core.
 
     Without named variants, those that take no ``attention_impl`` run as they always do.
@@ -112,38 +132,38 @@ def check_attention_impl(attention_impl: Optional[str], variants: Optional[Itera
 
 @budget.with_max_memory
 def run(
-    variants: Optional[Iterable[str]] = None,
+    variants: Iterable[str] | None = None,
     *,
-    weights: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
-    inputs: Union[None, str, os.PathLike, np.ndarray, inp.RandomInputs] = None,
-    d_in: Optional[int] = None,
-    d_out: Optional[int] = None,
-    context_length: Optional[int] = None,
-    dropout: Optional[float] = None,
-    num_heads: Optional[int] = None,
-    qkv_bias: Optional[bool] = None,
-    causal: Optional[bool] = None,
-    num_kv_groups: Optional[int] = None,
-    head_dim: Optional[int] = None,
-    qk_norm: Optional[bool] = None,
-    rope_theta: Optional[float] = None,
+    weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    inputs: str | os.PathLike | np.ndarray | inp.RandomInputs | None = None,
+    d_in: int | None = None,
+    d_out: int | None = None,
+    context_length: int | None = None,
+    dropout: float | None = None,
+    num_heads: int | None = None,
+    qkv_bias: bool | None = None,
+    causal: bool | None = None,
+    num_kv_groups: int | None = None,
+    head_dim: int | None = None,
+    qk_norm: bool | None = None,
+    rope_theta: float | None = None,
     prefix: str = "",
-    model_config: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
+    model_config: str | os.PathLike | Mapping[str, Any] | None = None,
     backends: Sequence[str] = BACKENDS,
     ttnn_runtime: str = "auto",
-    ttnn_python: Optional[str] = None,
+    ttnn_python: str | None = None,
     dtype: str = "float32",
-    attention_impl: Optional[str] = None,
-    decode: Optional[int] = None,
-    padding: Optional[str] = None,
-    pad_lengths: Optional[Sequence[int]] = None,
+    attention_impl: str | None = None,
+    decode: int | None = None,
+    padding: str | None = None,
+    pad_lengths: Sequence[int] | None = None,
     train: bool = False,
     grad: bool = False,
-    train_seed: Optional[int] = None,
-    progress: Optional[Progress] = None,
+    train_seed: int | None = None,
+    progress: Progress | None = None,
     api: str = "linen",
-    devices: Optional[int] = None,
-    shard: Optional[str] = None,
+    devices: int | None = None,
+    shard: str | None = None,
 ) -> Report:
     """Run the cross-check and return its :class:`Report` (never raises on a mismatch).
 
@@ -182,39 +202,74 @@ def run(
     check_attention_impl(attention_impl, variants)
     _check_mode(decode, padding, pad_lengths)
     if placement.torch_device() != "cpu" and (train or grad or decode is not None or padding is not None):
-        raise BadInputError(f"--torch-device {placement.torch_device()}: only the forward check runs torch there; "
-                            "--train, --grad, --decode and --padding run torch on the CPU")
+        raise BadInputError(
+            f"--torch-device {placement.torch_device()}: only the forward check runs torch there; "
+            "--train, --grad, --decode and --padding run torch on the CPU"
+        )
     flax_apis = _flax_apis(api, decode=decode, padding=padding, train=train or grad)
     skipped: dict[str, str] = {}
     if train or grad:  # torch vs Flax only (crosscheck.train_check); ttnn is skipped with its reason
         from crosscheck import train_check
 
-        kept = train_check.check_options(train=train, grad=grad, dtype=dtype, backends=backends,
-                                         attention_impl=attention_impl, decode=decode, padding=padding)
+        kept = train_check.check_options(
+            train=train,
+            grad=grad,
+            dtype=dtype,
+            backends=backends,
+            attention_impl=attention_impl,
+            decode=decode,
+            padding=padding,
+        )
         skipped = {b: train_check.TTNN_SKIPPED for b in backends if b not in kept}
         backends = kept
         if train and dropout is None:
             dropout = train_check.DEFAULT_TRAIN_DROPOUT
     if "ttnn" in backends:
         check_ttnn_available(ttnn_runtime, ttnn_python)
-    overrides = dict(d_in=d_in, d_out=d_out, context_length=context_length, dropout=dropout,
-                     num_heads=num_heads, qkv_bias=qkv_bias, causal=causal, num_kv_groups=num_kv_groups,
-                     head_dim=head_dim, qk_norm=qk_norm, rope_theta=rope_theta)
+    overrides = dict(
+        d_in=d_in,
+        d_out=d_out,
+        context_length=context_length,
+        dropout=dropout,
+        num_heads=num_heads,
+        qkv_bias=qkv_bias,
+        causal=causal,
+        num_kv_groups=num_kv_groups,
+        head_dim=head_dim,
+        qk_norm=qk_norm,
+        rope_theta=rope_theta,
+    )
     cases, data, weights_desc = build_cases(
         variants, weights=weights, inputs=inputs, overrides=overrides, prefix=prefix, model_config=model_config
     )
     if pad_lengths is not None:  # the padded batch: one row per length, each longer by its padding
-        budget.check_cases([(c.variant, c.config, (len(pad_lengths), c.x.shape[-2] + max(pad_lengths, default=0),
-                                                   c.x.shape[-1])) for c in cases], "--pad-lengths")
+        budget.check_cases(
+            [
+                (c.variant, c.config, (len(pad_lengths), c.x.shape[-2] + max(pad_lengths, default=0), c.x.shape[-1]))
+                for c in cases
+            ],
+            "--pad-lengths",
+        )
     if decode is not None and not variants:
         cases = [c for c in cases if c.variant.decodes(c.config)]
         if not cases:
             names = ", ".join(v.name for v in registry.decoding())
             raise BadInputError(f"--decode: none of the variants to run decodes; variants that decode: {names}")
     # --devices N --shard MODE (crosscheck.sharding_check): the Flax rows run split, plus a "flax 1 device" row.
-    sharding_check.check_request(cases, devices=devices, shard=shard, backends=backends, attention_impl=attention_impl,
-                                 others=(("--decode", decode is not None), ("--padding", padding is not None),
-                                         ("--train", train), ("--grad", grad), ("--api nnx", api != "linen")))
+    sharding_check.check_request(
+        cases,
+        devices=devices,
+        shard=shard,
+        backends=backends,
+        attention_impl=attention_impl,
+        others=(
+            ("--decode", decode is not None),
+            ("--padding", padding is not None),
+            ("--train", train),
+            ("--grad", grad),
+            ("--api nnx", api != "linen"),
+        ),
+    )
     total = len(cases) * (len(backends) + ("flax" in backends) * (len(flax_apis) - 1))
     done = 0
 
@@ -228,15 +283,31 @@ def run(
         from crosscheck import train_check
 
         results, mode = train_check.run(
-            cases, train=train, grad=grad, seed=0 if train_seed is None else int(train_seed), backends=backends,
-            attention_impl=attention_impl, skipped=skipped, step=step,
+            cases,
+            train=train,
+            grad=grad,
+            seed=0 if train_seed is None else int(train_seed),
+            backends=backends,
+            attention_impl=attention_impl,
+            skipped=skipped,
+            step=step,
         )
         return _report(results, cases, cases, data, weights_desc, None, None, backends, attention_impl, t_start, mode)
     if decode is not None or padding is not None:
         return _run_mode(
-            cases, data, weights_desc, t_start, backends=backends, dtype=dtype, attention_impl=attention_impl,
-            ttnn_runtime=ttnn_runtime, ttnn_python=ttnn_python, decode=decode, padding=padding,
-            pad_lengths=pad_lengths, step=step,
+            cases,
+            data,
+            weights_desc,
+            t_start,
+            backends=backends,
+            dtype=dtype,
+            attention_impl=attention_impl,
+            ttnn_runtime=ttnn_runtime,
+            ttnn_python=ttnn_python,
+            decode=decode,
+            padding=padding,
+            pad_lengths=pad_lengths,
+            step=step,
         )
 
     by_variant: dict[str, list[Result]] = {c.variant.name: [] for c in cases}
@@ -249,23 +320,37 @@ def run(
         if "torch" in backends:
             tol = cmp.policy_for("torch", "float32")
             by_variant[name].append(
-                result_of(name, "torch", placement.torch_device(), "float32", "torch float64", out32, out64, tol,
-                          time.perf_counter() - t0)
+                result_of(
+                    name,
+                    "torch",
+                    placement.torch_device(),
+                    "float32",
+                    "torch float64",
+                    out32,
+                    out64,
+                    tol,
+                    time.perf_counter() - t0,
+                )
             )
             step(f"torch {name}")
-        for flax_api in (flax_apis if "flax" in backends else ()):  # a row per Flax API (--api)
+        for flax_api in flax_apis if "flax" in backends else ():  # a row per Flax API (--api)
             t0 = time.perf_counter()
-            out = (flax_output(case, dtype, attention_impl, api=flax_api) if shard is None
-                   else sharding_check.sharded_output(case, dtype, attention_impl, devices, shard))
+            if shard is None:
+                out = flax_output(case, dtype, attention_impl, api=flax_api)
+            else:
+                assert devices is not None  # check_request refuses --shard without --devices
+                out = sharding_check.sharded_output(case, dtype, attention_impl, devices, shard)
             tol = cmp.policy_for("flax", placement.tolerance_dtype(dtype))  # TF32's row below "highest"
             backend = FLAX_API_BACKENDS[flax_api]
-            result = result_of(name, backend, flax_runner.platform(), dtype, "torch float32", out, out32, tol,
-                               time.perf_counter() - t0)
+            result = result_of(
+                name, backend, flax_runner.platform(), dtype, "torch float32", out, out32, tol, time.perf_counter() - t0
+            )
             result.attention_impl = (attention_impl or flax_runner.AUTO) if case.variant.takes_attention_impl else None
             if backend != "flax":  # placement.describe knows the "flax" row; the NNX row runs on the same JAX
                 result.device, result.precision = placement.jax_device(), placement.matmul_precision(dtype)
             by_variant[name].append(result)
             if shard is not None:
+                assert devices is not None  # check_request refuses --shard without --devices
                 sharding_check.label(result, dtype, devices, shard)
                 by_variant[name].append(sharding_check.one_device_row(case, dtype, attention_impl, out, devices, shard))
             step(f"{backend} {name}")
@@ -283,17 +368,42 @@ def run(
             if name not in outs:
                 raise BadInputError(f"the ttnn backend returned no output for {name}")
             by_variant[name].append(
-                result_of(name, "ttnn", ttnn_info["name"], "bfloat16", "torch float32", outs[name], refs[name], tol, secs.get(name))
+                result_of(
+                    name,
+                    "ttnn",
+                    ttnn_info["name"],
+                    "bfloat16",
+                    "torch float32",
+                    outs[name],
+                    refs[name],
+                    tol,
+                    secs.get(name),
+                )
             )
     results = [r for c in cases for r in by_variant[c.variant.name]]
-    report = _report(results, cases, cases, data, weights_desc, ttnn_info, ttnn_versions, backends, attention_impl,
-                     t_start)
-    report.sharding = None if shard is None else sharding_check.describe(devices, shard)
+    report = _report(
+        results, cases, cases, data, weights_desc, ttnn_info, ttnn_versions, backends, attention_impl, t_start
+    )
+    report.sharding = None
+    if shard is not None:
+        assert devices is not None  # check_request refuses --shard without --devices
+        report.sharding = sharding_check.describe(devices, shard)
     return report
 
 
-def _report(results, cases, run_cases, data, weights_desc, ttnn_info, ttnn_versions, backends, attention_impl,
-            t_start, mode: Optional[dict] = None) -> Report:
+def _report(
+    results,
+    cases,
+    run_cases,
+    data,
+    weights_desc,
+    ttnn_info,
+    ttnn_versions,
+    backends,
+    attention_impl,
+    t_start,
+    mode: dict | None = None,
+) -> Report:
     """The :class:`Report` of a run: ``run_cases`` are the cases as run (padded ones for ``--padding``)."""
     placement.describe(results)  # device and precision on every result
     return Report(
@@ -320,14 +430,21 @@ def _flax_apis(api: str, *, decode, padding, train: bool) -> tuple[str, ...]:
     if api not in APIS:
         raise BadInputError(f"--api must be one of {', '.join(APIS)}; got {api!r}")
     apis = ("linen", "nnx") if api == "both" else (api,)
-    modes = [flag for flag, on in (("--decode", decode is not None), ("--padding", padding is not None),
-                                   ("--train/--grad", train)) if on]
+    modes = [
+        flag
+        for flag, on in (
+            ("--decode", decode is not None),
+            ("--padding", padding is not None),
+            ("--train/--grad", train),
+        )
+        if on
+    ]
     if "nnx" in apis and modes:
         raise BadInputError(f"--api {api}: the NNX modules run in the forward check; {modes[0]} runs Linen only")
     return apis
 
 
-def _check_mode(decode: Optional[int], padding: Optional[str], pad_lengths: Optional[Sequence[int]]) -> None:
+def _check_mode(decode: int | None, padding: str | None, pad_lengths: Sequence[int] | None) -> None:
     """The decode and padding options: one check at a time, each complete."""
     from crosscheck.padding_check import SIDES
 
@@ -341,8 +458,22 @@ def _check_mode(decode: Optional[int], padding: Optional[str], pad_lengths: Opti
         raise BadInputError("--padding and --pad-lengths go together (e.g. --padding left --pad-lengths 0,3)")
 
 
-def _run_mode(cases, data, weights_desc, t_start, *, backends, dtype, attention_impl, ttnn_runtime, ttnn_python,
-              decode, padding, pad_lengths, step) -> Report:
+def _run_mode(
+    cases,
+    data,
+    weights_desc,
+    t_start,
+    *,
+    backends,
+    dtype,
+    attention_impl,
+    ttnn_runtime,
+    ttnn_python,
+    decode,
+    padding,
+    pad_lengths,
+    step,
+) -> Report:
     """The decode or padding check of ``cases`` as a :class:`Report`."""
     from crosscheck import decode_check, padding_check
 
@@ -357,8 +488,9 @@ def _run_mode(cases, data, weights_desc, t_start, *, backends, dtype, attention_
         run_cases = cases
     else:
         results, mode, info, ttnn_versions, run_cases = padding_check.run(cases, padding, list(pad_lengths), **common)
-    return _report(results, cases, run_cases, data, weights_desc, info, ttnn_versions, backends, attention_impl,
-                   t_start, mode)
+    return _report(
+        results, cases, run_cases, data, weights_desc, info, ttnn_versions, backends, attention_impl, t_start, mode
+    )
 
 
 # --- bundles: export here, run elsewhere, compare here --------------------------------------------
@@ -366,8 +498,15 @@ def _run_mode(cases, data, weights_desc, t_start, *, backends, dtype, attention_
 
 @budget.with_max_memory
 def export_bundle(
-    out: Union[str, os.PathLike], variants=None, *, weights=None, inputs=None, attention_impl: Optional[str] = None,
-    prefix: str = "", model_config=None, **overrides,
+    out: str | os.PathLike,
+    variants=None,
+    *,
+    weights=None,
+    inputs=None,
+    attention_impl: str | None = None,
+    prefix: str = "",
+    model_config=None,
+    **overrides,
 ) -> list[Case]:
     """Write the cases :func:`run` would run to a bundle file for another interpreter.
 
@@ -393,7 +532,7 @@ _BUNDLE_DTYPE = {"ttnn": "bfloat16", "flax": "float32"}
 
 
 @budget.with_max_memory
-def compare_outputs(bundle_path, outputs_paths: Sequence[Union[str, os.PathLike]]) -> Report:
+def compare_outputs(bundle_path, outputs_paths: Sequence[str | os.PathLike]) -> Report:
     """Compare outputs files (from ``bundle run`` / the worker) with the torch reference of the bundle."""
     from crosscheck.bundle import read_bundle, read_bundle_meta, read_outputs
 
@@ -418,8 +557,11 @@ def compare_outputs(bundle_path, outputs_paths: Sequence[Union[str, os.PathLike]
             raise BadInputError(f"{path}: outputs of unknown backend {backend!r}; expected ttnn or flax")
         backends.append(backend)
         if backend == "ttnn":
-            ttnn_info = {"name": meta.get("runtime"), "description": meta.get("runtime_description"),
-                         "python": meta.get("python")}
+            ttnn_info = {
+                "name": meta.get("runtime"),
+                "description": meta.get("runtime_description"),
+                "python": meta.get("python"),
+            }
             ttnn_versions = meta.get("versions", {})
         missing = [c.variant.name for c in cases if c.variant.name not in outs]
         if missing:
@@ -440,8 +582,11 @@ def compare_outputs(bundle_path, outputs_paths: Sequence[Union[str, os.PathLike]
     return Report(
         results=results,
         configs={c.variant.name: c.variant.report_config(c.config) for c in cases},
-        input={"source": f"bundle {os.fspath(bundle_path)}", **({"bundle_input": bmeta["input"]} if "input" in bmeta else {}),
-               "per_variant_shape": {c.variant.name: list(c.x.shape) for c in cases}},
+        input={
+            "source": f"bundle {os.fspath(bundle_path)}",
+            **({"bundle_input": bmeta["input"]} if "input" in bmeta else {}),
+            "per_variant_shape": {c.variant.name: list(c.x.shape) for c in cases},
+        },
         weights=str(bmeta.get("weights", f"bundle {os.fspath(bundle_path)}")),
         versions=versions(ttnn_versions or {"ttnn": None, "ttnn_reason": "no ttnn outputs compared"}),
         ttnn_runtime=ttnn_info,

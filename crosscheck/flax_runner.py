@@ -10,7 +10,8 @@ are imported inside the functions; torch never.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def attention_impl_names() -> tuple[str, ...]:
     return (AUTO, *implementations.names())
 
 
-def check_attention_impl(name: Optional[str]) -> None:
+def check_attention_impl(name: str | None) -> None:
     """Raise :class:`BadInputError` listing the known names unless ``name`` is ``None`` or one of them."""
     if name is None:
         return
@@ -65,7 +66,7 @@ def _jax_dtype(dtype: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
 
 
-def flax_module(variant: registry.Variant, cfg: AttnConfig, dtype: str = "float32", attention_impl: Optional[str] = None):
+def flax_module(variant: registry.Variant, cfg: AttnConfig, dtype: str = "float32", attention_impl: str | None = None):
     """``variant``'s jaxattn module at ``cfg``, computing in ``dtype``, with ``attention_impl`` where it takes one.
 
     ``attention_impl=None`` keeps the module's own default. A variant without a selectable
@@ -122,8 +123,8 @@ def run_flax(
     x: np.ndarray,
     *,
     dtype: str = "float32",
-    attention_impl: Optional[str] = None,
-    attention_mask: Optional[np.ndarray] = None,
+    attention_impl: str | None = None,
+    attention_mask: np.ndarray | None = None,
     api: str = "linen",
 ) -> np.ndarray:
     """The jitted jaxattn module on ``x`` with ``state_dict`` ported to float32 parameters, computing in ``dtype``.
@@ -136,8 +137,9 @@ def run_flax(
     can tamper with them.
     """
     if api == "nnx":
-        return run_flax_nnx(variant, cfg, state_dict, x, dtype=dtype, attention_impl=attention_impl,
-                            attention_mask=attention_mask)
+        return run_flax_nnx(
+            variant, cfg, state_dict, x, dtype=dtype, attention_impl=attention_impl, attention_mask=attention_mask
+        )
     import jax
     import jax.numpy as jnp
 
@@ -150,8 +152,13 @@ def run_flax(
     return np.asarray(jax.device_get(out))
 
 
-def nnx_module(variant: registry.Variant, cfg: AttnConfig, state_dict: Mapping[str, Any], dtype: str = "float32",
-               attention_impl: Optional[str] = None):
+def nnx_module(
+    variant: registry.Variant,
+    cfg: AttnConfig,
+    state_dict: Mapping[str, Any],
+    dtype: str = "float32",
+    attention_impl: str | None = None,
+):
     """``variant``'s :mod:`jaxattn.nnx` module at ``cfg`` computing in ``dtype``, THE weights loaded as float32."""
     from flax import nnx
 
@@ -172,8 +179,8 @@ def run_flax_nnx(
     x: np.ndarray,
     *,
     dtype: str = "float32",
-    attention_impl: Optional[str] = None,
-    attention_mask: Optional[np.ndarray] = None,
+    attention_impl: str | None = None,
+    attention_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """:func:`run_flax` through the NNX module (:func:`nnx_module`) under ``nnx.jit``: same weights, same core."""
     import jax
@@ -198,8 +205,8 @@ def run_flax_decode(
     prompt_len: int,
     *,
     dtype: str = "float32",
-    attention_impl: Optional[str] = None,
-    attention_mask: Optional[np.ndarray] = None,
+    attention_impl: str | None = None,
+    attention_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Prefill ``x[:, :prompt_len]``, then decode ``x``'s other tokens one at a time through the KV cache.
 
@@ -212,11 +219,11 @@ def run_flax_decode(
     import jax
     import jax.numpy as jnp
 
-    x = jnp.asarray(x, dtype=_jax_dtype(dtype))
-    if x.ndim != 3 or not 1 <= prompt_len <= x.shape[1]:
+    xs = jnp.asarray(x, dtype=_jax_dtype(dtype))
+    if xs.ndim != 3 or not 1 <= prompt_len <= xs.shape[1]:
         raise BadInputError(
             f"{variant.name}: decoding needs (batch, tokens, d_in) input and 1 <= prompt_len <= tokens; "
-            f"got shape {tuple(x.shape)}, prompt_len={prompt_len}"
+            f"got shape {tuple(xs.shape)}, prompt_len={prompt_len}"
         )
     module, variables, kwargs = _prepare(variant, cfg, state_dict, dtype, attention_impl, decode=True)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, dtype=jnp.bool_)
@@ -228,11 +235,11 @@ def run_flax_decode(
         return out, state["cache"]
 
     with jax.default_matmul_precision(matmul_precision(dtype)):
-        cache = jax.jit(lambda: module.init(jax.random.key(0), jnp.zeros_like(x), **kwargs)["cache"])()
-        bounds = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, x.shape[1])]
+        cache = jax.jit(lambda: module.init(jax.random.key(0), jnp.zeros_like(xs), **kwargs)["cache"])()
+        bounds = [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, xs.shape[1])]
         outs = []
         for start, stop in bounds:
-            out, cache = step(variables, cache, x[:, start:stop], None if mask is None else mask[:, start:stop])
+            out, cache = step(variables, cache, xs[:, start:stop], None if mask is None else mask[:, start:stop])
             outs.append(out)
         out = jnp.concatenate(outs, axis=1)
-    return np.asarray(jax.device_get(out)), step._cache_size()
+    return np.asarray(jax.device_get(out)), step._cache_size()  # type: ignore[attr-defined]  # private, not in stubs

@@ -18,7 +18,7 @@ mask and scale). Modules are run by the caller's ``trainer`` (``apply(variables,
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -54,6 +54,7 @@ def torch_grads(case: Case, forward, module, seed: int, dtype=None) -> dict[str,
         out = forward(x)
         loss = (out * torch.from_numpy(loss_weights(tuple(out.shape), seed)).to(dtype)).sum()
         loss.backward()
+    assert x.grad is not None  # x requires grad and the loss depends on it
     grads = {INPUT: x.grad.numpy()}
     for name, p in module.named_parameters():
         grads[name] = np.zeros(tuple(p.shape), p.detach().numpy().dtype) if p.grad is None else p.grad.numpy()
@@ -85,8 +86,15 @@ def flax_output_and_grads(case: Case, trainer, seed: int) -> tuple[np.ndarray, d
     return np.asarray(jax.device_get(out)), grads, list(trainer.sites)
 
 
-def grad_rows(case: Case, flax_grads: dict, torch_module: Callable, seed: int, detail: dict,
-              attention_impl: Optional[str], step: Callable[[str], None]) -> list[Result]:
+def grad_rows(
+    case: Case,
+    flax_grads: dict,
+    torch_module: Callable,
+    seed: int,
+    detail: dict,
+    attention_impl: str | None,
+    step: Callable[[str], None],
+) -> list[Result]:
     """One row per gradient of ``case`` (input first, then the parameters in torch's order).
 
     ``flax_grads``: from :func:`flax_output_and_grads`. ``torch_module(dtype)`` -> ``(module,
@@ -111,8 +119,17 @@ def grad_rows(case: Case, flax_grads: dict, torch_module: Callable, seed: int, d
     for key in params:
         ref_error = cmp.max_abs_err(t_grads[key], t64[key])
         tol = cmp.grad_policy(ref_error, cmp.ref_scale(t_grads[key]))
-        row = result_of(name, "flax", flax_runner.platform(), "float32", f"torch grad: {key}", flax_grads[key],
-                        t_grads[key], tol, detail={"parameter": key, **detail, "reference_float32_error": ref_error})
+        row = result_of(
+            name,
+            "flax",
+            flax_runner.platform(),
+            "float32",
+            f"torch grad: {key}",
+            flax_grads[key],
+            t_grads[key],
+            tol,
+            detail={"parameter": key, **detail, "reference_float32_error": ref_error},
+        )
         row.attention_impl = impl
         rows.append(row)
     step(f"flax grad {name}")
@@ -132,8 +149,11 @@ class no_tf32:
     def __enter__(self):
         import torch
 
-        self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                       torch.get_float32_matmul_precision())
+        self._saved = (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision(),
+        )
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")

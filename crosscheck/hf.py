@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
@@ -30,15 +31,22 @@ from crosscheck.errors import BadInputError
 EXTRA = "pip install 'jaxattn[hf]' (transformers>=4.45)"
 
 #: GPT-2's names for the common config keys (transformers' ``GPT2Config.attribute_map``).
-_ALIASES = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "max_position_embeddings": "n_positions",
-            "attention_dropout": "attn_pdrop"}
+_ALIASES = {
+    "hidden_size": "n_embd",
+    "num_attention_heads": "n_head",
+    "max_position_embeddings": "n_positions",
+    "attention_dropout": "attn_pdrop",
+}
+
 
 def require_transformers():
     """The ``transformers`` module, or :class:`BadInputError` saying how to install it."""
     try:
         import transformers
     except ImportError as err:
-        raise BadInputError(f"this variant needs Hugging Face transformers, which is not installed ({err}): {EXTRA}") from None
+        raise BadInputError(
+            f"this variant needs Hugging Face transformers, which is not installed ({err}): {EXTRA}"
+        ) from None
     return transformers
 
 
@@ -59,7 +67,7 @@ def _get(config: Any, name: str, default: Any = _MISSING) -> Any:
     return default
 
 
-def rope_scaling_string(rope_scaling: Optional[Mapping[str, Any]], where: str) -> str:
+def rope_scaling_string(rope_scaling: Mapping[str, Any] | None, where: str) -> str:
     """transformers' ``rope_scaling`` / ``rope_parameters`` -> :attr:`AttnConfig.rope_scaling` ("" = none).
 
     :func:`jaxattn.rope.freq_config_from_rope_scaling` reads it (``default``: no scaling, ``llama3``:
@@ -83,7 +91,7 @@ def rope_settings(config: Any, where: str) -> dict:
     if isinstance(params, Mapping) and params:
         if set(params) and all(isinstance(v, Mapping) for v in params.values()):
             raise BadInputError(f"{where}: per-layer-type rope_parameters ({', '.join(params)}) are not supported")
-        found = {"rope_scaling": rope_scaling_string(params, where)}
+        found: dict[str, Any] = {"rope_scaling": rope_scaling_string(params, where)}
         if params.get("rope_theta") is not None:
             found["rope_theta"] = float(params["rope_theta"])
         return found
@@ -125,7 +133,9 @@ def attn_fields(config: Any, where: str = "config", *, rope: bool = True) -> dic
     else:
         found.update(d_out=d_in, qkv_bias=True)
         if not _get(config, "scale_attn_weights", True):
-            raise BadInputError(f"{where}: scale_attn_weights=false is not supported (scores are divided by sqrt(head_dim))")
+            raise BadInputError(
+                f"{where}: scale_attn_weights=false is not supported (scores are divided by sqrt(head_dim))"
+            )
         if _get(config, "scale_attn_by_inverse_layer_idx", False):
             raise BadInputError(f"{where}: scale_attn_by_inverse_layer_idx=true is not supported")
     context = _get(config, "max_position_embeddings", None)
@@ -163,7 +173,7 @@ class Spec:
     model: str  # transformers.models.<model>.modeling_<model>
     config_class: str
     attention_class: str
-    rotary_class: Optional[str] = None  # RoPE models: the rotary embedding class
+    rotary_class: str | None = None  # RoPE models: the rotary embedding class
 
     def modeling(self):
         require_transformers()
@@ -177,24 +187,41 @@ class Spec:
         common = dict(num_hidden_layers=1, vocab_size=8, attn_implementation="eager")
         if self.rotary_class is None:
             return getattr(transformers, self.config_class)(
-                n_embd=cfg.d_in, n_head=cfg.num_heads, n_positions=cfg.context_length, attn_pdrop=cfg.dropout,
-                resid_pdrop=0.0, n_layer=1, vocab_size=8, bos_token_id=0, eos_token_id=0,
+                n_embd=cfg.d_in,
+                n_head=cfg.num_heads,
+                n_positions=cfg.context_length,
+                attn_pdrop=cfg.dropout,
+                resid_pdrop=0.0,
+                n_layer=1,
+                vocab_size=8,
+                bos_token_id=0,
+                eos_token_id=0,
                 attn_implementation="eager",
             )
         from jaxattn.rope import FREQ_CONFIG_KEYS  # the book's freq_config keys -> transformers'
 
-        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
         freq = cfg.freq_config()
         if freq:
-            rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta,
-                    **{hf: freq[book] for book, hf in FREQ_CONFIG_KEYS.items()}}
+            rope = {
+                "rope_type": "llama3",
+                "rope_theta": cfg.rope_theta,
+                **{hf: freq[book] for book, hf in FREQ_CONFIG_KEYS.items()},
+            }
             rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
         hd = cfg.resolved_head_dim()
         config = getattr(transformers, self.config_class)(
             # transformers validates hidden_size % heads == 0 even with head_dim given; hidden_size is set after.
-            hidden_size=cfg.num_heads * hd, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads(),
-            head_dim=hd, attention_bias=cfg.qkv_bias, attention_dropout=cfg.dropout,
-            max_position_embeddings=cfg.context_length, intermediate_size=8, rms_norm_eps=1e-6, **common,
+            hidden_size=cfg.num_heads * hd,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.kv_heads(),
+            head_dim=hd,
+            attention_bias=cfg.qkv_bias,
+            attention_dropout=cfg.dropout,
+            max_position_embeddings=cfg.context_length,
+            intermediate_size=8,
+            rms_norm_eps=1e-6,
+            **common,
         )
         config.hidden_size = cfg.d_in
         # transformers 5 reads rope_parameters; 4.x reads rope_theta / rope_scaling.
@@ -245,6 +272,7 @@ def rope_forward(spec: Spec, module, x, cfg: AttnConfig, attention_mask=None):
         attention_mask = check_attention_mask(
             type(module).__name__, attention_mask[None] if unbatched else attention_mask, x.shape[:-1]
         )
+    assert spec.rotary_class is not None  # rope_forward is the forward of the RoPE specs only
     rotary = getattr(spec.modeling(), spec.rotary_class)(module.config)
     positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
     with torch.no_grad():  # the tables hold no parameters; the layer itself keeps autograd

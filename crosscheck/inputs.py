@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -27,10 +27,10 @@ _FILE_KEYS = ("inputs", "x", "input")
 class RandomInputs:
     """Uniform ``[0, 1)`` values (like the book's ``torch.rand``) from ``numpy.random.default_rng(seed)``."""
 
-    batch: Optional[int] = None
-    tokens: Optional[int] = None
-    d_in: Optional[int] = None
-    seed: Optional[int] = None
+    batch: int | None = None
+    tokens: int | None = None
+    d_in: int | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -77,13 +77,14 @@ def _pick(obj: Any, path: str) -> Any:
     raise BadInputError(f"{path}: does not hold a tensor ({type(obj).__name__})")
 
 
-def load_input(path: Union[str, os.PathLike]) -> np.ndarray:
+def load_input(path: str | os.PathLike) -> np.ndarray:
     """The input array stored in ``path`` (``.npy``, ``.pt``/``.pth``, ``.safetensors``), validated."""
     path = os.fspath(path)
     require_readable_file(path, "input")
     ext = os.path.splitext(path)[1].lower()
     from crosscheck import tensorfiles
 
+    obj: Any  # an array, or a mapping of them to pick one from
     if ext == ".npy":
         obj = tensorfiles.read_npy(path, "input file")
     elif ext in (".pt", ".pth"):
@@ -95,7 +96,7 @@ def load_input(path: Union[str, os.PathLike]) -> np.ndarray:
     return validate_array(_pick(obj, path), f"input {path}")
 
 
-def random_inputs(spec: RandomInputs, d_in_hint: Optional[int] = None) -> Inputs:
+def random_inputs(spec: RandomInputs, d_in_hint: int | None = None) -> Inputs:
     batch = DEFAULT_BATCH if spec.batch is None else spec.batch
     tokens = DEFAULT_TOKENS if spec.tokens is None else spec.tokens
     d_in = spec.d_in or d_in_hint or INPUTS.shape[1]
@@ -108,14 +109,17 @@ def random_inputs(spec: RandomInputs, d_in_hint: Optional[int] = None) -> Inputs
     from crosscheck import budget
 
     # Before the draw: --batch 1000000000 would otherwise allocate 72 GB here.
-    budget.current().check(budget.nbytes((batch, tokens, d_in), 4) * 4,
-                           f"random inputs (batch {batch} x tokens {tokens} x d_in {d_in})", "lower --batch/--tokens/--d-in")
+    budget.current().check(
+        budget.nbytes((batch, tokens, d_in), 4) * 4,
+        f"random inputs (batch {batch} x tokens {tokens} x d_in {d_in})",
+        "lower --batch/--tokens/--d-in",
+    )
     array = np.random.default_rng(seed).random((batch, tokens, d_in), dtype=np.float32)
     return Inputs(array, "random", f"uniform [0, 1) {array.shape}, numpy default_rng({seed})")
 
 
 def resolve_inputs(
-    inputs: Union[None, str, os.PathLike, np.ndarray, RandomInputs], d_in_hint: Optional[int] = None
+    inputs: str | os.PathLike | np.ndarray | RandomInputs | None, d_in_hint: int | None = None
 ) -> Inputs:
     """The input of a run: the seed sentence (``None``; random values when the weights want another d_in)."""
     if inputs is None:

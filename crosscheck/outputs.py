@@ -15,16 +15,18 @@ Only the standard library is imported here (the bundle module stays free of torc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import uuid
-from typing import Callable, Iterable, Optional, Tuple, Union
+from collections.abc import Callable, Iterable
+from typing import Union
 
 from crosscheck.errors import BadInputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: ``(flag, path)`` of one input of the run, e.g. ``("--weights", "mha.pt")``; a ``None`` path is skipped.
-NamedInput = Tuple[str, Optional[PathLike]]
+NamedInput = tuple[str, PathLike | None]
 
 
 def same_file(a: PathLike, b: PathLike) -> bool:
@@ -37,9 +39,7 @@ def same_file(a: PathLike, b: PathLike) -> bool:
         return False
 
 
-def check_output_path(
-    path: Optional[PathLike], flag: str, inputs: Iterable[NamedInput] = (), what: str = "output"
-) -> str:
+def check_output_path(path: PathLike | None, flag: str, inputs: Iterable[NamedInput] = (), what: str = "output") -> str:
     """``path`` as a string, or :class:`BadInputError` (one line naming ``flag``) if writing it is unsafe.
 
     ``inputs``: the ``(flag, path)`` pairs the run reads; entries whose path is ``None`` or not a
@@ -102,10 +102,8 @@ def atomic_write(path: PathLike, write_fn: Callable[[str], None], what: str = "o
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException as err:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         if isinstance(err, OSError):
             raise BadInputError(f"cannot write {what} {text}: {err.strerror or err}") from None
         raise

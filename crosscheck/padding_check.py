@@ -15,7 +15,7 @@ Padding tokens are random values from their own generator, so a mask that leaks 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -62,7 +62,8 @@ def pad_case(case: Case, side: str, pad_lengths: Sequence[int]) -> tuple[Case, l
     too_long = [p for p in pad_lengths if p >= tokens]
     if too_long:
         raise BadInputError(
-            f"--pad-lengths: {too_long[0]} padding tokens leave no real token of {tokens}; each length must be < {tokens}"
+            f"--pad-lengths: {too_long[0]} padding tokens leave no real token of {tokens}; "
+            f"each length must be < {tokens}"
         )
     pads = np.random.default_rng(PAD_SEED).random((len(pad_lengths), tokens, d_in), dtype=np.float32)
     padded = pads.copy()
@@ -91,8 +92,17 @@ def unpadded_reference(case: Case, sequences: Sequence[np.ndarray]) -> np.ndarra
 
 def _row(name, backend, runtime, dtype, padded_out, ref, tol, pad_lengths, side) -> Result:
     out = real_rows(padded_out, pad_lengths, side)
-    r = result_of(name, backend, runtime, dtype, "torch unpadded, one by one", out, ref, tol,
-                  detail={"side": side, "pad_lengths": list(pad_lengths), "real_tokens": int(out.shape[0])})
+    r = result_of(
+        name,
+        backend,
+        runtime,
+        dtype,
+        "torch unpadded, one by one",
+        out,
+        ref,
+        tol,
+        detail={"side": side, "pad_lengths": list(pad_lengths), "real_tokens": int(out.shape[0])},
+    )
     if not np.isfinite(padded_out).all():
         r.passed = False
         r.failures.append("NaN or Inf in the padded output (padding positions included)")
@@ -110,10 +120,10 @@ def run(
     *,
     backends: Sequence[str],
     dtype: str,
-    attention_impl: Optional[str],
-    ttnn_outputs: Optional[TtnnOutputs],
+    attention_impl: str | None,
+    ttnn_outputs: TtnnOutputs | None,
     step: Callable[[str], None],
-) -> tuple[list[Result], dict, Optional[dict], Optional[dict], list[Case]]:
+) -> tuple[list[Result], dict, dict | None, dict | None, list[Case]]:
     """Run the padded batch of every case; ``(results, mode, ttnn info, ttnn versions, padded cases)``."""
     padded_cases, refs = [], {}
     results: dict[str, list[Result]] = {c.variant.name: [] for c in cases}
@@ -126,8 +136,19 @@ def run(
         name = case.variant.name
         if "torch" in backends:
             out = torch_output(case)
-            results[name].append(_row(name, "torch", "cpu", "float32", out, refs[name],
-                                      cmp.policy_for("torch", "float32"), pad_lengths, side))
+            results[name].append(
+                _row(
+                    name,
+                    "torch",
+                    "cpu",
+                    "float32",
+                    out,
+                    refs[name],
+                    cmp.policy_for("torch", "float32"),
+                    pad_lengths,
+                    side,
+                )
+            )
             step(f"torch padded {name}")
         if "flax" in backends:
             out = flax_output(case, dtype, attention_impl)
@@ -142,8 +163,19 @@ def run(
             name = case.variant.name
             if name not in outs:
                 raise BadInputError(f"the ttnn backend returned no output for {name}")
-            results[name].append(_row(name, "ttnn", info["name"], "bfloat16", np.asarray(outs[name]), refs[name],
-                                      cmp.policy_for("ttnn", "bfloat16", name), pad_lengths, side))
+            results[name].append(
+                _row(
+                    name,
+                    "ttnn",
+                    info["name"],
+                    "bfloat16",
+                    np.asarray(outs[name]),
+                    refs[name],
+                    cmp.policy_for("ttnn", "bfloat16", name),
+                    pad_lengths,
+                    side,
+                )
+            )
             step(f"ttnn padded {name}")
     mode = {"check": "padding", "side": side, "pad_lengths": list(pad_lengths)}
     return [r for c in cases for r in results[c.variant.name]], mode, info, versions, padded_cases

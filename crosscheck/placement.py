@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from typing import Optional
 
 from crosscheck.errors import BadInputError
 
@@ -89,7 +88,7 @@ def jax_device() -> str:
     return "cpu" if device.platform == "cpu" else f"{device.platform}: {device.device_kind}"
 
 
-def torch_device_label(device: Optional[str] = None) -> str:
+def torch_device_label(device: str | None = None) -> str:
     """``"cpu"``, or ``"cuda: <device name>"``."""
     device = device or torch_device()
     if device == "cpu":

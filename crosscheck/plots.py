@@ -15,8 +15,8 @@ only when asked (``--plot-overwrite``). Each file is written atomically (:mod:`c
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -47,9 +47,11 @@ class Plan:
     overwrite: bool
 
 
-def plan(directory: str, variants: Optional[Sequence[str]], *, from_weights: bool = False,
-         overwrite: bool = False) -> Plan:
-    """Check ``--plot DIR`` before any work: matplotlib present, DIR a directory (or creatable), no PNG replaced unasked.
+def plan(
+    directory: str, variants: Sequence[str] | None, *, from_weights: bool = False, overwrite: bool = False
+) -> Plan:
+    """Check ``--plot DIR`` before any work: matplotlib present, DIR a directory (or creatable), no PNG replaced
+    unasked.
 
     The files checked are those of ``variants`` (the default run's without names; every
     variant's when ``--weights`` choose them) and ``summary.png``.
@@ -62,7 +64,9 @@ def plan(directory: str, variants: Optional[Sequence[str]], *, from_weights: boo
         raise BadInputError(f"--plot {directory}: exists and is not a directory")
     parent = target if os.path.isdir(target) else os.path.dirname(target)
     if not os.path.isdir(parent):
-        raise BadInputError(f"--plot {directory}: directory {os.path.dirname(os.path.abspath(directory))} does not exist")
+        raise BadInputError(
+            f"--plot {directory}: directory {os.path.dirname(os.path.abspath(directory))} does not exist"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BadInputError(f"--plot {directory}: {parent} is not writable")
     if variants:
@@ -81,8 +85,10 @@ def plan(directory: str, variants: Optional[Sequence[str]], *, from_weights: boo
 
 def _ticks(ax, rows: Sequence[str], cols: Sequence[str]) -> None:
     """Token labels on both axes, every n-th one past :data:`MAX_TICKS`."""
-    for labels, set_ticks, set_labels, rotation in ((cols, ax.set_xticks, ax.set_xticklabels, 90),
-                                                    (rows, ax.set_yticks, ax.set_yticklabels, 0)):
+    for labels, set_ticks, set_labels, rotation in (
+        (cols, ax.set_xticks, ax.set_xticklabels, 90),
+        (rows, ax.set_yticks, ax.set_yticklabels, 0),
+    ):
         idx = list(range(0, len(labels), max(1, -(-len(labels) // MAX_TICKS))))
         set_ticks(idx)
         set_labels([labels[i] for i in idx], rotation=rotation, fontsize=7)
@@ -105,8 +111,13 @@ def variant_figure(plt, variant, labels: Sequence[str]):
     for h in range(heads):
         for c, (title, data, is_diff) in enumerate(columns):
             ax = axes[h][c]
-            im = ax.imshow(data[h], cmap="magma" if is_diff else "viridis", vmin=0.0,
-                           vmax=None if is_diff else 1.0, interpolation="nearest")
+            im = ax.imshow(
+                data[h],
+                cmap="magma" if is_diff else "viridis",
+                vmin=0.0,
+                vmax=None if is_diff else 1.0,
+                interpolation="nearest",
+            )
             _ticks(ax, q_labels, k_labels)
             ax.set_title(f"{title}  head {h}", fontsize=8)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
@@ -123,11 +134,13 @@ def summary_figure(plt, report):
     width = 0.8 / max(1, len(backends))
     tiny = 1e-6  # an exact match (error 0) drawn at the axis floor
     for i, backend in enumerate(backends):
-        ratios = [max(v.output_error[backend][0] / v.output_error[backend][1], tiny) if backend in v.output_error
-                  else np.nan for v in report.variants]
+        ratios = [
+            max(v.output_error[backend][0] / v.output_error[backend][1], tiny) if backend in v.output_error else np.nan
+            for v in report.variants
+        ]
         x = np.arange(len(names)) + (i - (len(backends) - 1) / 2) * width
         ax.bar(x, ratios, width, label=backend)
-        for xi, r, v in zip(x, ratios, report.variants):
+        for xi, v in zip(x, report.variants, strict=True):
             if backend in v.output_error and v.output_error[backend][0] == 0.0:
                 ax.text(xi, tiny * 1.5, "exact", ha="center", va="bottom", fontsize=7, rotation=90)
     ax.axhline(1.0, color="red", linestyle="--", linewidth=1, label="bound")

@@ -18,7 +18,8 @@ Every error names each offending key with the expected and the found shape.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ def select_prefix(state_dict: StateDict, prefix: str) -> dict[str, Any]:
     """
     if not prefix:
         return dict(state_dict)
-    found = {str(k)[len(prefix):]: v for k, v in state_dict.items() if str(k).startswith(prefix)}
+    found = {str(k)[len(prefix) :]: v for k, v in state_dict.items() if str(k).startswith(prefix)}
     if not found:
         sample = ", ".join(repr(str(k)) for k in list(state_dict)[:3])
         raise BadInputError(
@@ -127,9 +128,7 @@ def check_state_dict(portmap: pm.PortMap, state_dict: StateDict, owner: str) -> 
         if key not in canonical:
             problems.append(f"missing key {key!r} (expected shape {entry.torch_shape})")
         elif _shape(canonical[key]) != entry.torch_shape:
-            problems.append(
-                f"key {key!r}: expected shape {entry.torch_shape}, found {_shape(canonical[key])}"
-            )
+            problems.append(f"key {key!r}: expected shape {entry.torch_shape}, found {_shape(canonical[key])}")
     for key, value in canonical.items():
         if key in params:
             continue
@@ -215,7 +214,7 @@ def _as_param(array: np.ndarray, param_dtype) -> Any:
 
     if param_dtype is not None and np.dtype(param_dtype) != np.float32:
         return jnp.asarray(array, dtype=param_dtype)
-    if array.dtype == np.float64 and not jax.config.jax_enable_x64:
+    if array.dtype == np.float64 and not jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # dynamic option
         return array  # exact: a JAX array would be float32
     return jnp.asarray(array)
 
@@ -224,8 +223,13 @@ def _as_param(array: np.ndarray, param_dtype) -> Any:
 
 
 def to_state_dict(
-    flax_module, variables: Any = None, return_tensors: str = "np", *, prefix: str = "", variant=None,
-    buffers: Optional[bool] = None,
+    flax_module,
+    variables: Any = None,
+    return_tensors: str = "np",
+    *,
+    prefix: str = "",
+    variant=None,
+    buffers: bool | None = None,
 ) -> dict[str, Any]:
     """The torch state dict (keys, layouts, and the ``mask`` buffers) of Flax ``variables``.
 
@@ -269,8 +273,11 @@ def to_state_dict(
 
         # Before the allocation: CausalAttention(context_length=100000) would need 37 GiB of mask.
         total = sum(budget.nbytes(b.torch_shape, 4) for b in portmap.buffers)
-        budget.current().check(total, f"{variant.name}: the mask buffers of context_length {cfg.context_length}",
-                               "pass buffers=False (no mask keys) or a smaller context_length")
+        budget.current().check(
+            total,
+            f"{variant.name}: the mask buffers of context_length {cfg.context_length}",
+            "pass buffers=False (no mask keys) or a smaller context_length",
+        )
         like = next(iter(out.values()), np.zeros(0, np.float32)).dtype  # buffers follow the weights (torch .to())
         for buf in portmap.buffers:
             out[buf.torch_key] = buf.expected().astype(like)
@@ -322,7 +329,7 @@ def _to_torch(array: np.ndarray):
 
 
 def infer_config(
-    variant: registry.Variant, state_dict: StateDict, known: Optional[Mapping[str, Any]] = None
+    variant: registry.Variant, state_dict: StateDict, known: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The hyperparameters a state dict's keys and shapes pin down for ``variant``.
 
@@ -477,8 +484,6 @@ def save_file(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
         torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
 
 
-def port_variables(
-    variant: registry.Variant, cfg: AttnConfig, state_dict: StateDict, dtype: Optional[Any] = None
-) -> dict:
+def port_variables(variant: registry.Variant, cfg: AttnConfig, state_dict: StateDict, dtype: Any | None = None) -> dict:
     """Validated Flax variables for ``variant`` at ``cfg`` (numpy leaves)."""
     return variables_from_state_dict(variant.portmap(cfg), state_dict, variant.name, dtype)

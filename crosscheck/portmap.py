@@ -13,7 +13,7 @@ interpreter without torch or JAX.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class Entry:
     #: Where the ttnn parameter tree holds it, as a torch key of the book's layout (the ttnn programs read
     #: the book's names whatever the torch format: transformers' ``q_proj.weight`` -> ``W_query.weight``);
     #: ``None``: the torch key itself.
-    ttnn_key: Optional[str] = None
+    ttnn_key: str | None = None
 
     @property
     def ttnn_name(self) -> str:
@@ -117,7 +117,7 @@ def linear_as(
 ) -> list[Entry]:
     """``linear`` under another torch name: transformers' ``q_proj`` held as the book's ``W_query`` in ttnn."""
     return [
-        Entry(e.torch_key, e.flax_path, e.layout, e.torch_shape, ttnn_prefix + e.torch_key[len(prefix):])
+        Entry(e.torch_key, e.flax_path, e.layout, e.torch_shape, ttnn_prefix + e.torch_key[len(prefix) :])
         for e in linear(prefix, flax_prefix, d_in, d_out, bias)
     ]
 

@@ -9,10 +9,9 @@ stdout (``--json -``). The bar is transient: gone once the run ends.
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 
-def wanted(*, quiet: bool = False, json_path: Optional[str] = None) -> bool:
+def wanted(*, quiet: bool = False, json_path: str | None = None) -> bool:
     """Whether a run should show a bar: both streams terminals, not ``quiet``, JSON not on stdout."""
     return not quiet and json_path != "-" and sys.stdout.isatty() and sys.stderr.isatty()
 
@@ -25,8 +24,12 @@ class Bar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console or Console(file=sys.stderr), transient=True,
+            TextColumn("{task.description:<40}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console or Console(file=sys.stderr),
+            transient=True,
         )
         self._task = None
 
@@ -44,7 +47,7 @@ class Bar:
 class Steps:
     """Counts steps of a known total into an optional :class:`Bar` (``None``: counts only)."""
 
-    def __init__(self, total: int, bar: Optional[Bar]):
+    def __init__(self, total: int, bar: Bar | None):
         self.total, self.done, self.bar = total, 0, bar
 
     def step(self, description: str) -> None:

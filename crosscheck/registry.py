@@ -12,8 +12,9 @@ import this module in an interpreter that has neither.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from crosscheck import portmap as pm
 from crosscheck.config import AttnConfig
@@ -60,7 +61,7 @@ class Variant:
     #: The book applies it to one unbatched sentence ``(tokens, d_in)``.
     unbatched: bool
     _portmap: Callable[[AttnConfig], pm.PortMap]
-    _flax: Callable[[AttnConfig], Any]
+    _flax: Callable[..., Any]  # (cfg, api, **options)
     _torch: Callable[[AttnConfig], Any]
     #: Name of the program in :mod:`crosscheck.tt.programs`.
     ttnn_program: str
@@ -68,29 +69,29 @@ class Variant:
     #: book's classes count). The predicates of all entries exclude each other.
     _recognises: Callable[[Any], bool]
     #: What a state dict's shapes pin down (see :meth:`infer_config`).
-    _infer: Callable[[Shapes], dict]
+    _infer: Callable[[Shapes, Mapping], dict]  # (shapes, known)
     #: bf16 roundings on the longest data path of the ttnn program; the ttnn tolerance is
     #: this many units of bf16 roundoff (how they are counted: :mod:`crosscheck.tt`).
     bf16_roundings: int
     #: The jaxattn module has an ``attention_impl`` field (the attention core it calls).
     takes_attention_impl: bool = False
     #: The width ``num_heads`` splits, as error messages name it; ``None`` for no split.
-    splits_heads_of: Optional[str] = None
-    _resolve: Optional[Callable[[AttnConfig], AttnConfig]] = None
+    splits_heads_of: str | None = None
+    _resolve: Callable[[AttnConfig], AttnConfig] | None = None
     #: Config values this variant needs by default where the seed config does not fit it.
     defaults: tuple[tuple[str, Any], ...] = ()
     #: Config values assumed when checking whether a state dict fits and its shapes do not say.
     fit_defaults: tuple[tuple[str, Any], ...] = ()
     _output_dim: Callable[[AttnConfig], int] = _width_is_d_out
-    _torch_forward: Callable[[Any, Any, AttnConfig], Any] = _call_module
+    _torch_forward: Callable[[Any, Any, AttnConfig, Any], Any] = _call_module  # (module, x, cfg, attention_mask)
     _config_of: Callable[[Any], AttnConfig] = _config_from_fields
     #: ``(torch_module, recognise, options) -> AttnConfig`` where the book's attributes do not tell
     #: (``None``: :func:`crosscheck.port.recognise` reads them generically); ``options``: the
     #: ``from_torch`` keyword arguments, only those in :attr:`options`.
-    torch_config: Optional[Callable[[Any, Callable, Mapping], AttnConfig]] = None
+    torch_config: Callable[[Any, Callable, Mapping], AttnConfig] | None = None
     #: The torch reference with a KV cache (:mod:`crosscheck.torch_kv_cache`, the book's
     #: ``kv_cache`` API); ``None``: the variant does not decode (it is not causal).
-    _torch_cached: Optional[Callable[[AttnConfig], Any]] = None
+    _torch_cached: Callable[[AttnConfig], Any] | None = None
     #: Whether the variant decodes at a config (e.g. only when causal).
     _decodes: Callable[[AttnConfig], bool] = _always
     #: The jaxattn class when it is not ``name`` (transformers' formats run on the book's modules).
@@ -104,12 +105,12 @@ class Variant:
     options: tuple[str, ...] = ()
     #: ``(values, given) -> values``: fill what follows from the given fields (``given``: the
     #: names the weights or the user set), e.g. ``d_out = num_heads * head_dim``.
-    _complete: Optional[Callable[[dict, frozenset], dict]] = None
+    _complete: Callable[[dict, frozenset], dict] | None = None
     #: Further checks of a resolved config (raise :class:`BadInputError` naming the fields).
-    _check: Optional[Callable[[AttnConfig], None]] = None
+    _check: Callable[[AttnConfig], None] | None = None
     #: Values that make a state dict's shapes consistent for the fit check only, where they
     #: do not pin them down (never used to run).
-    _fit_guess: Optional[Callable[[Shapes], dict]] = None
+    _fit_guess: Callable[[Shapes], dict] | None = None
     #: ``crosscheck --shard`` modes the Flax module can be split by (:mod:`jaxattn.sharding`): ``batch``
     #: needs a batch axis, ``heads`` projections that hold the heads side by side, ``sequence`` a
     #: selectable attention core (ring attention).
@@ -118,7 +119,7 @@ class Variant:
     #: training mode with a given dropout mask, where dropout happens inside one functional call
     #: (``nn.MultiheadAttention``); ``None``: ``--train`` replaces the module's ``nn.Dropout``
     #: submodules instead (:mod:`crosscheck.dropout_masks`).
-    torch_masked_forward: Optional[Callable[..., Any]] = None
+    torch_masked_forward: Callable[..., Any] | None = None
 
     @property
     def flax_class_name(self) -> str:
@@ -170,13 +171,14 @@ class Variant:
         """The torch reference with a KV cache: same state-dict keys as :meth:`torch_module`'s."""
         if not self.decodes(cfg):
             raise BadInputError(f"{self.name} has no KV cache at this config (decoding needs a causal variant)")
+        assert self._torch_cached is not None  # decodes() said so
         return self._torch_cached(self.resolve(cfg))
 
     def recognises(self, torch_module) -> bool:
         """Whether ``torch_module`` is this variant (by structure, not by class name)."""
         return bool(self._recognises(torch_module))
 
-    def infer_config(self, shapes: Shapes, known: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    def infer_config(self, shapes: Shapes, known: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The hyperparameters ``shapes`` (canonical torch key -> shape) pin down; only what is certain.
 
         ``known``: values given otherwise (flags, a config file) that make more certain, e.g. the
@@ -224,9 +226,7 @@ def _causal(cfg: AttnConfig, prefix: str = "", flax_prefix: tuple[str, ...] = ()
 
 def _wrapper(cfg: AttnConfig) -> pm.PortMap:
     heads = [_causal(cfg, f"heads.{i}.", (f"heads_{i}",)) for i in range(cfg.num_heads)]
-    return pm.PortMap(
-        tuple(e for h in heads for e in h.entries), tuple(b for h in heads for b in h.buffers)
-    )
+    return pm.PortMap(tuple(e for h in heads for e in h.entries), tuple(b for h in heads for b in h.buffers))
 
 
 def _mha(cfg: AttnConfig) -> pm.PortMap:
@@ -254,7 +254,7 @@ def _torch_mha(cfg: AttnConfig) -> pm.PortMap:
 # --- what a state dict's shapes pin down --------------------------------------------------------
 
 
-def _matrix(shapes: Shapes, key: str) -> Optional[tuple[int, int]]:
+def _matrix(shapes: Shapes, key: str) -> tuple[int, int] | None:
     shape = shapes.get(key)
     return shape if shape is not None and len(shape) == 2 else None
 
@@ -368,11 +368,7 @@ def _is_v2(module) -> bool:
 def _is_v1(module) -> bool:
     from torch import nn
 
-    return (
-        _qkv_layer(module)
-        and not _linear(module, "out_proj")
-        and isinstance(getattr(module, "W_query"), nn.Parameter)
-    )
+    return _qkv_layer(module) and not _linear(module, "out_proj") and isinstance(module.W_query, nn.Parameter)
 
 
 def _is_simplified(module) -> bool:
@@ -408,8 +404,13 @@ def _torch_mha_config(module, recognise, options: Mapping) -> AttnConfig:
             "nn.MultiheadAttention with kdim/vdim != embed_dim, add_bias_kv or add_zero_attn is not supported"
         )
     return AttnConfig(
-        d_in=module.embed_dim, d_out=module.embed_dim, context_length=0, dropout=float(module.dropout),
-        num_heads=module.num_heads, qkv_bias=module.in_proj_bias is not None, causal=False,
+        d_in=module.embed_dim,
+        d_out=module.embed_dim,
+        context_length=0,
+        dropout=float(module.dropout),
+        num_heads=module.num_heads,
+        qkv_bias=module.in_proj_bias is not None,
+        causal=False,
     )
 
 
@@ -492,9 +493,7 @@ def _torch_cached(name: str, args: Callable[[AttnConfig], dict]):
 def _torch_mha_module(cfg: AttnConfig):
     from torch import nn
 
-    return nn.MultiheadAttention(
-        cfg.d_in, cfg.num_heads, dropout=cfg.dropout, bias=cfg.qkv_bias, batch_first=True
-    )
+    return nn.MultiheadAttention(cfg.d_in, cfg.num_heads, dropout=cfg.dropout, bias=cfg.qkv_bias, batch_first=True)
 
 
 # --- grouped-query attention with RoPE (the book's Llama 3 / Qwen3 classes, transformers' formats) ----
@@ -536,10 +535,13 @@ _HF_QKVO = (("q_proj", "W_query"), ("k_proj", "W_key"), ("v_proj", "W_value"), (
 
 def _hf_gqa(cfg: AttnConfig) -> pm.PortMap:
     d_out, kv, hd = _gqa_widths(cfg)
-    widths = {"q_proj": (cfg.d_in, d_out), "k_proj": (cfg.d_in, kv), "v_proj": (cfg.d_in, kv), "o_proj": (d_out, cfg.d_in)}
-    entries = [
-        e for hf, book in _HF_QKVO for e in pm.linear_as(hf, (book,), book, *widths[hf], cfg.qkv_bias)
-    ]
+    widths = {
+        "q_proj": (cfg.d_in, d_out),
+        "k_proj": (cfg.d_in, kv),
+        "v_proj": (cfg.d_in, kv),
+        "o_proj": (d_out, cfg.d_in),
+    }
+    entries = [e for hf, book in _HF_QKVO for e in pm.linear_as(hf, (book,), book, *widths[hf], cfg.qkv_bias)]
     if cfg.qk_norm:
         entries += [pm.norm_scale(f"{n}.weight", (n,), f"{n}.scale", hd) for n in ("q_norm", "k_norm")]
     # Checkpoints from transformers < 4.40 carry the rotary table's inverse frequencies.
@@ -632,7 +634,7 @@ def _check_gqa(cfg: AttnConfig) -> None:
         raise BadInputError(f"rope_theta must be > 0, got {cfg.rope_theta}")
 
 
-def _resolve_gqa(qkv_bias: Optional[bool] = None, qk_norm: Optional[bool] = None):
+def _resolve_gqa(qkv_bias: bool | None = None, qk_norm: bool | None = None):
     """Fix what the format fixes (the book: no biases; Llama: no norms; Qwen3: norms) and the head dim."""
 
     def resolve(cfg: AttnConfig) -> AttnConfig:
@@ -652,9 +654,16 @@ def _resolve_gqa(qkv_bias: Optional[bool] = None, qk_norm: Optional[bool] = None
 
 def _gqa_flax_args(cfg: AttnConfig) -> dict:
     return dict(
-        d_in=cfg.d_in, num_heads=cfg.num_heads, num_kv_groups=cfg.kv_heads(), head_dim=cfg.resolved_head_dim(),
-        qk_norm=cfg.qk_norm, context_length=cfg.context_length, rope_theta=cfg.rope_theta,
-        freq_config=cfg.freq_config(), qkv_bias=cfg.qkv_bias, out_bias=cfg.qkv_bias,
+        d_in=cfg.d_in,
+        num_heads=cfg.num_heads,
+        num_kv_groups=cfg.kv_heads(),
+        head_dim=cfg.resolved_head_dim(),
+        qk_norm=cfg.qk_norm,
+        context_length=cfg.context_length,
+        rope_theta=cfg.rope_theta,
+        freq_config=cfg.freq_config(),
+        qkv_bias=cfg.qkv_bias,
+        out_bias=cfg.qkv_bias,
     )
 
 
@@ -663,10 +672,16 @@ def _gqa_config_of(flax_module) -> AttnConfig:
     hd = flax_module.head_dim or flax_module.d_in // flax_module.num_heads
     freq = flax_module.freq_config
     return AttnConfig(
-        d_in=flax_module.d_in, d_out=flax_module.num_heads * hd, context_length=flax_module.context_length,
-        num_heads=flax_module.num_heads, num_kv_groups=flax_module.num_kv_groups, head_dim=hd,
-        qk_norm=flax_module.qk_norm, rope_theta=float(flax_module.rope_theta),
-        rope_scaling=AttnConfig.encode_freq_config(dict(freq) if freq else None), qkv_bias=flax_module.qkv_bias,
+        d_in=flax_module.d_in,
+        d_out=flax_module.num_heads * hd,
+        context_length=flax_module.context_length,
+        num_heads=flax_module.num_heads,
+        num_kv_groups=flax_module.num_kv_groups,
+        head_dim=hd,
+        qk_norm=flax_module.qk_norm,
+        rope_theta=float(flax_module.rope_theta),
+        rope_scaling=AttnConfig.encode_freq_config(dict(freq) if freq else None),
+        qkv_bias=flax_module.qkv_bias,
     )
 
 
@@ -683,8 +698,14 @@ def _book_gqa_cached(cfg: AttnConfig):
     from crosscheck.torch_kv_cache import GroupedQueryAttention
 
     return GroupedQueryAttention(
-        cfg.d_in, cfg.num_heads, cfg.kv_heads(), head_dim=cfg.resolved_head_dim(), qk_norm=cfg.qk_norm,
-        rope_theta=cfg.rope_theta, freq_config=cfg.freq_config(), context_length=cfg.context_length,
+        cfg.d_in,
+        cfg.num_heads,
+        cfg.kv_heads(),
+        head_dim=cfg.resolved_head_dim(),
+        qk_norm=cfg.qk_norm,
+        rope_theta=cfg.rope_theta,
+        freq_config=cfg.freq_config(),
+        context_length=cfg.context_length,
     )
 
 
@@ -696,8 +717,12 @@ def _book_gqa_forward(module, x, cfg: AttnConfig, attention_mask=None):
     if unbatched and attention_mask is not None:
         attention_mask = attention_mask[None]
     out = causal_forward(
-        module, x[None] if unbatched else x, rope_theta=cfg.rope_theta, freq_config=cfg.freq_config(),
-        context_length=max(cfg.context_length, x.shape[-2]), attention_mask=attention_mask,
+        module,
+        x[None] if unbatched else x,
+        rope_theta=cfg.rope_theta,
+        freq_config=cfg.freq_config(),
+        context_length=max(cfg.context_length, x.shape[-2]),
+        attention_mask=attention_mask,
     )
     return out[0] if unbatched else out
 
@@ -716,7 +741,9 @@ def _rope_options(found: dict, options: Mapping, where: str, required: tuple[str
     if "freq_config" in given:
         freq = given.pop("freq_config")
         given["rope_scaling"] = AttnConfig.encode_freq_config(dict(freq) if freq else None)
-    elif isinstance(given.get("rope_scaling"), Mapping) or given.get("rope_scaling") is None and "rope_scaling" in given:
+    elif isinstance(given.get("rope_scaling"), Mapping) or (
+        given.get("rope_scaling") is None and "rope_scaling" in given
+    ):
         given["rope_scaling"] = hf.rope_scaling_string(given["rope_scaling"], where)
     out = dict(found)
     for key, value in given.items():
@@ -728,7 +755,8 @@ def _rope_options(found: dict, options: Mapping, where: str, required: tuple[str
     if missing:
         raise BadInputError(
             f"{where}: {', '.join(missing)} missing: the module does not carry it; pass "
-            + ", ".join(f"{k}=..." for k in missing) + " to port.from_torch"
+            + ", ".join(f"{k}=..." for k in missing)
+            + " to port.from_torch"
         )
     return out
 
@@ -737,9 +765,12 @@ def _book_gqa_config(module, recognise, options: Mapping) -> AttnConfig:
     """The book's GQA classes keep heads, kv groups and head_dim as attributes; RoPE comes from ``options``."""
     cls = type(module).__name__
     wq = module.W_query.weight
-    found = dict(
-        d_in=int(wq.shape[1]), d_out=int(wq.shape[0]), num_heads=int(module.num_heads),
-        num_kv_groups=int(module.num_kv_groups), head_dim=int(module.head_dim),
+    found: dict[str, Any] = dict(
+        d_in=int(wq.shape[1]),
+        d_out=int(wq.shape[0]),
+        num_heads=int(module.num_heads),
+        num_kv_groups=int(module.num_kv_groups),
+        head_dim=int(module.head_dim),
         qk_norm=getattr(module, "q_norm", None) is not None,
     )
     if getattr(module, "context_length", None):
@@ -822,20 +853,36 @@ def _is_gpt2(module) -> bool:
     return conv("c_attn") and conv("c_proj") and not hasattr(module, "q_attn")
 
 
-_GQA_FIELDS = ("d_in", "d_out", "num_heads", "num_kv_groups", "head_dim", "rope_theta", "rope_scaling", "context_length")
+_GQA_FIELDS = (
+    "d_in",
+    "d_out",
+    "num_heads",
+    "num_kv_groups",
+    "head_dim",
+    "rope_theta",
+    "rope_scaling",
+    "context_length",
+)
 #: Random weights: 4 query heads sharing 2 kv heads of dim 4 (the seed's d_out=2 splits into no even head).
 _GQA_DEFAULTS = (("d_out", 16), ("num_heads", 4), ("num_kv_groups", 2))
-_GQA_COMMON = dict(
+_GQA_COMMON: dict[str, Any] = dict(
     # x, W_query, queries, the cos/sin table, x*cos, the RoPE sum, scores, 1/sqrt(hd), scaled scores, weights,
     # context, out_proj's weight, the output: 13; qk_norm adds the norm's output and its scale: 15.
-    bf16_roundings=15, takes_attention_impl=True, in_default_run=False, flax_class="GroupedQueryAttention",
+    bf16_roundings=15,
+    takes_attention_impl=True,
+    in_default_run=False,
+    flax_class="GroupedQueryAttention",
     shard_modes=("batch", "heads", "sequence"),
-    defaults=_GQA_DEFAULTS, _output_dim=lambda cfg: cfg.d_in, _config_of=_gqa_config_of,
-    _complete=_complete_gqa, _check=_check_gqa, options=("rope_theta", "freq_config", "rope_scaling", "context_length"),
+    defaults=_GQA_DEFAULTS,
+    _output_dim=lambda cfg: cfg.d_in,
+    _config_of=_gqa_config_of,
+    _complete=_complete_gqa,
+    _check=_check_gqa,
+    options=("rope_theta", "freq_config", "rope_scaling", "context_length"),
 )
 
 
-_none = lambda cfg: {}  # noqa: E731
+_none: Callable[[AttnConfig], dict] = lambda cfg: {}  # noqa: E731
 _d = lambda cfg: dict(d_in=cfg.d_in, d_out=cfg.d_out)  # noqa: E731
 _dq = lambda cfg: dict(d_in=cfg.d_in, d_out=cfg.d_out, qkv_bias=cfg.qkv_bias)  # noqa: E731
 _causal_args = lambda cfg: dict(  # noqa: E731
@@ -847,37 +894,78 @@ _CAUSAL_FIELDS = ("d_in", "d_out", "context_length", "dropout", "qkv_bias")
 
 VARIANTS: tuple[Variant, ...] = (
     Variant(
-        "SimplifiedSelfAttention", "3.3 softmax(x x^T) x, no weights", ("d_in",), True,
-        _no_params, _flax("SimplifiedSelfAttention", _none), _torch("SimplifiedSelfAttention", _none),
-        "simplified_self_attention", _is_simplified, _infer_nothing,
+        "SimplifiedSelfAttention",
+        "3.3 softmax(x x^T) x, no weights",
+        ("d_in",),
+        True,
+        _no_params,
+        _flax("SimplifiedSelfAttention", _none),
+        _torch("SimplifiedSelfAttention", _none),
+        "simplified_self_attention",
+        _is_simplified,
+        _infer_nothing,
         # x, scores, softmax weights, context: no projections.
         bf16_roundings=4,
         _output_dim=lambda cfg: cfg.d_in,
         torch_config=_no_config,
     ),
     Variant(
-        "SelfAttentionV1", "3.4 raw W_query/W_key/W_value matrices", ("d_in", "d_out"), True,
-        _v1, _flax("SelfAttentionV1", _d), _torch("SelfAttentionV1", _d), "self_attention_v1",
-        _is_v1, _infer_v1, bf16_roundings=8,
+        "SelfAttentionV1",
+        "3.4 raw W_query/W_key/W_value matrices",
+        ("d_in", "d_out"),
+        True,
+        _v1,
+        _flax("SelfAttentionV1", _d),
+        _torch("SelfAttentionV1", _d),
+        "self_attention_v1",
+        _is_v1,
+        _infer_v1,
+        bf16_roundings=8,
     ),
     Variant(
-        "SelfAttentionV2", "3.4 nn.Linear projections", ("d_in", "d_out", "qkv_bias"), True,
-        _v2, _flax("SelfAttentionV2", _dq), _torch("SelfAttentionV2", _dq), "self_attention_v2",
-        _is_v2, _infer_linears, bf16_roundings=8,
+        "SelfAttentionV2",
+        "3.4 nn.Linear projections",
+        ("d_in", "d_out", "qkv_bias"),
+        True,
+        _v2,
+        _flax("SelfAttentionV2", _dq),
+        _torch("SelfAttentionV2", _dq),
+        "self_attention_v2",
+        _is_v2,
+        _infer_linears,
+        bf16_roundings=8,
     ),
     Variant(
-        "CausalAttention", "3.5 causal mask + dropout", _CAUSAL_FIELDS, False,
-        _causal, _flax("CausalAttention", _causal_args), _torch("CausalAttention", _causal_args),
-        "causal_attention", _is_causal, _infer_linears, bf16_roundings=8, takes_attention_impl=True,
+        "CausalAttention",
+        "3.5 causal mask + dropout",
+        _CAUSAL_FIELDS,
+        False,
+        _causal,
+        _flax("CausalAttention", _causal_args),
+        _torch("CausalAttention", _causal_args),
+        "causal_attention",
+        _is_causal,
+        _infer_linears,
+        bf16_roundings=8,
+        takes_attention_impl=True,
         shard_modes=("batch", "sequence"),
         _torch_cached=_torch_cached("CausalAttention", _causal_args),
     ),
     Variant(
-        "MultiHeadAttentionWrapper", "3.6.1 stacked causal heads", _CAUSAL_FIELDS + ("num_heads",), False,
-        _wrapper, _flax("MultiHeadAttentionWrapper", _heads_args), _torch("MultiHeadAttentionWrapper", _heads_args),
-        "multi_head_attention_wrapper", _has_heads, _infer_wrapper,
+        "MultiHeadAttentionWrapper",
+        "3.6.1 stacked causal heads",
+        (*_CAUSAL_FIELDS, "num_heads"),
+        False,
+        _wrapper,
+        _flax("MultiHeadAttentionWrapper", _heads_args),
+        _torch("MultiHeadAttentionWrapper", _heads_args),
+        "multi_head_attention_wrapper",
+        _has_heads,
+        _infer_wrapper,
         # The heads run side by side: the longest path is one head's.
-        bf16_roundings=8, takes_attention_impl=True, shard_modes=("batch", "sequence"),
+        bf16_roundings=8,
+        takes_attention_impl=True,
+        shard_modes=("batch", "sequence"),
         # One head's keys are what every stack has; more heads are read from the keys.
         fit_defaults=(("num_heads", 1),),
         _output_dim=lambda cfg: cfg.num_heads * cfg.d_out,
@@ -885,25 +973,44 @@ VARIANTS: tuple[Variant, ...] = (
         _torch_cached=_torch_cached("MultiHeadAttentionWrapper", _heads_args),
     ),
     Variant(
-        "MultiHeadAttention", "3.6.2 fused heads + out_proj", _CAUSAL_FIELDS + ("num_heads",), False,
-        _mha, _flax("MultiHeadAttention", _heads_args), _torch("MultiHeadAttention", _heads_args),
-        "multi_head_attention", _is_mha, _infer_linears,
-        bf16_roundings=10, takes_attention_impl=True, splits_heads_of="d_out",
+        "MultiHeadAttention",
+        "3.6.2 fused heads + out_proj",
+        (*_CAUSAL_FIELDS, "num_heads"),
+        False,
+        _mha,
+        _flax("MultiHeadAttention", _heads_args),
+        _torch("MultiHeadAttention", _heads_args),
+        "multi_head_attention",
+        _is_mha,
+        _infer_linears,
+        bf16_roundings=10,
+        takes_attention_impl=True,
+        splits_heads_of="d_out",
         shard_modes=("batch", "heads", "sequence"),
         _torch_cached=_torch_cached("MultiHeadAttention", _heads_args),
     ),
     Variant(
-        "MultiHeadAttentionCombinedQKV", "bonus: one qkv linear + proj", _CAUSAL_FIELDS + ("num_heads",), False,
-        _combined_qkv, _flax("MultiHeadAttentionCombinedQKV", _heads_args),
-        _torch("MultiHeadAttentionCombinedQKV", _heads_args), "multi_head_attention_combined_qkv",
-        _is_combined_qkv, _infer_combined,
-        bf16_roundings=10, takes_attention_impl=True, splits_heads_of="d_out",
+        "MultiHeadAttentionCombinedQKV",
+        "bonus: one qkv linear + proj",
+        (*_CAUSAL_FIELDS, "num_heads"),
+        False,
+        _combined_qkv,
+        _flax("MultiHeadAttentionCombinedQKV", _heads_args),
+        _torch("MultiHeadAttentionCombinedQKV", _heads_args),
+        "multi_head_attention_combined_qkv",
+        _is_combined_qkv,
+        _infer_combined,
+        bf16_roundings=10,
+        takes_attention_impl=True,
+        splits_heads_of="d_out",
         shard_modes=("batch", "heads", "sequence"),
         _torch_cached=_torch_cached("MultiHeadAttentionCombinedQKV", _heads_args),
     ),
     Variant(
-        "TorchMultiheadAttention", "torch.nn.MultiheadAttention layout (in_proj, out_proj)",
-        ("d_in", "num_heads", "dropout", "qkv_bias", "causal"), False,
+        "TorchMultiheadAttention",
+        "torch.nn.MultiheadAttention layout (in_proj, out_proj)",
+        ("d_in", "num_heads", "dropout", "qkv_bias", "causal"),
+        False,
         _torch_mha,
         _flax(
             "TorchMultiheadAttention",
@@ -913,8 +1020,11 @@ VARIANTS: tuple[Variant, ...] = (
         ),
         _torch_mha_module,
         "torch_multihead_attention",
-        _is_torch_mha, _infer_torch_mha,
-        bf16_roundings=10, takes_attention_impl=True, splits_heads_of="embed_dim (= d_in)",
+        _is_torch_mha,
+        _infer_torch_mha,
+        bf16_roundings=10,
+        takes_attention_impl=True,
+        splits_heads_of="embed_dim (= d_in)",
         shard_modes=("batch", "heads", "sequence"),
         _resolve=lambda cfg: cfg.replace(d_out=cfg.d_in),
         # embed_dim is d_in (3 in the seed), which two heads cannot split.
@@ -933,10 +1043,16 @@ VARIANTS: tuple[Variant, ...] = (
         torch_masked_forward=_torch_mha_masked_forward,
     ),
     Variant(
-        "GroupedQueryAttention", "the book's Llama 3 / Qwen3 GQA: RoPE, kv groups, optional q/k RMSNorm",
-        _GQA_FIELDS + ("qk_norm",), False,
-        _book_gqa, _flax("GroupedQueryAttention", _gqa_flax_args), _book_gqa_module,
-        "grouped_query_attention", _is_book_gqa, _infer_book_gqa,
+        "GroupedQueryAttention",
+        "the book's Llama 3 / Qwen3 GQA: RoPE, kv groups, optional q/k RMSNorm",
+        (*_GQA_FIELDS, "qk_norm"),
+        False,
+        _book_gqa,
+        _flax("GroupedQueryAttention", _gqa_flax_args),
+        _book_gqa_module,
+        "grouped_query_attention",
+        _is_book_gqa,
+        _infer_book_gqa,
         _resolve=_resolve_gqa(qkv_bias=False),
         _torch_forward=_book_gqa_forward,
         _torch_cached=_book_gqa_cached,
@@ -945,10 +1061,16 @@ VARIANTS: tuple[Variant, ...] = (
         **_GQA_COMMON,
     ),
     Variant(
-        "LlamaAttention", "transformers' Llama: q/k/v/o_proj (bias per attention_bias), RoPE, kv groups",
-        _GQA_FIELDS + ("qkv_bias",), False,
-        _hf_gqa, _flax("GroupedQueryAttention", _gqa_flax_args), _hf_module("llama"),
-        "grouped_query_attention", _is_hf_llama, _infer_hf_gqa,
+        "LlamaAttention",
+        "transformers' Llama: q/k/v/o_proj (bias per attention_bias), RoPE, kv groups",
+        (*_GQA_FIELDS, "qkv_bias"),
+        False,
+        _hf_gqa,
+        _flax("GroupedQueryAttention", _gqa_flax_args),
+        _hf_module("llama"),
+        "grouped_query_attention",
+        _is_hf_llama,
+        _infer_hf_gqa,
         _resolve=_resolve_gqa(qk_norm=False),
         _torch_forward=_hf_forward("llama"),
         torch_config=_hf_config(rope=True),
@@ -957,10 +1079,16 @@ VARIANTS: tuple[Variant, ...] = (
         **_GQA_COMMON,
     ),
     Variant(
-        "Qwen3Attention", "transformers' Qwen3: Llama's layout + q_norm/k_norm (RMSNorm, eps 1e-6)",
-        _GQA_FIELDS + ("qkv_bias",), False,
-        _hf_gqa, _flax("GroupedQueryAttention", _gqa_flax_args), _hf_module("qwen3"),
-        "grouped_query_attention", _is_hf_qwen3, _infer_hf_gqa,
+        "Qwen3Attention",
+        "transformers' Qwen3: Llama's layout + q_norm/k_norm (RMSNorm, eps 1e-6)",
+        (*_GQA_FIELDS, "qkv_bias"),
+        False,
+        _hf_gqa,
+        _flax("GroupedQueryAttention", _gqa_flax_args),
+        _hf_module("qwen3"),
+        "grouped_query_attention",
+        _is_hf_qwen3,
+        _infer_hf_gqa,
         _resolve=_resolve_gqa(qk_norm=True),
         _torch_forward=_hf_forward("qwen3"),
         torch_config=_hf_config(rope=True),
@@ -969,12 +1097,19 @@ VARIANTS: tuple[Variant, ...] = (
         **_GQA_COMMON,
     ),
     Variant(
-        "GPT2Attention", "transformers' GPT-2: Conv1D c_attn (in, 3E) = q|k|v, c_proj; causal",
-        ("d_in", "num_heads", "context_length", "dropout"), False,
+        "GPT2Attention",
+        "transformers' GPT-2: Conv1D c_attn (in, 3E) = q|k|v, c_proj; causal",
+        ("d_in", "num_heads", "context_length", "dropout"),
+        False,
         _gpt2,
         _flax("MultiHeadAttentionCombinedQKV", lambda cfg: dict(_heads_args(cfg), qkv_bias=True)),
-        _hf_module("gpt2"), "multi_head_attention_combined_qkv", _is_gpt2, _infer_gpt2,
-        bf16_roundings=10, takes_attention_impl=True, splits_heads_of="n_embd (= d_in)",
+        _hf_module("gpt2"),
+        "multi_head_attention_combined_qkv",
+        _is_gpt2,
+        _infer_gpt2,
+        bf16_roundings=10,
+        takes_attention_impl=True,
+        splits_heads_of="n_embd (= d_in)",
         shard_modes=("batch", "heads", "sequence"),
         _resolve=lambda cfg: cfg.replace(d_out=cfg.d_in, qkv_bias=True),
         # n_embd is d_in (3 in the seed), which two heads cannot split.
@@ -982,7 +1117,9 @@ VARIANTS: tuple[Variant, ...] = (
         _torch_forward=_gpt2_forward,
         torch_masked_forward=_gpt2_masked_forward,
         torch_config=_hf_config(rope=False),
-        flax_class="MultiHeadAttentionCombinedQKV", in_default_run=False, needs=("transformers",),
+        flax_class="MultiHeadAttentionCombinedQKV",
+        in_default_run=False,
+        needs=("transformers",),
     ),
 )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional
 
 from crosscheck.outputs import atomic_write_text, check_output_path
 from crosscheck.results import Report, Result
@@ -25,7 +24,7 @@ def backend_label(r: Result) -> str:
     return r.backend
 
 
-def _num(x: Optional[float], fmt: str = ".2e") -> str:
+def _num(x: float | None, fmt: str = ".2e") -> str:
     if x is None:
         return "-"
     if isinstance(x, float) and math.isinf(x):
@@ -33,11 +32,11 @@ def _num(x: Optional[float], fmt: str = ".2e") -> str:
     return format(x, fmt)
 
 
-def _pcc(x: Optional[float]) -> str:
+def _pcc(x: float | None) -> str:
     return "-" if x is None else f"{x:.6f}"
 
 
-def _ulp(x: Optional[int]) -> str:
+def _ulp(x: int | None) -> str:
     if x is None:
         return "-"
     return "inf" if x >= 2**62 else str(x)
@@ -53,7 +52,9 @@ def render(report: Report, console, *, quiet: bool = False) -> None:
         console.print(f"weights: {report.weights}")
         if report.ttnn_runtime:
             where = f" via {report.ttnn_runtime['python']}" if report.ttnn_runtime.get("python") else ""
-            console.print(f"ttnn runtime: {report.ttnn_runtime.get('name')} - {report.ttnn_runtime.get('description')}{where}")
+            console.print(
+                f"ttnn runtime: {report.ttnn_runtime.get('name')} - {report.ttnn_runtime.get('description')}{where}"
+            )
         if report.attention_impl is not None:
             from crosscheck.flax_runner import describe_attention_impl
 
@@ -62,15 +63,21 @@ def render(report: Report, console, *, quiet: bool = False) -> None:
         if mode.get("check") == "decode":
             counts = sorted(set((mode.get("flax_compilations") or {}).values()))
             compiled = "" if not counts else "; flax jit compilations per variant: " + "/".join(map(str, counts))
-            console.print(f"decode: prompt of {mode['prompt_len']} tokens, then one token at a time to {mode['tokens']}{compiled}")
+            console.print(
+                f"decode: prompt of {mode['prompt_len']} tokens, then one token at a time to {mode['tokens']}{compiled}"
+            )
         elif mode.get("check") == "padding":
-            console.print(f"padding: {mode['side']}, pad lengths {mode['pad_lengths']}; real tokens vs each sequence alone")
+            console.print(
+                f"padding: {mode['side']}, pad lengths {mode['pad_lengths']}; real tokens vs each sequence alone"
+            )
         elif mode.get("check") in ("train", "grad"):
             _render_train_mode(mode, console)
         v = report.versions
         ttnn = v.get("ttnn") or f"absent ({v.get('ttnn_reason')})"
         console.print(f"versions: torch {v.get('torch')}, jax {v.get('jax')}, flax {v.get('flax')}, ttnn {ttnn}")
-        precisions = sorted({f"{r.dtype} at {r.precision}" for r in report.results if r.backend == "flax" and r.precision})
+        precisions = sorted(
+            {f"{r.dtype} at {r.precision}" for r in report.results if r.backend == "flax" and r.precision}
+        )
         if precisions:  # what "float32" meant for the JAX matmuls (TF32 below "highest" on a GPU)
             console.print(f"flax matmul precision: {', '.join(precisions)}")
         table = Table(box=box.SIMPLE_HEAVY, header_style="bold")
@@ -78,22 +85,39 @@ def render(report: Report, console, *, quiet: bool = False) -> None:
         if report.sharding is not None:
             sh = report.sharding
             ring = ", attention as ring attention" if sh["mode"] == "sequence" else ""
-            console.print(f"sharding: {sh['mode']} over {sh['devices']} {sh.get('platform', '')} devices{ring} "
-                          "(jaxattn.sharding); the \"flax 1 device\" row is the same module on one device")
+            console.print(
+                f"sharding: {sh['mode']} over {sh['devices']} {sh.get('platform', '')} devices{ring} "
+                '(jaxattn.sharding); the "flax 1 device" row is the same module on one device'
+            )
         for col, justify in (
-            ("variant", "left"), ("backend", "left"), *((("vs", "left"),) if versus else ()), ("dtype", "left"), ("shape", "left"),
-            ("max abs err", "right"), ("max rel err", "right"), ("PCC", "right"), ("ULP", "right"), ("", "left"),
+            ("variant", "left"),
+            ("backend", "left"),
+            *((("vs", "left"),) if versus else ()),
+            ("dtype", "left"),
+            ("shape", "left"),
+            ("max abs err", "right"),
+            ("max rel err", "right"),
+            ("PCC", "right"),
+            ("ULP", "right"),
+            ("", "left"),
         ):
             table.add_column(col, justify=justify, no_wrap=True)
         previous = None
-        for i, r in enumerate(report.results):
+        for r in report.results:
             if previous is not None and r.variant != previous:
                 table.add_section()
             verdict = "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]"
             table.add_row(
                 r.variant if r.variant != previous else "",
-                backend_label(r), *((r.reference,) if versus else ()), r.dtype, "x".join(map(str, r.shape or [])),
-                _num(r.max_abs_err), _num(r.max_rel_err), _pcc(r.pcc), _ulp(r.ulp), verdict,
+                backend_label(r),
+                *((r.reference,) if versus else ()),
+                r.dtype,
+                "x".join(map(str, r.shape or [])),
+                _num(r.max_abs_err),
+                _num(r.max_rel_err),
+                _pcc(r.pcc),
+                _ulp(r.ulp),
+                verdict,
             )
             previous = r.variant
         console.print(table)
@@ -125,7 +149,9 @@ def _render_train_mode(mode: dict, console) -> None:
         rate = "no variant with dropout" if rate in (None, []) else f"dropout {rate}"
         console.print(f"training mode: {rate}; masks: {mode.get('masks')} (seed {mode.get('seed')})")
     if mode.get("check") == "grad":
-        console.print(f"gradients: loss {escape(str(mode.get('loss')))}, seed {mode.get('seed')}; torch autograd vs jax.grad")
+        console.print(
+            f"gradients: loss {escape(str(mode.get('loss')))}, seed {mode.get('seed')}; torch autograd vs jax.grad"
+        )
     for backend, why in (mode.get("skipped_backends") or {}).items():
         console.print(f"{backend}: {why}")
 

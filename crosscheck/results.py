@@ -7,7 +7,6 @@ Shared by the engine (which fills it), the bundle comparison and the views in
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 from crosscheck import compare as cmp
 from crosscheck.errors import MismatchError
@@ -22,28 +21,28 @@ class Result:
     runtime: str  # torch: its device ("cpu", "cuda"); flax: JAX's platform; ttnn: "host" or "device"
     dtype: str  # the dtype the backend computed in
     reference: str  # what it was compared with
-    shape: Optional[list[int]]
-    reference_shape: Optional[list[int]]
-    max_abs_err: Optional[float]
-    max_rel_err: Optional[float]
-    pcc: Optional[float]
-    ulp: Optional[int]
+    shape: list[int] | None
+    reference_shape: list[int] | None
+    max_abs_err: float | None
+    max_rel_err: float | None
+    pcc: float | None
+    ulp: int | None
     passed: bool
     thresholds: dict
     failures: list[str] = field(default_factory=list)
-    seconds: Optional[float] = None
-    source: Optional[str] = None  # the outputs file, for `bundle compare`
+    seconds: float | None = None
+    source: str | None = None  # the outputs file, for `bundle compare`
     #: The attention core the Flax module ran ("auto" or an implementation name);
     #: ``None`` for other backends and for variants without a selectable core.
-    attention_impl: Optional[str] = None
+    attention_impl: str | None = None
     #: Decoding: ``prompt_len``, ``steps`` and the token whose error is largest (``worst_token``,
     #: ``worst_token_max_abs_err``); padding: how many real positions were compared. ``None`` otherwise.
-    detail: Optional[dict] = None
+    detail: dict | None = None
     #: Where it ran, in words (``"cpu"``, ``"gpu: NVIDIA H100 80GB HBM3"``, ``"cuda: ..."`` for torch,
     #: ``"ttnn host"``) and its matmul precision (``"highest"``, ``"default"``, ``"bfloat16"``);
     #: filled by :func:`crosscheck.placement.describe`.
-    device: Optional[str] = None
-    precision: Optional[str] = None
+    device: str | None = None
+    precision: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,16 +55,16 @@ class Report:
     input: dict
     weights: str
     versions: dict
-    ttnn_runtime: Optional[dict] = None
+    ttnn_runtime: dict | None = None
     backends: tuple[str, ...] = ()
-    seconds: Optional[float] = None
+    seconds: float | None = None
     #: The attention core asked of the Flax modules ("auto" unless chosen); ``None`` when no Flax ran.
-    attention_impl: Optional[str] = None
+    attention_impl: str | None = None
     #: What was checked: ``{"check": "forward"}``, ``{"check": "decode", "prompt_len": P, "tokens": T,
     #: "flax_compilations": {...}}`` or ``{"check": "padding", "side": ..., "pad_lengths": [...]}``.
-    mode: Optional[dict] = None
+    mode: dict | None = None
     #: ``--devices N --shard MODE``: ``{"mode": MODE, "devices": N, "platform": ...}``; ``None``: one device.
-    sharding: Optional[dict] = None
+    sharding: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -108,17 +107,35 @@ class Report:
 
 
 def result_of(
-    variant: str, backend: str, runtime: str, dtype: str, reference: str, out, ref, tol: cmp.Tolerance,
-    seconds: Optional[float] = None,
-    detail: Optional[dict] = None,
+    variant: str,
+    backend: str,
+    runtime: str,
+    dtype: str,
+    reference: str,
+    out,
+    ref,
+    tol: cmp.Tolerance,
+    seconds: float | None = None,
+    detail: dict | None = None,
 ) -> Result:
     """The :class:`Result` of comparing ``out`` with ``ref`` under ``tol``."""
     c = cmp.compare(out, ref, tol, computed_in=dtype)
     m = c.metrics
     return Result(
-        variant=variant, backend=backend, runtime=runtime, dtype=dtype, reference=reference,
-        shape=list(c.shape), reference_shape=list(c.reference_shape),
-        max_abs_err=m.max_abs_err if m else None, max_rel_err=m.max_rel_err if m else None,
-        pcc=m.pcc if m else None, ulp=m.ulp if m else None,
-        passed=c.passed, thresholds=tol.to_dict(), failures=list(c.failures), seconds=seconds, detail=detail,
+        variant=variant,
+        backend=backend,
+        runtime=runtime,
+        dtype=dtype,
+        reference=reference,
+        shape=list(c.shape),
+        reference_shape=list(c.reference_shape),
+        max_abs_err=m.max_abs_err if m else None,
+        max_rel_err=m.max_rel_err if m else None,
+        pcc=m.pcc if m else None,
+        ulp=m.ulp if m else None,
+        passed=c.passed,
+        thresholds=tol.to_dict(),
+        failures=list(c.failures),
+        seconds=seconds,
+        detail=detail,
     )

@@ -10,7 +10,7 @@ count (:mod:`crosscheck.devices`).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,8 +24,15 @@ MODES = ("batch", "heads", "sequence")
 ONE_DEVICE = "flax 1 device"
 
 
-def check_request(cases: Sequence, *, devices: Optional[int], shard: Optional[str], backends: Sequence[str],
-                  attention_impl: Optional[str], others: Sequence[tuple[str, bool]] = ()) -> None:
+def check_request(
+    cases: Sequence,
+    *,
+    devices: int | None,
+    shard: str | None,
+    backends: Sequence[str],
+    attention_impl: str | None,
+    others: Sequence[tuple[str, bool]] = (),
+) -> None:
     """Refuse, naming the numbers, every combination the split cannot serve; ``None``/``None`` is no split.
 
     ``others``: ``(flag, given)`` of the checks that replace the forward run (``--decode``, ...).
@@ -46,8 +53,10 @@ def check_request(cases: Sequence, *, devices: Optional[int], shard: Optional[st
     if "flax" not in backends:
         raise BadInputError("--shard splits the Flax backend: add flax to --backends")
     if shard == "sequence" and attention_impl not in (None, "auto", "ring"):
-        raise BadInputError(f"--shard sequence runs attention as ring attention; --attention-impl {attention_impl} "
-                            "cannot be combined with it")
+        raise BadInputError(
+            f"--shard sequence runs attention as ring attention; --attention-impl {attention_impl} "
+            "cannot be combined with it"
+        )
     for case in cases:
         variant, cfg = case.variant, case.config
         if shard not in variant.shard_modes:
@@ -65,7 +74,7 @@ def check_request(cases: Sequence, *, devices: Optional[int], shard: Optional[st
     check_device_count(int(devices))
 
 
-def _module_call(case, dtype: str, attention_impl: Optional[str]):
+def _module_call(case, dtype: str, attention_impl: str | None):
     """``(module, variables, input, keyword arguments)`` of ``case`` as :func:`flax_runner.run_flax` runs it."""
     import jax.numpy as jnp
 
@@ -75,8 +84,11 @@ def _module_call(case, dtype: str, attention_impl: Optional[str]):
     return module, variables, jnp.asarray(case.x, dtype=flax_runner._jax_dtype(dtype)), kwargs
 
 
-def sharded_output(case, dtype: str, attention_impl: Optional[str], devices: int, shard: str) -> np.ndarray:
-    """``case``'s Flax module split over ``devices`` devices in mode ``shard`` (jitted, matmuls at ``highest`` for float32)."""
+def sharded_output(case, dtype: str, attention_impl: str | None, devices: int, shard: str) -> np.ndarray:
+    """``case``'s Flax module split over ``devices`` devices in mode ``shard``.
+
+    Jitted, its matmuls at ``highest`` precision for float32.
+    """
     import jax
 
     from jaxattn import sharding
@@ -95,17 +107,28 @@ def where(devices: int, shard: str) -> str:
 
 
 def label(result: Result, dtype: str, devices: int, shard: str) -> None:
-    """Mark the Flax-vs-torch ``result`` as sharded: its device says how, ``attention_impl`` says ring in sequence mode."""
+    """Mark the Flax-vs-torch ``result`` as sharded.
+
+    Its device says how; ``attention_impl`` says ring in sequence mode.
+    """
     result.device, result.precision = where(devices, shard), flax_runner.matmul_precision(dtype)
     if shard == "sequence":
         result.attention_impl = "ring"
 
 
-def one_device_row(case, dtype: str, attention_impl: Optional[str], sharded: np.ndarray, devices: int,
-                   shard: str) -> Result:
+def one_device_row(
+    case, dtype: str, attention_impl: str | None, sharded: np.ndarray, devices: int, shard: str
+) -> Result:
     """The row comparing the sharded output with the same module on one device."""
-    single = flax_runner.run_flax(case.variant, case.config, case.state_dict, case.x, dtype=dtype,
-                                  attention_impl=attention_impl, attention_mask=case.attention_mask)
+    single = flax_runner.run_flax(
+        case.variant,
+        case.config,
+        case.state_dict,
+        case.x,
+        dtype=dtype,
+        attention_impl=attention_impl,
+        attention_mask=case.attention_mask,
+    )
     tol = cmp.policy_for("flax sharded", dtype) if dtype == "float32" else cmp.policy_for("flax", dtype)
     result = result_of(case.variant.name, "flax", flax_runner.platform(), dtype, ONE_DEVICE, sharded, single, tol)
     label(result, dtype, devices, shard)

@@ -35,8 +35,9 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,10 +46,22 @@ from crosscheck import flax_runner, port
 from crosscheck.cases import Case
 from crosscheck.errors import BadInputError
 
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
+
 #: Every stage a variant may expose, in the order the layer computes them.
 STAGES = (
-    "queries", "keys", "values", "queries_normed", "keys_normed", "queries_rope", "keys_rope",
-    "scores", "weights", "context", "output",
+    "queries",
+    "keys",
+    "values",
+    "queries_normed",
+    "keys_normed",
+    "queries_rope",
+    "keys_rope",
+    "scores",
+    "weights",
+    "context",
+    "output",
 )
 #: Backends with stages of their own (torch is the reference).
 BACKENDS = ("flax", "ttnn")
@@ -175,18 +188,24 @@ def _t_gqa(m, x, cfg, raw):
         raise _no_torch_stages(m)
     b, tokens, _ = x.shape
     heads, groups, hd = m.num_heads, m.num_kv_groups, m.head_dim
-    q, k, v = _qkv(raw, _split(m.W_query(x), b, tokens, heads), _split(m.W_key(x), b, tokens, groups),
-                   _split(m.W_value(x), b, tokens, groups))  # (b, H, T, hd); (b, G, T, hd)
+    q, k, v = _qkv(
+        raw,
+        _split(m.W_query(x), b, tokens, heads),
+        _split(m.W_key(x), b, tokens, groups),
+        _split(m.W_value(x), b, tokens, groups),
+    )  # (b, H, T, hd); (b, G, T, hd)
     if getattr(m, "q_norm", None) is not None:
         q, k = m.q_norm(q), m.k_norm(k)
         raw["queries_normed"], raw["keys_normed"] = [q], [k]
-    cos, sin = compute_rope_params(hd, theta_base=cfg.rope_theta, context_length=max(cfg.context_length, tokens),
-                                   freq_config=cfg.freq_config())
+    cos, sin = compute_rope_params(
+        hd, theta_base=cfg.rope_theta, context_length=max(cfg.context_length, tokens), freq_config=cfg.freq_config()
+    )
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     raw["queries_rope"], raw["keys_rope"] = [q], [k]
     group = heads // groups
-    context_vec = _torch_attention(raw, q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1),
-                                   causal=True)  # (b, H, T, hd)
+    context_vec = _torch_attention(
+        raw, q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), causal=True
+    )  # (b, H, T, hd)
     return m.out_proj(_merge(context_vec))
 
 
@@ -239,8 +258,14 @@ def torch_stages(case: Case) -> Raw:
 # --- Flax: captured and sown intermediates ----------------------------------------------------------
 
 #: Sown name -> stage (``queries``/``keys``/``values`` are sown as they enter the core).
-_SOWN = {"queries": "queries", "keys": "keys", "values": "values", "attn_scores": "scores",
-         "attn_weights": "weights", "context_vec": "context"}
+_SOWN = {
+    "queries": "queries",
+    "keys": "keys",
+    "values": "values",
+    "attn_scores": "scores",
+    "attn_weights": "weights",
+    "context_vec": "context",
+}
 
 
 def _natural(name: str):
@@ -256,7 +281,7 @@ def _collect_sown(tree: Mapping, raw: Raw) -> None:
         _collect_sown(tree[name], raw)
 
 
-def _captured(tree: Mapping, name: str) -> Optional[np.ndarray]:
+def _captured(tree: Mapping, name: str) -> np.ndarray | None:
     sub = tree.get(name)
     return None if not isinstance(sub, Mapping) or "__call__" not in sub else np.asarray(sub["__call__"][0])
 
@@ -268,6 +293,7 @@ def _flax_gqa(tree: Mapping, raw: Raw, cfg) -> None:
     hd = cfg.resolved_head_dim()
     for stage, sub in (("queries", "W_query"), ("keys", "W_key")):
         t = _captured(tree, sub)  # (b, T, n * hd)
+        assert t is not None  # the projections' outputs are always captured
         raw[stage] = [np.swapaxes(t.reshape(*t.shape[:-1], -1, hd), 1, 2)]  # (b, n, T, hd)
     for stage, sub in (("queries_normed", "q_norm"), ("keys_normed", "k_norm")):
         t = _captured(tree, sub)
@@ -288,8 +314,9 @@ def flax_stages(case: Case, dtype: str = "float32") -> Raw:
 
     variant, cfg = case.variant, case.variant.resolve(case.config)
     module = flax_runner.flax_module(variant, case.config, dtype, "naive" if variant.takes_attention_impl else None)
-    variables = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32),
-                             port.port_variables(variant, case.config, case.state_dict))
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(a, dtype=jnp.float32), port.port_variables(variant, case.config, case.state_dict)
+    )
     kwargs = {"deterministic": True} if "deterministic" in inspect.signature(type(module).__call__).parameters else {}
     apply = jax.jit(lambda v, x: module.apply(v, x, capture_intermediates=True, mutable=["intermediates"], **kwargs))
     x = jnp.asarray(case.x, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype])
@@ -325,8 +352,9 @@ def ttnn_stages(cases: Sequence[Case], runtime: str = "auto") -> tuple[dict[str,
         info = {"name": opened.name, "description": opened.description, "python": None}
         for case in cases:
             with programs.recording_stages() as taps:
-                out = rt.run_variant(opened, case.variant, case.config, case.state_dict, case.x,
-                                     program=case.variant.ttnn_program)
+                out = rt.run_variant(
+                    opened, case.variant, case.config, case.state_dict, case.x, program=case.variant.ttnn_program
+                )
                 raw = {k: [np.asarray(opened.ttnn.to_torch(t), dtype=np.float32) for t in ts] for k, ts in taps.items()}
             if case.variant.ttnn_program == "simplified_self_attention":
                 for name in ("queries", "keys", "values"):
@@ -342,10 +370,10 @@ def ttnn_stages(cases: Sequence[Case], runtime: str = "auto") -> tuple[dict[str,
 @dataclass
 class StageRow:
     stage: str
-    shape: Optional[list[int]]
-    max_abs_err: Optional[float]
-    bound: Optional[float]  # max_abs x the stage's ref_scale
-    pcc: Optional[float]
+    shape: list[int] | None
+    max_abs_err: float | None
+    bound: float | None  # max_abs x the stage's ref_scale
+    pcc: float | None
     passed: bool
     failures: list[str] = field(default_factory=list)
 
@@ -363,7 +391,7 @@ class BackendStages:
     rows: list[StageRow]
 
     @property
-    def first_failure(self) -> Optional[StageRow]:
+    def first_failure(self) -> StageRow | None:
         return next((r for r in self.rows if not r.passed), None)
 
     @property
@@ -372,9 +400,14 @@ class BackendStages:
 
     def to_dict(self) -> dict:
         first = self.first_failure
-        return {"backend": self.backend, "runtime": self.runtime, "dtype": self.dtype, "passed": self.passed,
-                "first_failing_stage": None if first is None else first.stage,
-                "stages": [r.to_dict() for r in self.rows]}
+        return {
+            "backend": self.backend,
+            "runtime": self.runtime,
+            "dtype": self.dtype,
+            "passed": self.passed,
+            "first_failing_stage": None if first is None else first.stage,
+            "stages": [r.to_dict() for r in self.rows],
+        }
 
 
 @dataclass
@@ -392,7 +425,7 @@ class StagesReport:
     variants: list[VariantStages]
     input: dict
     weights: str
-    ttnn_runtime: Optional[dict]
+    ttnn_runtime: dict | None
     labels: list[str]  # one per token: the seed sentence's words, else indices
     seconds: float = 0.0
 
@@ -406,15 +439,21 @@ class StagesReport:
 
     def to_dict(self) -> dict:
         return {
-            "passed": self.passed, "mode": {"check": "stages"}, "failing_variants": self.failing_variants,
-            "input": self.input, "weights": self.weights, "ttnn_runtime": self.ttnn_runtime, "tokens": self.labels,
+            "passed": self.passed,
+            "mode": {"check": "stages"},
+            "failing_variants": self.failing_variants,
+            "input": self.input,
+            "weights": self.weights,
+            "ttnn_runtime": self.ttnn_runtime,
+            "tokens": self.labels,
             "stages": [{"variant": v.variant, "backends": [b.to_dict() for b in v.backends]} for v in self.variants],
             "seconds": self.seconds,
         }
 
 
-def compare_stages(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], tol: cmp.Tolerance,
-                   dtype: str) -> list[StageRow]:
+def compare_stages(
+    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], tol: cmp.Tolerance, dtype: str
+) -> list[StageRow]:
     """A row per stage of ``reference`` (in :data:`STAGES` order); a stage the candidate lacks fails.
 
     Every stage is held to ``tol``'s abs and rel bounds; PCC only at ``output`` (as the forward check
@@ -430,11 +469,17 @@ def compare_stages(reference: Mapping[str, np.ndarray], candidate: Mapping[str, 
             continue
         c = cmp.compare(candidate[stage], reference[stage], tol if stage == "output" else inner, computed_in=dtype)
         m = c.metrics
-        rows.append(StageRow(
-            stage, list(c.shape), None if m is None else m.max_abs_err,
-            None if m is None or tol.max_abs is None else tol.max_abs * m.ref_scale,
-            None if m is None else m.pcc, c.passed, list(c.failures),
-        ))
+        rows.append(
+            StageRow(
+                stage,
+                list(c.shape),
+                None if m is None else m.max_abs_err,
+                None if m is None or tol.max_abs is None else tol.max_abs * m.ref_scale,
+                None if m is None else m.pcc,
+                c.passed,
+                list(c.failures),
+            )
+        )
     return rows
 
 
@@ -448,16 +493,16 @@ def token_labels(inputs: Any, tokens: int) -> list[str]:
 
 
 def run(
-    variants: Optional[Iterable[str]] = None,
+    variants: Iterable[str] | None = None,
     *,
-    weights: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
+    weights: str | os.PathLike | Mapping[str, Any] | None = None,
     inputs: Any = None,
     backends: Sequence[str] = ("torch", "flax", "ttnn"),
     ttnn_runtime: str = "auto",
     dtype: str = "float32",
     prefix: str = "",
     model_config: Any = None,
-    progress: Optional[Callable[[int, int, str], None]] = None,
+    progress: Callable[[int, int, str], None] | None = None,
     **overrides,
 ) -> StagesReport:
     """Every stage of every variant on Flax and ttnn against torch's (see the module docstring).
@@ -477,8 +522,12 @@ def run(
     if "ttnn" in staged:
         check_ttnn_available(ttnn_runtime, None)
     cases, data, weights_desc = engine.build_cases(
-        variants, weights=weights, inputs=inputs, overrides={k: v for k, v in overrides.items() if v is not None},
-        prefix=prefix, model_config=model_config,
+        variants,
+        weights=weights,
+        inputs=inputs,
+        overrides={k: v for k, v in overrides.items() if v is not None},
+        prefix=prefix,
+        model_config=model_config,
     )
     for case in cases:
         if case.variant.ttnn_program not in _TORCH:
@@ -498,7 +547,8 @@ def run(
         if "flax" in staged:
             flax_raw[case.variant.name] = flax_stages(case, dtype)
             step(f"flax stages {case.variant.name}")
-    ttnn_raw, info = {}, None
+    ttnn_raw: dict[str, Raw] = {}
+    info = None
     if "ttnn" in staged:
         ttnn_raw, info = ttnn_stages(cases, ttnn_runtime)
         for case in cases:
@@ -520,12 +570,15 @@ def run(
             b = BackendStages(backend, where, bdtype, compare_stages(ref, arrays[backend], tol, bdtype))
             rows.append(b)
             last = b.rows[-1]
-            errors[backend] = (float("inf") if last.max_abs_err is None else last.max_abs_err,
-                               float("nan") if last.bound is None else last.bound)
+            errors[backend] = (
+                float("inf") if last.max_abs_err is None else last.max_abs_err,
+                float("nan") if last.bound is None else last.bound,
+            )
         out.append(VariantStages(name, arrays, rows, errors))
     tokens = cases[0].x.shape[-2] if cases else 0
-    return StagesReport(out, data.describe(), weights_desc, info, token_labels(inputs, tokens),
-                        time.perf_counter() - t0)
+    return StagesReport(
+        out, data.describe(), weights_desc, info, token_labels(inputs, tokens), time.perf_counter() - t0
+    )
 
 
 # --- views -------------------------------------------------------------------------------------------
@@ -537,7 +590,7 @@ def _label(b: BackendStages) -> str:
     return f"{b.backend} ({b.runtime}, {b.dtype})"
 
 
-def _num(x: Optional[float]) -> str:
+def _num(x: float | None) -> str:
     return "-" if x is None else ("inf" if np.isinf(x) else f"{x:.2e}")
 
 
@@ -547,14 +600,27 @@ def render(report: StagesReport, console, *, quiet: bool = False) -> None:
     from rich.table import Table
 
     if not quiet:
-        console.print(f"[bold]crosscheck --stages[/bold]  input: {report.input.get('description', report.input.get('source'))}")
+        console.print(
+            f"[bold]crosscheck --stages[/bold]  input: {report.input.get('description', report.input.get('source'))}"
+        )
         console.print(f"weights: {report.weights}")
         if report.ttnn_runtime:
-            console.print(f"ttnn runtime: {report.ttnn_runtime.get('name')} - {report.ttnn_runtime.get('description')}"
-                          " (generic program: scores and weights are separate ops)")
+            console.print(
+                f"ttnn runtime: {report.ttnn_runtime.get('name')} - {report.ttnn_runtime.get('description')}"
+                " (generic program: scores and weights are separate ops)"
+            )
         table = Table(box=box.SIMPLE_HEAVY, header_style="bold")
-        for col, justify in (("variant", "left"), ("backend", "left"), ("stage", "left"), ("shape", "left"),
-                             ("max abs err", "right"), ("bound", "right"), ("PCC", "right"), ("", "left")):
+        columns: tuple[tuple[str, JustifyMethod], ...] = (
+            ("variant", "left"),
+            ("backend", "left"),
+            ("stage", "left"),
+            ("shape", "left"),
+            ("max abs err", "right"),
+            ("bound", "right"),
+            ("PCC", "right"),
+            ("", "left"),
+        )
+        for col, justify in columns:
             table.add_column(col, justify=justify, no_wrap=True)
         for i, v in enumerate(report.variants):
             if i:
@@ -563,22 +629,37 @@ def render(report: StagesReport, console, *, quiet: bool = False) -> None:
             for b in v.backends:
                 for r in b.rows:
                     verdict = "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]"
-                    table.add_row(v.variant if first else "", _label(b), r.stage, "x".join(map(str, r.shape or [])),
-                                  _num(r.max_abs_err), _num(r.bound), "-" if r.pcc is None else f"{r.pcc:.6f}", verdict)
+                    table.add_row(
+                        v.variant if first else "",
+                        _label(b),
+                        r.stage,
+                        "x".join(map(str, r.shape or [])),
+                        _num(r.max_abs_err),
+                        _num(r.bound),
+                        "-" if r.pcc is None else f"{r.pcc:.6f}",
+                        verdict,
+                    )
                     first = False
         console.print(table)
     for v in report.variants:
         for b in v.backends:
-            first = b.first_failure
-            if first is not None:
-                why = "; ".join(first.failures)
-                console.print(f"[red]FAIL[/red] {v.variant} / {_label(b)}: first stage over its bound: "
-                              f"[bold]{first.stage}[/bold] ({why})", highlight=False)
+            failure = b.first_failure
+            if failure is not None:
+                why = "; ".join(failure.failures)
+                console.print(
+                    f"[red]FAIL[/red] {v.variant} / {_label(b)}: first stage over its bound: "
+                    f"[bold]{failure.stage}[/bold] ({why})",
+                    highlight=False,
+                )
     n = sum(len(v.backends) for v in report.variants)
     if report.passed:
-        console.print(f"[green]every stage of {len(report.variants)} variant(s) within its bound[/green] "
-                      f"({n} backend rows) in {report.seconds:.1f} s")
+        console.print(
+            f"[green]every stage of {len(report.variants)} variant(s) within its bound[/green] "
+            f"({n} backend rows) in {report.seconds:.1f} s"
+        )
     else:
         bad = sum(not b.passed for v in report.variants for b in v.backends)
-        console.print(f"[bold red]{bad} of {n} backend rows have a stage over its bound[/bold red]: "
-                      f"{', '.join(report.failing_variants)}")
+        console.print(
+            f"[bold red]{bad} of {n} backend rows have a stage over its bound[/bold red]: "
+            f"{', '.join(report.failing_variants)}"
+        )

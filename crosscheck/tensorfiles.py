@@ -23,8 +23,23 @@ from crosscheck import budget
 from crosscheck.errors import BadInputError
 
 #: safetensors dtype names -> numpy itemsize, for the budget (the header says the dtype).
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def _first_line(err: BaseException) -> str:
@@ -39,13 +54,15 @@ def read_safetensors(path: str, what: str) -> tuple[dict[str, np.ndarray], dict[
     try:
         with safe_open(path, framework="numpy") as f:
             metadata = dict(f.metadata() or {})
-            heads = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-            budget.check_tensors([(k, shape, _ITEMSIZE.get(dt, 8)) for k, (dt, shape) in heads.items()],
-                                 f"{what} {path}")
+            names = f.keys()  # safe_open is no dict: keys() is its one way to list the tensors (no __iter__)
+            heads = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in names}
+            budget.check_tensors(
+                [(k, shape, _ITEMSIZE.get(dt, 8)) for k, (dt, shape) in heads.items()], f"{what} {path}"
+            )
             tensors = {k: f.get_tensor(k) for k, (dt, _) in heads.items() if dt != "BF16"}
     except BadInputError:
         raise
-    except Exception as err:  # safetensors raises bare Exceptions for some corruptions
+    except Exception as err:  # noqa: BLE001 - safetensors raises bare Exceptions for some corruptions
         raise BadInputError(f"cannot read {what} {path}: not a safetensors file ({_first_line(err)})") from None
     bf16 = [k for k, (dt, _) in heads.items() if dt == "BF16"]
     if bf16:
@@ -121,4 +138,3 @@ def read_npy(path: str, what: str) -> np.ndarray:
         return np.array(mapped)
     except Exception as err:  # noqa: BLE001 - a truncated file fails here
         raise BadInputError(f"cannot read {what} {path}: {_first_line(err)}") from None
-

@@ -21,7 +21,6 @@ and, for ``Qwen3GroupedQueryAttention(qk_norm=True)``, ``q_norm.scale`` and ``k_
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -30,9 +29,7 @@ from crosscheck.torch_ref import check_attention_mask
 
 
 class Llama3GroupedQueryAttention(nn.Module):
-    def __init__(
-            self, d_in, d_out, num_heads, num_kv_groups, dtype=None
-    ):
+    def __init__(self, d_in, d_out, num_heads, num_kv_groups, dtype=None):
         super().__init__()
         assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
         assert num_heads % num_kv_groups == 0, "num_heads must be divisible by num_kv_groups"
@@ -88,7 +85,7 @@ class Llama3GroupedQueryAttention(nn.Module):
         # Use the mask to fill attention scores
         attn_scores = attn_scores.masked_fill(mask[:num_tokens, :num_tokens], -torch.inf)
 
-        attn_weights = torch.softmax(attn_scores / keys.shape[-1]**0.5, dim=-1)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
         assert keys.shape[-1] == self.head_dim
 
         # Shape: (b, num_tokens, num_heads, head_dim)
@@ -102,9 +99,7 @@ class Llama3GroupedQueryAttention(nn.Module):
 
 
 class Qwen3GroupedQueryAttention(nn.Module):
-    def __init__(
-        self, d_in, num_heads, num_kv_groups, head_dim=None, qk_norm=False, dtype=None
-    ):
+    def __init__(self, d_in, num_heads, num_kv_groups, head_dim=None, qk_norm=False, dtype=None):
         super().__init__()
         assert num_heads % num_kv_groups == 0, "num_heads must be divisible by num_kv_groups"
 
@@ -129,15 +124,15 @@ class Qwen3GroupedQueryAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, eps=1e-6)
             self.k_norm = RMSNorm(head_dim, eps=1e-6)
         else:
-            self.q_norm = self.k_norm = None
+            self.q_norm = self.k_norm = None  # type: ignore[assignment]  # the book's code, kept as copied
 
     def forward(self, x, mask, cos, sin):
         b, num_tokens, _ = x.shape
 
         # Apply projections
         queries = self.W_query(x)  # (b, num_tokens, num_heads * head_dim)
-        keys = self.W_key(x)       # (b, num_tokens, num_kv_groups * head_dim)
-        values = self.W_value(x)   # (b, num_tokens, num_kv_groups * head_dim)
+        keys = self.W_key(x)  # (b, num_tokens, num_kv_groups * head_dim)
+        values = self.W_value(x)  # (b, num_tokens, num_kv_groups * head_dim)
 
         # Reshape
         queries = queries.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
@@ -204,17 +199,13 @@ def compute_rope_params(head_dim, theta_base=10_000, context_length=4096, freq_c
 
         wavelen = 2 * torch.pi / inv_freq
 
-        inv_freq_llama = torch.where(
-            wavelen > low_freq_wavelen, inv_freq / freq_config["factor"], inv_freq
-        )
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / freq_config["factor"], inv_freq)
 
         smooth_factor = (freq_config["original_context_length"] / wavelen - freq_config["low_freq_factor"]) / (
             freq_config["high_freq_factor"] - freq_config["low_freq_factor"]
         )
 
-        smoothed_inv_freq = (
-            (1 - smooth_factor) * (inv_freq / freq_config["factor"]) + smooth_factor * inv_freq
-        )
+        smoothed_inv_freq = (1 - smooth_factor) * (inv_freq / freq_config["factor"]) + smooth_factor * inv_freq
 
         is_medium_freq = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
         inv_freq_llama = torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
@@ -243,7 +234,7 @@ def apply_rope(x, cos, sin):
 
     # Split x into first half and second half
     x1 = x[..., : head_dim // 2]  # First half
-    x2 = x[..., head_dim // 2:]  # Second half
+    x2 = x[..., head_dim // 2 :]  # Second half
 
     # Adjust sin and cos shapes
     cos = cos[:seq_len, :].unsqueeze(0).unsqueeze(0)  # Shape: (1, 1, seq_len, head_dim)
@@ -260,9 +251,7 @@ def apply_rope(x, cos, sin):
 # --- ours -------------------------------------------------------------------------------------
 
 
-def padding_mask(
-    attention_mask: torch.Tensor, num_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def padding_mask(attention_mask: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mask, row_visible)`` for the book's ``forward(x, mask, cos, sin)`` with padded keys hidden.
 
     ``attention_mask``: ``(b, T)`` bool, True = real token. ``mask`` is ``(b, 1, T, T)`` bool, True =
@@ -280,13 +269,13 @@ def padding_mask(
 
 
 def causal_forward(
-    module: nn.Module,
+    module: Llama3GroupedQueryAttention | Qwen3GroupedQueryAttention,
     x: torch.Tensor,
     *,
     rope_theta: float = 10_000.0,
-    freq_config: Optional[Mapping[str, float]] = None,
+    freq_config: Mapping[str, float] | None = None,
     context_length: int = 4096,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``module(x, mask, cos, sin)`` as the book's model calls it, for positions ``0 .. T-1``.
 
@@ -308,7 +297,9 @@ def causal_forward(
     if tokens > context_length:
         raise ValueError(f"causal_forward: tokens={tokens} exceeds context_length={context_length}")
     cos, sin = compute_rope_params(
-        module.head_dim, theta_base=rope_theta, context_length=context_length,
+        module.head_dim,
+        theta_base=rope_theta,
+        context_length=context_length,
         freq_config=None if freq_config is None else dict(freq_config),
     )
     cos, sin = cos.to(x.device), sin.to(x.device)
@@ -320,7 +311,7 @@ def causal_forward(
     # Llama3GroupedQueryAttention slices ``mask[:num_tokens, :num_tokens]``, which on a (b, 1, T, T)
     # mask cuts the batch to T rows: run at most T rows at a time (rows are independent).
     outs = [
-        module(x[i:i + tokens], mask[i:i + tokens], cos, sin) for i in range(0, x.shape[0], tokens)
+        module(x[i : i + tokens], mask[i : i + tokens], cos, sin) for i in range(0, x.shape[0], tokens)
     ]  # each (<= T, T, d_out)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     bias = module.out_proj.bias  # None in both book classes: a zero context gives a zero output

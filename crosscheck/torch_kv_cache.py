@@ -14,7 +14,8 @@ Follows the book's package, ``llms_from_scratch.kv_cache.gpt2.MultiHeadAttention
 What differs from the book's package:
 
 * Each class has exactly the constructor and state-dict keys of its :mod:`~crosscheck.torch_ref`
-  class (it subclasses it, or for the wrapper builds the same heads), the persistent ``mask`` buffer included (the book's cached class drops it), so
+  class (it subclasses it, or for the wrapper builds the same heads), the persistent ``mask`` buffer
+  included (the book's cached class drops it), so
   ``load_state_dict(..., strict=True)`` works both ways and book checkpoints port unchanged.
   ``MultiheadAttention`` has ``torch.nn.MultiheadAttention``'s keys and reproduces its math.
 * The causal mask of a chunk is rows ``start_pos .. start_pos + num_tokens - 1`` of the ``mask``
@@ -43,8 +44,6 @@ repeated. The book's ``kv_cache`` llama3/qwen3 models slice their causal mask ri
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,8 +61,8 @@ def extend_cache(
     *,
     use_cache: bool,
     start_pos: int,
-    cache: Optional[KVCache],
-) -> tuple[torch.Tensor, torch.Tensor, Optional[KVCache]]:
+    cache: KVCache | None,
+) -> tuple[torch.Tensor, torch.Tensor, KVCache | None]:
     """``(keys, values, next_cache)``: the chunk's keys and values after the cached ones (dim ``-2``).
 
     ``start_pos`` must equal the cached length (0 without a cache); ``next_cache`` is ``None``
@@ -81,8 +80,8 @@ def extend_cache(
                 f"{owner}: start_pos={start_pos} must equal the cached length {cached_keys.shape[-2]} "
                 f"(cached keys {tuple(cached_keys.shape)}, tokens on dim -2)"
             )
-        expected = keys.shape[:-2] + (start_pos,) + keys.shape[-1:]
-        if cached_keys.shape != expected or cached_values.shape != values.shape[:-2] + (start_pos,) + values.shape[-1:]:
+        expected = (*keys.shape[:-2], start_pos, *keys.shape[-1:])
+        if cached_keys.shape != expected or cached_values.shape != (*values.shape[:-2], start_pos, *values.shape[-1:]):
             raise ValueError(
                 f"{owner}: cached keys {tuple(cached_keys.shape)} / values {tuple(cached_values.shape)} "
                 f"do not fit this chunk's keys {tuple(keys.shape)} / values {tuple(values.shape)}"
@@ -105,8 +104,8 @@ def causal_rows(owner: str, mask: torch.Tensor, start_pos: int, num_tokens: int)
 
 
 def check_chunk_mask(
-    owner: str, attention_mask: Optional[torch.Tensor], batch: int, start_pos: int, num_tokens: int
-) -> Optional[torch.Tensor]:
+    owner: str, attention_mask: torch.Tensor | None, batch: int, start_pos: int, num_tokens: int
+) -> torch.Tensor | None:
     """``attention_mask`` over all keys so far, ``(batch, start_pos + num_tokens)``, as bool (or ``None``)."""
     if attention_mask is None:
         return None
@@ -118,14 +117,14 @@ def check_chunk_mask(
 class CausalAttention(torch_ref.CausalAttention):
     """``torch_ref.CausalAttention`` with a KV cache; ``cache`` is ``(keys, values)``, each ``(b, tokens, d_out)``."""
 
-    def forward(
+    def forward(  # type: ignore[override]  # the book's cached forward: (context, cache), more arguments
         self,
         x: torch.Tensor,
         use_cache: bool = False,
         start_pos: int = 0,
-        cache: Optional[KVCache] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, Optional[KVCache]]:
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache | None]:
         owner = type(self).__name__
         b, num_tokens, d_in = x.shape
         attention_mask = check_chunk_mask(owner, attention_mask, b, start_pos, num_tokens)
@@ -136,8 +135,12 @@ class CausalAttention(torch_ref.CausalAttention):
             owner, keys, values, use_cache=use_cache, start_pos=start_pos, cache=cache
         )
         context_vec = masked_attention(
-            queries, keys, values, causal_mask=causal_rows(owner, self.mask, start_pos, num_tokens),
-            attention_mask=attention_mask, dropout=self.dropout,
+            queries,
+            keys,
+            values,
+            causal_mask=causal_rows(owner, self.mask, start_pos, num_tokens),
+            attention_mask=attention_mask,
+            dropout=self.dropout,
         )
         return context_vec, next_cache
 
@@ -156,12 +159,13 @@ class MultiHeadAttentionWrapper(nn.Module):
         x: torch.Tensor,
         use_cache: bool = False,
         start_pos: int = 0,
-        cache: Optional[tuple[KVCache, ...]] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, Optional[tuple[KVCache, ...]]]:
+        cache: tuple[KVCache, ...] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[KVCache, ...] | None]:
         if cache is not None and len(cache) != len(self.heads):
             raise ValueError(
-                f"{type(self).__name__}: cache holds {len(cache)} per-head caches, the module has {len(self.heads)} heads"
+                f"{type(self).__name__}: cache holds {len(cache)} per-head caches, "
+                f"the module has {len(self.heads)} heads"
             )
         attention_mask = check_chunk_mask(type(self).__name__, attention_mask, x.shape[0], start_pos, x.shape[1])
         outputs = [
@@ -176,14 +180,14 @@ class MultiHeadAttentionWrapper(nn.Module):
 class MultiHeadAttention(torch_ref.MultiHeadAttention):
     """``torch_ref.MultiHeadAttention`` with a KV cache (the book's ``kv_cache.gpt2`` class, plus the mask buffer)."""
 
-    def forward(
+    def forward(  # type: ignore[override]  # the book's cached forward: (context, cache), more arguments
         self,
         x: torch.Tensor,
         use_cache: bool = False,
         start_pos: int = 0,
-        cache: Optional[KVCache] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, Optional[KVCache]]:
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache | None]:
         owner = type(self).__name__
         b, num_tokens, d_in = x.shape
         attention_mask = check_chunk_mask(owner, attention_mask, b, start_pos, num_tokens)
@@ -205,14 +209,14 @@ class MultiHeadAttention(torch_ref.MultiHeadAttention):
 class MultiHeadAttentionCombinedQKV(torch_ref.MultiHeadAttentionCombinedQKV):
     """``torch_ref.MultiHeadAttentionCombinedQKV`` with a KV cache: ``(b, num_heads, tokens, head_dim)``."""
 
-    def forward(
+    def forward(  # type: ignore[override]  # the book's cached forward: (context, cache), more arguments
         self,
         x: torch.Tensor,
         use_cache: bool = False,
         start_pos: int = 0,
-        cache: Optional[KVCache] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, Optional[KVCache]]:
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache | None]:
         owner = type(self).__name__
         batch_size, num_tokens, embed_dim = x.shape
         attention_mask = check_chunk_mask(owner, attention_mask, batch_size, start_pos, num_tokens)
@@ -223,8 +227,12 @@ class MultiHeadAttentionCombinedQKV(torch_ref.MultiHeadAttentionCombinedQKV):
             owner, keys, values, use_cache=use_cache, start_pos=start_pos, cache=cache
         )
         context_vec = masked_attention(
-            queries, keys, values, causal_mask=causal_rows(owner, self.mask, start_pos, num_tokens),
-            attention_mask=attention_mask, dropout=self.dropout,
+            queries,
+            keys,
+            values,
+            causal_mask=causal_rows(owner, self.mask, start_pos, num_tokens),
+            attention_mask=attention_mask,
+            dropout=self.dropout,
         ).transpose(1, 2)  # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.contiguous().view(batch_size, num_tokens, self.num_heads * self.head_dim)
         return self.proj(context_vec), next_cache
@@ -266,9 +274,9 @@ class MultiheadAttention(nn.Module):
         x: torch.Tensor,
         use_cache: bool = False,
         start_pos: int = 0,
-        cache: Optional[KVCache] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, Optional[KVCache]]:
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache | None]:
         owner = type(self).__name__
         b, num_tokens, embed_dim = x.shape
         attention_mask = check_chunk_mask(owner, attention_mask, b, start_pos, num_tokens)
@@ -286,7 +294,11 @@ class MultiheadAttention(nn.Module):
             causal_mask = torch.triu(torch.ones(num_keys, num_keys, dtype=torch.bool, device=x.device), diagonal=1)
             causal_mask = causal_mask[start_pos:]  # (num_tokens, num_keys): this chunk's rows
         context_vec = masked_attention(
-            queries, keys, values, causal_mask=causal_mask, attention_mask=attention_mask,
+            queries,
+            keys,
+            values,
+            causal_mask=causal_mask,
+            attention_mask=attention_mask,
             dropout=lambda w: F.dropout(w, p=self.dropout, training=self.training),
         ).transpose(1, 2)  # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.reshape(b, num_tokens, embed_dim)
@@ -306,14 +318,28 @@ class GroupedQueryAttention(torch_gqa.Qwen3GroupedQueryAttention):
     ``0 .. T-1``), so equals it bit for bit, ``attention_mask`` included.
     """
 
+    cos: torch.Tensor  # the RoPE tables, buffers registered in __init__
+    sin: torch.Tensor
+
     def __init__(
-        self, d_in, num_heads, num_kv_groups, head_dim=None, qk_norm=False, dtype=None,
-        *, rope_theta: float = 10_000.0, freq_config=None, context_length: int = 4096,
+        self,
+        d_in,
+        num_heads,
+        num_kv_groups,
+        head_dim=None,
+        qk_norm=False,
+        dtype=None,
+        *,
+        rope_theta: float = 10_000.0,
+        freq_config=None,
+        context_length: int = 4096,
     ):
         super().__init__(d_in, num_heads, num_kv_groups, head_dim=head_dim, qk_norm=qk_norm, dtype=dtype)
         self.context_length = context_length
         cos, sin = torch_gqa.compute_rope_params(
-            self.head_dim, theta_base=rope_theta, context_length=context_length,
+            self.head_dim,
+            theta_base=rope_theta,
+            context_length=context_length,
             freq_config=None if freq_config is None else dict(freq_config),
         )  # (context_length, head_dim) each
         self.register_buffer("cos", cos, persistent=False)
@@ -324,9 +350,9 @@ class GroupedQueryAttention(torch_gqa.Qwen3GroupedQueryAttention):
         x: torch.Tensor,
         use_cache: bool = False,
         start_pos: int = 0,
-        cache: Optional[KVCache] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, Optional[KVCache]]:
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache | None]:
         owner = type(self).__name__
         b, num_tokens, _ = x.shape
         end = start_pos + num_tokens

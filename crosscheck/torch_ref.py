@@ -17,7 +17,6 @@ itself lives in :func:`masked_attention`, shared with the KV-cache classes of
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Optional
 
 import torch
 from torch import nn
@@ -52,10 +51,10 @@ def masked_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     *,
-    causal_mask: Optional[torch.Tensor] = None,
-    attention_mask: Optional[torch.Tensor] = None,
+    causal_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     scaled: bool = True,
-    dropout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The book's attention step: ``softmax(masked_fill(q @ k.T, mask, -inf) / sqrt(d_k)) @ v``.
 
@@ -96,7 +95,7 @@ def masked_attention(
 class SimplifiedSelfAttention(nn.Module):
     """Section 3.3: ``softmax(x @ x.T) @ x``; no weights, no scaling."""
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is not None:
             attention_mask = check_attention_mask(type(self).__name__, attention_mask, x.shape[:-1])
         return masked_attention(x, x, x, attention_mask=attention_mask, scaled=False)
@@ -111,7 +110,7 @@ class SelfAttentionV1(nn.Module):
         self.W_key = nn.Parameter(torch.rand(d_in, d_out))
         self.W_value = nn.Parameter(torch.rand(d_in, d_out))
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is not None:
             attention_mask = check_attention_mask(type(self).__name__, attention_mask, x.shape[:-1])
         keys = x @ self.W_key
@@ -129,7 +128,7 @@ class SelfAttentionV2(nn.Module):
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is not None:
             attention_mask = check_attention_mask(type(self).__name__, attention_mask, x.shape[:-1])
         keys = self.W_key(x)
@@ -141,6 +140,8 @@ class SelfAttentionV2(nn.Module):
 class CausalAttention(nn.Module):
     """Section 3.5.3: causal mask buffer, dropout on the weights, batched input."""
 
+    mask: torch.Tensor  # the buffer registered in __init__
+
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, qkv_bias: bool = False):
         super().__init__()
         self.d_out = d_out
@@ -150,7 +151,7 @@ class CausalAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, num_tokens, d_in = x.shape
         if attention_mask is not None:
             attention_mask = check_attention_mask(type(self).__name__, attention_mask, x.shape[:-1])
@@ -158,8 +159,12 @@ class CausalAttention(nn.Module):
         queries = self.W_query(x)
         values = self.W_value(x)
         return masked_attention(
-            queries, keys, values, causal_mask=self.mask.bool()[:num_tokens, :num_tokens],
-            attention_mask=attention_mask, dropout=self.dropout,
+            queries,
+            keys,
+            values,
+            causal_mask=self.mask.bool()[:num_tokens, :num_tokens],
+            attention_mask=attention_mask,
+            dropout=self.dropout,
         )
 
 
@@ -172,7 +177,7 @@ class MultiHeadAttentionWrapper(nn.Module):
             [CausalAttention(d_in, d_out, context_length, dropout, qkv_bias) for _ in range(num_heads)]
         )
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is not None:
             attention_mask = check_attention_mask(type(self).__name__, attention_mask, x.shape[:-1])
         return torch.cat([head(x, attention_mask=attention_mask) for head in self.heads], dim=-1)
@@ -180,6 +185,8 @@ class MultiHeadAttentionWrapper(nn.Module):
 
 class MultiHeadAttention(nn.Module):
     """Section 3.6.2: fused heads plus ``out_proj``."""
+
+    mask: torch.Tensor  # the buffer registered in __init__
 
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
@@ -194,7 +201,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, num_tokens, d_in = x.shape
         if attention_mask is not None:
             attention_mask = check_attention_mask(type(self).__name__, attention_mask, x.shape[:-1])
@@ -213,6 +220,8 @@ class MultiHeadAttention(nn.Module):
 class MultiHeadAttentionCombinedQKV(nn.Module):
     """The book's bonus class: one ``qkv`` linear viewed as ``(3, heads, head_dim)``, then ``proj``."""
 
+    mask: torch.Tensor  # the buffer registered in __init__
+
     def __init__(self, d_in, d_out, num_heads, context_length, dropout=0.0, qkv_bias=False):
         super().__init__()
         assert d_out % num_heads == 0, "embed_dim is indivisible by num_heads"
@@ -224,7 +233,7 @@ class MultiHeadAttentionCombinedQKV(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch_size, num_tokens, embed_dim = x.shape
         if attention_mask is not None:
             attention_mask = check_attention_mask(type(self).__name__, attention_mask, x.shape[:-1])
@@ -232,15 +241,19 @@ class MultiHeadAttentionCombinedQKV(nn.Module):
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, b, num_heads, num_tokens, head_dim)
         queries, keys, values = qkv.unbind(0)
         context_vec = masked_attention(
-            queries, keys, values, causal_mask=self.mask.bool()[:num_tokens, :num_tokens],
-            attention_mask=attention_mask, dropout=self.dropout,
+            queries,
+            keys,
+            values,
+            causal_mask=self.mask.bool()[:num_tokens, :num_tokens],
+            attention_mask=attention_mask,
+            dropout=self.dropout,
         ).transpose(1, 2)  # (b, num_heads, num_tokens, head_dim) -> (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.contiguous().view(batch_size, num_tokens, self.num_heads * self.head_dim)
         return self.proj(context_vec)
 
 
 def torch_multihead_forward(
-    module: nn.MultiheadAttention, x: torch.Tensor, causal: bool, attention_mask: Optional[torch.Tensor] = None
+    module: nn.MultiheadAttention, x: torch.Tensor, causal: bool, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Self-attention through ``nn.MultiheadAttention`` (``batch_first``), optionally causal.
 

@@ -22,7 +22,8 @@ import copy
 import dataclasses
 import functools
 import inspect
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,9 @@ from crosscheck.results import Result, result_of
 #: The dropout rate ``--train`` uses when ``--dropout`` is not given.
 DEFAULT_TRAIN_DROPOUT = 0.1
 #: Why the ttnn backend does not take part (recorded in the report).
-TTNN_SKIPPED = "not run: --train/--grad compare torch and Flax only (no dropout masks or gradients in the ttnn programs)"
+TTNN_SKIPPED = (
+    "not run: --train/--grad compare torch and Flax only (no dropout masks or gradients in the ttnn programs)"
+)
 
 
 def has_dropout(case: Case) -> bool:
@@ -53,7 +56,9 @@ def training_case(case: Case) -> Case:
     if "dropout" in case.variant.fields or case.config.dropout == 0.0:
         return case
     cfg = case.config.replace(dropout=0.0)
-    return dataclasses.replace(case, config=cfg, torch_module=_torch_reference_module(case.variant, cfg, case.state_dict))
+    return dataclasses.replace(
+        case, config=cfg, torch_module=_torch_reference_module(case.variant, cfg, case.state_dict)
+    )
 
 
 # --- Flax ----------------------------------------------------------------------------------------
@@ -70,7 +75,7 @@ class FlaxTrainer:
     case: Case
     seed: int
     train: bool
-    attention_impl: Optional[str] = None
+    attention_impl: str | None = None
 
     def __post_init__(self):
         import jax
@@ -81,7 +86,7 @@ class FlaxTrainer:
         variables = port.port_variables(case.variant, case.config, case.state_dict)
         self.variables = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.float32), variables)
         params = inspect.signature(type(self.module).__call__).parameters
-        self.kwargs = {"deterministic": not self.train} if "deterministic" in params else {}
+        self.kwargs: dict[str, Any] = {"deterministic": not self.train} if "deterministic" in params else {}
         if case.attention_mask is not None:
             self.kwargs["attention_mask"] = jnp.asarray(case.attention_mask, dtype=jnp.bool_)
         self.sites: list[dm.Site] = []
@@ -178,7 +183,7 @@ class TrainingRun:
     masks: list
     flax_out: np.ndarray
     detail: dict
-    flax_grads: Optional[dict] = None
+    flax_grads: dict | None = None
 
 
 def run_training(case: Case, seed: int, with_grads: bool = False) -> TrainingRun:
@@ -205,19 +210,41 @@ def train_rows(run: TrainingRun, backends: Sequence[str], step: Callable[[str], 
     rows = []
     if "torch" in backends:
         out64 = torch_train_output(case, run.masks, run.sites, "float64")
-        rows.append(result_of(name, "torch", "cpu", "float32", reference_label(run.detail, "torch float64"),
-                              out32, out64, cmp.policy_for("torch", "float32"), detail=dict(run.detail)))
+        rows.append(
+            result_of(
+                name,
+                "torch",
+                "cpu",
+                "float32",
+                reference_label(run.detail, "torch float64"),
+                out32,
+                out64,
+                cmp.policy_for("torch", "float32"),
+                detail=dict(run.detail),
+            )
+        )
         step(f"torch train {name}")
     if "flax" in backends:
-        rows.append(result_of(name, "flax", flax_runner.platform(), "float32",
-                              reference_label(run.detail, "torch float32"), run.flax_out, out32,
-                              cmp.policy_for("flax", "float32"), detail=dict(run.detail)))
+        rows.append(
+            result_of(
+                name,
+                "flax",
+                flax_runner.platform(),
+                "float32",
+                reference_label(run.detail, "torch float32"),
+                run.flax_out,
+                out32,
+                cmp.policy_for("flax", "float32"),
+                detail=dict(run.detail),
+            )
+        )
         step(f"flax train {name}")
     return rows
 
 
-def check_options(*, train: bool, grad: bool, dtype: str, backends: Sequence[str], attention_impl: Optional[str],
-                  decode, padding) -> tuple[str, ...]:
+def check_options(
+    *, train: bool, grad: bool, dtype: str, backends: Sequence[str], attention_impl: str | None, decode, padding
+) -> tuple[str, ...]:
     """The backends a train/grad run compares (ttnn dropped: :data:`TTNN_SKIPPED`); refuse what cannot run."""
     flag = "--train" if train and not grad else "--grad" if grad and not train else "--train --grad"
     if decode is not None or padding is not None:
@@ -242,7 +269,7 @@ def run(
     grad: bool,
     seed: int,
     backends: Sequence[str],
-    attention_impl: Optional[str],
+    attention_impl: str | None,
     skipped: dict,
     step: Callable[[str], None],
 ) -> tuple[list[Result], dict]:
@@ -255,21 +282,34 @@ def run(
             dropouts.add(run_.detail["dropout"])
             results += train_rows(run_, backends, step)
             if grad:
+                assert run_.flax_grads is not None  # run_training(with_grads=True) computed them
                 results += grad_check.grad_rows(
-                    run_.case, run_.flax_grads, functools.partial(torch_train_module, run_.case, run_.masks, run_.sites),
-                    seed, {"train": True, **run_.detail}, attention_impl, step,
+                    run_.case,
+                    run_.flax_grads,
+                    functools.partial(torch_train_module, run_.case, run_.masks, run_.sites),
+                    seed,
+                    {"train": True, **run_.detail},
+                    attention_impl,
+                    step,
                 )
         elif grad:
             trainer = FlaxTrainer(case, seed, train=False, attention_impl=attention_impl)
             _, flax_grads, _ = grad_check.flax_output_and_grads(case, trainer, seed)
-            results += grad_check.grad_rows(case, flax_grads, functools.partial(torch_eval_module, case), seed,
-                                            {"train": False}, attention_impl, step)
+            results += grad_check.grad_rows(
+                case,
+                flax_grads,
+                functools.partial(torch_eval_module, case),
+                seed,
+                {"train": False},
+                attention_impl,
+                step,
+            )
     from crosscheck import placement
 
     for r in results:  # torch runs on the CPU here and JAX at "highest", whatever --torch-device/--matmul-precision say
         r.device = placement.torch_device_label("cpu") if r.backend == "torch" else placement.jax_device()
         r.precision = grad_check.MATMUL_PRECISION
-    mode = {"check": "grad" if grad else "train", "train": train, "seed": seed}
+    mode: dict[str, Any] = {"check": "grad" if grad else "train", "train": train, "seed": seed}
     if train:
         rates = sorted(d for d in dropouts if d != "no dropout")
         mode["dropout"] = rates[0] if len(rates) == 1 else rates

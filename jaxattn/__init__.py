@@ -15,7 +15,7 @@ Depends on JAX and Flax only. Layers, bottom up:
   over the same math functions.
 """
 
-from jaxattn import core, implementations, masks
+from jaxattn import core, implementations, masks, tolerance
 from jaxattn.attention import dot_product_attention
 from jaxattn.base import AttentionModule
 from jaxattn.causal import CausalAttention, MultiHeadAttentionWrapper
@@ -23,7 +23,7 @@ from jaxattn.gqa import GroupedQueryAttention
 from jaxattn.multihead import MultiHeadAttention, MultiHeadAttentionCombinedQKV, TorchMultiheadAttention
 from jaxattn.self_attention import SelfAttentionV1, SelfAttentionV2, SimplifiedSelfAttention
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # pyproject.toml reads it (setuptools dynamic version)
 
 #: The six chapter-3 variants and the two extra torch layouts, in teaching order.
 VARIANTS = (
@@ -38,6 +38,12 @@ VARIANTS = (
 )
 
 __all__ = [cls.__name__ for cls in VARIANTS] + [
-    "AttentionModule", "VARIANTS", "core", "dot_product_attention", "implementations", "masks",
+    "AttentionModule",
+    "VARIANTS",
+    "core",
+    "dot_product_attention",
+    "implementations",
+    "masks",
+    "tolerance",
     "GroupedQueryAttention",  # issue 12: beyond chapter 3, so not in VARIANTS
 ]

@@ -8,8 +8,6 @@ defaults, picks the implementation and calls it; it computes nothing itself.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,24 +15,24 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from jaxattn import implementations
 
-QOffset = Union[int, Int[Array, ""]]
+QOffset = int | Int[Array, ""]
 #: ``jax.lax.Precision``, one of its names, or ``None`` (JAX's default for the backend).
-PrecisionLike = Union[None, str, jax.lax.Precision]
+PrecisionLike = str | jax.lax.Precision | None
 
 
 def dot_product_attention(
     query: Float[Array, "*B T N H"],
     key: Float[Array, "*B S K H"],
     value: Float[Array, "*B S K Hv"],
-    bias: Optional[Float[Array, "..."]] = None,
-    mask: Optional[Bool[Array, "..."]] = None,
+    bias: Float[Array, "..."] | None = None,
+    mask: Bool[Array, "..."] | None = None,
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     is_causal: bool = False,
     q_offset: QOffset = 0,
-    implementation: Optional[str] = None,
+    implementation: str | None = None,
     dropout_rate: float = 0.0,
-    dropout_rng: Optional[PRNGKeyArray] = None,
+    dropout_rng: PRNGKeyArray | None = None,
     precision: PrecisionLike = None,
 ) -> Float[Array, "*B T N Hv"]:
     """Scaled dot-product attention, ``softmax(q @ k.T * scale + bias, where=mask) @ v``.
@@ -79,8 +77,17 @@ def dot_product_attention(
     dropout; the logits and softmax are computed in ``promote_types(dtype, float32)``.
     """
     return attention_with_weights(
-        query, key, value, bias, mask, scale=scale, is_causal=is_causal, q_offset=q_offset,
-        implementation=implementation, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        scale=scale,
+        is_causal=is_causal,
+        q_offset=q_offset,
+        implementation=implementation,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
         precision=precision,
     )[0]
 
@@ -89,17 +96,17 @@ def attention_with_weights(
     query: Float[Array, "*B T N H"],
     key: Float[Array, "*B S K H"],
     value: Float[Array, "*B S K Hv"],
-    bias: Optional[Float[Array, "..."]] = None,
-    mask: Optional[Bool[Array, "..."]] = None,
+    bias: Float[Array, "..."] | None = None,
+    mask: Bool[Array, "..."] | None = None,
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     is_causal: bool = False,
     q_offset: QOffset = 0,
-    implementation: Optional[str] = None,
+    implementation: str | None = None,
     dropout_rate: float = 0.0,
-    dropout_rng: Optional[PRNGKeyArray] = None,
+    dropout_rng: PRNGKeyArray | None = None,
     precision: PrecisionLike = None,
-) -> tuple[Float[Array, "*B T N Hv"], Optional[Float[Array, "*B N T S"]]]:
+) -> tuple[Float[Array, "*B T N Hv"], Float[Array, "*B N T S"] | None]:
     """:func:`dot_product_attention` plus the attention weights (before dropout) when the implementation has them.
 
     The modules call this to sow ``attn_weights``; the weights are ``None`` for the
@@ -125,19 +132,32 @@ def attention_with_weights(
     call = implementations.Call(
         platform=_platform(query),
         dtype=str(query.dtype),
-        batch=batch, q_tokens=q_tokens, kv_tokens=kv_tokens, heads=heads, kv_heads=kv_heads,
-        head_dim=head_dim, value_head_dim=value.shape[-1],
-        has_mask=mask is not None, has_bias=bias is not None, is_causal=bool(is_causal),
+        batch=batch,
+        q_tokens=q_tokens,
+        kv_tokens=kv_tokens,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        value_head_dim=value.shape[-1],
+        has_mask=mask is not None,
+        has_bias=bias is not None,
+        is_causal=bool(is_causal),
         q_offset=not (isinstance(q_offset, int) and q_offset == 0),
         dropout=dropout,
         same_dtypes=query.dtype == key.dtype == value.dtype,
     )
     chosen = implementations.select(implementation, call)
     out, weights = chosen.kernel(
-        query, key, value, bias, mask,
+        query,
+        key,
+        value,
+        bias,
+        mask,
         scale=head_dim**-0.5 if scale is None else scale,
-        is_causal=bool(is_causal), q_offset=q_offset,
-        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        is_causal=bool(is_causal),
+        q_offset=q_offset,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
         precision=_check_precision(precision),
     )
     if unbatched:
@@ -153,7 +173,7 @@ def _platform(query) -> str:
     """
     if isinstance(query, jax.Array) and not isinstance(query, jax.core.Tracer):
         return next(iter(query.devices())).platform
-    device = jax.config.jax_default_device
+    device = jax.config.jax_default_device  # type: ignore[attr-defined]  # a dynamic option jax's stubs omit
     if device is None:
         return jax.default_backend()
     platform = device if isinstance(device, str) else device.platform
@@ -177,7 +197,8 @@ def _check_qkv(query, key, value) -> bool:
     heads, kv_heads = query.shape[-2], key.shape[-2]
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(
-            f"dot_product_attention: query heads ({heads}) must be a multiple of key/value heads ({kv_heads}); got {shapes}"
+            f"dot_product_attention: query heads ({heads}) must be a multiple of key/value heads ({kv_heads}); "
+            f"got {shapes}"
         )
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -190,7 +211,7 @@ def _as_rank4(x: Array, name: str, target: tuple[int, int, int, int]) -> Array:
     if x.ndim > 4:
         raise ValueError(f"dot_product_attention: {name} must have rank <= 4, got shape {x.shape}")
     x = x.reshape((1,) * (4 - x.ndim) + x.shape)
-    if any(d not in (1, t) for d, t in zip(x.shape, target)):
+    if any(d not in (1, t) for d, t in zip(x.shape, target, strict=True)):
         raise ValueError(
             f"dot_product_attention: {name} of shape {x.shape} does not broadcast to "
             f"(batch, heads, q_tokens, kv_tokens) = {target}"
@@ -205,11 +226,13 @@ def _check_q_offset(q_offset: QOffset) -> QOffset:
         return int(q_offset)
     offset = jnp.asarray(q_offset)
     if offset.ndim != 0 or not jnp.issubdtype(offset.dtype, jnp.integer):
-        raise ValueError(f"dot_product_attention: q_offset must be an integer scalar, got {offset.dtype} {offset.shape}")
+        raise ValueError(
+            f"dot_product_attention: q_offset must be an integer scalar, got {offset.dtype} {offset.shape}"
+        )
     return offset
 
 
-def _check_precision(precision: PrecisionLike) -> Optional[jax.lax.Precision]:
+def _check_precision(precision: PrecisionLike) -> jax.lax.Precision | None:
     """``precision`` as a ``jax.lax.Precision`` (or ``None``); a ``ValueError`` naming the choices otherwise."""
     if precision is None or isinstance(precision, jax.lax.Precision):
         return precision

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -40,7 +40,7 @@ from jaxattn.masks import make_offset_causal_mask
 #: A projection as the variants' math functions take it: ``nn.Dense``, ``nnx.Linear``, any ``(..., n_in) -> (..., n)``.
 Projection = Callable[[Array], Array]
 #: A matmul precision as Flax takes it: ``jax.lax.Precision``, its name, or ``None`` (the backend's default).
-PrecisionLike = Union[None, str, lax.Precision]
+PrecisionLike = str | lax.Precision | None
 
 
 class AttentionModule(nn.Module):
@@ -75,7 +75,11 @@ class AttentionModule(nn.Module):
     def dense(self, features: int, use_bias: bool, name: str) -> nn.Dense:
         """An ``nn.Linear``-like projection named as the torch submodule (kernel = torch ``weight.T``)."""
         return nn.Dense(
-            features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+            features,
+            use_bias=use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
             name=name,
         )
 
@@ -88,7 +92,7 @@ class AttentionModule(nn.Module):
         is_causal: bool,
         rate: float,
         deterministic: bool,
-        attention_mask: Optional[ArrayLike] = None,
+        attention_mask: ArrayLike | None = None,
     ) -> Float[Array, "batch q_tokens heads v_dim"]:
         """Context vectors through ``attention_fn``; sows ``attn_weights`` (if any) and ``context_vec``.
 
@@ -104,8 +108,16 @@ class AttentionModule(nn.Module):
             keys, values, mask, q_offset = self.update_cache(keys, values, mask)
         dropout_active = not deterministic and rate > 0.0
         context_vec, attn_weights = call_attention(
-            owner, queries, keys, values, key_mask=mask, is_causal=is_causal, q_offset=q_offset,
-            attention_fn=self.attention_fn, attention_impl=self.attention_impl, precision=self.precision,
+            owner,
+            queries,
+            keys,
+            values,
+            key_mask=mask,
+            is_causal=is_causal,
+            q_offset=q_offset,
+            attention_fn=self.attention_fn,
+            attention_impl=self.attention_impl,
+            precision=self.precision,
             dropout_rate=rate if dropout_active else 0.0,
             dropout_rng=self.make_rng("dropout") if dropout_active else None,
         )
@@ -199,10 +211,10 @@ class KVCache(NamedTuple):
     key: Array
     value: Array
     mask: Array
-    index: Array
+    index: Array  # type: ignore[assignment]  # shadows tuple.index; the field's name is public API
 
 
-def key_mask(owner: str, attention_mask: ArrayLike, expected: tuple[int, int]) -> Array:
+def key_mask(owner: str, attention_mask: ArrayLike, expected: tuple[int, ...]) -> Array:
     """``attention_mask`` checked against ``(batch, tokens)`` and made boolean."""
     attention_mask = jnp.asarray(attention_mask)
     if attention_mask.shape != tuple(expected):
@@ -217,7 +229,7 @@ def append_to_cache(
     cache: KVCache,
     keys: Float[Array, "batch chunk kv_heads head_dim"],
     values: Float[Array, "batch chunk kv_heads v_dim"],
-    chunk_mask: Optional[Array],
+    chunk_mask: Array | None,
 ) -> tuple[KVCache, Array]:
     """``(the cache with the chunk written at its index, the chunk's first position)``; a full cache raises."""
     batch, max_tokens, kv_heads, head_dim = cache.key.shape
@@ -245,7 +257,7 @@ def call_attention(
     keys: Float[Array, "batch kv_tokens kv_heads head_dim"],
     values: Float[Array, "batch kv_tokens kv_heads v_dim"],
     *,
-    key_mask: Optional[Array],
+    key_mask: Array | None,
     is_causal: bool,
     q_offset,
     attention_fn: Callable[..., Any],
@@ -253,7 +265,7 @@ def call_attention(
     precision: PrecisionLike,
     dropout_rate: float,
     dropout_rng,
-) -> tuple[Float[Array, "batch q_tokens heads v_dim"], Optional[Float[Array, "batch heads q_tokens kv_tokens"]]]:
+) -> tuple[Float[Array, "batch q_tokens heads v_dim"], Float[Array, "batch heads q_tokens kv_tokens"] | None]:
     """``(context_vec, attn_weights or None)``: the attention call every multi-head shell makes.
 
     ``key_mask``: ``(batch, kv_tokens)``, True = a real key. ``dropout_rate > 0`` means dropout is
@@ -261,12 +273,20 @@ def call_attention(
     passed on only when set, so ``jax.nn.dot_product_attention`` still works as ``attention_fn``.
     """
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (b, 1, 1, S)
-    extra = {} if precision is None else {"precision": precision}
+    extra: dict[str, Any] = {} if precision is None else {"precision": precision}
     if attention_fn is dot_product_attention:
         implementation = "naive" if dropout_rate > 0.0 else (None if attention_impl == "auto" else attention_impl)
         return attention_with_weights(
-            queries, keys, values, mask=mask, is_causal=is_causal, q_offset=q_offset,
-            implementation=implementation, dropout_rate=dropout_rate, dropout_rng=dropout_rng, **extra,
+            queries,
+            keys,
+            values,
+            mask=mask,
+            is_causal=is_causal,
+            q_offset=q_offset,
+            implementation=implementation,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
+            **extra,
         )  # (b, T, H, hd), (b, H, T, S) or None
     if attention_impl != "auto":
         raise ValueError(

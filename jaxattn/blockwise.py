@@ -18,7 +18,15 @@ from jaxattn.kernels.blockwise import (
 )
 
 __all__ = [
-    "AUTO_BLOCKWISE_MIN_TOKENS", "DEFAULT_BLOCK_SIZE", "HEAD_GROUP", "PREFIX_BLOCK_SIZE", "PREFIX_MAX_BLOCKS",
-    "PREFIX_ROW_GROUP", "blockwise_attention", "blockwise_causal_attention", "fuse_qkv_params", "fused_mha",
+    "AUTO_BLOCKWISE_MIN_TOKENS",
+    "DEFAULT_BLOCK_SIZE",
+    "HEAD_GROUP",
+    "PREFIX_BLOCK_SIZE",
+    "PREFIX_MAX_BLOCKS",
+    "PREFIX_ROW_GROUP",
+    "blockwise_attention",
+    "blockwise_causal_attention",
+    "fuse_qkv_params",
+    "fused_mha",
     "general_blockwise_attention",
 ]

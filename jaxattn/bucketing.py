@@ -14,7 +14,7 @@ padding, and slicing the output back to ``tokens`` gives the unpadded result.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,11 +23,11 @@ from jaxtyping import Array, Float
 BucketPolicy = Literal["pow2", "multiple", "none"]
 
 #: Host (numpy) arrays are padded on the host: an eager ``jnp.pad`` would compile once per input length.
-AnyArray = Union[Array, np.ndarray]
+AnyArray = Array | np.ndarray
 
 
 def bucket_tokens(
-    tokens: int, *, policy: BucketPolicy = "pow2", multiple: int = 128, maximum: Optional[int] = None
+    tokens: int, *, policy: BucketPolicy = "pow2", multiple: int = 128, maximum: int | None = None
 ) -> int:
     """The padded length for ``tokens``: next power of two, or next multiple of ``multiple``.
 
@@ -66,7 +66,7 @@ def bucketed(
     *,
     policy: BucketPolicy = "pow2",
     multiple: int = 128,
-    maximum: Optional[int] = None,
+    maximum: int | None = None,
 ) -> Callable[[Float[AnyArray, "*batch tokens d_in"]], Float[Array, "*batch tokens d_out"]]:
     """Wrap a (jitted) causal ``apply(x)`` so it only ever sees bucket lengths.
 

@@ -68,9 +68,16 @@ class MultiHeadAttentionWrapper(BookAttention):
         self.check_config()  # setup runs on the first call, at trace time
         self.heads = [
             CausalAttention(
-                self.d_in, self.d_out, self.context_length, self.dropout, self.qkv_bias,
-                attention_impl=self.attention_impl, attention_fn=self.attention_fn,
-                dtype=self.dtype, param_dtype=self.param_dtype, decode=self.decode,
+                self.d_in,
+                self.d_out,
+                self.context_length,
+                self.dropout,
+                self.qkv_bias,
+                attention_impl=self.attention_impl,
+                attention_fn=self.attention_fn,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                decode=self.decode,
             )
             for _ in range(self.num_heads)
         ]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any
 
 
-def check_sizes(owner: str, **sizes: object) -> None:
+def check_sizes(owner: str, **sizes: Any) -> None:  # anything: validated here
     """Raise ``ValueError`` naming the first size that is not a positive integer (``None`` = not set, skipped).
 
     ``check_sizes("MultiHeadAttention", d_in=4, d_out=-4)`` raises
@@ -30,7 +30,7 @@ def check_sizes(owner: str, **sizes: object) -> None:
             raise ValueError(f"{owner}: {name}={value!r} must be a positive integer")
 
 
-def check_rate(owner: str, name: str, rate: object) -> None:
+def check_rate(owner: str, name: str, rate: Any) -> None:  # anything: validated here
     """Raise ``ValueError`` unless ``rate`` is a probability of dropping, in ``[0, 1)`` (NaN is not).
 
     A negative rate would scale the kept weights by ``1 / (1 - rate) < 1``, and 1 or more
@@ -55,9 +55,9 @@ def check_input(
     owner: str,
     shape: Sequence[int],
     *,
-    d_in: Optional[int],
+    d_in: int | None,
     ranks: Sequence[int],
-    context_length: Optional[int] = None,
+    context_length: int | None = None,
 ) -> None:
     """Raise ``ValueError`` if ``shape`` is not ``(batch, tokens, d_in)`` (or ``(tokens, d_in)``)."""
     layouts = {2: "(tokens, d_in)", 3: "(batch, tokens, d_in)"}
@@ -65,11 +65,7 @@ def check_input(
         expected = " or ".join(f"rank {r} {layouts[r]}" for r in ranks)
         raise ValueError(f"{owner}: expected input of {expected}, got shape {tuple(shape)}")
     if d_in is not None and shape[-1] != d_in:
-        raise ValueError(
-            f"{owner}: last dimension of input must be d_in={d_in}, got shape {tuple(shape)}"
-        )
+        raise ValueError(f"{owner}: last dimension of input must be d_in={d_in}, got shape {tuple(shape)}")
     tokens = shape[-2]
     if context_length is not None and tokens > context_length:
-        raise ValueError(
-            f"{owner}: tokens={tokens} exceeds context_length={context_length}"
-        )
+        raise ValueError(f"{owner}: tokens={tokens} exceeds context_length={context_length}")

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
@@ -37,9 +37,22 @@ from jaxattn.rope import apply_rope, compute_rope_params, freq_config_from_rope_
 AttentionImpl = Literal["naive", "blockwise", "xla", "auto"]
 
 __all__ = [
-    "AttentionImpl", "apply_rope", "attention_scores", "attention_weights", "attention_with_weights", "causal_attention",
-    "compute_rope_params", "dot_product_attention", "dropout", "freq_config_from_rope_scaling", "masked_softmax",
-    "merge_heads", "naive_attention", "rms_norm", "safe_softmax", "split_heads",
+    "AttentionImpl",
+    "apply_rope",
+    "attention_scores",
+    "attention_weights",
+    "attention_with_weights",
+    "causal_attention",
+    "compute_rope_params",
+    "dot_product_attention",
+    "dropout",
+    "freq_config_from_rope_scaling",
+    "masked_softmax",
+    "merge_heads",
+    "naive_attention",
+    "rms_norm",
+    "safe_softmax",
+    "split_heads",
 ]
 
 
@@ -47,11 +60,11 @@ def naive_attention(
     query: Float[Array, "*batch q d"],
     key: Float[Array, "*batch k d"],
     value: Float[Array, "*batch k dv"],
-    mask: Optional[Bool[Array, "*#batch q k"]] = None,
+    mask: Bool[Array, "*#batch q k"] | None = None,
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     dropout_rate: float = 0.0,
-    dropout_rng: Optional[PRNGKeyArray] = None,
+    dropout_rng: PRNGKeyArray | None = None,
     deterministic: bool = True,
     softmax_dtype=jnp.float32,
 ) -> tuple[Float[Array, "*batch q dv"], Float[Array, "*batch q k"]]:
@@ -72,13 +85,13 @@ def causal_attention(
     key: Float[Array, "*batch k d"],
     value: Float[Array, "*batch k dv"],
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     dropout_rate: float = 0.0,
-    dropout_rng: Optional[PRNGKeyArray] = None,
+    dropout_rng: PRNGKeyArray | None = None,
     deterministic: bool = True,
     softmax_dtype=jnp.float32,
     impl: str = "naive",
-) -> tuple[Float[Array, "*batch q dv"], Optional[Float[Array, "*batch q k"]]]:
+) -> tuple[Float[Array, "*batch q dv"], Float[Array, "*batch q k"] | None]:
     """Causal self-attention in the book's head-first layout, through :func:`dot_product_attention`.
 
     ``impl`` is ``"auto"`` or a registered implementation (``"naive"``,
@@ -103,10 +116,14 @@ def causal_attention(
         return x.reshape(-1, x.shape[-2], 1, x.shape[-1])
 
     context_vec, weights = attention_with_weights(
-        one_head(query), one_head(key), one_head(value),
-        scale=scale, is_causal=True,
+        one_head(query),
+        one_head(key),
+        one_head(value),
+        scale=scale,
+        is_causal=True,
         implementation="naive" if dropout_active else (None if impl == "auto" else impl),
-        dropout_rate=dropout_rate if dropout_active else 0.0, dropout_rng=dropout_rng,
+        dropout_rate=dropout_rate if dropout_active else 0.0,
+        dropout_rng=dropout_rng,
     )  # (n, T, 1, dv), (n, 1, T, T) or None
     context_vec = context_vec.reshape(*batch, tokens, value.shape[-1])
     if weights is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Optional, Union
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -65,14 +65,14 @@ class GroupedQueryAttention(AttentionModule):
     d_in: int
     num_heads: int
     num_kv_groups: int
-    head_dim: Optional[int] = None
+    head_dim: int | None = None
     qk_norm: bool = False
     context_length: int = 4096
     rope_theta: float = 10_000.0
-    freq_config: Optional[Union[tuple[tuple[str, float], ...], Mapping[str, float]]] = None
+    freq_config: tuple[tuple[str, float], ...] | Mapping[str, float] | None = None
     qkv_bias: bool = False
     out_bias: bool = False
-    out_features: Optional[int] = None
+    out_features: int | None = None
 
     def __post_init__(self):
         if self.freq_config is not None:  # a dict is not hashable: keep sorted (key, value) pairs
@@ -92,7 +92,7 @@ class GroupedQueryAttention(AttentionModule):
         self,
         x: Float[Array, "batch tokens d_in"],
         *,
-        attention_mask: Optional[ArrayLike] = None,
+        attention_mask: ArrayLike | None = None,
         deterministic: bool = True,
     ) -> Float[Array, "batch tokens out_features"]:
         self.check_config()
@@ -110,8 +110,12 @@ class GroupedQueryAttention(AttentionModule):
             self.dense(kv_groups * head_dim, self.qkv_bias, "W_value"),
             self.dense(out_features, self.out_bias, "out_proj"),
             partial(self.attend, rate=0.0, deterministic=deterministic, attention_mask=attention_mask),
-            q_norm=q_norm, k_norm=k_norm, num_heads=self.num_heads, num_kv_groups=kv_groups,
-            rope=rope_tables(self, tokens=x.shape[1]), offset=self.cache_offset(),
+            q_norm=q_norm,
+            k_norm=k_norm,
+            num_heads=self.num_heads,
+            num_kv_groups=kv_groups,
+            rope=rope_tables(self, tokens=x.shape[1]),
+            offset=self.cache_offset(),
         )
 
 
@@ -126,8 +130,8 @@ def grouped_query_attention(
     out_proj: Projection,
     attend: Callable[..., Array],
     *,
-    q_norm: Optional[Callable[[Array], Array]],
-    k_norm: Optional[Callable[[Array], Array]],
+    q_norm: Callable[[Array], Array] | None,
+    k_norm: Callable[[Array], Array] | None,
     num_heads: int,
     num_kv_groups: int,
     rope: tuple[Array, Array],
@@ -149,6 +153,7 @@ def grouped_query_attention(
     values = values.reshape(b, tokens, num_kv_groups, head_dim)  # (b, T, kv_groups, hd)
 
     if q_norm is not None:  # Qwen3: normalise each head before RoPE
+        assert k_norm is not None, "q_norm and k_norm come together"
         queries, keys = q_norm(queries), k_norm(keys)
 
     # RoPE at positions offset .. offset + T - 1, keys rotated before they are cached.
@@ -165,7 +170,9 @@ def rope_tables(module, *, tokens: int) -> tuple[Array, Array]:
     """``(cos, sin)`` for a Linen or NNX ``GroupedQueryAttention``: every position its cache can hold when
     decoding, else the ``tokens`` of this call."""
     return compute_rope_params(
-        module.resolved_head_dim, module.rope_theta, module.context_length if module.decode else tokens,
+        module.resolved_head_dim,
+        module.rope_theta,
+        module.context_length if module.decode else tokens,
         None if module.freq_config is None else dict(module.freq_config),
     )  # (positions, hd) each
 
@@ -174,8 +181,13 @@ def check_gqa_config(module) -> None:
     """The sizes of a Linen or NNX ``GroupedQueryAttention``; head_dim even for RoPE."""
     owner = type(module).__name__
     check_sizes(
-        owner, d_in=module.d_in, num_heads=module.num_heads, num_kv_groups=module.num_kv_groups,
-        head_dim=module.head_dim, context_length=module.context_length, out_features=module.out_features,
+        owner,
+        d_in=module.d_in,
+        num_heads=module.num_heads,
+        num_kv_groups=module.num_kv_groups,
+        head_dim=module.head_dim,
+        context_length=module.context_length,
+        out_features=module.out_features,
     )
     if module.num_heads % module.num_kv_groups != 0:
         raise ValueError(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from jaxattn.kernels import cudnn, flash
 from jaxattn.kernels.blockwise import blockwise_attention
@@ -28,7 +28,7 @@ from jaxattn.kernels.xla import xla_attention
 
 #: ``kernel(query, key, value, bias, mask, *, scale, is_causal, q_offset, dropout_rate, dropout_rng, precision)``
 #: ``-> (context, attn_weights or None)``; see :mod:`jaxattn.kernels`.
-Kernel = Callable[..., tuple[Any, Optional[Any]]]
+Kernel = Callable[..., tuple[Any, Any | None]]
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -79,11 +79,11 @@ class Implementation:
     value_head_dim: bool = True  # value head_dim may differ from the query's
     mixed_dtypes: bool = True  # query, key and value may differ in dtype
     dtypes: tuple[str, ...] = FLOAT_DTYPES
-    platforms: Optional[tuple[str, ...]] = None  # None: every platform
-    auto: Callable[[Call], Optional[float]] = field(default=lambda call: None)
-    check: Callable[[Call], Optional[str]] = field(default=lambda call: None)
+    platforms: tuple[str, ...] | None = None  # None: every platform
+    auto: Callable[[Call], float | None] = field(default=lambda call: None)
+    check: Callable[[Call], str | None] = field(default=lambda call: None)
 
-    def refusal(self, call: Call) -> Optional[str]:
+    def refusal(self, call: Call) -> str | None:
         """Why this implementation cannot serve ``call``, or ``None`` when it can."""
         needs = [
             (call.has_mask and not self.mask, "a mask"),
@@ -91,8 +91,10 @@ class Implementation:
             (call.kv_heads != call.heads and not self.grouped_heads, "grouped key/value heads"),
             (call.q_offset and not self.q_offset, "a q_offset"),
             (call.dropout and not self.dropout, "dropout (it needs the full attention weights)"),
-            (call.value_head_dim != call.head_dim and not self.value_head_dim,
-             f"a value head_dim ({call.value_head_dim}) other than the query's ({call.head_dim})"),
+            (
+                call.value_head_dim != call.head_dim and not self.value_head_dim,
+                f"a value head_dim ({call.value_head_dim}) other than the query's ({call.head_dim})",
+            ),
             (not call.same_dtypes and not self.mixed_dtypes, "query, key and value of different dtypes"),
         ]
         missing = [what for lacking, what in needs if lacking]
@@ -137,7 +139,7 @@ def get(name: str) -> Implementation:
         ) from None
 
 
-def select(name: Optional[str], call: Call) -> Implementation:
+def select(name: str | None, call: Call) -> Implementation:
     """The implementation for ``call``: ``name`` if it can serve it, else the best ``auto`` choice."""
     if name is not None and name != "auto":
         chosen = get(name)
@@ -151,7 +153,9 @@ def select(name: Optional[str], call: Call) -> Implementation:
         if impl.refusal(call) is None and (score := impl.auto(call)) is not None
     ]
     if not scored:
-        raise ValueError(f"no registered attention implementation supports this call ({call}); known: {', '.join(_TABLE)}")
+        raise ValueError(
+            f"no registered attention implementation supports this call ({call}); known: {', '.join(_TABLE)}"
+        )
     return max(scored, key=lambda t: t[:2])[2]
 
 
@@ -177,77 +181,108 @@ def _fits(call: Call) -> bool:
     return scores_bytes(call) <= SCORES_MEMORY_BOUND
 
 
-def _auto_naive(call: Call) -> Optional[float]:
+def _auto_naive(call: Call) -> float | None:
     if call.platform != "gpu" or call.dropout or _fits(call):  # dropout: naive is the only one
         return 1.0
     return None
 
 
-def _auto_blockwise(call: Call) -> Optional[float]:
+def _auto_blockwise(call: Call) -> float | None:
     if call.platform == "gpu":
         return None if _fits(call) else 2.0
     return 2.0 if call.q_tokens >= AUTO_BLOCKWISE_MIN_TOKENS else None
 
 
-def _auto_gpu(score: float, *, bounded: bool = False) -> Callable[[Call], Optional[float]]:
+def _auto_gpu(score: float, *, bounded: bool = False) -> Callable[[Call], float | None]:
     """``score`` on a GPU (while the scores fit, if ``bounded``), never elsewhere."""
     return lambda call: score if call.platform == "gpu" and (not bounded or _fits(call)) else None
 
 
-def _auto_flash(call: Call) -> Optional[float]:
+def _auto_flash(call: Call) -> float | None:
     """4 on a GPU; for a mask, bias or q_offset 2.5: under xla's 3 (while the scores fit), over blockwise's 2."""
     if call.platform != "gpu":
         return None
     return 2.5 if call.has_mask or call.has_bias or call.q_offset else 4.0
 
 
-def _flash_check(call: Call) -> Optional[str]:
+def _flash_check(call: Call) -> str | None:
     if max(call.head_dim, call.value_head_dim) > flash.MAX_HEAD_DIM:
         return f"it takes head dims up to {flash.MAX_HEAD_DIM}, not {max(call.head_dim, call.value_head_dim)}"
     return None
 
 
-register(Implementation(
-    "naive", naive_attention,
-    summary="the book's path: full (T, S) weights in float32, returned; the only one with dropout",
-    dropout=True, returns_weights=True,
-    auto=_auto_naive,
-))
-register(Implementation(
-    "blockwise", blockwise_attention,
-    summary="online softmax over key blocks in pure JAX, O(T x block) memory, causal blocks skipped",
-    auto=_auto_blockwise,
-))
-register(Implementation(
-    "xla", xla_attention,
-    summary="jax.nn.dot_product_attention(implementation='xla'), with q_offset and zero rows added",
-    value_head_dim=False, mixed_dtypes=False,
-    auto=_auto_gpu(3.0, bounded=True),
-    # XLA:CPU has no float16 x float16 -> float32 dot, which jax.nn's xla path asks for.
-    check=lambda call: "XLA:CPU cannot run its float16 products" if call.platform == "cpu" and call.dtype == "float16" else None,
-))
-register(Implementation(
-    "flash", flash.flash_attention,
-    summary="FlashAttention-2 in Pallas (Triton on a GPU), forward and custom_vjp backward, causal blocks skipped "
-    "(q_offset too), masks and bias read tile by tile (dbias too)",
-    mixed_dtypes=False,
-    dtypes=("float32", "bfloat16", "float16"), platforms=("gpu",),
-    auto=_auto_flash, check=_flash_check,
-))
-register(Implementation(
-    "cudnn", cudnn.cudnn_attention,
-    summary="jax.nn.dot_product_attention(implementation='cudnn'): cuDNN's fused attention, bf16/fp16",
-    mask=False, bias=False, q_offset=False, mixed_dtypes=False,
-    dtypes=cudnn.DTYPES, platforms=("gpu",),
-    auto=_auto_gpu(5.0), check=lambda call: cudnn.refusal(call.head_dim, call.value_head_dim),
-))
+register(
+    Implementation(
+        "naive",
+        naive_attention,
+        summary="the book's path: full (T, S) weights in float32, returned; the only one with dropout",
+        dropout=True,
+        returns_weights=True,
+        auto=_auto_naive,
+    )
+)
+register(
+    Implementation(
+        "blockwise",
+        blockwise_attention,
+        summary="online softmax over key blocks in pure JAX, O(T x block) memory, causal blocks skipped",
+        auto=_auto_blockwise,
+    )
+)
+register(
+    Implementation(
+        "xla",
+        xla_attention,
+        summary="jax.nn.dot_product_attention(implementation='xla'), with q_offset and zero rows added",
+        value_head_dim=False,
+        mixed_dtypes=False,
+        auto=_auto_gpu(3.0, bounded=True),
+        # XLA:CPU has no float16 x float16 -> float32 dot, which jax.nn's xla path asks for.
+        check=lambda call: (
+            "XLA:CPU cannot run its float16 products" if call.platform == "cpu" and call.dtype == "float16" else None
+        ),
+    )
+)
+register(
+    Implementation(
+        "flash",
+        flash.flash_attention,
+        summary="FlashAttention-2 in Pallas (Triton on a GPU), forward and custom_vjp backward, causal blocks skipped "
+        "(q_offset too), masks and bias read tile by tile (dbias too)",
+        mixed_dtypes=False,
+        dtypes=("float32", "bfloat16", "float16"),
+        platforms=("gpu",),
+        auto=_auto_flash,
+        check=_flash_check,
+    )
+)
+register(
+    Implementation(
+        "cudnn",
+        cudnn.cudnn_attention,
+        summary="jax.nn.dot_product_attention(implementation='cudnn'): cuDNN's fused attention, bf16/fp16",
+        mask=False,
+        bias=False,
+        q_offset=False,
+        mixed_dtypes=False,
+        dtypes=cudnn.DTYPES,
+        platforms=("gpu",),
+        auto=_auto_gpu(5.0),
+        check=lambda call: cudnn.refusal(call.head_dim, call.value_head_dim),
+    )
+)
 
 # --- ring attention (issue 14): the mesh comes from jaxattn.sharding.ring_mesh, never chosen by "auto" ---
 from jaxattn.sharding import ring_kernel, ring_refusal  # noqa: E402  (below the table it registers into)
 
-register(Implementation(
-    "ring", ring_kernel,
-    summary="ring attention over a mesh axis (shard_map + ppermute, zig-zag token order), O(T / devices) per "
-    "device; needs jaxattn.sharding.ring_mesh or shard(..., 'sequence')",
-    q_offset=False, mixed_dtypes=False, check=ring_refusal,
-))
+register(
+    Implementation(
+        "ring",
+        ring_kernel,
+        summary="ring attention over a mesh axis (shard_map + ppermute, zig-zag token order), O(T / devices) per "
+        "device; needs jaxattn.sharding.ring_mesh or shard(..., 'sequence')",
+        q_offset=False,
+        mixed_dtypes=False,
+        check=ring_refusal,
+    )
+)

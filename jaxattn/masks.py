@@ -41,9 +41,7 @@ def to_book_mask(mask: Bool[Array, "q k"]) -> Float[Array, "q k"]:
     return jnp.logical_not(mask).astype(jnp.float32)
 
 
-def to_additive_mask(
-    mask: Bool[Array, "*batch q k"], value: float = ADDITIVE_MASK_VALUE
-) -> Float[Array, "*batch q k"]:
+def to_additive_mask(mask: Bool[Array, "*batch q k"], value: float = ADDITIVE_MASK_VALUE) -> Float[Array, "*batch q k"]:
     """Ours (True = attend) to an additive mask (0 = attend, ``value`` = masked), as ttnn adds it."""
     return jnp.where(mask, 0.0, value).astype(jnp.float32)
 

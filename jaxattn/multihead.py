@@ -72,7 +72,10 @@ class MultiHeadAttentionCombinedQKV(AttentionModule):
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
         attend = partial(self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask)
         return combined_qkv_attention(
-            x, self.dense(3 * self.d_out, self.qkv_bias, "qkv"), self.dense(self.d_out, True, "proj"), attend,
+            x,
+            self.dense(3 * self.d_out, self.qkv_bias, "qkv"),
+            self.dense(self.d_out, True, "proj"),
+            attend,
             num_heads=self.num_heads,
         )
 
@@ -99,8 +102,12 @@ class TorchMultiheadAttention(AttentionModule):
         check_input(type(self).__name__, x.shape, d_in=self.embed_dim, ranks=(3,))
         attend = partial(self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask)
         return torch_multihead_attention(
-            x, self.dense(3 * self.embed_dim, self.bias, "in_proj"), self.dense(self.embed_dim, self.bias, "out_proj"),
-            attend, num_heads=self.num_heads, causal=self.causal,
+            x,
+            self.dense(3 * self.embed_dim, self.bias, "in_proj"),
+            self.dense(self.embed_dim, self.bias, "out_proj"),
+            attend,
+            num_heads=self.num_heads,
+            causal=self.causal,
         )
 
 
@@ -139,9 +146,9 @@ def combined_qkv_attention(
 ) -> Float[Array, "batch tokens d_out"]:
     """The book's bonus ``MultiHeadAttentionCombinedQKV.forward``: one ``qkv`` projection viewed as ``(3, H, hd)``."""
     b, tokens, _ = x.shape
-    qkv = qkv(x)  # (b, T, 3 * d_out)
-    qkv = qkv.reshape(b, tokens, 3, num_heads, qkv.shape[-1] // (3 * num_heads))  # (b, T, 3, H, hd)
-    context_vec = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)  # (b, T, H, hd)
+    fused = qkv(x)  # (b, T, 3 * d_out)
+    fused = fused.reshape(b, tokens, 3, num_heads, fused.shape[-1] // (3 * num_heads))  # (b, T, 3, H, hd)
+    context_vec = attend(fused[:, :, 0], fused[:, :, 1], fused[:, :, 2], is_causal=True)  # (b, T, H, hd)
     return proj(context_vec.reshape(b, tokens, num_heads * context_vec.shape[-1]))  # (b, T, d_out)
 
 

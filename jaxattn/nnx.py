@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Optional, Union
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -54,13 +54,25 @@ from jaxattn.norms import rms_norm
 from jaxattn.self_attention import V1_INIT, no_projection, raw_projection, self_attention
 
 __all__ = [
-    "AttentionModule", "CausalAttention", "GroupedQueryAttention", "MultiHeadAttention",
-    "MultiHeadAttentionCombinedQKV", "MultiHeadAttentionWrapper", "RMSNorm", "SelfAttentionV1", "SelfAttentionV2",
-    "SimplifiedSelfAttention", "TorchMultiheadAttention", "VARIANTS", "load_params", "params_of", "value_of",
+    "VARIANTS",
+    "AttentionModule",
+    "CausalAttention",
+    "GroupedQueryAttention",
+    "MultiHeadAttention",
+    "MultiHeadAttentionCombinedQKV",
+    "MultiHeadAttentionWrapper",
+    "RMSNorm",
+    "SelfAttentionV1",
+    "SelfAttentionV2",
+    "SimplifiedSelfAttention",
+    "TorchMultiheadAttention",
+    "load_params",
+    "params_of",
+    "value_of",
 ]
 
 
-def _rngs(rngs: Optional[nnx.Rngs], owner: str) -> nnx.Rngs:
+def _rngs(rngs: nnx.Rngs | None, owner: str) -> nnx.Rngs:
     if rngs is None:
         raise ValueError(f"{owner}: needs rngs=nnx.Rngs(seed) to initialise its parameters")
     return rngs
@@ -88,25 +100,42 @@ def _assign(variable: nnx.Variable, value: Array) -> None:
 class SimplifiedSelfAttention(nnx.Module):
     """Section 3.3: ``softmax(x @ x.T) @ x``, no weights (``rngs`` accepted for a uniform signature)."""
 
-    def __init__(self, *, dtype: Any = jnp.float32, precision: PrecisionLike = None,
-                 rngs: Optional[nnx.Rngs] = None):
+    def __init__(self, *, dtype: Any = jnp.float32, precision: PrecisionLike = None, rngs: nnx.Rngs | None = None):
         self.dtype, self.precision = dtype, precision
 
     def __call__(
-        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: Optional[ArrayLike] = None
+        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: ArrayLike | None = None
     ) -> Float[Array, "*batch tokens d_in"]:
         check_input(type(self).__name__, x.shape, d_in=None, ranks=(2, 3))
         return self_attention(
-            x.astype(self.dtype), no_projection, no_projection, no_projection, scale=None, attention_mask=attention_mask,
-            owner=type(self).__name__, sow=_no_sow, precision=self.precision,
+            x.astype(self.dtype),
+            no_projection,
+            no_projection,
+            no_projection,
+            scale=None,
+            attention_mask=attention_mask,
+            owner=type(self).__name__,
+            sow=_no_sow,
+            precision=self.precision,
         )
 
 
 class SelfAttentionV1(nnx.Module):
-    """Section 3.4.2, v1: raw ``nnx.Param`` matrices ``W_query``, ``W_key``, ``W_value`` ``(d_in, d_out)``, uniform [0, 1)."""
+    """Section 3.4.2, v1: raw ``nnx.Param`` matrices ``W_query``, ``W_key``, ``W_value``.
 
-    def __init__(self, d_in: int, d_out: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 precision: PrecisionLike = None, rngs: Optional[nnx.Rngs] = None):
+    Each ``(d_in, d_out)``, drawn uniform in [0, 1).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        precision: PrecisionLike = None,
+        rngs: nnx.Rngs | None = None,
+    ):
         check_sizes(type(self).__name__, d_in=d_in, d_out=d_out)
         rngs = _rngs(rngs, type(self).__name__)
         self.d_in, self.d_out, self.dtype, self.param_dtype = d_in, d_out, dtype, param_dtype
@@ -116,36 +145,70 @@ class SelfAttentionV1(nnx.Module):
         self.W_value = nnx.Param(V1_INIT(rngs.params(), (d_in, d_out), param_dtype))
 
     def __call__(
-        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: Optional[ArrayLike] = None
+        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: ArrayLike | None = None
     ) -> Float[Array, "*batch tokens d_out"]:
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(2, 3))
-        projections = (raw_projection(value_of(W), self.dtype, self.precision) for W in (self.W_query, self.W_key, self.W_value))
+        projections = (
+            raw_projection(value_of(W), self.dtype, self.precision) for W in (self.W_query, self.W_key, self.W_value)
+        )
         return self_attention(
-            x.astype(self.dtype), *projections, scale=self.d_out**-0.5, attention_mask=attention_mask,
-            owner=type(self).__name__, sow=_no_sow, precision=self.precision,
+            x.astype(self.dtype),
+            *projections,
+            scale=self.d_out**-0.5,
+            attention_mask=attention_mask,
+            owner=type(self).__name__,
+            sow=_no_sow,
+            precision=self.precision,
         )
 
 
 class SelfAttentionV2(nnx.Module):
-    """Section 3.4.2, v2: ``nnx.Linear`` projections ``W_query``, ``W_key``, ``W_value`` (kernel = torch ``weight.T``)."""
+    """Section 3.4.2, v2: ``nnx.Linear`` projections ``W_query``, ``W_key``, ``W_value``.
 
-    def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False, *, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, precision: PrecisionLike = None, rngs: Optional[nnx.Rngs] = None):
+    Each kernel is torch's ``weight.T``.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        qkv_bias: bool = False,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        precision: PrecisionLike = None,
+        rngs: nnx.Rngs | None = None,
+    ):
         check_sizes(type(self).__name__, d_in=d_in, d_out=d_out)
         rngs = _rngs(rngs, type(self).__name__)
         self.d_in, self.d_out, self.qkv_bias = d_in, d_out, qkv_bias
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
-        linear = partial(nnx.Linear, d_in, d_out, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype,
-                         precision=precision, rngs=rngs)
+        linear = partial(
+            nnx.Linear,
+            d_in,
+            d_out,
+            use_bias=qkv_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            rngs=rngs,
+        )
         self.W_query, self.W_key, self.W_value = linear(), linear(), linear()
 
     def __call__(
-        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: Optional[ArrayLike] = None
+        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: ArrayLike | None = None
     ) -> Float[Array, "*batch tokens d_out"]:
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(2, 3))
         return self_attention(
-            x, self.W_query, self.W_key, self.W_value, scale=self.d_out**-0.5, attention_mask=attention_mask,
-            owner=type(self).__name__, sow=_no_sow, precision=self.precision,
+            x,
+            self.W_query,
+            self.W_key,
+            self.W_value,
+            scale=self.d_out**-0.5,
+            attention_mask=attention_mask,
+            owner=type(self).__name__,
+            sow=_no_sow,
+            precision=self.precision,
         )
 
 
@@ -160,9 +223,18 @@ class AttentionModule(nnx.Module):
     Linen call's default; ``model.train()`` turns dropout on), ``rngs``.
     """
 
-    def _options(self, *, attention_impl: str = "auto", attention_fn: Callable[..., Any] = dot_product_attention,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, precision: PrecisionLike = None,
-                 decode: bool = False, deterministic: bool = True, rngs: Optional[nnx.Rngs] = None) -> nnx.Rngs:
+    def _options(
+        self,
+        *,
+        attention_impl: str = "auto",
+        attention_fn: Callable[..., Any] = dot_product_attention,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        precision: PrecisionLike = None,
+        decode: bool = False,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> nnx.Rngs:
         self.attention_impl, self.attention_fn = attention_impl, attention_fn
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
         self.decode, self.deterministic = decode, deterministic
@@ -173,8 +245,15 @@ class AttentionModule(nnx.Module):
 
     def linear(self, in_features: int, out_features: int, use_bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
         """An ``nn.Linear``-like projection (kernel = torch ``weight.T``), in the module's dtypes and precision."""
-        return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                          precision=self.precision, rngs=rngs)
+        return nnx.Linear(
+            in_features,
+            out_features,
+            use_bias=use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            rngs=rngs,
+        )
 
     def kv_shape(self) -> tuple[int, int]:
         """``(kv_heads, head_dim)`` of the keys this module caches."""
@@ -210,17 +289,19 @@ class AttentionModule(nnx.Module):
         *,
         is_causal: bool,
         rate: float,
-        deterministic: Optional[bool],
-        attention_mask: Optional[ArrayLike] = None,
-        rngs: Optional[nnx.Rngs] = None,
+        deterministic: bool | None,
+        attention_mask: ArrayLike | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "batch q_tokens heads v_dim"]:
         """Context vectors through :func:`jaxattn.base.call_attention`; this shell supplies the cache and the RNG."""
         owner = type(self).__name__
         mask = None if attention_mask is None else key_mask(owner, attention_mask, keys.shape[:2])
-        q_offset = 0
+        q_offset: int | Array = 0
         if self.decode:
             cache, q_offset = append_to_cache(owner, self._cache(), keys, values, mask)
-            for variable, value in zip((self.cached_key, self.cached_value, self.cached_mask, self.cache_index), cache):
+            for variable, value in zip(
+                (self.cached_key, self.cached_value, self.cached_mask, self.cache_index), cache, strict=True
+            ):
                 _assign(variable, value)
             keys, values, mask = cache.key, cache.value, cache.mask
         deterministic = self.deterministic if deterministic is None else deterministic
@@ -230,9 +311,18 @@ class AttentionModule(nnx.Module):
             rngs = self.rngs if rngs is None else rngs
             rng = rngs.dropout()  # falls back to the "default" stream when there is no "dropout" one
         context_vec, _ = call_attention(
-            owner, queries, keys, values, key_mask=mask, is_causal=is_causal, q_offset=q_offset,
-            attention_fn=self.attention_fn, attention_impl=self.attention_impl, precision=self.precision,
-            dropout_rate=rate if dropout_active else 0.0, dropout_rng=rng,
+            owner,
+            queries,
+            keys,
+            values,
+            key_mask=mask,
+            is_causal=is_causal,
+            q_offset=q_offset,
+            attention_fn=self.attention_fn,
+            attention_impl=self.attention_impl,
+            precision=self.precision,
+            dropout_rate=rate if dropout_active else 0.0,
+            dropout_rng=rng,
         )
         return context_vec
 
@@ -241,7 +331,13 @@ class CausalAttention(AttentionModule):
     """Section 3.5: ``CausalAttention(d_in, d_out, context_length, dropout, qkv_bias=False, *, rngs)``."""
 
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, qkv_bias: bool = False, **options):
-        self.d_in, self.d_out, self.context_length, self.dropout, self.qkv_bias = d_in, d_out, context_length, dropout, qkv_bias
+        self.d_in, self.d_out, self.context_length, self.dropout, self.qkv_bias = (
+            d_in,
+            d_out,
+            context_length,
+            dropout,
+            qkv_bias,
+        )
         check_book_config(self)
         rngs = self._options(**options)
         self.W_query, self.W_key, self.W_value = (self.linear(d_in, d_out, qkv_bias, rngs) for _ in range(3))
@@ -250,12 +346,17 @@ class CausalAttention(AttentionModule):
         return 1, self.d_out
 
     def __call__(
-        self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: Optional[bool] = None,
-        rngs: Optional[nnx.Rngs] = None,
+        self,
+        x: Float[Array, "batch tokens d_in"],
+        *,
+        attention_mask=None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "batch tokens d_out"]:
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
-        attend = partial(self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask,
-                         rngs=rngs)
+        attend = partial(
+            self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask, rngs=rngs
+        )
         return causal_attention(x, self.W_query, self.W_key, self.W_value, attend, d_out=self.d_out)
 
 
@@ -265,8 +366,16 @@ class MultiHeadAttentionWrapper(AttentionModule):
     ``MultiHeadAttentionWrapper(d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, *, rngs)``.
     """
 
-    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
-                 qkv_bias: bool = False, **options):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        **options,
+    ):
         self.d_in, self.d_out, self.context_length, self.dropout = d_in, d_out, context_length, dropout
         self.num_heads, self.qkv_bias = num_heads, qkv_bias
         check_book_config(self)
@@ -284,17 +393,32 @@ class MultiHeadAttentionWrapper(AttentionModule):
             head.init_cache(input_shape, dtype)
 
     def __call__(
-        self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: Optional[bool] = None,
-        rngs: Optional[nnx.Rngs] = None,
+        self,
+        x: Float[Array, "batch tokens d_in"],
+        *,
+        attention_mask=None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "batch tokens num_heads_times_d_out"]:
         return concatenate_heads(x, self.heads, attention_mask=attention_mask, deterministic=deterministic, rngs=rngs)
 
 
 class MultiHeadAttention(AttentionModule):
-    """Section 3.6.2: ``MultiHeadAttention(d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, *, rngs)``."""
+    """Section 3.6.2.
 
-    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
-                 qkv_bias: bool = False, **options):
+    ``MultiHeadAttention(d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, *, rngs)``.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        **options,
+    ):
         self.d_in, self.d_out, self.context_length, self.dropout = d_in, d_out, context_length, dropout
         self.num_heads, self.qkv_bias = num_heads, qkv_bias
         check_mha_config(self)
@@ -306,12 +430,17 @@ class MultiHeadAttention(AttentionModule):
         return self.num_heads, self.d_out // self.num_heads
 
     def __call__(
-        self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: Optional[bool] = None,
-        rngs: Optional[nnx.Rngs] = None,
+        self,
+        x: Float[Array, "batch tokens d_in"],
+        *,
+        attention_mask=None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "batch tokens d_out"]:
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
-        attend = partial(self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask,
-                         rngs=rngs)
+        attend = partial(
+            self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask, rngs=rngs
+        )
         return multi_head_attention(
             x, self.W_query, self.W_key, self.W_value, self.out_proj, attend, num_heads=self.num_heads
         )
@@ -321,8 +450,16 @@ class MultiHeadAttentionCombinedQKV(AttentionModule):
     """The bonus layout: ``(d_in, d_out, num_heads, context_length, dropout=0.0, qkv_bias=False, *, rngs)``;
     ``qkv`` and ``proj``."""
 
-    def __init__(self, d_in: int, d_out: int, num_heads: int, context_length: int, dropout: float = 0.0,
-                 qkv_bias: bool = False, **options):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        num_heads: int,
+        context_length: int,
+        dropout: float = 0.0,
+        qkv_bias: bool = False,
+        **options,
+    ):
         self.d_in, self.d_out, self.num_heads, self.context_length = d_in, d_out, num_heads, context_length
         self.dropout, self.qkv_bias = dropout, qkv_bias
         check_combined_qkv_config(self)
@@ -334,12 +471,17 @@ class MultiHeadAttentionCombinedQKV(AttentionModule):
         return self.num_heads, self.d_out // self.num_heads
 
     def __call__(
-        self, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, deterministic: Optional[bool] = None,
-        rngs: Optional[nnx.Rngs] = None,
+        self,
+        x: Float[Array, "batch tokens d_in"],
+        *,
+        attention_mask=None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "batch tokens d_out"]:
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
-        attend = partial(self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask,
-                         rngs=rngs)
+        attend = partial(
+            self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask, rngs=rngs
+        )
         return combined_qkv_attention(x, self.qkv, self.proj, attend, num_heads=self.num_heads)
 
 
@@ -347,9 +489,16 @@ class TorchMultiheadAttention(AttentionModule):
     """``torch.nn.MultiheadAttention`` as self-attention: ``(embed_dim, num_heads, dropout=0.0, bias=True,
     causal=False, *, rngs)``; ``in_proj`` (q, k, v stacked) and ``out_proj``."""
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True, causal: bool = False,
-                 **options):
-        self.embed_dim, self.num_heads, self.dropout, self.bias, self.causal = embed_dim, num_heads, dropout, bias, causal
+    def __init__(
+        self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True, causal: bool = False, **options
+    ):
+        self.embed_dim, self.num_heads, self.dropout, self.bias, self.causal = (
+            embed_dim,
+            num_heads,
+            dropout,
+            bias,
+            causal,
+        )
         check_torch_mha_config(self)
         rngs = self._options(**options)
         self.in_proj = self.linear(embed_dim, 3 * embed_dim, bias, rngs)
@@ -359,12 +508,17 @@ class TorchMultiheadAttention(AttentionModule):
         return self.num_heads, self.embed_dim // self.num_heads
 
     def __call__(
-        self, x: Float[Array, "batch tokens embed_dim"], *, attention_mask=None, deterministic: Optional[bool] = None,
-        rngs: Optional[nnx.Rngs] = None,
+        self,
+        x: Float[Array, "batch tokens embed_dim"],
+        *,
+        attention_mask=None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "batch tokens embed_dim"]:
         check_input(type(self).__name__, x.shape, d_in=self.embed_dim, ranks=(3,))
-        attend = partial(self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask,
-                         rngs=rngs)
+        attend = partial(
+            self.attend, rate=self.dropout, deterministic=deterministic, attention_mask=attention_mask, rngs=rngs
+        )
         return torch_multihead_attention(
             x, self.in_proj, self.out_proj, attend, num_heads=self.num_heads, causal=self.causal
         )
@@ -390,10 +544,21 @@ class GroupedQueryAttention(AttentionModule):
     out_features=None, *, rngs)``.
     """
 
-    def __init__(self, d_in: int, num_heads: int, num_kv_groups: int, head_dim: Optional[int] = None,
-                 qk_norm: bool = False, context_length: int = 4096, rope_theta: float = 10_000.0,
-                 freq_config: Optional[Union[tuple[tuple[str, float], ...], Mapping[str, float]]] = None,
-                 qkv_bias: bool = False, out_bias: bool = False, out_features: Optional[int] = None, **options):
+    def __init__(
+        self,
+        d_in: int,
+        num_heads: int,
+        num_kv_groups: int,
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        context_length: int = 4096,
+        rope_theta: float = 10_000.0,
+        freq_config: tuple[tuple[str, float], ...] | Mapping[str, float] | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        out_features: int | None = None,
+        **options,
+    ):
         self.d_in, self.num_heads, self.num_kv_groups, self.head_dim = d_in, num_heads, num_kv_groups, head_dim
         self.qk_norm, self.context_length, self.rope_theta = qk_norm, context_length, rope_theta
         # a sorted tuple of pairs, as the Linen module keeps it (hashable, static)
@@ -418,23 +583,40 @@ class GroupedQueryAttention(AttentionModule):
         return self.num_kv_groups, self.resolved_head_dim
 
     def __call__(
-        self, x: Float[Array, "batch tokens d_in"], *, attention_mask: Optional[ArrayLike] = None,
-        deterministic: Optional[bool] = None, rngs: Optional[nnx.Rngs] = None,
+        self,
+        x: Float[Array, "batch tokens d_in"],
+        *,
+        attention_mask: ArrayLike | None = None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "batch tokens out_features"]:
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
         return grouped_query_attention(
-            x, self.W_query, self.W_key, self.W_value, self.out_proj,
+            x,
+            self.W_query,
+            self.W_key,
+            self.W_value,
+            self.out_proj,
             partial(self.attend, rate=0.0, deterministic=deterministic, attention_mask=attention_mask, rngs=rngs),
-            q_norm=self.q_norm if self.qk_norm else None, k_norm=self.k_norm if self.qk_norm else None,
-            num_heads=self.num_heads, num_kv_groups=self.num_kv_groups,
-            rope=rope_tables(self, tokens=x.shape[1]), offset=self.cache_offset(),
+            q_norm=self.q_norm if self.qk_norm else None,
+            k_norm=self.k_norm if self.qk_norm else None,
+            num_heads=self.num_heads,
+            num_kv_groups=self.num_kv_groups,
+            rope=rope_tables(self, tokens=x.shape[1]),
+            offset=self.cache_offset(),
         )
 
 
 #: The NNX twins of :data:`jaxattn.VARIANTS`, in the same order.
 VARIANTS = (
-    SimplifiedSelfAttention, SelfAttentionV1, SelfAttentionV2, CausalAttention, MultiHeadAttentionWrapper,
-    MultiHeadAttention, MultiHeadAttentionCombinedQKV, TorchMultiheadAttention,
+    SimplifiedSelfAttention,
+    SelfAttentionV1,
+    SelfAttentionV2,
+    CausalAttention,
+    MultiHeadAttentionWrapper,
+    MultiHeadAttention,
+    MultiHeadAttentionCombinedQKV,
+    TorchMultiheadAttention,
 )
 
 
@@ -467,7 +649,8 @@ def load_params(model: nnx.Module, params: Mapping, *, keep_dtype: bool = False)
     problems += [f"unexpected parameter {p}" for p in given if p not in expected]
     problems += [
         f"parameter {p}: expected shape {tuple(expected[p].shape)}, found {tuple(jnp.shape(given[p]))}"
-        for p in expected if p in given and tuple(expected[p].shape) != tuple(jnp.shape(given[p]))
+        for p in expected
+        if p in given and tuple(expected[p].shape) != tuple(jnp.shape(given[p]))
     ]
     if problems:
         raise ValueError(f"{type(model).__name__}: params do not fit:\n  " + "\n  ".join(problems))
@@ -494,4 +677,3 @@ def _fill(pure: dict, params: Mapping, convert) -> None:
             _fill(pure[key], params[str(key)], convert)
         else:
             pure[key] = convert(pure[key], params[str(key)])
-

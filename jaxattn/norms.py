@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -13,9 +11,9 @@ __all__ = ["rms_norm"]
 
 def rms_norm(
     x: Float[Array, "*batch dim"],
-    scale: Float[Array, "dim"],
+    scale: Float[Array, " dim"],
     eps: float = 1e-6,
-    shift: Optional[Float[Array, "dim"]] = None,
+    shift: Float[Array, " dim"] | None = None,
 ) -> Float[Array, "*batch dim"]:
     """``x / sqrt(mean(x**2) + eps) * scale (+ shift)`` over the last axis, in float32, returned in ``x``'s dtype.
 

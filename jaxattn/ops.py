@@ -12,8 +12,6 @@ the projections compute in bfloat16/float16.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
@@ -28,9 +26,9 @@ def attention_scores(
 
 def masked_softmax(
     scores: Float[Array, "*batch q k"],
-    mask: Optional[Bool[Array, "*#batch q k"]] = None,
+    mask: Bool[Array, "*#batch q k"] | None = None,
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     softmax_dtype=jnp.float32,
 ) -> Float[Array, "*batch q k"]:
     """``softmax(masked_fill(scores, ~mask, -inf) * scale)`` computed in ``softmax_dtype``.
@@ -82,9 +80,7 @@ def safe_softmax(logits: Float[Array, "*batch q k"]) -> Float[Array, "*batch q k
     return unnormalised / (unnormalised.sum(axis=-1, keepdims=True) + tiny)
 
 
-def dropout(
-    x: Float[Array, "..."], rate: float, rng: Optional[PRNGKeyArray], deterministic: bool
-) -> Float[Array, "..."]:
+def dropout(x: Float[Array, "..."], rate: float, rng: PRNGKeyArray | None, deterministic: bool) -> Float[Array, "..."]:
     """Inverted dropout: zero with probability ``rate``, scale survivors by ``1/(1-rate)``.
 
     Same draw as ``flax.linen.Dropout`` (a Bernoulli keep-mask from ``rng``).
@@ -106,9 +102,9 @@ def dropout(
 def attention_weights(
     query: Float[Array, "*batch q d"],
     key: Float[Array, "*batch k d"],
-    mask: Optional[Bool[Array, "*#batch q k"]] = None,
+    mask: Bool[Array, "*#batch q k"] | None = None,
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     softmax_dtype=jnp.float32,
 ) -> Float[Array, "*batch q k"]:
     """Normalised weights ``alpha = softmax(q @ k.T / sqrt(d))`` (float, in ``softmax_dtype``)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +34,18 @@ FREQ_CONFIG_KEYS = {
     "original_context_length": "original_max_position_embeddings",
 }
 
-__all__ = ["FREQ_CONFIG_KEYS", "apply_rope", "compute_rope_params", "freq_config_from_rope_scaling", "inverse_frequencies"]
+__all__ = [
+    "FREQ_CONFIG_KEYS",
+    "apply_rope",
+    "compute_rope_params",
+    "freq_config_from_rope_scaling",
+    "inverse_frequencies",
+]
 
 
 def inverse_frequencies(
-    head_dim: int, theta_base: float = 10_000.0, freq_config: Optional[Mapping[str, float]] = None
-) -> Float[Array, "half"]:
+    head_dim: int, theta_base: float = 10_000.0, freq_config: Mapping[str, float] | None = None
+) -> Float[Array, " half"]:
     """The ``head_dim // 2`` rotation frequencies, float32, with Llama 3's scaling when ``freq_config`` is given."""
     if head_dim < 2 or head_dim % 2 != 0:
         raise ValueError(f"RoPE: head_dim={head_dim} must be even and >= 2")
@@ -72,7 +78,7 @@ def compute_rope_params(
     head_dim: int,
     theta_base: float = 10_000.0,
     context_length: int = 4096,
-    freq_config: Optional[Mapping[str, float]] = None,
+    freq_config: Mapping[str, float] | None = None,
     dtype: Any = jnp.float32,
 ) -> tuple[Float[Array, "context_length head_dim"], Float[Array, "context_length head_dim"]]:
     """The book's ``compute_rope_params``: ``(cos, sin)`` tables for positions ``0 .. context_length-1``.
@@ -86,7 +92,7 @@ def compute_rope_params(
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
-def freq_config_from_rope_scaling(rope_scaling: Optional[Mapping[str, Any]]) -> Optional[dict[str, float]]:
+def freq_config_from_rope_scaling(rope_scaling: Mapping[str, Any] | None) -> dict[str, float] | None:
     """transformers' ``config.rope_scaling`` as the book's ``freq_config``.
 
     ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
@@ -102,7 +108,8 @@ def freq_config_from_rope_scaling(rope_scaling: Optional[Mapping[str, Any]]) -> 
         return None
     if rope_type != "llama3":
         raise ValueError(
-            f"rope_scaling: rope_type={rope_type!r} is not supported (only 'llama3' and 'default'); got {dict(rope_scaling)}"
+            f"rope_scaling: rope_type={rope_type!r} is not supported (only 'llama3' and 'default'); "
+            f"got {dict(rope_scaling)}"
         )
     missing = [hf for hf in FREQ_CONFIG_KEYS.values() if hf not in rope_scaling]
     if missing:
@@ -130,7 +137,9 @@ def apply_rope(
             f"got cos {cos.shape}, sin {sin.shape}"
         )
     if isinstance(offset, int) and offset + tokens > cos.shape[0]:
-        raise ValueError(f"apply_rope: positions {offset}..{offset + tokens - 1} exceed the tables' {cos.shape[0]} rows")
+        raise ValueError(
+            f"apply_rope: positions {offset}..{offset + tokens - 1} exceed the tables' {cos.shape[0]} rows"
+        )
     if isinstance(offset, int) and offset == 0:
         cos, sin = cos[:tokens], sin[:tokens]  # (T, hd)
     else:

@@ -18,10 +18,10 @@ The math is :func:`self_attention`, which the NNX modules (:mod:`jaxattn.nnx`) c
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
@@ -38,13 +38,18 @@ class SimplifiedSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: Optional[ArrayLike] = None
+        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: ArrayLike | None = None
     ) -> Float[Array, "*batch tokens d_in"]:
         check_input(type(self).__name__, x.shape, d_in=None, ranks=(2, 3))
         return self_attention(
-            x.astype(self.dtype), no_projection, no_projection, no_projection,
+            x.astype(self.dtype),
+            no_projection,
+            no_projection,
+            no_projection,
             scale=None,  # no 1/sqrt(d): the book's step 1
-            attention_mask=attention_mask, owner=type(self).__name__, sow=self.sow_intermediate,
+            attention_mask=attention_mask,
+            owner=type(self).__name__,
+            sow=self.sow_intermediate,
             precision=self.precision,
         )
 
@@ -66,17 +71,23 @@ class SelfAttentionV1(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: Optional[ArrayLike] = None
+        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: ArrayLike | None = None
     ) -> Float[Array, "*batch tokens d_out"]:
         check_sizes(type(self).__name__, d_in=self.d_in, d_out=self.d_out)
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(2, 3))
         shape = (self.d_in, self.d_out)
-        W_query, W_key, W_value = (self.param(n, V1_INIT, shape, self.param_dtype) for n in ("W_query", "W_key", "W_value"))
+        W_query, W_key, W_value = (
+            self.param(n, V1_INIT, shape, self.param_dtype) for n in ("W_query", "W_key", "W_value")
+        )
         projections = (raw_projection(W, self.dtype, self.precision) for W in (W_query, W_key, W_value))
         return self_attention(
-            x.astype(self.dtype), *projections,
-            scale=self.d_out**-0.5, attention_mask=attention_mask, owner=type(self).__name__,
-            sow=self.sow_intermediate, precision=self.precision,
+            x.astype(self.dtype),
+            *projections,
+            scale=self.d_out**-0.5,
+            attention_mask=attention_mask,
+            owner=type(self).__name__,
+            sow=self.sow_intermediate,
+            precision=self.precision,
         )
 
     def sow_intermediate(self, name: str, value: Array) -> None:
@@ -95,17 +106,27 @@ class SelfAttentionV2(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: Optional[ArrayLike] = None
+        self, x: Float[Array, "*batch tokens d_in"], *, attention_mask: ArrayLike | None = None
     ) -> Float[Array, "*batch tokens d_out"]:
         check_sizes(type(self).__name__, d_in=self.d_in, d_out=self.d_out)
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(2, 3))
         dense = lambda name: nn.Dense(  # noqa: E731 - three identical projections
-            self.d_out, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-            precision=self.precision, name=name,
+            self.d_out,
+            use_bias=self.qkv_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            name=name,
         )
         return self_attention(
-            x, dense("W_query"), dense("W_key"), dense("W_value"), scale=self.d_out**-0.5,
-            attention_mask=attention_mask, owner=type(self).__name__, sow=self.sow_intermediate,
+            x,
+            dense("W_query"),
+            dense("W_key"),
+            dense("W_value"),
+            scale=self.d_out**-0.5,
+            attention_mask=attention_mask,
+            owner=type(self).__name__,
+            sow=self.sow_intermediate,
             precision=self.precision,
         )
 
@@ -124,7 +145,7 @@ def no_projection(x: Array) -> Array:
     return x
 
 
-def raw_projection(W: ArrayLike, dtype, precision: PrecisionLike) -> Projection:
+def raw_projection(W: Array | np.ndarray, dtype, precision: PrecisionLike) -> Projection:
     """``x @ W`` in ``dtype``: the projection of ``SelfAttentionV1``'s raw ``(d_in, d_out)`` matrices."""
     return lambda x: jnp.matmul(x, W.astype(dtype), precision=precision)  # (*b, T, d_out)
 
@@ -135,8 +156,8 @@ def self_attention(
     W_key: Projection,
     W_value: Projection,
     *,
-    scale: Optional[float],
-    attention_mask: Optional[ArrayLike],
+    scale: float | None,
+    attention_mask: ArrayLike | None,
     owner: str,
     sow: Callable[[str, Array], None],
     precision: PrecisionLike = None,

@@ -44,7 +44,7 @@ import contextvars
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -78,7 +78,7 @@ MASK_AXES = ("batch", "length")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "qkv", "head_dim")
 _SPLIT = {"batch": ("batch",), "heads": ("heads", "kv_heads"), "sequence": ("length",)}
 
-Rules = Sequence[tuple[str, Optional[str]]]
+Rules = Sequence[tuple[str, str | None]]
 
 
 def check_mode(mode: str) -> str:
@@ -87,7 +87,7 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def default_rules(mode: str, axis: str) -> tuple[tuple[str, Optional[str]], ...]:
+def default_rules(mode: str, axis: str) -> tuple[tuple[str, str | None], ...]:
     """Flax logical-axis rules of ``mode``: its split axes -> ``axis``, every other logical axis replicated."""
     split = _SPLIT[check_mode(mode)]
     return tuple((name, axis if name in split else None) for name in LOGICAL_AXES)
@@ -99,11 +99,11 @@ def make_mesh(devices: int, axis: str = "devices") -> Mesh:
     if not 1 <= devices <= len(available):
         hint = ""
         if jax.default_backend() == "cpu":
-            hint = (f"; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
-                    "before JAX initialises (crosscheck --devices does it)")
-        raise ValueError(
-            f"asked for {devices} devices, JAX sees {len(available)} ({jax.default_backend()}){hint}"
-        )
+            hint = (
+                f"; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
+                "before JAX initialises (crosscheck --devices does it)"
+            )
+        raise ValueError(f"asked for {devices} devices, JAX sees {len(available)} ({jax.default_backend()}){hint}")
     return Mesh(np.array(available[:devices]), (axis,))
 
 
@@ -139,13 +139,11 @@ def boxed(variables: Any) -> Any:
     return jax.tree_util.tree_map_with_path(box, variables)
 
 
-def _rules(mode: str, axis: str, rules: Optional[Rules]) -> tuple:
+def _rules(mode: str, axis: str, rules: Rules | None) -> tuple:
     return tuple(rules or ()) + default_rules(mode, axis)
 
 
-def param_shardings(
-    variables: Any, mesh: Mesh, mode: str, axis: Optional[str] = None, rules: Optional[Rules] = None
-) -> Any:
+def param_shardings(variables: Any, mesh: Mesh, mode: str, axis: str | None = None, rules: Rules | None = None) -> Any:
     """``NamedSharding`` per leaf of ``variables``: :func:`logical_axes` through ``nn.logical_to_mesh_sharding``.
 
     Raises ``ValueError`` naming the parameter, its shape and the device count when a split
@@ -155,7 +153,7 @@ def param_shardings(
     shardings = nn.logical_to_mesh_sharding(logical_axes(variables), mesh, _rules(mode, axis, rules))
 
     def check(path, leaf, sharding):
-        for size, entry in zip(np.shape(leaf), sharding.spec):
+        for size, entry in zip(np.shape(leaf), sharding.spec, strict=False):  # a spec may be shorter
             if entry is None:
                 continue
             parts = math.prod(mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry))
@@ -169,7 +167,7 @@ def param_shardings(
     return jax.tree_util.tree_map_with_path(check, variables, shardings)
 
 
-def _axis(mesh: Mesh, axis: Optional[str]) -> str:
+def _axis(mesh: Mesh, axis: str | None) -> str:
     if axis is None:
         if len(mesh.axis_names) != 1:
             raise ValueError(f"a mesh with axes {mesh.axis_names} needs axis= to say which one to shard over")
@@ -181,11 +179,11 @@ def _axis(mesh: Mesh, axis: Optional[str]) -> str:
 
 # --- the ring implementation's mesh: a context around tracing ---------------------------------------
 
-_RING: contextvars.ContextVar[Optional[tuple[Mesh, str]]] = contextvars.ContextVar("jaxattn_ring_mesh", default=None)
+_RING: contextvars.ContextVar[tuple[Mesh, str] | None] = contextvars.ContextVar("jaxattn_ring_mesh", default=None)
 
 
 @contextlib.contextmanager
-def ring_mesh(mesh: Mesh, axis: Optional[str] = None) -> Iterator[None]:
+def ring_mesh(mesh: Mesh, axis: str | None = None) -> Iterator[None]:
     """Within this context ``implementation="ring"`` splits the tokens over ``axis`` of ``mesh``."""
     token = _RING.set((mesh, _axis(mesh, axis)))
     try:
@@ -194,22 +192,28 @@ def ring_mesh(mesh: Mesh, axis: Optional[str] = None) -> Iterator[None]:
         _RING.reset(token)
 
 
-def current_ring_mesh() -> Optional[tuple[Mesh, str]]:
+def current_ring_mesh() -> tuple[Mesh, str] | None:
     """``(mesh, axis)`` of the innermost :func:`ring_mesh`, or ``None``."""
     return _RING.get()
 
 
-def ring_refusal(call) -> Optional[str]:
+def ring_refusal(call) -> str | None:
     """Why ``implementation="ring"`` cannot serve ``call`` (an :class:`jaxattn.implementations.Call`), or ``None``."""
     if _RING.get() is None:
-        return ("it needs a mesh: trace the call inside jaxattn.sharding.ring_mesh(mesh, axis), "
-                "or use jaxattn.sharding.shard(module, mesh, 'sequence')")
+        return (
+            "it needs a mesh: trace the call inside jaxattn.sharding.ring_mesh(mesh, axis), "
+            "or use jaxattn.sharding.shard(module, mesh, 'sequence')"
+        )
     if call.q_tokens != call.kv_tokens:
-        return f"it is self-attention over one sharded sequence (q_tokens {call.q_tokens} != kv_tokens {call.kv_tokens})"
+        return (
+            f"it is self-attention over one sharded sequence (q_tokens {call.q_tokens} != kv_tokens {call.kv_tokens})"
+        )
     return None
 
 
-def ring_kernel(query, key, value, bias, mask, *, scale, is_causal, q_offset, dropout_rate, dropout_rng, precision=None):
+def ring_kernel(
+    query, key, value, bias, mask, *, scale, is_causal, q_offset, dropout_rate, dropout_rng, precision=None
+):
     """The :data:`jaxattn.implementations.Kernel` of ``"ring"``: :func:`ring_attention` on the context's mesh."""
     ctx = _RING.get()
     if ctx is None:
@@ -238,8 +242,7 @@ class Sharded:
     placed by :func:`param_shardings` first. Outputs equal ``module.apply(variables, x, ...)``.
     """
 
-    def __init__(self, module: nn.Module, mesh: Mesh, mode: str, axis: Optional[str] = None,
-                 rules: Optional[Rules] = None):
+    def __init__(self, module: nn.Module, mesh: Mesh, mode: str, axis: str | None = None, rules: Rules | None = None):
         self.mode = check_mode(mode)
         self.mesh = mesh
         self.axis = _axis(mesh, axis)
@@ -291,7 +294,7 @@ class Sharded:
         if mask is not None:
             kwargs["attention_mask"] = jax.lax.with_sharding_constraint(mask, self.sharding(MASK_AXES))
         with ring_mesh(self.mesh, self.axis) if self.mode == "sequence" else contextlib.nullcontext():
-            out = module.apply(variables, x, **kwargs)
+            out: Any = module.apply(variables, x, **kwargs)  # the output array (no mutable collections)
         return out[:batch, :tokens]
 
     def apply(self, variables: Any, x, *, attention_mask=None, **kwargs):
@@ -302,14 +305,26 @@ class Sharded:
         return self._jitted[key](self.place(variables), x, attention_mask=attention_mask)
 
 
-def shard(module: nn.Module, mesh: Mesh, mode: str, *, axis: Optional[str] = None,
-          rules: Optional[Rules] = None) -> Sharded:
+def shard(module: nn.Module, mesh: Mesh, mode: str, *, axis: str | None = None, rules: Rules | None = None) -> Sharded:
     """``module`` split over ``axis`` of ``mesh`` (default: its only axis) in ``mode``; see :class:`Sharded`."""
     return Sharded(module, mesh, mode, axis, rules)
 
 
 __all__ = [
-    "INPUT_AXES", "LOGICAL_AXES", "MASK_AXES", "MODES", "PARAM_AXES", "Sharded", "boxed", "current_ring_mesh",
-    "default_rules", "logical_axes", "make_mesh", "param_shardings", "ring_kernel", "ring_mesh", "ring_refusal",
+    "INPUT_AXES",
+    "LOGICAL_AXES",
+    "MASK_AXES",
+    "MODES",
+    "PARAM_AXES",
+    "Sharded",
+    "boxed",
+    "current_ring_mesh",
+    "default_rules",
+    "logical_axes",
+    "make_mesh",
+    "param_shardings",
+    "ring_kernel",
+    "ring_mesh",
+    "ring_refusal",
     "shard",
 ]

@@ -51,10 +51,10 @@ def main(argv=None) -> int:
     seconds = sum(row["compile_s"] for row in tests.values())
     print(f"{backend}: {len(tests)} tests compiled {programs} programs in {seconds:.1f} s of XLA compile time")
     print("\nheaviest files (compile s, programs):")
-    for name, (count, secs) in sorted(by_file(tests).items(), key=lambda kv: -kv[1][1])[:args.top]:
+    for name, (count, secs) in sorted(by_file(tests).items(), key=lambda kv: -kv[1][1])[: args.top]:
         print(f"  {secs:8.1f} s {count:6d}  {name}")
     print("\nheaviest tests (compile s, programs):")
-    for name, row in sorted(tests.items(), key=lambda kv: -kv[1]["compile_s"])[:args.top]:
+    for name, row in sorted(tests.items(), key=lambda kv: -kv[1]["compile_s"])[: args.top]:
         print(f"  {row['compile_s']:8.1f} s {row['programs']:6d}  {name}")
     return 0
 

@@ -33,8 +33,9 @@ attending: the caches hold the shared heads, not one copy per query head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -182,17 +183,24 @@ class StackedHeads:
         return heads[0] if len(heads) == 1 else ttnn.concat(heads, dim=-1)  # (b, T, H * d_out)
 
     def prefill(self, ttnn, device, x, *, parameters, config, cache, attention_mask=None):
-        return self._cat(ttnn, [
-            self.head.prefill(ttnn, device, x, parameters=p, config=config, cache=c, attention_mask=attention_mask)
-            for p, c in zip(parameters.heads, cache, strict=True)
-        ])
+        return self._cat(
+            ttnn,
+            [
+                self.head.prefill(ttnn, device, x, parameters=p, config=config, cache=c, attention_mask=attention_mask)
+                for p, c in zip(parameters.heads, cache, strict=True)
+            ],
+        )
 
     def step(self, ttnn, device, x, *, parameters, config, cache, pos: int, attention_mask=None):
-        return self._cat(ttnn, [
-            self.head.step(ttnn, device, x, parameters=p, config=config, cache=c, pos=pos,
-                           attention_mask=attention_mask)
-            for p, c in zip(parameters.heads, cache, strict=True)
-        ])
+        return self._cat(
+            ttnn,
+            [
+                self.head.step(
+                    ttnn, device, x, parameters=p, config=config, cache=c, pos=pos, attention_mask=attention_mask
+                )
+                for p, c in zip(parameters.heads, cache, strict=True)
+            ],
+        )
 
 
 _CAUSAL_DECODE = CachedAttention(single_head_qkv, single_head_output, heads=lambda c: (1, c.d_out))
@@ -211,9 +219,7 @@ DECODE_PROGRAMS: dict[str, Any] = {
     "causal_attention": _CAUSAL_DECODE,
     "multi_head_attention_wrapper": StackedHeads(_CAUSAL_DECODE),
     "multi_head_attention": CachedAttention(mha_qkv, mha_output, heads=_split_heads_shape),
-    "multi_head_attention_combined_qkv": CachedAttention(
-        combined_qkv_heads, combined_output, heads=_split_heads_shape
-    ),
+    "multi_head_attention_combined_qkv": CachedAttention(combined_qkv_heads, combined_output, heads=_split_heads_shape),
     "torch_multihead_attention": CachedAttention(
         torch_mha_qkv, torch_mha_output, heads=_split_heads_shape, decodes=lambda c: bool(c.causal)
     ),

@@ -67,14 +67,14 @@ import inspect
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 builtins_slice = builtins.slice  # ttnn.slice below shadows the builtin
 
-__all__ = ["IMPLEMENTED", "to_bfloat16", "Tensor"]
+__all__ = ["IMPLEMENTED", "Tensor", "to_bfloat16"]
 
 #: The NaN every float32 NaN becomes in real ttnn's host float32 -> bfloat16 conversion.
 BFLOAT16_NAN_BITS = 0x7FC0
@@ -177,7 +177,8 @@ class WormholeComputeKernelConfig:
 
     def __repr__(self) -> str:
         return (
-            f"WormholeComputeKernelConfig(math_fidelity={self.math_fidelity}, math_approx_mode={self.math_approx_mode}, "
+            f"WormholeComputeKernelConfig(math_fidelity={self.math_fidelity}, "
+            f"math_approx_mode={self.math_approx_mode}, "
             f"fp32_dest_acc_en={self.fp32_dest_acc_en}, packer_l1_acc={self.packer_l1_acc})"
         )
 
@@ -229,7 +230,7 @@ def to_bfloat16(array) -> np.ndarray:
     return out
 
 
-def _round(values: np.ndarray, dtype: DataType) -> np.ndarray:
+def _round(values: np.ndarray | np.floating, dtype: DataType) -> np.ndarray:
     """float32 values as stored in ``dtype`` (kept as float32 arrays holding representable values)."""
     if dtype == DataType.BFLOAT16:
         return to_bfloat16(values).astype(np.float32)
@@ -273,8 +274,16 @@ _OPEN: dict[int, Device] = {}
 class Tensor:
     """A model ``ttnn.Tensor``: logical values (already rounded to ``dtype``), layout, storage."""
 
-    def __init__(self, values: np.ndarray, dtype: DataType, layout: Layout, device: Optional[Device] = None,
-                 memory_config: Optional[MemoryConfig] = None, *, pad: Optional[float] = None):
+    def __init__(
+        self,
+        values: np.ndarray,
+        dtype: DataType,
+        layout: Layout,
+        device: Device | None = None,
+        memory_config: MemoryConfig | None = None,
+        *,
+        pad: float | None = None,
+    ):
         self._values = _round(np.array(values, dtype=np.float32), dtype)  # a copy: the cache ops write in place
         self._dtype = dtype
         self._layout = layout
@@ -305,10 +314,10 @@ class Tensor:
     def storage_type(self) -> StorageType:
         return StorageType.DEVICE if self._device is not None else StorageType.HOST
 
-    def device(self) -> Optional[Device]:
+    def device(self) -> Device | None:
         return self._device
 
-    def memory_config(self) -> Optional[MemoryConfig]:
+    def memory_config(self) -> MemoryConfig | None:
         return self._memory_config
 
     def logical_volume(self) -> int:
@@ -317,7 +326,7 @@ class Tensor:
     def volume(self) -> int:
         return int(np.prod(self.padded_shape, dtype=np.int64))
 
-    def cpu(self) -> "Tensor":
+    def cpu(self) -> Tensor:
         return from_device(self)
 
     def to_list(self) -> list:
@@ -515,12 +524,18 @@ def from_torch(
     preserve_nan_values: bool = False,
     col_tilize: bool = False,
     enable_bfloat_opt: bool = False,
-) -> Optional[Tensor]:
+) -> Tensor | None:
     """A model tensor from a numpy array (or torch tensor): ``dtype`` None keeps float32 as FLOAT32."""
     if tensor is None:
         return None
-    _not_modelled("from_torch", spec=spec, tile=tile, mesh_mapper=mesh_mapper, col_tilize=col_tilize,
-                  enable_bfloat_opt=enable_bfloat_opt)
+    _not_modelled(
+        "from_torch",
+        spec=spec,
+        tile=tile,
+        mesh_mapper=mesh_mapper,
+        col_tilize=col_tilize,
+        enable_bfloat_opt=enable_bfloat_opt,
+    )
     array = _as_numpy(tensor)
     if dtype is None:
         if array.dtype == np.float64:
@@ -538,9 +553,14 @@ def from_torch(
     if device is not None and not device.is_open:
         raise RuntimeError("host model: device is closed")
     values = np.asarray(array, dtype=np.float32)
-    return Tensor(values, dtype, layout or Layout.ROW_MAJOR, device,
-                  memory_config or DRAM_MEMORY_CONFIG if device is not None else None,
-                  pad=0.0 if pad_value is None else float(pad_value))
+    return Tensor(
+        values,
+        dtype,
+        layout or Layout.ROW_MAJOR,
+        device,
+        memory_config or DRAM_MEMORY_CONFIG if device is not None else None,
+        pad=0.0 if pad_value is None else float(pad_value),
+    )
 
 
 @_ttnn_function("to_torch", python=True)
@@ -570,13 +590,12 @@ def to_torch(
 
 
 @_ttnn_function("to_device")
-def to_device(
-    tensor: Tensor, device: Device, memory_config: MemoryConfig | None = None, *, queue_id=None
-) -> Tensor:
+def to_device(tensor: Tensor, device: Device, memory_config: MemoryConfig | None = None, *, queue_id=None) -> Tensor:
     if not isinstance(device, Device) or not device.is_open:
         raise RuntimeError(f"host model: to_device needs an open device from open_device, got {device!r}")
-    return Tensor(tensor._values, tensor.dtype, tensor.layout, device, memory_config or DRAM_MEMORY_CONFIG,
-                  pad=tensor._pad)
+    return Tensor(
+        tensor._values, tensor.dtype, tensor.layout, device, memory_config or DRAM_MEMORY_CONFIG, pad=tensor._pad
+    )
 
 
 @_ttnn_function("from_device")
@@ -600,8 +619,14 @@ def to_layout(
     _not_modelled("to_layout", sub_core_grids=sub_core_grids)
     target = dtype if (dtype is not None and tensor._device is not None) else tensor.dtype
     pad = tensor._pad if tensor.layout == Layout.TILE else float(pad_value)
-    return Tensor(tensor._values, target, layout, tensor._device,
-                  memory_config or tensor._memory_config or (DRAM_MEMORY_CONFIG if tensor._device else None), pad=pad)
+    return Tensor(
+        tensor._values,
+        target,
+        layout,
+        tensor._device,
+        memory_config or tensor._memory_config or (DRAM_MEMORY_CONFIG if tensor._device else None),
+        pad=pad,
+    )
 
 
 # --- device checks -------------------------------------------------------------------------------
@@ -646,7 +671,8 @@ def _matmul_values(a: Tensor, b: Tensor, transpose_a: bool, transpose_b: bool) -
     a_batch, b_batch = av.shape[:-2], bv.shape[:-2]
     if bv.ndim > 2 and any(d != 1 for d in b_batch) and a_batch != b_batch and any(d != 1 for d in a_batch):
         raise _fatal(
-            f"bmm expects equal batch dims, or the batch dims of one operand all 1; got {tuple(a.shape)} @ {tuple(b.shape)}"
+            "bmm expects equal batch dims, or the batch dims of one operand all 1; "
+            f"got {tuple(a.shape)} @ {tuple(b.shape)}"
         )
     # float32 products and float32 accumulation (HiFi4 + fp32 DST); rounded once by the caller.
     return np.matmul(av.astype(np.float32), bv.astype(np.float32))
@@ -672,9 +698,17 @@ def matmul(
     prefetcher_pipes=[],  # noqa: B006 - ttnn's own default, never mutated
 ) -> Tensor:
     """``A @ B`` in float32, rounded to ``dtype`` (default A's); output TILE."""
-    _not_modelled("matmul", program_config=program_config, activation=activation, core_grid=core_grid,
-                  output_tile=output_tile, optional_output_tensor=optional_output_tensor, global_cb=global_cb,
-                  sub_device_id=sub_device_id, prefetcher_pipes=list(prefetcher_pipes))
+    _not_modelled(
+        "matmul",
+        program_config=program_config,
+        activation=activation,
+        core_grid=core_grid,
+        output_tile=output_tile,
+        optional_output_tensor=optional_output_tensor,
+        global_cb=global_cb,
+        sub_device_id=sub_device_id,
+        prefetcher_pipes=list(prefetcher_pipes),
+    )
     _check_kernel_config(compute_kernel_config)
     out = _matmul_values(input_tensor_a, input_tensor_b, transpose_a, transpose_b)
     return _like(input_tensor_a, out, dtype=dtype, layout=Layout.TILE, memory_config=memory_config)
@@ -702,10 +736,18 @@ def linear(
     in0_column_offset: int | None = None,
 ) -> Tensor:
     """``A @ B + bias`` (B is ``(in, out)`` unless ``transpose_b``), float32 then one rounding; output TILE."""
-    _not_modelled("linear", program_config=program_config, activation=activation, core_grid=core_grid,
-                  output_tile=output_tile, optional_output_tensor=optional_output_tensor, global_cb=global_cb,
-                  sub_device_id=sub_device_id, prefetcher_pipes=list(prefetcher_pipes),
-                  in0_column_offset=in0_column_offset)
+    _not_modelled(
+        "linear",
+        program_config=program_config,
+        activation=activation,
+        core_grid=core_grid,
+        output_tile=output_tile,
+        optional_output_tensor=optional_output_tensor,
+        global_cb=global_cb,
+        sub_device_id=sub_device_id,
+        prefetcher_pipes=list(prefetcher_pipes),
+        in0_column_offset=in0_column_offset,
+    )
     _check_kernel_config(compute_kernel_config)
     out = _matmul_values(input_tensor_a, input_tensor_b, transpose_a, transpose_b)
     if bias is not None:
@@ -856,10 +898,14 @@ def add(
     sub_device_id=None,
 ) -> Tensor:
     """``a + b`` with size-1 broadcasting, in float32, rounded to A's dtype."""
-    extras = dict(output_tensor=output_tensor, activations=list(activations),
-                  input_tensor_a_activations=list(input_tensor_a_activations),
-                  input_tensor_b_activations=list(input_tensor_b_activations),
-                  sub_core_grids=sub_core_grids, sub_device_id=sub_device_id)
+    extras = dict(
+        output_tensor=output_tensor,
+        activations=list(activations),
+        input_tensor_a_activations=list(input_tensor_a_activations),
+        input_tensor_b_activations=list(input_tensor_b_activations),
+        sub_core_grids=sub_core_grids,
+        sub_device_id=sub_device_id,
+    )
     return _binary("add", input_tensor_a, input_tensor_b, np.add, dtype, memory_config, extras)
 
 
@@ -879,10 +925,14 @@ def multiply(
     sub_device_id=None,
 ) -> Tensor:
     """``a * b`` with size-1 broadcasting (a scalar is first rounded to A's dtype), rounded to A's dtype."""
-    extras = dict(output_tensor=output_tensor, activations=list(activations),
-                  input_tensor_a_activations=list(input_tensor_a_activations),
-                  input_tensor_b_activations=list(input_tensor_b_activations),
-                  sub_core_grids=sub_core_grids, sub_device_id=sub_device_id)
+    extras = dict(
+        output_tensor=output_tensor,
+        activations=list(activations),
+        input_tensor_a_activations=list(input_tensor_a_activations),
+        input_tensor_b_activations=list(input_tensor_b_activations),
+        sub_core_grids=sub_core_grids,
+        sub_device_id=sub_device_id,
+    )
     return _binary("multiply", input_tensor_a, input_tensor_b, np.multiply, dtype, memory_config, extras)
 
 
@@ -892,8 +942,7 @@ mul = multiply
 
 
 @_ttnn_function("permute")
-def permute(input_tensor: Tensor, dims, *, memory_config: MemoryConfig | None = None,
-            pad_value: float = 0.0) -> Tensor:
+def permute(input_tensor: Tensor, dims, *, memory_config: MemoryConfig | None = None, pad_value: float = 0.0) -> Tensor:
     _on_device(input_tensor, "Tensor must already be on device")
     rank = len(input_tensor.shape)
     axes = tuple(int(d) + rank if int(d) < 0 else int(d) for d in dims)
@@ -903,8 +952,9 @@ def permute(input_tensor: Tensor, dims, *, memory_config: MemoryConfig | None = 
 
 
 @_ttnn_function("transpose")
-def transpose(input_tensor: Tensor, dim1: int, dim2: int, *, memory_config: MemoryConfig | None = None,
-              pad_value: float = 0.0) -> Tensor:
+def transpose(
+    input_tensor: Tensor, dim1: int, dim2: int, *, memory_config: MemoryConfig | None = None, pad_value: float = 0.0
+) -> Tensor:
     _on_device(input_tensor, "Device Operations expect device tensors as inputs")
     rank = len(input_tensor.shape)
     for d in (dim1, dim2):
@@ -933,8 +983,13 @@ def reshape(
             target[target.index(-1)] = volume // known
     if any(d < 0 for d in target) or int(np.prod(target, dtype=np.int64)) != volume:
         raise _fatal("Invalid arguments to reshape")
-    return Tensor(input_tensor._values.reshape(target), input_tensor.dtype, input_tensor.layout,
-                  input_tensor._device, memory_config or input_tensor._memory_config)
+    return Tensor(
+        input_tensor._values.reshape(target),
+        input_tensor.dtype,
+        input_tensor.layout,
+        input_tensor._device,
+        memory_config or input_tensor._memory_config,
+    )
 
 
 @_ttnn_function("slice")
@@ -957,19 +1012,28 @@ def slice(  # noqa: A001 - ttnn's name
     if not len(slice_start) == len(slice_end) == len(steps) == len(shape):
         raise _fatal(f"slice: start/end/step must have rank {len(shape)} entries")
     index = []
-    for dim, (lo, hi, step) in enumerate(zip(slice_start, slice_end, steps)):
+    for dim, (lo, hi, step) in enumerate(zip(slice_start, slice_end, steps, strict=True)):
         if not (0 <= lo <= hi <= shape[dim]) or step < 1:
-            raise _fatal(f"slice: dim {dim}: need 0 <= start <= end <= {shape[dim]} and step >= 1, "
-                         f"got {lo}:{hi}:{step}")
+            raise _fatal(
+                f"slice: dim {dim}: need 0 <= start <= end <= {shape[dim]} and step >= 1, got {lo}:{hi}:{step}"
+            )
         index.append(builtins_slice(lo, hi, step))
     return _like(input_tensor, input_tensor._values[tuple(index)], memory_config=memory_config)
 
 
 @_ttnn_function("concat")
-def concat(tensors, dim: int = 0, *, memory_config: MemoryConfig | None = None, output_tensor=None,
-           groups: int = 1, sub_core_grids=None) -> Tensor:
-    _not_modelled("concat", output_tensor=output_tensor, sub_core_grids=sub_core_grids,
-                  groups=groups if groups != 1 else None)
+def concat(
+    tensors,
+    dim: int = 0,
+    *,
+    memory_config: MemoryConfig | None = None,
+    output_tensor=None,
+    groups: int = 1,
+    sub_core_grids=None,
+) -> Tensor:
+    _not_modelled(
+        "concat", output_tensor=output_tensor, sub_core_grids=sub_core_grids, groups=groups if groups != 1 else None
+    )
     tensors = list(tensors)
     if not tensors or not all(isinstance(t, Tensor) for t in tensors):
         raise TypeError("ttnn.concat(): tensors must be a non-empty sequence of ttnn.Tensor")
@@ -990,8 +1054,9 @@ def concat(tensors, dim: int = 0, *, memory_config: MemoryConfig | None = None, 
 
 
 @_ttnn_function("repeat_interleave")
-def repeat_interleave(input_tensor: Tensor, repeats: int, dim: int, *,
-                      memory_config: MemoryConfig | None = None) -> Tensor:
+def repeat_interleave(
+    input_tensor: Tensor, repeats: int, dim: int, *, memory_config: MemoryConfig | None = None
+) -> Tensor:
     """torch's ``repeat_interleave(repeats, dim)``: each slice along ``dim`` ``repeats`` times in a row ([a, a, b, b]).
 
     ``repeats`` is a ``uint32`` in 0.81.1 (one count for every slice; no per-slice tensor).
@@ -1039,8 +1104,10 @@ def _check_cache_operands(cache: Tensor, input_tensor: Tensor) -> None:
     _float_dtype(input_tensor, "update_cache")
     _float_dtype(cache, "update_cache")
     if len(cache.shape) != 4 or len(input_tensor.shape) != 4:
-        raise _fatal(f"host model: the cache ops are modelled on 4-D tensors (cache [batch, heads, tokens, head_dim]); "
-                     f"got cache {list(cache.shape)}, input {list(input_tensor.shape)}")
+        raise _fatal(
+            f"host model: the cache ops are modelled on 4-D tensors (cache [batch, heads, tokens, head_dim]); "
+            f"got cache {list(cache.shape)}, input {list(input_tensor.shape)}"
+        )
     cp, ip = cache.padded_shape, input_tensor.padded_shape
     if ip[-1] != cp[-1]:
         raise _fatal(f"Input tensor width ({ip[-1]}) must equal cache tensor width ({cp[-1]})")
@@ -1086,8 +1153,9 @@ def fill_cache(cache_tensor: Tensor, input_tensor: Tensor, batch_idx: int, *, up
     if update_idx % TILE_SIZE:
         raise _fatal(f"Fill update_idx ({update_idx}) must be a multiple of TILE_HEIGHT ({TILE_SIZE})")
     if not (update_idx <= cp[-2] and ip[-2] <= cp[-2] - update_idx):
-        raise _fatal(f"Fill update_idx ({update_idx}) + input tensor height ({ip[-2]}) must be <= cache tensor "
-                     f"height ({cp[-2]})")
+        raise _fatal(
+            f"Fill update_idx ({update_idx}) + input tensor height ({ip[-2]}) must be <= cache tensor height ({cp[-2]})"
+        )
     block = _tiles_of(input_tensor)
     tokens, width = cache_tensor.shape[-2:]
     rows = max(0, min(block.shape[1], tokens - update_idx))  # rows past the logical cache are its own padding
@@ -1141,15 +1209,22 @@ def update_cache(
 
 
 @_ttnn_function("fill_implicit_tile_padding")
-def fill_implicit_tile_padding(input_tensor: Tensor, fill_value: float, *,
-                               memory_config: MemoryConfig | None = None) -> Tensor:
+def fill_implicit_tile_padding(
+    input_tensor: Tensor, fill_value: float, *, memory_config: MemoryConfig | None = None
+) -> Tensor:
     """A copy of ``input_tensor`` whose tile padding (rows/columns past the logical shape) is ``fill_value``."""
     _on_device(input_tensor, "Device Operations expect device tensors as inputs")
     if isinstance(fill_value, (int, np.integer)) and not isinstance(fill_value, bool) and fill_value != 0:
         raise NotImplementedError("host model: an int fill_value (a raw bit pattern) other than 0 is not modelled")
     pad = float(_round(np.float32(fill_value), input_tensor.dtype))
-    return Tensor(input_tensor._values, input_tensor.dtype, input_tensor.layout, input_tensor._device,
-                  memory_config or input_tensor._memory_config, pad=pad)
+    return Tensor(
+        input_tensor._values,
+        input_tensor.dtype,
+        input_tensor.layout,
+        input_tensor._device,
+        memory_config or input_tensor._memory_config,
+        pad=pad,
+    )
 
 
 # --- transformer ---------------------------------------------------------------------------------
@@ -1176,11 +1251,17 @@ def scaled_dot_product_attention(
     attn_mask_block_map=None,
 ) -> Tensor:
     """``softmax(Q K^T * scale + mask) V`` over ``[b, heads, s, head_dim]``, float32, rounded once."""
-    _not_modelled("transformer.scaled_dot_product_attention", sliding_window_size=sliding_window_size,
-                  program_config=program_config, attention_sink=attention_sink, cu_window_seqlens=cu_window_seqlens,
-                  windowed_q_token_offset=windowed_q_token_offset,
-                  windowed_q_token_offset_tensor=windowed_q_token_offset_tensor,
-                  output_concat_heads=output_concat_heads, attn_mask_block_map=attn_mask_block_map)
+    _not_modelled(
+        "transformer.scaled_dot_product_attention",
+        sliding_window_size=sliding_window_size,
+        program_config=program_config,
+        attention_sink=attention_sink,
+        cu_window_seqlens=cu_window_seqlens,
+        windowed_q_token_offset=windowed_q_token_offset,
+        windowed_q_token_offset_tensor=windowed_q_token_offset_tensor,
+        output_concat_heads=output_concat_heads,
+        attn_mask_block_map=attn_mask_block_map,
+    )
     _check_kernel_config(compute_kernel_config)
     q, k, v = input_tensor_q, input_tensor_k, input_tensor_v
     for t in (q, k, v):
@@ -1204,8 +1285,9 @@ def scaled_dot_product_attention(
     if nqh % nkv:
         raise _fatal(f"query heads {nqh} must be a multiple of key/value heads {nkv}")
     if is_causal and attn_mask is not None:
-        raise _fatal(f"is_causal and attn_mask cannot both be present. Got is_causal: {str(is_causal).lower()}, "
-                     "attn_mask: true")
+        raise _fatal(
+            f"is_causal and attn_mask cannot both be present. Got is_causal: {str(is_causal).lower()}, attn_mask: true"
+        )
     if is_causal and sq != sk:
         raise _fatal(f"Causal SDPA requires Q and K to have the same sequence length. Got Q: {sq}, K: {sk}")
     kv = lambda t: np.repeat(t._values, nqh // nkv, axis=1)  # noqa: E731 - GQA head expansion
@@ -1237,11 +1319,13 @@ def _check_sdpa_mask(mask: Tensor, q_shape, k_shape) -> None:
     if len(m) != 4:
         raise _fatal(f"host model: SDPA masks are 4-D [1|b, 1|heads, Sq, Sk], got {list(m)}")
     if m[0] not in (1, q_shape[0]):
-        raise _fatal("Mask batch dim must either be 1 (to be broadcasted across all batches) or must match Q batch "
-                     "dimension")
+        raise _fatal(
+            "Mask batch dim must either be 1 (to be broadcasted across all batches) or must match Q batch dimension"
+        )
     if m[1] not in (1, q_shape[1]):
-        raise _fatal("Mask num_heads must either be 1 (to be broadcasted across all heads) or must match Q heads "
-                     "dimension")
+        raise _fatal(
+            "Mask num_heads must either be 1 (to be broadcasted across all heads) or must match Q heads dimension"
+        )
     if m[2] != q_shape[2]:
         raise _fatal("Mask sequence length must match Q sequence length")
     if m[3] != k_shape[2]:

@@ -22,7 +22,9 @@ Numpy only (no torch): runs in the ttnn interpreter.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import itertools
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +59,7 @@ def tree_path(torch_key: str) -> tuple[str, ...]:
 
 def _insert(tree: ParameterDict, path: tuple[str, ...], value: Any) -> None:
     node: Any = tree
-    for part, nxt in zip(path[:-1], path[1:]):
+    for part, nxt in itertools.pairwise(path):
         child_is_list = nxt.isdigit()
         if isinstance(node, ParameterList):
             index = int(part)
@@ -91,7 +93,9 @@ def ttnn_arrays(portmap: pm.PortMap, state_dict: Mapping[str, Any], owner: str) 
     return out
 
 
-def preprocess_parameters(ttnn, device, portmap: pm.PortMap, state_dict: Mapping[str, Any], owner: str) -> ParameterDict:
+def preprocess_parameters(
+    ttnn, device, portmap: pm.PortMap, state_dict: Mapping[str, Any], owner: str
+) -> ParameterDict:
     """The ttnn parameter tree of ``state_dict`` (validated against ``portmap``): bf16 TILE tensors on ``device``."""
     tree = ParameterDict()
     for key, array in ttnn_arrays(portmap, state_dict, owner).items():

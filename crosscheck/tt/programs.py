@@ -28,9 +28,10 @@ KV-cache decoding lives in :mod:`crosscheck.tt.decode_programs`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,7 @@ def compute_kernel_config(ttnn):
 # (the decode programs share the helpers and never record); the tensors stay ttnn tensors, read
 # back by the caller while the device is open.
 
-_STAGES: ContextVar[Optional[dict]] = ContextVar("crosscheck_tt_stages", default=None)
+_STAGES: ContextVar[dict | None] = ContextVar("crosscheck_tt_stages", default=None)
 
 
 @contextmanager
@@ -89,13 +90,13 @@ def tap(name: str, tensor):
 
 
 def key_visibility(
-    attention_mask: Optional[np.ndarray],
+    attention_mask: np.ndarray | None,
     q_tokens: int,
-    kv_tokens: Optional[int] = None,
+    kv_tokens: int | None = None,
     *,
     causal: bool,
     q_offset: int = 0,
-) -> Optional[np.ndarray]:
+) -> np.ndarray | None:
     """Which keys each query sees: bool ``([batch,] q_tokens, kv_tokens)``, or ``None`` when every query sees every key.
 
     ``attention_mask``: ``([batch,] kv_tokens)``, 1 = real key, 0 = padding, or ``None``.
@@ -133,13 +134,15 @@ def mask_tensors(ttnn, device, visible: np.ndarray, rank: int):
         return ttnn.from_torch(shaped(a), dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device)
 
     additive = send(np.where(visible, np.float32(0.0), np.float32(ADDITIVE_MASK_VALUE)))
-    rows = visible.any(axis=-1, keepdims=True)  # ([b,] q, 1)
+    rows = np.asarray(visible.any(axis=-1, keepdims=True))  # ([b,] q, 1)
     return additive, (None if rows.all() else send(rows))
 
 
 def causal_mask(ttnn, device, tokens: int, rank: int):
     """Additive causal mask ``(1, ..., 1, tokens, tokens)`` of ``rank`` dims, bf16 TILE on ``device``."""
-    return mask_tensors(ttnn, device, key_visibility(None, tokens, causal=True), rank)[0]
+    visible = key_visibility(None, tokens, causal=True)
+    assert visible is not None  # causal: not every query sees every key
+    return mask_tensors(ttnn, device, visible, rank)[0]
 
 
 # --- building blocks -------------------------------------------------------------------------------
@@ -152,7 +155,7 @@ def linear(ttnn, x, parameters):
     )
 
 
-def masked_attention(ttnn, device, queries, keys, values, visible: Optional[np.ndarray], *, scaled: bool = True):
+def masked_attention(ttnn, device, queries, keys, values, visible: np.ndarray | None, *, scaled: bool = True):
     """The book's attention on ``(..., tokens, head_dim)`` tensors; ``visible`` (numpy or ``None``): who sees whom."""
     config = compute_kernel_config(ttnn)
     rank = len(queries.shape)
@@ -196,6 +199,7 @@ def sdpa_attention(ttnn, device, queries, keys, values, *, causal: bool, scaled:
             compute_kernel_config=compute_kernel_config(ttnn),
         )
     visible = key_visibility(attention_mask, queries.shape[-2], keys.shape[-2], causal=causal)
+    assert visible is not None  # an attention mask always gives one
     additive, rows = mask_tensors(ttnn, device, visible, 4)
     context_vec = ttnn.transformer.scaled_dot_product_attention(
         queries,
@@ -340,14 +344,16 @@ def _multi_head_attention(ttnn, device, x, *, parameters, config, attend: Attend
 
 def multi_head_attention(ttnn, device, x, *, parameters, config, attention_mask=None):
     """Section 3.6.2: fused heads, causal, ``out_proj``."""
-    return _multi_head_attention(ttnn, device, x, parameters=parameters, config=config, attend=attention,
-                                 attention_mask=attention_mask)
+    return _multi_head_attention(
+        ttnn, device, x, parameters=parameters, config=config, attend=attention, attention_mask=attention_mask
+    )
 
 
 def multi_head_attention_sdpa(ttnn, device, x, *, parameters, config, attention_mask=None):
     """:func:`multi_head_attention` with the fused SDPA kernel (head_dim % 32 == 0)."""
-    return _multi_head_attention(ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention,
-                                 attention_mask=attention_mask)
+    return _multi_head_attention(
+        ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention, attention_mask=attention_mask
+    )
 
 
 def _combined_qkv(ttnn, device, x, *, parameters, config, attend: Attend, attention_mask=None):
@@ -358,13 +364,15 @@ def _combined_qkv(ttnn, device, x, *, parameters, config, attend: Attend, attent
 
 def multi_head_attention_combined_qkv(ttnn, device, x, *, parameters, config, attention_mask=None):
     """The book's bonus class: one ``qkv`` linear viewed as ``(3, heads, head_dim)``, then ``proj``."""
-    return _combined_qkv(ttnn, device, x, parameters=parameters, config=config, attend=attention,
-                         attention_mask=attention_mask)
+    return _combined_qkv(
+        ttnn, device, x, parameters=parameters, config=config, attend=attention, attention_mask=attention_mask
+    )
 
 
 def multi_head_attention_combined_qkv_sdpa(ttnn, device, x, *, parameters, config, attention_mask=None):
-    return _combined_qkv(ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention,
-                         attention_mask=attention_mask)
+    return _combined_qkv(
+        ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention, attention_mask=attention_mask
+    )
 
 
 def _torch_mha(ttnn, device, x, *, parameters, config, attend: Attend, attention_mask=None):
@@ -375,13 +383,15 @@ def _torch_mha(ttnn, device, x, *, parameters, config, attend: Attend, attention
 
 def torch_multihead_attention(ttnn, device, x, *, parameters, config, attention_mask=None):
     """``nn.MultiheadAttention(batch_first=True)`` self-attention, causal if ``config.causal``."""
-    return _torch_mha(ttnn, device, x, parameters=parameters, config=config, attend=attention,
-                      attention_mask=attention_mask)
+    return _torch_mha(
+        ttnn, device, x, parameters=parameters, config=config, attend=attention, attention_mask=attention_mask
+    )
 
 
 def torch_multihead_attention_sdpa(ttnn, device, x, *, parameters, config, attention_mask=None):
-    return _torch_mha(ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention,
-                      attention_mask=attention_mask)
+    return _torch_mha(
+        ttnn, device, x, parameters=parameters, config=config, attend=sdpa_attention, attention_mask=attention_mask
+    )
 
 
 # --- grouped-query attention (the book's Llama 3 / Qwen3 GroupedQueryAttention) ----------------------
@@ -392,8 +402,9 @@ def torch_multihead_attention_sdpa(ttnn, device, x, *, parameters, config, atten
 # ``repeat_interleave(group_size, dim=1)``: kv head ``g`` serves query heads ``g*group_size .. (g+1)*group_size-1``.
 
 
-def compute_rope_params(head_dim: int, theta_base: float = 10_000.0, context_length: int = 4096,
-                        freq_config: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+def compute_rope_params(
+    head_dim: int, theta_base: float = 10_000.0, context_length: int = 4096, freq_config: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The book's ``compute_rope_params`` (llama3.py, incl. the Llama 3 frequency scaling) in numpy float32.
 
     Returns ``(cos, sin)``, each ``(context_length, head_dim)``: angle ``p * inv_freq[j]`` in
@@ -420,7 +431,8 @@ def compute_rope_params(head_dim: int, theta_base: float = 10_000.0, context_len
 
 
 def rope_tables(ttnn, device, tokens: int, config, start: int = 0):
-    """``(cos, sin)`` for positions ``start .. start+tokens-1`` as ``(1, 1, tokens, head_dim)`` bf16 TILE tensors on ``device``.
+    """``(cos, sin)`` for positions ``start .. start+tokens-1`` as ``(1, 1, tokens, head_dim)`` bf16 TILE tensors
+    on ``device``.
 
     Row ``p`` does not depend on ``start`` or on the table's length (each angle is the float32
     product ``p * inv_freq[j]``), so a decode step's one-row table at ``pos`` is the forward's row ``pos``.
@@ -428,8 +440,9 @@ def rope_tables(ttnn, device, tokens: int, config, start: int = 0):
     cos, sin = compute_rope_params(config.resolved_head_dim(), config.rope_theta, start + tokens, config.freq_config())
 
     def send(a: np.ndarray):
-        return ttnn.from_torch(np.ascontiguousarray(a[start:][None, None]), dtype=ttnn.bfloat16,
-                               layout=ttnn.TILE_LAYOUT, device=device)
+        return ttnn.from_torch(
+            np.ascontiguousarray(a[start:][None, None]), dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT, device=device
+        )
 
     return send(cos), send(sin)
 
@@ -450,7 +463,10 @@ def rms_norm(ttnn, x, parameters):
 
 
 def gqa_qkv(ttnn, x, parameters, config):
-    """Projections, heads, optional q/k RMSNorm: queries ``(b, H, T, hd)``, keys/values ``(b, G, T, hd)`` (before RoPE)."""
+    """Projections, heads, optional q/k RMSNorm.
+
+    Queries ``(b, H, T, hd)``, keys/values ``(b, G, T, hd)`` (before RoPE).
+    """
     if config.num_heads % config.kv_heads():
         raise ValueError(f"num_heads={config.num_heads} must be a multiple of kv_heads={config.kv_heads()}")
     queries = split_heads(ttnn, linear(ttnn, x, parameters.W_query), config.num_heads)  # (b, H, T, hd)

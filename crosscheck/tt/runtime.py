@@ -19,9 +19,10 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -71,14 +72,24 @@ class NumpyTtnn:
         if tensor is None:
             return None
         if _torch_available():
-            return ttnn.from_torch(tensor, dtype, layout=layout, device=device, memory_config=memory_config,
-                                   pad_value=pad_value)
+            return ttnn.from_torch(
+                tensor, dtype, layout=layout, device=device, memory_config=memory_config, pad_value=pad_value
+            )
         array = np.ascontiguousarray(tensor)
         if array.dtype == np.float64:
             raise BadInputError("float64 arrays abort ttnn's converter; pass float32")
         return ttnn.Tensor(
-            tensor=array, data_type=dtype, device=device, layout=layout, mem_config=memory_config, tile=None,
-            cq_id=None, pad_value=pad_value, mesh_mapper=None, preserve_nan_values=False, col_tilize=False,
+            tensor=array,
+            data_type=dtype,
+            device=device,
+            layout=layout,
+            mem_config=memory_config,
+            tile=None,
+            cq_id=None,
+            pad_value=pad_value,
+            mesh_mapper=None,
+            preserve_nan_values=False,
+            col_tilize=False,
             enable_bfloat_opt=False,
         )
 
@@ -124,8 +135,11 @@ def detect_device() -> tuple[bool, str]:
     simulator = os.environ.get("TT_METAL_SIMULATOR")
     nodes = sorted(glob.glob("/dev/tenstorrent/*"))
     if not nodes and not simulator:
-        mock = " (TT_METAL_MOCK_CLUSTER_DESC_PATH is set, but a mock cluster runs no kernels)" if os.environ.get(
-            "TT_METAL_MOCK_CLUSTER_DESC_PATH") else ""
+        mock = (
+            " (TT_METAL_MOCK_CLUSTER_DESC_PATH is set, but a mock cluster runs no kernels)"
+            if os.environ.get("TT_METAL_MOCK_CLUSTER_DESC_PATH")
+            else ""
+        )
         return False, (
             f"no Tenstorrent device (/dev/tenstorrent/ is empty or absent) and TT_METAL_SIMULATOR is not set{mock}"
         )
@@ -133,11 +147,11 @@ def detect_device() -> tuple[bool, str]:
         return False, f"TT_METAL_SIMULATOR={simulator} does not exist"
     try:
         ttnn = _import_ttnn()
-    except Exception as err:  # a broken install: say so, don't crash
+    except Exception as err:  # noqa: BLE001 - a broken install: say so, don't crash
         return False, f"ttnn failed to import: {type(err).__name__}: {_first_line(err)}"
     try:
         count = int(ttnn.GetNumAvailableDevices())
-    except Exception as err:  # "No chips detected in the cluster" is a RuntimeError
+    except Exception as err:  # noqa: BLE001 - "No chips detected in the cluster" is a RuntimeError, others vary
         return False, f"ttnn found no usable chip: {_first_info(err)}"
     if count < 1:
         return False, "ttnn reports 0 available devices"
@@ -189,7 +203,7 @@ def _device() -> Iterator[Runtime]:
     ttnn = _import_ttnn()
     try:
         device = ttnn.open_device(device_id=DEVICE_ID)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure to open is reported as the device being unavailable
         hint = ""
         if os.environ.get("TT_METAL_SIMULATOR") and os.environ.get("TT_METAL_SLOW_DISPATCH_MODE") != "1":
             hint = " (ttsim needs TT_METAL_SLOW_DISPATCH_MODE=1 and TT_METAL_DISABLE_SFPLOADMACRO=1)"
@@ -198,10 +212,8 @@ def _device() -> Iterator[Runtime]:
     simulator = os.environ.get("TT_METAL_SIMULATOR")
     where = f"ttsim {os.path.basename(simulator)}" if simulator else f"device {DEVICE_ID}"
     arch = ""
-    try:
+    with suppress(Exception):  # the arch name is decoration only
         arch = f" ({ttnn.get_arch_name()})"
-    except Exception:  # the arch name is decoration only
-        pass
     try:
         yield Runtime("device", f"ttnn {version} on {where}{arch}", NumpyTtnn(ttnn), device)
     finally:
@@ -215,7 +227,7 @@ def open_runtime(kind: str = "auto") -> Iterator[Runtime]:
         raise BadInputError(f"ttnn runtime must be one of {', '.join(KINDS)}; got {kind!r}")
     if kind == "auto":
         kind = "device" if detect_device()[0] else "host"
-    with (_device() if kind == "device" else _host()) as runtime:
+    with _device() if kind == "device" else _host() as runtime:
         yield runtime
 
 
@@ -235,15 +247,13 @@ def _check_input(variant, cfg, x: np.ndarray) -> None:
     if "d_in" in variant.fields and x.shape[-1] != cfg.d_in:
         raise BadInputError(f"{variant.name}: last input dim must be d_in={cfg.d_in}, got shape {x.shape}")
     if "context_length" in variant.fields and x.shape[-2] > cfg.context_length:
-        raise BadInputError(
-            f"{variant.name}: tokens={x.shape[-2]} exceeds context_length={cfg.context_length}"
-        )
+        raise BadInputError(f"{variant.name}: tokens={x.shape[-2]} exceeds context_length={cfg.context_length}")
     variant.check_heads(cfg)
     if not np.all(np.isfinite(x)):
         raise BadInputError(f"{variant.name}: input has NaN or inf values")
 
 
-def _check_attention_mask(variant, x: np.ndarray, attention_mask) -> Optional[np.ndarray]:
+def _check_attention_mask(variant, x: np.ndarray, attention_mask) -> np.ndarray | None:
     """``attention_mask`` as bool ``x.shape[:-1]`` (1 = real token, 0 = padding), or ``None``; bad masks are named."""
     if attention_mask is None:
         return None
@@ -282,7 +292,7 @@ def _check_output(variant, cfg, x: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 def run_variant(
-    runtime: Runtime, variant, cfg, state_dict, x, attention_mask=None, *, program: Optional[str] = None
+    runtime: Runtime, variant, cfg, state_dict, x, attention_mask=None, *, program: str | None = None
 ) -> np.ndarray:
     """Run ``variant``'s ttnn program on ``runtime``; float32 context vectors shaped like torch's output.
 
@@ -300,8 +310,9 @@ def run_variant(
     cfg, x, mask, parameters = _prepare(runtime, variant, cfg, state_dict, x, attention_mask)
     if fn is None:
         _, fn = programs.select(variant.ttnn_program, cfg)
-    out = fn(runtime.ttnn, runtime.device, _to_device(runtime, x), parameters=parameters, config=cfg,
-             attention_mask=mask)
+    out = fn(
+        runtime.ttnn, runtime.device, _to_device(runtime, x), parameters=parameters, config=cfg, attention_mask=mask
+    )
     return _check_output(variant, cfg, x, _read_back(runtime, out))
 
 
@@ -336,11 +347,15 @@ def run_variant_decode(
     cache = decoder.allocate(ttnn, device, cfg, batch, tokens)
 
     def part(start: int, stop: int):
-        return dict(config=cfg, parameters=parameters, cache=cache,
-                    attention_mask=None if mask is None else mask[:, start:stop])
+        return dict(
+            config=cfg, parameters=parameters, cache=cache, attention_mask=None if mask is None else mask[:, start:stop]
+        )
 
-    outs = [_read_back(runtime, decoder.prefill(ttnn, device, _to_device(runtime, x[:, :prompt_len]),
-                                                **part(0, prompt_len)))]
+    outs = [
+        _read_back(
+            runtime, decoder.prefill(ttnn, device, _to_device(runtime, x[:, :prompt_len]), **part(0, prompt_len))
+        )
+    ]
     for pos in range(prompt_len, tokens):
         step = decoder.step(ttnn, device, _to_device(runtime, x[:, pos : pos + 1]), pos=pos, **part(pos, pos + 1))
         outs.append(_read_back(runtime, step))

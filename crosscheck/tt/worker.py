@@ -25,11 +25,12 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from crosscheck import bundle as bd
+from crosscheck import extra
 from crosscheck.errors import BadInputError
 from crosscheck.outputs import check_output_path
 
@@ -60,7 +61,7 @@ def _masked(case: bd.BundleCase) -> dict:
 
 
 def _run_flax(
-    cases: list[bd.BundleCase], attention_impl: Optional[str] = None, prompt_len: Optional[int] = None
+    cases: list[bd.BundleCase], attention_impl: str | None = None, prompt_len: int | None = None
 ) -> tuple[dict[str, np.ndarray], dict]:
     """The engine's own Flax runner (:func:`crosscheck.flax_runner.run_flax`) on every case, in float32."""
     import flax
@@ -94,7 +95,7 @@ def _run_flax(
 
 
 def _run_ttnn(
-    cases: list[bd.BundleCase], runtime: str, prompt_len: Optional[int] = None
+    cases: list[bd.BundleCase], runtime: str, prompt_len: int | None = None
 ) -> tuple[dict[str, np.ndarray], dict]:
     from crosscheck.tt import runtime as rt
 
@@ -123,8 +124,8 @@ def run_cases(
     cases: list[bd.BundleCase],
     backend: str = "ttnn",
     runtime: str = "auto",
-    attention_impl: Optional[str] = None,
-    prompt_len: Optional[int] = None,
+    attention_impl: str | None = None,
+    prompt_len: int | None = None,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """``({variant: context_vec}, meta)`` of ``cases`` on ``backend``.
 
@@ -204,6 +205,7 @@ def run_in_interpreter(
     bundle_path, out_path = os.path.abspath(os.fspath(bundle_path)), os.path.abspath(os.fspath(out_path))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), env.get("PYTHONPATH")) if p)
+    env[extra.WORKER_ENV] = "1"  # the worker's interpreter has no torch by design
     cmd = [python, "-m", "crosscheck.tt.worker", bundle_path, out_path, "--backend", backend, "--ttnn-runtime", runtime]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -230,13 +232,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="outputs file to write (.safetensors)")
     p.add_argument("--backend", default="ttnn", choices=BACKENDS, help="ttnn (device or host model) or flax")
     p.add_argument(
-        "--ttnn-runtime", default="auto", choices=RUNTIMES,
+        "--ttnn-runtime",
+        default="auto",
+        choices=RUNTIMES,
         help="auto: a Tenstorrent device when one is found, else the host model",
     )
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         meta = run_bundle(args.bundle, args.out, args.backend, args.ttnn_runtime)

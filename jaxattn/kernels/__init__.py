@@ -11,6 +11,7 @@ broadcastable to ``(B, N, T, S)``, already checked by :func:`jaxattn.dot_product
 ``T`` or ``S`` may be 0: no queries give an empty ``(B, 0, N, Hv)``, no keys give zeros
 (every row sees no key), as from every kernel; weights, when returned, are ``(B, N, T, S)``.
 ``precision`` (``None`` or a ``jax.lax.Precision``) goes to every product the kernel
-computes (library kernels document what they do with it). A kernel knows arrays only: no module, no table, no global device choice. What each
-one supports is declared where it is registered (:mod:`jaxattn.implementations`).
+computes (library kernels document what they do with it). A kernel knows arrays only: no module, no table,
+no global device choice. What each one supports is declared where it is registered
+(:mod:`jaxattn.implementations`).
 """

@@ -49,7 +49,7 @@ broadcast. A row that sees no key gives zeros.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from jax import lax
@@ -57,8 +57,6 @@ from jax.lax import Precision
 from jaxtyping import Array, Bool, Float
 
 from jaxattn.ops import accumulation_dtype, scale_queries
-
-
 
 #: Key/query block size of the online schedule (the one used beyond 4096 tokens). Attention core
 #: alone, (12, T, 64) float32, 2-core CPU, medians of 3: T=8192: 256 -> 1.15 s, 512 -> 0.72 s,
@@ -89,11 +87,11 @@ def blockwise_causal_attention(
     key: Float[Array, "*batch tokens d"],
     value: Float[Array, "*batch tokens dv"],
     *,
-    scale: Optional[float] = None,
-    block_size: Optional[int] = None,
+    scale: float | None = None,
+    block_size: int | None = None,
     softmax_dtype=jnp.float32,
     method: str = "auto",
-    precision: Optional[Precision] = None,
+    precision: Precision | None = None,
 ) -> Float[Array, "*batch tokens dv"]:
     """Causal self-attention ``softmax(mask(q @ k.T) * scale) @ v`` without the ``(tokens, tokens)`` weights.
 
@@ -134,7 +132,7 @@ def blockwise_causal_attention(
     # cache; measured ~25% faster than all 48 rows of the GPT-2-small shape at once.
     most = PREFIX_ROW_GROUP if method == "prefix" else HEAD_GROUP
     group = max(g for g in range(1, min(n, most) + 1) if n % g == 0)
-    rows_fn = _prefix_rows if method == "prefix" else _blockwise_rows
+    rows_fn: Callable[..., Array] = _prefix_rows if method == "prefix" else _blockwise_rows
 
     def flat(x):  # (*batch, T, d) -> (n // group, group, padded, d)
         x = _pad_tokens(x.reshape(n, tokens, x.shape[-1]), padded)
@@ -179,7 +177,11 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
         m = s.max(axis=-1)
         p = jnp.exp(s - m[..., None])
         pv = jnp.einsum(
-            "nqk,nkd->nqd", p.astype(value.dtype), v_blocks[i], preferred_element_type=softmax_dtype, precision=precision
+            "nqk,nkd->nqd",
+            p.astype(value.dtype),
+            v_blocks[i],
+            preferred_element_type=softmax_dtype,
+            precision=precision,
         )
         carry = (m, p.sum(axis=-1), pv)
 
@@ -198,7 +200,9 @@ def _blockwise_rows(query, key, value, num_blocks: int, block: int, scale, softm
 
 
 def _prefix_rows(query, key, value, num_blocks: int, block: int, scale, softmax_dtype, precision=None):
-    """Query block ``i`` against its key prefix, one exact softmax each: ``(rows, padded, d)`` -> ``(rows, padded, dv)``.
+    """Query block ``i`` against its key prefix, one exact softmax each.
+
+    ``(rows, padded, d)`` -> ``(rows, padded, dv)``.
 
     The prefix splits into the off-diagonal keys ``[0, i * block)``, which need no
     mask, and the diagonal block, which does; both share the row maximum and
@@ -213,7 +217,9 @@ def _prefix_rows(query, key, value, num_blocks: int, block: int, scale, softmax_
         )
 
     def weighted(p, v):  # (rows, block, keys) x (rows, keys, dv) -> (rows, block, dv)
-        return jnp.einsum("nqk,nkd->nqd", p.astype(v.dtype), v, preferred_element_type=softmax_dtype, precision=precision)
+        return jnp.einsum(
+            "nqk,nkd->nqd", p.astype(v.dtype), v, preferred_element_type=softmax_dtype, precision=precision
+        )
 
     outs = []
     for i in range(num_blocks):  # unrolled: each block has its own prefix length
@@ -245,15 +251,15 @@ def blockwise_attention(
     query: Float[Array, "B T N H"],
     key: Float[Array, "B S K H"],
     value: Float[Array, "B S K Hv"],
-    bias: Optional[Float[Array, "#B #N #T #S"]] = None,
-    mask: Optional[Bool[Array, "#B #N #T #S"]] = None,
+    bias: Float[Array, "#B #N #T #S"] | None = None,
+    mask: Bool[Array, "#B #N #T #S"] | None = None,
     *,
     scale: float,
     is_causal: bool = False,
     q_offset=0,
     dropout_rate: float = 0.0,
     dropout_rng=None,
-    precision: Optional[Precision] = None,
+    precision: Precision | None = None,
 ) -> tuple[Float[Array, "B T N Hv"], None]:
     """The blockwise kernel behind ``implementation="blockwise"``; never materialises the weights."""
     if dropout_rate:
@@ -261,10 +267,16 @@ def blockwise_attention(
     batch, q_tokens, heads, head_dim = query.shape
     kv_tokens, kv_heads = key.shape[1], key.shape[2]
     plain_causal = (
-        is_causal and isinstance(q_offset, int) and q_offset == 0 and q_tokens == kv_tokens
-        and bias is None and mask is None and kv_heads == heads
+        is_causal
+        and isinstance(q_offset, int)
+        and q_offset == 0
+        and q_tokens == kv_tokens
+        and bias is None
+        and mask is None
+        and kv_heads == heads
     )
     if plain_causal:
+
         def heads_first(x):  # (B, T, N, d) -> (B, N, T, d)
             return jnp.swapaxes(x, 1, 2)
 
@@ -298,7 +310,7 @@ def _grouped_blocks(x: Array, kv_heads: int, group: int, padded_q: int, padded_k
     return x
 
 
-def _block(x: Optional[Array], axis: int, start, size: int) -> Optional[Array]:
+def _block(x: Array | None, axis: int, start, size: int) -> Array | None:
     """``x[..., start:start + size, ...]`` on ``axis`` unless ``x`` broadcasts there (size 1)."""
     if x is None or x.shape[axis] == 1:
         return x
@@ -309,15 +321,15 @@ def general_blockwise_attention(
     query: Float[Array, "B T N H"],
     key: Float[Array, "B S K H"],
     value: Float[Array, "B S K Hv"],
-    bias: Optional[Float[Array, "#B #N #T #S"]] = None,
-    mask: Optional[Bool[Array, "#B #N #T #S"]] = None,
+    bias: Float[Array, "#B #N #T #S"] | None = None,
+    mask: Bool[Array, "#B #N #T #S"] | None = None,
     *,
     scale: float,
     is_causal: bool = False,
     q_offset=0,
     query_block: int = GENERAL_QUERY_BLOCK,
     key_block: int = GENERAL_KEY_BLOCK,
-    precision: Optional[Precision] = None,
+    precision: Precision | None = None,
 ) -> Float[Array, "B T N Hv"]:
     """Online-softmax attention over key blocks for any call :func:`jaxattn.dot_product_attention` accepts.
 
@@ -363,7 +375,9 @@ def general_blockwise_attention(
             k_j = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)  # (B, K, bk, H)
             v_j = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
             k_pos = j * bk + jnp.arange(bk)  # (bk,)
-            s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype, precision=precision).astype(acc_dtype)
+            s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype, precision=precision).astype(
+                acc_dtype
+            )
             visible = (k_pos < kv_tokens)[None, :]  # padded keys never count
             if is_causal:
                 visible = visible & (k_pos[None, :] <= q_pos[:, None])  # (bq, bk)

@@ -14,8 +14,6 @@ here (every jaxattn kernel agrees on that) and cuDNN's masked rows do not promis
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -25,7 +23,7 @@ MAX_HEAD_DIM = 128
 DTYPES = ("bfloat16", "float16")
 
 
-def refusal(head_dim: int, value_head_dim: int) -> Optional[str]:
+def refusal(head_dim: int, value_head_dim: int) -> str | None:
     """Why cuDNN cannot take these head dims, or ``None``."""
     if value_head_dim != head_dim:
         return f"cuDNN needs one head dim for q, k and v (got {head_dim} and {value_head_dim})"
@@ -55,5 +53,7 @@ def cudnn_attention(
         return jnp.zeros((*query.shape[:3], value.shape[-1]), value.dtype), None
     # The scale goes to cuDNN, which applies it in float32 inside the fused kernel: pre-scaling 16-bit
     # queries (what the XLA-compiled kernels do, jaxattn.ops.scale_queries) would round them once more.
-    out = jax.nn.dot_product_attention(query, key, value, scale=scale, is_causal=bool(is_causal), implementation="cudnn")
+    out = jax.nn.dot_product_attention(
+        query, key, value, scale=scale, is_causal=bool(is_causal), implementation="cudnn"
+    )
     return out, None

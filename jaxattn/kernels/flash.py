@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,18 +72,18 @@ def flash_attention(
     query: Float[Array, "B T N H"],
     key: Float[Array, "B S K H"],
     value: Float[Array, "B S K Hv"],
-    bias: Optional[Float[Array, "#B #N #T #S"]] = None,
-    mask: Optional[Bool[Array, "#B #N #T #S"]] = None,
+    bias: Float[Array, "#B #N #T #S"] | None = None,
+    mask: Bool[Array, "#B #N #T #S"] | None = None,
     *,
     scale: float,
     is_causal: bool = False,
     q_offset=0,
     dropout_rate: float = 0.0,
     dropout_rng=None,
-    precision: Optional[lax.Precision] = None,
-    block_q: Optional[int] = None,
-    block_k: Optional[int] = None,
-    backward_blocks: Optional[tuple[int, int]] = None,
+    precision: lax.Precision | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    backward_blocks: tuple[int, int] | None = None,
     interpret: bool = False,
 ) -> tuple[Float[Array, "B T N Hv"], None]:
     """The kernel behind ``implementation="flash"`` (GPU): ``(context, None)``.
@@ -106,17 +106,24 @@ def flash_attention(
     block_q = defaults[0] if block_q is None else block_q
     block_k = defaults[1] if block_k is None else block_k
     backward_blocks = defaults[2] if backward_blocks is None else backward_blocks
-    for name, size in (("block_q", block_q), ("block_k", block_k), ("backward_blocks", backward_blocks[0]),
-                       ("backward_blocks", backward_blocks[1])):
+    for name, size in (
+        ("block_q", block_q),
+        ("block_k", block_k),
+        ("backward_blocks", backward_blocks[0]),
+        ("backward_blocks", backward_blocks[1]),
+    ):
         if size < 16 or size & (size - 1):  # Triton's dot wants powers of two >= 16; so do the block divisions
             raise ValueError(f"flash_attention: {name} must be powers of two >= 16, got {size}")
     batch, q_tokens, heads, head_dim = query.shape
     kv_tokens, value_dim = key.shape[1], value.shape[-1]
     full_shape = (batch, heads, q_tokens, kv_tokens)
     for what, x in (("mask", mask), ("bias", bias)):
-        if x is not None and (x.ndim != 4 or any(m not in (1, full) for m, full in zip(x.shape, full_shape))):
-            raise ValueError(f"flash_attention: {what} must be rank 4 and broadcastable to {full_shape}, "
-                             f"got shape {x.shape}")
+        if x is not None and (
+            x.ndim != 4 or any(m not in (1, full) for m, full in zip(x.shape, full_shape, strict=True))
+        ):
+            raise ValueError(
+                f"flash_attention: {what} must be rank 4 and broadcastable to {full_shape}, got shape {x.shape}"
+            )
     if q_tokens == 0 or kv_tokens == 0:  # no query, or no key for any query: zeros (no blocks to cut)
         return jnp.zeros((batch, q_tokens, heads, value_dim), value.dtype), None
     bq = min(block_q, _pow2_at_least(q_tokens))
@@ -128,20 +135,33 @@ def flash_attention(
     k, v = _pad(key, padded_kv), _pad(value, padded_kv)  # (B, S', K, H'), (B, S', K, Hv')
     mask_full = bias_full = None
     if mask is not None:
-        mask_full = tuple(m != 1 for m in mask.shape)  # which axes the mask spells out
+        mask_full = _spelled_out(mask.shape)  # which axes the mask spells out
         # int8, not bool: Triton loads bytes; padded positions are masked (the T padding is sliced off).
         mask = _pad_tokens(mask.astype(jnp.int8), mask_full, padded_q, padded_kv)
     if bias is not None:
-        bias_full = tuple(m != 1 for m in bias.shape)
+        bias_full = _spelled_out(bias.shape)
         bias = _pad_tokens(bias, bias_full, padded_q, padded_kv)
     offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
     config = _Config(
-        causal=bool(is_causal), kv_tokens=kv_tokens, block_q=bq, block_k=bk,
-        block_q_bwd=bq_bwd, block_k_bwd=bk_bwd, precision=precision, interpret=bool(interpret),
-        mask=mask_full, bias=bias_full,
+        causal=bool(is_causal),
+        kv_tokens=kv_tokens,
+        block_q=bq,
+        block_k=bk,
+        block_q_bwd=bq_bwd,
+        block_k_bwd=bk_bwd,
+        precision=precision,
+        interpret=bool(interpret),
+        mask=mask_full,
+        bias=bias_full,
     )
     out = _flash(q, k, v, bias, mask, offset, config)  # (B, T', N, Hv')
     return out[:, :q_tokens, :, :value_dim], None
+
+
+def _spelled_out(shape: tuple[int, ...]) -> tuple[bool, bool, bool, bool]:
+    """Per ``(B, N, T, S)`` axis of a rank-4 mask or bias: spelled out (else size 1)."""
+    b, n, t, s = (m != 1 for m in shape)
+    return b, n, t, s
 
 
 @dataclass(frozen=True)
@@ -154,10 +174,10 @@ class _Config:
     block_k: int
     block_q_bwd: int
     block_k_bwd: int
-    precision: Optional[lax.Precision]
+    precision: lax.Precision | None
     interpret: bool
-    mask: Optional[tuple[bool, bool, bool, bool]] = None  # per (B, N, T, S) axis: spelled out (else size 1)
-    bias: Optional[tuple[bool, bool, bool, bool]] = None  # the same for the bias
+    mask: tuple[bool, bool, bool, bool] | None = None  # per (B, N, T, S) axis: spelled out (else size 1)
+    bias: tuple[bool, bool, bool, bool] | None = None  # the same for the bias
 
 
 def default_blocks(head_dim: int, itemsize: int) -> tuple[int, int, tuple[int, int]]:
@@ -166,6 +186,7 @@ def default_blocks(head_dim: int, itemsize: int) -> tuple[int, int, tuple[int, i
     float32: 128 / 64 at head dim 64, 64 / 32 at 128, 32 / 16 at 256; bfloat16 twice that, at most
     :data:`BLOCK_Q` / :data:`BLOCK_Q_BACKWARD`.
     """
+
     def fit(limit: int, budget: int) -> int:
         return max(16, min(limit, _pow2_at_most(budget // (head_dim * itemsize))))
 
@@ -193,8 +214,9 @@ def _pad(x: Array, tokens: int) -> Array:
 
 def _pad_tokens(x: Array, full, padded_q: int, padded_kv: int) -> Array:
     """A ``(#B, #N, #T, #S)`` mask or bias zero-padded to whole blocks along its spelled-out T and S axes."""
-    return jnp.pad(x, ((0, 0), (0, 0), (0, padded_q - x.shape[2] if full[2] else 0),
-                       (0, padded_kv - x.shape[3] if full[3] else 0)))
+    return jnp.pad(
+        x, ((0, 0), (0, 0), (0, padded_q - x.shape[2] if full[2] else 0), (0, padded_kv - x.shape[3] if full[3] else 0))
+    )
 
 
 def _dot(a, b, precision, *, trans_b: bool = False, trans_a: bool = False):
@@ -253,8 +275,12 @@ def _tile_spec(full, rows: int, cols: int, row_index, col_index):
     full_b, full_n, full_t, full_s = full
     return pl.BlockSpec(
         (None, None, rows if full_t else None, cols if full_s else None),
-        lambda b, n, x: (b if full_b else 0, n if full_n else 0,
-                         row_index(b, n, x) if full_t else 0, col_index(b, n, x) if full_s else 0),
+        lambda b, n, x: (
+            b if full_b else 0,
+            n if full_n else 0,
+            row_index(b, n, x) if full_t else 0,
+            col_index(b, n, x) if full_s else 0,
+        ),
     )
 
 
@@ -332,9 +358,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, offset_ref, *refs, config: _Config):
         k = k_ref[pl.ds(j * bk, bk), :]  # (bk, H)
         v = v_ref[pl.ds(j * bk, bk), :]  # (bk, Hv)
         cols = pl.ds(j * bk, bk)
-        s, _ = _scores(_dot(q, k, config.precision, trans_b=True), q_pos, j * bk + jnp.arange(bk), offset,
-                       _tile(mask_ref, slice(None), cols, config.mask),
-                       _tile(bias_ref, slice(None), cols, config.bias), config)  # (bq, bk)
+        s, _ = _scores(
+            _dot(q, k, config.precision, trans_b=True),
+            q_pos,
+            j * bk + jnp.arange(bk),
+            offset,
+            _tile(mask_ref, slice(None), cols, config.mask),
+            _tile(bias_ref, slice(None), cols, config.bias),
+            config,
+        )  # (bq, bk)
         m_new = jnp.maximum(m, s.max(axis=-1))
         # A row that has seen no key yet has m = -inf: exp against 0 keeps its p and correction 0, not NaN.
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -408,17 +440,24 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, offset_ref, *ref
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         cols = pl.ds(j * bk, bk)
-        s, visible = _scores(_dot(q, k, config.precision, trans_b=True), q_pos, j * bk + jnp.arange(bk), offset,
-                             _tile(mask_ref, slice(None), cols, config.mask),
-                             _tile(bias_ref, slice(None), cols, config.bias), config)  # (bq, bk)
+        s, visible = _scores(
+            _dot(q, k, config.precision, trans_b=True),
+            q_pos,
+            j * bk + jnp.arange(bk),
+            offset,
+            _tile(mask_ref, slice(None), cols, config.mask),
+            _tile(bias_ref, slice(None), cols, config.bias),
+            config,
+        )  # (bq, bk)
         p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, v, config.precision, trans_b=True)  # (bq, bk)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, config.precision)
 
     num_kv = k_ref.shape[0] // bk
-    dq = lax.fori_loop(0, _key_blocks_seen((i + 1) * bq, bk, num_kv, config.causal, offset), step,
-                       jnp.zeros(q.shape, jnp.float32))
+    dq = lax.fori_loop(
+        0, _key_blocks_seen((i + 1) * bq, bk, num_kv, config.causal, offset), step, jnp.zeros(q.shape, jnp.float32)
+    )
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -445,8 +484,15 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, offset_ref, *r
         rows = pl.ds(i * bq, bq)
         mask_tile = _tile(mask_ref, rows, slice(None), config.mask, head=(g,) if config.mask and config.mask[1] else ())
         bias_tile = _tile(bias_ref, rows, slice(None), config.bias, head=(g,) if config.bias and config.bias[1] else ())
-        s, visible = _scores(_dot(q, k, config.precision, trans_b=True), i * bq + jnp.arange(bq), k_pos, offset,
-                             mask_tile, bias_tile, config)  # (bq, bk)
+        s, visible = _scores(
+            _dot(q, k, config.precision, trans_b=True),
+            i * bq + jnp.arange(bq),
+            k_pos,
+            offset,
+            mask_tile,
+            bias_tile,
+            config,
+        )  # (bq, bk)
         p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, config.precision, trans_a=True)  # (bk, Hv)
         dp = _dot(do, v, config.precision, trans_b=True)  # (bq, bk)
@@ -471,6 +517,7 @@ def _dbias_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, offset_ref, *
     """
     mask_ref, bias_ref, (dbias_ref,) = _split(refs, config)
     bq, bk = config.block_q_bwd, config.block_k_bwd
+    assert config.bias is not None  # this kernel runs only for a bias
     full_b, full_n, full_t, full_s = config.bias
     batch, padded_q, heads, _ = q_ref.shape
     num_q, num_kv = padded_q // bq, k_ref.shape[1] // bk
@@ -478,8 +525,12 @@ def _dbias_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, offset_ref, *
     blocks_s = num_kv if full_s else 1
     x = pl.program_id(2)
     counts = (1 if full_b else batch, 1 if full_n else heads, 1 if full_t else num_q, 1 if full_s else num_kv)
-    starts = (pl.program_id(0) if full_b else 0, pl.program_id(1) if full_n else 0,
-              lax.div(x, blocks_s) if full_t else 0, lax.rem(x, blocks_s) if full_s else 0)
+    starts = (
+        pl.program_id(0) if full_b else 0,
+        pl.program_id(1) if full_n else 0,
+        lax.div(x, blocks_s) if full_t else 0,
+        lax.rem(x, blocks_s) if full_s else 0,
+    )
     bias_tile = bias_ref[...]  # (bq | 1, bk | 1)
 
     def step(flat, acc):
@@ -487,18 +538,27 @@ def _dbias_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, offset_ref, *
         for count in reversed(counts):
             steps.append(lax.rem(flat, count))
             flat = lax.div(flat, count)
-        b, n, i, j = (start + step_ for start, step_ in zip(starts, reversed(steps)))
+        b, n, i, j = (start + step_ for start, step_ in zip(starts, reversed(steps), strict=True))
         rows, cols = pl.ds(i * bq, bq), pl.ds(j * bk, bk)
         q, do = q_ref[b, rows, n, :], do_ref[b, rows, n, :]  # (bq, H), (bq, Hv)
         k, v = k_ref[b, cols, n // group, :], v_ref[b, cols, n // group, :]  # (bk, H), (bk, Hv)
         lse, delta = lse_ref[b, n, rows], delta_ref[b, n, rows]  # (bq,)
         mask_tile = None
         if mask_ref is not None:
+            assert config.mask is not None  # a mask ref is passed only with a mask
             mb, mn, mt, ms = config.mask
-            mask_tile = mask_ref[b if mb else 0, n if mn else 0,
-                                 rows if mt else pl.ds(0, 1), cols if ms else pl.ds(0, 1)]  # (bq | 1, bk | 1)
-        s, visible = _scores(_dot(q, k, config.precision, trans_b=True), i * bq + jnp.arange(bq),
-                             j * bk + jnp.arange(bk), offset, mask_tile, bias_tile, config)  # (bq, bk)
+            mask_tile = mask_ref[
+                b if mb else 0, n if mn else 0, rows if mt else pl.ds(0, 1), cols if ms else pl.ds(0, 1)
+            ]  # (bq | 1, bk | 1)
+        s, visible = _scores(
+            _dot(q, k, config.precision, trans_b=True),
+            i * bq + jnp.arange(bq),
+            j * bk + jnp.arange(bk),
+            offset,
+            mask_tile,
+            bias_tile,
+            config,
+        )  # (bq, bk)
         p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, v, config.precision, trans_b=True)  # (bq, bk)
         ds = jnp.where(visible, p * (dp - delta[:, None]), 0.0)  # where: a skipped causal block may hold NaN
@@ -519,7 +579,7 @@ def _backward(q, k, v, bias, mask, offset, o, lse, do, config: _Config):
     group = heads // kv_heads
     bq, bk = config.block_q_bwd, config.block_k_bwd
     delta = jnp.swapaxes((o.astype(jnp.float32) * do.astype(jnp.float32)).sum(axis=-1), 1, 2)  # (B, N, T')
-    common = dict(interpret=config.interpret, compiler_params=_triton(head_dim, value_dim))
+    common: dict[str, Any] = dict(interpret=config.interpret, compiler_params=_triton(head_dim, value_dim))
     inputs = [q, k, v, do, lse, delta, offset]
     extras = _extras(mask, bias, config)
     dq_specs = [
@@ -531,15 +591,19 @@ def _backward(q, k, v, bias, mask, offset, o, lse, do, config: _Config):
         pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i)),
         _OFFSET_SPEC,
     ]
-    dq_specs += [_tile_spec(full, bq, padded_kv, lambda b, n, i: i, lambda b, n, i: 0)
-                 for full in (config.mask, config.bias) if full]
+    dq_specs += [
+        _tile_spec(full, bq, padded_kv, lambda b, n, i: i, lambda b, n, i: 0)
+        for full in (config.mask, config.bias)
+        if full
+    ]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, config=config),
         grid=(batch, heads, padded_q // bq),
         in_specs=dq_specs,
         out_specs=pl.BlockSpec((None, bq, None, head_dim), lambda b, n, i: (b, i, n, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        name="jaxattn_flash_dq", **common,
+        name="jaxattn_flash_dq",
+        **common,
     )(*inputs, *extras)
     dkdv_specs = [
         pl.BlockSpec((None, padded_q, group, head_dim), lambda b, h, j: (b, 0, h, 0)),
@@ -560,7 +624,8 @@ def _backward(q, k, v, bias, mask, offset, o, lse, do, config: _Config):
             pl.BlockSpec((None, bk, None, value_dim), lambda b, h, j: (b, j, h, 0)),
         ],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        name="jaxattn_flash_dkdv", **common,
+        name="jaxattn_flash_dkdv",
+        **common,
     )(*inputs, *extras)
     dbias = None if bias is None else _dbias(inputs, mask, bias, config, group)
     return dq, dk, dv, dbias
@@ -569,6 +634,7 @@ def _backward(q, k, v, bias, mask, offset, o, lse, do, config: _Config):
 def _dbias(inputs, mask, bias, config: _Config, group: int):
     """``dbias`` in ``bias``'s own (padded) shape, from a kernel over the bias's blocks."""
     bq, bk = config.block_q_bwd, config.block_k_bwd
+    assert config.bias is not None  # called only for a bias
     full_b, full_n, full_t, full_s = config.bias
     rows, cols = (bq if full_t else 1), (bk if full_s else 1)
     blocks_t, blocks_s = bias.shape[2] // rows, bias.shape[3] // cols

@@ -41,7 +41,6 @@ This kernel knows arrays and a mesh only; the mesh and axis come from its caller
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +83,10 @@ def ring_layout(tokens: int, devices: int, max_block: int = MAX_BLOCK) -> tuple[
 
 
 def zigzag_positions(device, devices: int, chunk: int) -> Array:
-    """Token positions held by ``device`` in zig-zag order: chunk ``device``, then chunk ``2n - 1 - device``; ``(2 * chunk,)``."""
+    """Token positions held by ``device`` in zig-zag order, ``(2 * chunk,)``.
+
+    Chunk ``device``, then chunk ``2n - 1 - device``.
+    """
     offsets = jnp.arange(chunk, dtype=jnp.int32)
     device = jnp.asarray(device, jnp.int32)
     return jnp.concatenate([device * chunk + offsets, (2 * devices - 1 - device) * chunk + offsets])
@@ -106,9 +108,7 @@ def _to_zigzag(x: Array, axis_name: str, devices: int) -> Array:
     even = lax.ppermute(x[:, :chunk], axis_name, [(d, _owner(2 * d, devices)) for d in range(devices)])
     odd = lax.ppermute(x[:, chunk:], axis_name, [(d, _owner(2 * d + 1, devices)) for d in range(devices)])
     first_is_even = lax.axis_index(axis_name) % 2 == 0
-    return jnp.concatenate(
-        [jnp.where(first_is_even, even, odd), jnp.where(first_is_even, odd, even)], axis=1
-    )
+    return jnp.concatenate([jnp.where(first_is_even, even, odd), jnp.where(first_is_even, odd, even)], axis=1)
 
 
 def _from_zigzag(x: Array, axis_name: str, devices: int) -> Array:
@@ -122,7 +122,7 @@ def _from_zigzag(x: Array, axis_name: str, devices: int) -> Array:
     return jnp.concatenate([even, odd], axis=1)
 
 
-def _grouped(x: Optional[Array], kv_heads: int, group: int) -> Optional[Array]:
+def _grouped(x: Array | None, kv_heads: int, group: int) -> Array | None:
     """A ``(#B, #N, #T, #S)`` mask or bias as ``(#B, #K, #G, #T, #S)``, matching the grouped queries."""
     if x is None:
         return None
@@ -130,14 +130,14 @@ def _grouped(x: Optional[Array], kv_heads: int, group: int) -> Optional[Array]:
     return x.reshape(b, 1, 1, t, s) if n == 1 else x.reshape(b, kv_heads, group, t, s)
 
 
-def _take(x: Optional[Array], positions: Array, axis: int, size: int) -> Optional[Array]:
+def _take(x: Array | None, positions: Array, axis: int, size: int) -> Array | None:
     """``x`` at ``positions`` (clamped to the real tokens) along ``axis``, unless ``x`` broadcasts there."""
     if x is None or x.shape[axis] == 1:
         return x
     return jnp.take(x, jnp.minimum(positions, size - 1), axis=axis)
 
 
-def _tile(x: Optional[Array], axis: int, start, size: int) -> Optional[Array]:
+def _tile(x: Array | None, axis: int, start, size: int) -> Array | None:
     if x is None or x.shape[axis] == 1:
         return x
     return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
@@ -169,9 +169,9 @@ def _fold(carry, q, k, v, q_pos, k_pos, mask, bias, *, tokens: int, is_causal: b
             k_j = lax.dynamic_slice_in_dim(k, kstart, block, axis=2)  # (B, K, bk, H)
             v_j = lax.dynamic_slice_in_dim(v, kstart, block, axis=2)
             kp = lax.dynamic_slice_in_dim(k_pos, kstart, block)  # (bk,)
-            s = jnp.einsum(
-                "bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype, precision=precision
-            ).astype(acc_dtype)
+            s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype, precision=precision).astype(
+                acc_dtype
+            )
             visible = (kp < tokens)[None, :]  # padded keys never count
             if is_causal:
                 visible = visible & (kp[None, :] <= qp[:, None])  # (bq, bk)
@@ -214,15 +214,15 @@ def ring_attention(
     query: Float[Array, "B T N H"],
     key: Float[Array, "B T K H"],
     value: Float[Array, "B T K Hv"],
-    bias: Optional[Float[Array, "#B #N #T #T"]] = None,
-    mask: Optional[Bool[Array, "#B #N #T #T"]] = None,
+    bias: Float[Array, "#B #N #T #T"] | None = None,
+    mask: Bool[Array, "#B #N #T #T"] | None = None,
     *,
     scale: float,
     is_causal: bool = False,
     mesh: Mesh,
     axis_name: str,
     max_block: int = MAX_BLOCK,
-    precision: Optional[Precision] = None,
+    precision: Precision | None = None,
 ) -> Float[Array, "B T N Hv"]:
     """Self-attention over one sequence sharded along ``axis_name`` of ``mesh``: ``softmax(q k^T * scale + bias) v``.
 
@@ -255,9 +255,9 @@ def ring_attention(
 
     def local(q, k, v, *extra):
         """One device: ``q``/``k``/``v`` ``(B, 2C, h, d)``, chunks ``2d`` and ``2d + 1``; mask/bias whole."""
-        extra = list(extra)
-        mask = extra.pop(0) if has_mask else None
-        bias = extra.pop(0) if has_bias else None
+        rest = list(extra)
+        mask = rest.pop(0) if has_mask else None
+        bias = rest.pop(0) if has_bias else None
         me = lax.axis_index(axis_name)
         q, k, v = (_to_zigzag(x, axis_name, devices) for x in (q, k, v))
         q_pos = zigzag_positions(me, devices, chunk)  # (2C,)
@@ -270,8 +270,18 @@ def ring_attention(
         def fold(carry, k, v, source):
             k_pos = zigzag_positions(source, devices, chunk)
             return _fold(
-                carry, q, k, v, q_pos, k_pos, _take(mask_rows, k_pos, 4, tokens), _take(bias_rows, k_pos, 4, tokens),
-                tokens=tokens, is_causal=is_causal, block=block, precision=precision,
+                carry,
+                q,
+                k,
+                v,
+                q_pos,
+                k_pos,
+                _take(mask_rows, k_pos, 4, tokens),
+                _take(bias_rows, k_pos, 4, tokens),
+                tokens=tokens,
+                is_causal=is_causal,
+                block=block,
+                precision=precision,
             )
 
         shape = (batch, kv_heads, group, 2 * chunk)
@@ -293,9 +303,7 @@ def ring_attention(
 
     tokens_spec = PartitionSpec(None, axis_name, None, None)
     whole = [x for x in (mask, bias) if x is not None]  # replicated: each device gathers its rows and columns
-    run = shard_map(
-        local, mesh, in_specs=(tokens_spec,) * 3 + (PartitionSpec(),) * len(whole), out_specs=tokens_spec
-    )
+    run = shard_map(local, mesh, in_specs=(tokens_spec,) * 3 + (PartitionSpec(),) * len(whole), out_specs=tokens_spec)
     return run(pad(query), pad(key), pad(value), *whole)[:, :tokens]
 
 

@@ -11,7 +11,6 @@ a ``-inf`` bias masks it; here it gets zeros, as from every implementation).
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +24,15 @@ def xla_attention(
     query: Float[Array, "B T N H"],
     key: Float[Array, "B S K H"],
     value: Float[Array, "B S K H"],
-    bias: Optional[Float[Array, "#B #N #T #S"]] = None,
-    mask: Optional[Bool[Array, "#B #N #T #S"]] = None,
+    bias: Float[Array, "#B #N #T #S"] | None = None,
+    mask: Bool[Array, "#B #N #T #S"] | None = None,
     *,
     scale: float,
     is_causal: bool = False,
     q_offset=0,
     dropout_rate: float = 0.0,
     dropout_rng=None,
-    precision: Optional[jax.lax.Precision] = None,
+    precision: jax.lax.Precision | None = None,
 ) -> tuple[Float[Array, "B T N H"], None]:
     if dropout_rate:
         raise ValueError("xla_attention: dropout needs the full attention weights (use the naive kernel)")
@@ -57,7 +56,9 @@ def xla_attention(
             lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, bias, mask, scale=1.0, is_causal=top_left_causal, implementation="xla"
             ),
-            scale_queries(query, scale), key, value,
+            scale_queries(query, scale),
+            key,
+            value,
             foldable=all(x is None or x.shape[:2] == (1, 1) for x in (bias, mask)),
         )
     if mask is None:

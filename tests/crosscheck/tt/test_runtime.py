@@ -77,6 +77,7 @@ def test_bad_inputs_are_named():
 
 
 def test_package_imports_without_torch_or_jax():
+    """As the ttnn worker's interpreter does: no torch by design, so it sets CROSSCHECK_WORKER=1."""
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['jax'] = None; sys.modules['flax'] = None\n"
         "from crosscheck.tt import runtime, programs, port, host_model\n"
@@ -87,7 +88,8 @@ def test_package_imports_without_torch_or_jax():
         "with runtime.open_runtime('host') as rt:\n"
         "    print(runtime.run_variant(rt, v, AttnConfig(), {}, INPUTS).shape)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    env = {**os.environ, "CROSSCHECK_WORKER": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(6, 3)"
 
