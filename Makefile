@@ -67,21 +67,26 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 
-# pytest-xdist: TEST_WORKERS processes share the tests (2: this project's 2-core CI machine, where the main
-# session took 338 s on 2026-11-28). `make test TEST_WORKERS=0` runs in one process.
+# pytest-xdist: TEST_WORKERS processes share the tests (2: this project's 2-core CI machine).
+# `make test TEST_WORKERS=0` runs in one process.
 TEST_WORKERS ?= 2
 
+# tests/conftest.py compiles at XLA's backend optimisation level 0 (half the compile time); the tests of
+# non-finite numerics (marker xla_optimized), where optimised code has shown bugs, run again at the default
+# level, in one process.
 test-main: $(VENV)/.installed
 	time $(VENV)/bin/python -m pytest --ignore=tests/conformance -n $(TEST_WORKERS)
+	time JAXATTN_TEST_XLA_OPTIMIZED=1 $(VENV)/bin/python -m pytest --ignore=tests/conformance -m xla_optimized -p no:xdist
 
 # tests/conformance runs only in $(TTNN_VENV) (real ttnn 0.81.1, JAX 0.7.0 + Flax 0.11.2, numpy<2): the main
 # session ignores it. Its test_jax_minimum*.py files keep jaxattn working on the oldest JAX it supports, every
 # public function once (the whole jaxattn tree runs in the main session). That interpreter is the ttnn
 # worker's: no torch, so CROSSCHECK_WORKER=1 (crosscheck.extra) lets the torch-free parts of crosscheck import.
-# pyproject addopts apply (jaxtyping's pytest plugin is installed in $(TTNN_VENV)).
+# pyproject addopts apply (jaxtyping's pytest plugin is installed in $(TTNN_VENV)). One process: two workers would each
+# compile the shared programs again (measured slower).
 test-conformance: $(TTNN_VENV)/.installed
 	@if [ -f $(TTNN_VENV)/.installed ]; then \
-	  set -x; time CROSSCHECK_WORKER=1 $(TTNN_VENV)/bin/python -m pytest -n $(TEST_WORKERS) tests/conformance; \
+	  set -x; time CROSSCHECK_WORKER=1 $(TTNN_VENV)/bin/python -m pytest tests/conformance; \
 	else \
 	  echo "SKIPPED tests/conformance: no Python 3.12 to build $(TTNN_VENV) (ttnn 0.81.1 + JAX 0.7.0 need it)"; \
 	fi

@@ -10,13 +10,18 @@ of the exact value, ``gamma(n) = n u / (1 - n u)`` with ``u`` the unit roundoff 
 
 Each function returns a bound on the error of *one* computation against exact arithmetic, from the actual
 operands; two computations of the same quantity then differ by at most the sum of their two bounds
-(:func:`attention_bound`, :func:`projected_attention_bound` return that sum). The bounds are first order in
-``u`` (products of two rounding errors, ``O(u**2)``, are left out) and worst case: the observed difference
-is usually 10-1000x smaller, yet a wrong mask, scale or weight moves outputs by far more than the bound.
+(:func:`attention_bound`, :func:`projected_attention_bound`, :func:`attention_grad_bound` return that sum).
+The bounds are first order in ``u`` (products of two rounding errors, ``O(u**2)``, are left out) and worst
+case: the observed difference is usually 10-1000x smaller, yet a wrong mask, scale or weight moves outputs
+by far more than the bound. The forward bounds weigh each key's error by its exact softmax weight when the
+masking is given, and take the worst key when it is not (then they hold for every mask); the gradient bound
+always needs the masking. Where a first-order analysis is impractical (gradients through a whole layer,
+RMS norms and RoPE before the scores, scores so large that softmax is a max), :func:`reference_bound`
+derives the bound from a float64 run instead: a small multiple of the float32 reference's own error.
 
 Shapes follow :func:`jaxattn.dot_product_attention`: ``q (B, S, N, H)``, ``k (B, T, K, H)``,
-``v (B, T, K, Hv)``, with ``N`` a multiple of ``K`` (grouped kv heads). Everything is numpy in float64, so a
-bound costs a few host matmuls of absolute values and never runs the attention itself.
+``v (B, T, K, Hv)``, with ``N`` a multiple of ``K`` (grouped kv heads). Everything is numpy in float64 on
+the host: a bound costs a few host matmuls (the exact weights among them) and never runs a JAX program.
 """
 
 from __future__ import annotations
@@ -128,10 +133,16 @@ def _attention_terms(q, k, v, scale, bias, q_err, k_err, v_err, mask, is_causal,
         + gamma(2, dtype) * score
     )
     # A score off by d_j moves its weight by exp(d_j) / sum_i p_i exp(d_i): by at most expm1(e_j + sum_i p_i
-    # expm1(e_i)) relative, for |d_j| <= e_j (Jensen's inequality bounds the denominator from below).
-    shift = (p * np.expm1(score_err)).sum(axis=-1, keepdims=True)  # (B, N, S, 1)
+    # expm1(e_i)) relative, for |d_j| <= e_j (Jensen's inequality bounds the denominator from below). With the
+    # masking not given, p is unknown: the largest expm1(e_i) over the keys bounds that weighted mean.
+    known = mask is not None or bool(is_causal)
+    if known:
+        shift = (p * np.expm1(score_err)).sum(axis=-1, keepdims=True)  # (B, N, S, 1)
+    else:
+        shift = np.expm1(score_err).max(axis=-1, keepdims=True, initial=0.0)
     weight_rel = np.expm1(score_err + shift) + gamma(tokens + SOFTMAX_OPS, dtype)  # (B, N, S, T)
     return dict(
+        known=known,
         hq=hq,
         hk=hk,
         hv=hv,
@@ -146,9 +157,20 @@ def _attention_terms(q, k, v, scale, bias, q_err, k_err, v_err, mask, is_causal,
 
 
 def _output_error(t: dict, dtype) -> np.ndarray:
-    """:func:`attention_error` for every output entry, ``(B, N, S, Hv)``."""
-    p, hv = t["p"], np.abs(t["hv"])
-    return (p * (t["weight_rel"] + gamma(t["tokens"], dtype))) @ hv + p @ t["hdv"]
+    """:func:`attention_error` for every output entry, ``(B, N, S | 1, Hv)``."""
+    rel = t["weight_rel"] + gamma(t["tokens"], dtype)  # (B, N, S, T)
+    if t["known"]:
+        return (t["p"] * rel) @ np.abs(t["hv"]) + t["p"] @ t["hdv"]
+    # Any mask: an output row is a convex combination of the values it sees, so at most the largest over keys.
+    v_max = np.abs(t["hv"]).max(axis=-2, keepdims=True, initial=0.0)  # (B, N, 1, Hv)
+    dv_max = t["hdv"].max(axis=-2, keepdims=True, initial=0.0)
+    return rel.max(axis=-1, keepdims=True, initial=0.0) * v_max + dv_max
+
+
+def _context_magnitude(t: dict) -> np.ndarray:
+    """Bound on ``|o|`` (plus its values' errors) for every output entry, ``(B, N, S | 1, Hv)``."""
+    values = np.abs(t["hv"]) + t["hdv"]
+    return t["p"] @ values if t["known"] else values.max(axis=-2, keepdims=True, initial=0.0)
 
 
 def attention_error(
@@ -171,8 +193,12 @@ def attention_error(
 
     Holds for every summation order, one pass or blockwise (online softmax), and grouped kv heads. ``mask``,
     ``is_causal`` and ``q_offset`` as :func:`jaxattn.dot_product_attention` takes them (a ``-inf`` bias hides
-    a key too); a row that sees no key gives zeros, exactly. ``q_err``, ``k_err`` and ``v_err`` are
-    elementwise error bounds the operands already carry (from :func:`linear_error`, say).
+    a key too); a row that sees no key gives zeros, exactly. Neither ``mask`` nor ``is_causal`` given: the bound
+    holds for every mask (a mask only removes keys), through the worst case over the keys; given (``mask=True``
+    for a computation with no mask at all), it uses the exact weights of that computation and is tighter.
+    ``q_err``, ``k_err`` and ``v_err`` are elementwise error bounds the operands already carry (from
+    :func:`linear_error`, say); ``v`` may be a bound on the values' magnitudes, ``q`` and ``k`` must be the
+    operands (their signs fix the weights).
 
     The steps, with ``p_j`` the exact weights of a row: a score's error is at most ``e_j = scale (|dq| |k_j| +
     |q| |dk_j| + gamma(H) |q| |k_j|)`` plus its own rounding (``gamma(2)`` of ``|scale q k_j| + |bias|``); the
@@ -181,7 +207,9 @@ def attention_error(
     ``gamma(T + SOFTMAX_OPS)`` relative (the subtraction of the row max rounds ``s_j - m`` by ``u |s_j - m|``,
     which matters only where ``p_j = exp(s_j - m)`` is small: ``u sum_j p_j |s_j - m| <= u log T``, inside the
     slack); the weighted sum of ``T`` values adds ``gamma(T) sum_j p_j |v_j|``, the values' errors
-    ``sum_j p_j |dv_j|``. So, per output entry: ``sum_j p_j (rel_j + gamma(T)) |v_j| + sum_j p_j |dv_j|``.
+    ``sum_j p_j |dv_j|``. So, per output entry: ``sum_j p_j (rel_j + gamma(T)) |v_j| + sum_j p_j |dv_j|``. For
+    every mask: ``p_j`` unknown, ``sum_i p_i expm1(e_i) <= max_i expm1(e_i)`` and the output entry at most
+    ``max_j (rel_j + gamma(T)) max_j |v_j| + max_j |dv_j|``.
     """
     t = _attention_terms(q, k, v, scale, bias, q_err, k_err, v_err, mask, is_causal, q_offset, dtype)
     return float(_output_error(t, dtype).max(initial=0.0))
@@ -218,11 +246,12 @@ def projected_attention_error(
     ``x (B, S, d_in)``; kernels ``(d_in, d_out)`` as Flax stores them (torch's ``weight.T``); heads split
     ``d_out`` in ``num_heads`` equal parts (``w_key``/``w_value`` may have fewer columns: grouped kv heads of
     the same head size). ``x_kv`` defaults to ``x``. ``mask``, ``is_causal``, ``q_offset``: as
-    :func:`attention_error` (optional: the bound without them holds for every mask). ``qk_rel_err`` is a
-    relative error the queries and keys gain after projection from an elementwise step that keeps their
-    magnitude (RoPE: ``gamma(3)``, and RoPE's rotation mixes two entries, so pass its magnitudes through
-    :func:`attention_error` instead when exactness matters). A step that rescales them (an RMS norm) is
-    outside this first-order analysis: compare against a float64 reference (:func:`reference_bound`).
+    :func:`attention_error` (without them the bound holds for every mask; with them it uses the exact
+    weights of that masking). ``qk_rel_err`` is a relative error the queries and keys carry beyond the
+    projection's rounding while their values stay those of ``x @ w + b`` (a round trip through another
+    dtype, say). Steps that change the values between projection and scores (RoPE, an RMS norm) are outside
+    this function: bound the transformed ``q``, ``k`` with :func:`attention_error` and their propagated
+    errors, or compare against a float64 reference (:func:`reference_bound`).
     """
     x = np.asarray(x, np.float64)
     if x.ndim == 2:
@@ -241,7 +270,7 @@ def projected_attention_error(
     dq, dk = dq + qk_rel_err * np.abs(q), dk + qk_rel_err * np.abs(k)
 
     def split(a):
-        return a.reshape((*a.shape[:2], -1, head_dim))
+        return a.reshape((*a.shape[:2], a.shape[-1] // head_dim, head_dim))
 
     t = _attention_terms(
         split(q), split(k), split(v), scale, None, split(dq), split(dk), split(dv), mask, is_causal, q_offset, dtype
@@ -249,11 +278,13 @@ def projected_attention_error(
     out_err = _output_error(t, dtype)  # (B, N, S, head_dim)
     if w_out is None:
         return float(out_err.max(initial=0.0))
-    # The context entering out_proj: magnitude at most sum_j p_j (|v_j| + |dv_j|), error at most out_err.
-    context = t["p"] @ (np.abs(t["hv"]) + t["hdv"])
+    # The context entering out_proj: magnitude at most sum_j p_j (|v_j| + |dv_j|) (the largest over the keys
+    # for any mask), error at most out_err.
+    context = np.broadcast_to(_context_magnitude(t), out_err.shape)
 
     def merged(a):  # (B, N, S, head_dim) -> (B, S, N * head_dim), the heads merged as before out_proj
-        return np.moveaxis(a, 1, 2).reshape((a.shape[0], a.shape[2], -1))
+        a = np.broadcast_to(a, (*t["p"].shape[:3], a.shape[-1]))
+        return np.moveaxis(a, 1, 2).reshape((a.shape[0], a.shape[2], a.shape[1] * a.shape[3]))
 
     _, err = linear_error(merged(context), w_out, b_out, x_err=merged(out_err), dtype=dtype)
     return float(err.max(initial=0.0))

@@ -13,9 +13,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # on a 2-core CPU), and the tests check numbers, not code speed (the benches run outside pytest):
 # * XLA's backend (LLVM) optimisation level 0 halves the compile time of a CPU program. It changes which
 #   instructions compute a result, never the HLO's operations, so every comparison's derived float32 bound
-#   (jaxattn.tolerance) still holds. Tests of a bug that only optimised code shows (an FMA contraction made
-#   NaN out of finite input) carry the `xla_optimized` marker: they run in a session of their own at XLA's
-#   default level (JAXATTN_TEST_XLA_OPTIMIZED=1; `make test` does) and are skipped, naming it, here.
+#   (jaxattn.tolerance) still holds. Tests of non-finite numbers, where optimised code has shown bugs that
+#   level 0 would not (an FMA contraction made NaN out of finite input), carry the `xla_optimized` marker:
+#   `make test` runs them a second time, in a session of their own at XLA's default level
+#   (JAXATTN_TEST_XLA_OPTIMIZED=1).
 # * One persistent compilation cache per session, shared by the pytest-xdist workers and the CLI
 #   subprocesses: a program that another test (or the other worker) already compiled, under another jit
 #   wrapper, is loaded instead of compiled again. It is created empty for the session and removed after it,
@@ -88,13 +89,7 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip ``@pytest.mark.gpu`` tests, with the reason, where JAX's default backend is not a GPU, and
-    ``@pytest.mark.xla_optimized`` ones outside their session at XLA's default optimisation level."""
-    if not XLA_OPTIMIZED:
-        skip = pytest.mark.skip(reason="needs XLA's optimised code: runs with JAXATTN_TEST_XLA_OPTIMIZED=1 (make test)")
-        for item in items:
-            if item.get_closest_marker("xla_optimized"):
-                item.add_marker(skip)
+    """Skip ``@pytest.mark.gpu`` tests, with the reason, where JAX's default backend is not a GPU."""
     gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
     if gpu_tests and jax.default_backend() != "gpu":
         skip = pytest.mark.skip(reason=f"needs a CUDA GPU; JAX's default backend here is {jax.default_backend()!r}")

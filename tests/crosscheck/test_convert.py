@@ -137,7 +137,7 @@ BAD = {
     "not a state dict": (["{d}/junk.pt", "{d}/o.msgpack"], "cannot load"),
     "no params": (["{pt}", "{d}/o.msgpack", "--variant", "SimplifiedSelfAttention"], "has no parameters to load"),
     "wrong variant": (["{pt}", "{d}/o.msgpack", "--variant", "MultiHeadAttention"], "MultiHeadAttention: state dict does not fit"),
-    "flags on a flax file": (["{flax}", "{d}/o.pt", "--num-heads", "2"], "from its metadata; drop the flags"),
+    "flags on a flax file": (["{flax}", "{d}/o.pt", "--num-heads", "3"], "--num-heads 3 contradicts"),
     "foreign msgpack": (["{d}/foreign.msgpack", "{d}/o.pt"], "not a Flax parameter file written by crosscheck convert"),
     "two variants": (["{pt}", "{d}/o.msgpack", "--variant", "A", "--variant", "B"], "--variant given 2 times"),
 }

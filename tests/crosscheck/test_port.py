@@ -12,6 +12,7 @@ from crosscheck import port, registry, torch_ref
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError, PortError
 from crosscheck.seed import INPUTS
+from tests.bounds import check_layer
 from tests.crosscheck.conftest import make_pair
 
 SEED_BATCH = torch.from_numpy(INPUTS[None])
@@ -68,7 +69,8 @@ def test_from_torch_recognises_every_reference_module(variant):
     with torch.no_grad():
         expected = variant.torch_forward(torch_module, torch.from_numpy(x), cfg.replace(causal=False)).numpy()
     # Jitted: one program, not one per operation (slow to compile on a GPU).
-    np.testing.assert_allclose(jax.jit(flax_module.apply)(variables, jnp.asarray(x)), expected, atol=1e-5)
+    got = jax.jit(flax_module.apply)(variables, jnp.asarray(x))
+    check_layer(flax_module, variables.get("params"), x, got, expected, f"{variant.name} from_torch vs torch")
     if hasattr(flax_module, "dropout"):
         assert flax_module.dropout == 0.25
 
@@ -120,7 +122,8 @@ def test_users_own_copies_of_the_book_classes_are_recognised(build, expected_cla
     assert flax_module.context_length == 6
     with torch.no_grad():
         expected = torch_module(SEED_BATCH).numpy()
-    np.testing.assert_allclose(jax.jit(flax_module.apply)(variables, jnp.asarray(INPUTS[None])), expected, atol=1e-6)
+    got = jax.jit(flax_module.apply)(variables, jnp.asarray(INPUTS[None]))
+    check_layer(flax_module, variables["params"], INPUTS[None], got, expected, "the user's class vs torch")
 
 
 def test_torch_multihead_attention_with_batch_first_and_causal_mask():
@@ -132,8 +135,9 @@ def test_torch_multihead_attention_with_batch_first_and_causal_mask():
     mask = nn.Transformer.generate_square_subsequent_mask(5)
     with torch.no_grad():
         expected = mha(x, x, x, attn_mask=mask, need_weights=False)[0].numpy()
-    got = jax.jit(flax_module.clone(causal=True).apply)(variables, jnp.asarray(x.numpy()))
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    causal = flax_module.clone(causal=True)
+    got = jax.jit(causal.apply)(variables, jnp.asarray(x.numpy()))
+    check_layer(causal, variables["params"], x.numpy(), got, expected, "causal nn.MultiheadAttention")
 
 
 def test_unsupported_torch_modules_are_refused_by_name():

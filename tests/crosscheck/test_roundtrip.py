@@ -17,6 +17,7 @@ from crosscheck import budget, port  # noqa: E402
 from crosscheck import torch_ref as tr  # noqa: E402
 from crosscheck.errors import BadInputError, PortError  # noqa: E402
 from crosscheck.torch_gqa import Llama3GroupedQueryAttention, Qwen3GroupedQueryAttention  # noqa: E402
+from tests.bounds import check_layer  # noqa: E402
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -110,7 +111,7 @@ def test_no_buffer_is_invented_and_nothing_allocated_for_an_unbounded_context():
 
     with jax.default_matmul_precision("highest"):
         got = np.asarray(flax_module.apply(variables, jax.numpy.asarray(x.numpy())))
-    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
+    check_layer(flax_module, variables["params"], x.numpy(), got, want, "flax vs torch SDPA")
 
 
 def test_a_huge_context_mask_is_refused_before_allocation():
@@ -174,7 +175,7 @@ def test_weights_kept_in_their_dtype_still_compute_the_torch_result(dtype):
     with jax.default_matmul_precision("highest"):
         got = np.asarray(flax_module.apply(variables, jnp.asarray(x.numpy())))
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
+    check_layer(flax_module, variables["params"], x.numpy(), got, want, f"{dtype} weights: flax vs torch")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -51,5 +51,6 @@ def test_ring_attention_across_two_processes_equals_one_device():
     assert first["devices"] == second["devices"] == 4 and first["local_devices"] == 2
     assert first["collective_permute"] and second["collective_permute"]  # keys and values really travel
     assert first["passed"], first
-    assert first["max_abs_diff"] <= 1e-6 and first["grad_max_abs_diff"] <= 1e-5
-    assert first["module_max_abs_diff"] <= 1e-6  # jaxattn.sharding.shard(MultiHeadAttention, mesh, "sequence")
+    # Each within the bound derived from the computation (jaxattn.tolerance), computed by the worker
+    assert first["max_abs_diff"] <= first["bound"] and first["grad_max_abs_diff"] <= first["grad_bound"]
+    assert first["module_max_abs_diff"] <= first["module_bound"]  # shard(MultiHeadAttention, mesh, "sequence")

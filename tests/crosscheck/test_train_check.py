@@ -15,9 +15,11 @@ torch = pytest.importorskip("torch", reason="the references are torch modules")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from crosscheck import cli, engine, grad_check, registry, torch_ref, train_check  # noqa: E402
+from crosscheck import cli, engine, grad_check, port, registry, torch_ref, train_check  # noqa: E402
 from crosscheck import dropout_masks as dm  # noqa: E402
 from crosscheck.inputs import RandomInputs  # noqa: E402
+from jaxattn.tolerance import attention_error  # noqa: E402
+from tests.bounds import layer_bound  # noqa: E402
 
 DEFAULT_RUN = [v.name for v in registry.default_run()]
 WITH_DROPOUT = ("CausalAttention", "MultiHeadAttentionWrapper", "MultiHeadAttention",
@@ -47,7 +49,9 @@ def test_the_mask_read_back_is_what_the_core_drops():
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)  # (b, N, T, S)
     expected = np.einsum("bnts,bsnh->btnh", weights * keep / 0.6, values)
-    np.testing.assert_allclose(np.asarray(dropped), expected, atol=1e-6)
+    # Against float64: one float32 computation's error, its kept weights (and their errors) scaled by 1 / 0.6
+    # (the scaling's own rounding is one more per weight, inside jaxattn.tolerance.SOFTMAX_OPS).
+    np.testing.assert_allclose(np.asarray(dropped), expected, atol=attention_error(q, k, v) / 0.6, rtol=0)
     assert not np.array_equal(dm.site_mask(3, 2, site), keep)  # each site its own draw
 
 
@@ -79,7 +83,12 @@ def test_injected_masks_reproduce_torch_own_dropout(name):
     sites = [dm.Site(2, heads, heads, 5, 5, 0.3)] * n_sites
     with torch.no_grad():
         injected = dm.torch_forward_masked(variant, module, x, cfg, masks, sites)
-    np.testing.assert_allclose(injected.numpy(), native.numpy(), atol=1e-6, rtol=0)
+    # Two float32 computations of the same dropped layer: its derived bound, the kept weights scaled by 1 / 0.7.
+    flax_module, variables = port.from_torch(module)
+    if name == "TorchMultiheadAttention":
+        flax_module = flax_module.clone(causal=True)
+    bound = layer_bound(flax_module, variables["params"], x.numpy()) / (1 - 0.3)
+    np.testing.assert_allclose(injected.numpy(), native.numpy(), atol=bound, rtol=0)
     flipped = [m.copy() for m in masks]
     flipped[-1][1, -1, -1, 0] ^= True  # the last query sees every key: one weight changes
     with torch.no_grad():
@@ -114,7 +123,7 @@ def test_train_and_grad_pass_for_every_default_variant_at_dropout_0_1(train_grad
     train_rows = {(r.variant, r.backend): r for r in report.results if "parameter" not in r.detail}
     for name in DEFAULT_RUN:
         flax_row = train_rows[(name, "flax")]
-        assert flax_row.max_abs_err <= 1e-5 and (name, "torch") in train_rows
+        assert flax_row.passed and (name, "torch") in train_rows  # crosscheck's verdict: its POLICY row
         if name in WITH_DROPOUT:
             assert flax_row.reference == "torch float32, same masks" and flax_row.detail["dropout"] == 0.1
             assert flax_row.detail["sites"] == (2 if name == "MultiHeadAttentionWrapper" else 1)

@@ -34,6 +34,8 @@ from crosscheck.config import AttnConfig
 from crosscheck.tt import BF16_UNIT_ROUNDOFF, TTNN_BF16_TOLERANCE, TTNN_MIN_PCC, decode_programs, programs, runtime
 from crosscheck.tt import host_model as hm
 from crosscheck.tt.port import ParameterDict
+from jaxattn.tolerance import gamma
+from tests.bounds import trig_error
 
 #: bf16 roundings assumed for GroupedQueryAttention's budget.
 ROUNDINGS = 12
@@ -55,7 +57,25 @@ def gqa_config(*, d_in=16, num_heads=4, kv=2, head_dim=0, qk_norm=False, scaling
 # --- the book's math in float64 ------------------------------------------------------------------
 
 
+#: float32 roundings in a RoPE angle ``p * inv_freq``: the exponent's division, pow (2 ulp), the reciprocal and
+#: the product; the Llama 3 scaling adds its own (wavelength, smoothing factor, the blend): 8 more at most.
+ANGLE_ROUNDINGS = 5
+SCALING_ROUNDINGS = 8
+
+
+def rope_table_error(head_dim, theta_base, context_length, freq_config=None):
+    """Elementwise bound on one float32 table against :func:`book_rope`'s float64 one: the angle off by its
+    roundings (relative), then cos/sin's own error (tests/bounds.py)."""
+    roundings = ANGLE_ROUNDINGS + (0 if freq_config is None else SCALING_ROUNDINGS)
+    return gamma(roundings) * np.abs(book_angles(head_dim, theta_base, context_length, freq_config)) + trig_error()
+
+
 def book_rope(head_dim, theta_base, context_length, freq_config=None):
+    angles = book_angles(head_dim, theta_base, context_length, freq_config)
+    return np.cos(angles), np.sin(angles)
+
+
+def book_angles(head_dim, theta_base, context_length, freq_config=None):
     inv_freq = 1.0 / (theta_base ** (np.arange(0, head_dim, 2, dtype=np.float64)[: head_dim // 2] / head_dim))
     if freq_config is not None:
         low_wl = freq_config["original_context_length"] / freq_config["low_freq_factor"]
@@ -67,8 +87,7 @@ def book_rope(head_dim, theta_base, context_length, freq_config=None):
         smoothed = (1 - smooth) * (inv_freq / freq_config["factor"]) + smooth * inv_freq
         inv_freq = np.where((wavelen <= low_wl) & (wavelen >= high_wl), smoothed, llama)
     angles = np.arange(context_length, dtype=np.float64)[:, None] * inv_freq[None, :]
-    angles = np.concatenate([angles, angles], axis=1)
-    return np.cos(angles), np.sin(angles)
+    return np.concatenate([angles, angles], axis=1)
 
 
 def book_apply_rope(x, cos, sin):
@@ -251,15 +270,17 @@ def test_rope_tables_equal_the_book_and_scaling_matters():
             cos, sin = programs.compute_rope_params(8, theta, 40, scaling)
             ref_cos, ref_sin = book_rope(8, theta, 40, scaling)
             assert cos.dtype == np.float32 and cos.shape == (40, 8)
-            # float32 angles, as the book's torch code: p * inv_freq is off by up to ~p * 2**-24
-            np.testing.assert_allclose(cos, ref_cos, atol=1e-5)
-            np.testing.assert_allclose(sin, ref_sin, atol=1e-5)
+            # float32 angles, as the book's torch code: p * inv_freq is off by a few roundings of it, relative
+            bound = rope_table_error(8, theta, 40, scaling)
+            for got, want in ((cos, ref_cos), (sin, ref_sin)):
+                assert np.all(np.abs(got - want) <= bound), (np.abs(got - want).max(), bound.min())
     plain = programs.compute_rope_params(8, 10_000.0, 40)[1]
     scaled = programs.compute_rope_params(8, 10_000.0, 40, LLAMA3_SCALING)[1]
     slow = programs.compute_rope_params(8, 10_000.0 * 8.0 ** 2, 40)[1]  # inv_freq[2] / 8 (theta ** (4/8) * 8)
     assert np.array_equal(plain[:, 0], scaled[:, 0])  # high frequency: kept
     assert not np.allclose(plain[:, 1], scaled[:, 1], atol=1e-3)  # medium: smoothed
-    np.testing.assert_allclose(scaled[:, 2], slow[:, 2], atol=1e-5)  # low: divided by factor
+    bound = rope_table_error(8, 10_000.0, 40, LLAMA3_SCALING)[:, 2] + rope_table_error(8, 10_000.0 * 8.0**2, 40)[:, 2]
+    assert np.all(np.abs(scaled[:, 2] - slow[:, 2]) <= bound)  # low: divided by factor (the same angles, exactly)
     np.testing.assert_array_equal(scaled[:, :4], scaled[:, 4:])  # the halves share their angles
     with pytest.raises(ValueError, match="even head_dim"):
         programs.compute_rope_params(5)
@@ -272,8 +293,9 @@ def test_rope_tables_equal_the_torch_reference():
     for scaling in (None, LLAMA3_SCALING):
         cos, sin = torch_gqa.compute_rope_params(8, theta_base=500_000.0, context_length=40, freq_config=scaling)
         ours = programs.compute_rope_params(8, 500_000.0, 40, scaling)
-        np.testing.assert_allclose(ours[0], cos.numpy(), atol=1e-6)
-        np.testing.assert_allclose(ours[1], sin.numpy(), atol=1e-6)
+        bound = 2 * rope_table_error(8, 500_000.0, 40, scaling)  # two float32 tables of the same angles
+        for got, want in ((ours[0], cos.numpy()), (ours[1], sin.numpy())):
+            assert np.all(np.abs(got - want) <= bound), (np.abs(got - want).max(), bound.min())
 
 
 def test_apply_rope_rotates_split_halves(device):

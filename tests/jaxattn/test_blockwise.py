@@ -10,8 +10,9 @@ import pytest
 import jaxattn
 from jaxattn import core
 from jaxattn.blockwise import AUTO_BLOCKWISE_MIN_TOKENS, blockwise_causal_attention, fuse_qkv_params, fused_mha
+from jaxattn.tolerance import attention_bound, attention_error, attention_grad_bound
+from tests.bounds import check_within, layer_bound, max_abs, one_head
 
-TOL = 1e-5
 # The kernels, modules and gradients run jitted: one program per shape, not one per operation (slow to
 # compile on a GPU); the naive references, shared by several tests, once per shape. Only the tests of
 # argument errors call them eagerly.
@@ -22,6 +23,16 @@ naive_causal_attention = jax.jit(functools.partial(core.causal_attention, impl="
 def init_and_apply(module, x):
     variables = module.init(jax.random.key(0), x)
     return variables, module.apply(variables, x)
+
+
+def causal_bound(q, k, v):
+    """Two float32 computations of causal attention on ``(*batch, T, d)`` operands: the derived bound."""
+    return attention_bound(one_head(q), one_head(k), one_head(v), is_causal=True)
+
+
+def causal_error(q, k, v):
+    """One float32 computation against the exact (float64) value."""
+    return attention_error(one_head(q), one_head(k), one_head(v), is_causal=True)
 
 
 def qkv(shape, seed=0, dv=None):
@@ -63,8 +74,21 @@ def test_blockwise_matches_naive_and_numpy(batch, tokens, head_dim, block_size, 
     out = jax.jit(functools.partial(blockwise_causal_attention, block_size=block_size, method=method))(q, k, v)
     naive, _ = naive_causal_attention(q, k, v)
     assert out.shape == naive.shape == batch + (tokens, head_dim + 2)
-    np.testing.assert_allclose(out, naive, atol=TOL, rtol=0)
-    np.testing.assert_allclose(out, numpy_causal_attention(q, k, v), atol=TOL, rtol=0)
+    np.testing.assert_allclose(out, naive, atol=causal_bound(q, k, v), rtol=0)
+    np.testing.assert_allclose(out, numpy_causal_attention(q, k, v), atol=causal_error(q, k, v), rtol=0)
+
+
+def test_derived_bound_catches_a_wrong_scale_and_a_dropped_causal_mask():
+    """The derived bound is tight enough to fail a real bug: scores scaled 1.01x, or the causal mask gone."""
+    q, k, v = qkv((2, 3, 37, 8), dv=10)
+    out = jax.jit(functools.partial(blockwise_causal_attention, block_size=16, method="online"))(q, k, v)
+    bound = causal_bound(q, k, v)
+    check_within(out, naive_causal_attention(q, k, v)[0], bound, "blockwise vs naive")
+    wrong_scale, _ = naive_causal_attention(q * 1.01, k, v)  # scale * 1.01: the same as queries * 1.01
+    assert max_abs(out, wrong_scale) > 10 * bound, (max_abs(out, wrong_scale), bound)
+    split = lambda a: jnp.reshape(a, (6, 37, 1, -1))  # noqa: E731 - (*batch, T, d) -> (B, T, N, d), one head
+    no_mask = jax.jit(functools.partial(jaxattn.dot_product_attention, implementation="naive"))(*map(split, (q, k, v)))
+    assert max_abs(split(out), no_mask) > 10 * bound, (max_abs(split(out), no_mask), bound)
 
 
 @pytest.mark.parametrize("impl", ["blockwise", "xla", "auto"])
@@ -72,7 +96,7 @@ def test_blockwise_matches_naive_and_numpy(batch, tokens, head_dim, block_size, 
 def test_every_impl_matches_numpy(impl, tokens):
     q, k, v = qkv((2, 3, tokens, 8), seed=tokens)
     out, weights = jax.jit(functools.partial(core.causal_attention, impl=impl))(q, k, v)
-    np.testing.assert_allclose(out, numpy_causal_attention(q, k, v), atol=TOL, rtol=0)
+    np.testing.assert_allclose(out, numpy_causal_attention(q, k, v), atol=causal_error(q, k, v), rtol=0)
     # Only the naive path materialises weights; auto picks it on a CPU below the threshold, never on a
     # GPU (the flash kernel, tests/jaxattn/test_cudnn_and_auto.py).
     naive_chosen = impl == "auto" and jax.default_backend() == "cpu" and tokens < AUTO_BLOCKWISE_MIN_TOKENS
@@ -86,7 +110,7 @@ def test_blockwise_matches_torch_sdpa():
         *(torch.from_numpy(np.asarray(a)) for a in (q, k, v)), is_causal=True
     ).numpy()
     out = jax.jit(functools.partial(blockwise_causal_attention, block_size=16))(q, k, v)
-    np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
+    np.testing.assert_allclose(out, expected, atol=causal_bound(q, k, v), rtol=0)
 
 
 @pytest.mark.slow
@@ -108,8 +132,24 @@ def test_gradients_match_naive(impl, block_size, method):
         other = loss(lambda q, k, v: core.causal_attention(q, k, v, impl=impl)[0])
     expected = jax.jit(jax.grad(naive, argnums=(0, 1, 2)))(q, k, v)
     got = jax.jit(jax.grad(other, argnums=(0, 1, 2)))(q, k, v)
+    bounds = attention_grad_bound(one_head(q), one_head(k), one_head(v), one_head(cotangent), is_causal=True)
     for name, e, g in zip("qkv", expected, got):
-        np.testing.assert_allclose(g, e, atol=TOL, rtol=0, err_msg=f"d loss / d {name}")
+        np.testing.assert_allclose(g, e, atol=bounds[name], rtol=0, err_msg=f"d loss / d {name}")
+
+
+def test_derived_bound_catches_gradients_with_a_wrong_scale():
+    """Gradients of a kernel whose scale is 1.01x the right one: every one outside the derived gradient bound."""
+    q, k, v = qkv((2, 2, 13, 4), seed=7)
+    cotangent = jnp.asarray(np.random.default_rng(8).normal(size=(2, 2, 13, 4)).astype(np.float32))
+
+    def loss(q_scale):  # queries scaled = scores scaled: the gradient of a kernel with scale * q_scale
+        return lambda q, k, v: (blockwise_causal_attention(q * q_scale, k, v, block_size=4) * cotangent).sum()
+
+    right = jax.jit(jax.grad(loss(1.0), argnums=(0, 1, 2)))(q, k, v)
+    wrong = jax.jit(jax.grad(loss(1.01), argnums=(0, 1, 2)))(q, k, v)
+    bounds = attention_grad_bound(one_head(q), one_head(k), one_head(v), one_head(cotangent), is_causal=True)
+    for name, r, w in zip("qkv", right, wrong):
+        assert max_abs(r, w) > 10 * bounds[name], (name, max_abs(r, w), bounds[name])
 
 
 @pytest.mark.slow
@@ -141,7 +181,8 @@ def test_modules_match_naive(impl):
     ):
         variables, expected = init_and_apply(make("naive"), x)
         out, state = jax.jit(lambda v, x: make(impl).apply(v, x, mutable=["intermediates"]))(variables, x)
-        np.testing.assert_allclose(out, expected, atol=TOL, rtol=0)
+        bound = layer_bound(make(impl), variables["params"], x)
+        np.testing.assert_allclose(out, expected, atol=bound, rtol=0)
         naive_chosen = impl == "auto" and jax.default_backend() == "cpu"  # 21 tokens; on a GPU: flash
         assert ("attn_weights" in state["intermediates"]) == naive_chosen
 
@@ -173,7 +214,8 @@ def test_fused_mha_matches_module():
         fused = fuse_qkv_params(variables["params"])
         assert fused["W_qkv"]["kernel"].shape == (16, 48)
         out = jax.jit(lambda p, x: fused_mha(p, x, num_heads=4))(fused, x)
-        np.testing.assert_allclose(out, jax.jit(module.apply)(variables, x), atol=TOL, rtol=0)
+        bound = layer_bound(module, variables["params"], x)
+        np.testing.assert_allclose(out, jax.jit(module.apply)(variables, x), atol=bound, rtol=0)
 
 
 def test_bad_impl_and_block_size_are_named(without_typecheck):

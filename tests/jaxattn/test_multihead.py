@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jaxattn
+from tests.bounds import check_layer, layer_bound, max_abs
 
 KEY = jax.random.key(0)
 X = jax.random.normal(jax.random.key(42), (2, 7, 6))  # deliberately unequal dims: d_in=6, T=7
@@ -49,7 +50,9 @@ class TestMultiHeadAttention:
         for h in range(3):
             cols = slice(2 * h, 2 * h + 2)
             head_params = {n: {"kernel": params[n]["kernel"][:, cols]} for n in ("W_query", "W_key", "W_value")}
-            np.testing.assert_allclose(out[..., cols], jit_apply(head, {"params": head_params}, X), atol=1e-6)
+            # The identity out_proj adds no rounding (one non-zero product per sum): two computations of the head.
+            got = jit_apply(head, {"params": head_params}, X)
+            check_layer(head, head_params, X, out[..., cols], got, f"head {h} vs CausalAttention")
 
     def test_combined_qkv_with_concatenated_kernels_is_the_same_layer(self):
         mha, p = mha_params_with_bias()
@@ -62,9 +65,8 @@ class TestMultiHeadAttention:
             },
             "proj": p["out_proj"],
         }
-        np.testing.assert_allclose(
-            jit_apply(fused, {"params": fused_params}, X), jit_apply(mha, {"params": p}, X), atol=1e-6
-        )
+        got, want = jit_apply(fused, {"params": fused_params}, X), jit_apply(mha, {"params": p}, X)
+        check_layer(mha, p, X, got, want, "combined qkv vs MultiHeadAttention")
 
     def test_torch_layout_causal_mha_is_the_same_layer(self):
         mha, p = mha_params_with_bias(d_in=6, d_out=6, heads=3)
@@ -78,7 +80,8 @@ class TestMultiHeadAttention:
             "out_proj": p["out_proj"],
         }
         expected = jit_apply(mha, {"params": p}, X)
-        np.testing.assert_allclose(jit_apply(torch_style, {"params": tp}, X), expected, atol=1e-6)
+        got = jit_apply(torch_style, {"params": tp}, X)
+        check_layer(mha, p, X, got, expected, "torch layout vs MultiHeadAttention")
 
     def test_non_causal_torch_layout_lets_the_first_token_see_everything(self):
         module = jaxattn.TorchMultiheadAttention(6, 2, causal=False)
@@ -103,12 +106,13 @@ ALL_BATCHED = [
 class TestFunctionalTransforms:
     def test_jit_equals_eager(self, module):
         variables = jit_init(module, X)
-        np.testing.assert_allclose(jit_apply(module, variables, X), module.apply(variables, X), atol=1e-6)
+        got, want = jit_apply(module, variables, X), module.apply(variables, X)
+        check_layer(module, variables.get("params"), X, got, want, "jitted vs eager")
 
     def test_vmap_over_the_batch_equals_the_batched_call(self, module):
         variables = jit_init(module, X)
         per_example = jax.jit(jax.vmap(lambda x: module.apply(variables, x[None])[0]))(X)
-        np.testing.assert_allclose(per_example, jit_apply(module, variables, X), atol=1e-6)
+        check_layer(module, variables.get("params"), X, per_example, jit_apply(module, variables, X), "vmap vs batch")
 
     def test_gradients_are_finite_and_nonzero(self, module):
         variables = jit_init(module, X)
@@ -116,6 +120,21 @@ class TestFunctionalTransforms:
         leaves = jax.tree.leaves(grads)
         assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
         assert np.abs(np.asarray(grads[1])).sum() > 0
+
+
+def test_derived_bound_catches_a_weight_off_by_one_percent():
+    """One out_proj entry 1 % off (or one of W_query's): the layer moves outside its derived bound. (Jitted both:
+    the program is the one already compiled for these shapes.)"""
+    module = jaxattn.MultiHeadAttention(6, 4, 8, 0.0, 2, qkv_bias=True)
+    params = init(module)
+    bound = layer_bound(module, params, X)
+    jitted = jit_apply(module, {"params": params}, X)
+    for name in ("out_proj", "W_query"):
+        kernel = np.array(params[name]["kernel"])
+        kernel.flat[np.abs(kernel).argmax()] *= 1.01
+        wrong = {**params, name: {**params[name], "kernel": kernel}}
+        err = max_abs(jit_apply(module, {"params": wrong}, X), jitted)
+        assert err > 10 * bound, f"{name} 1 % off moved the output by {err:.3g}; the bound is {bound:.3g}"
 
 
 @pytest.mark.parametrize("module", ALL_BATCHED, ids=lambda m: type(m).__name__)

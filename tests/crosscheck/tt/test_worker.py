@@ -16,6 +16,7 @@ from crosscheck import registry
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
 from crosscheck.tt import worker
+from tests.bounds import case_layer, check_layer
 
 torch = pytest.importorskip("torch", reason="the torch reference needs torch")
 
@@ -87,7 +88,8 @@ def test_flax_backend_matches_torch(cases, bundle_path, tmp_path):
     outputs, _ = bd.read_outputs(tmp_path / "flax.safetensors")
     assert meta["backend"] == "flax" and meta["versions"]["jax"]
     for case in cases:
-        np.testing.assert_allclose(outputs[case.variant], _torch_reference(case), atol=1e-5, err_msg=case.variant)
+        module, params = case_layer(case)
+        check_layer(module, params, case.inputs, outputs[case.variant], _torch_reference(case), case.variant)
 
 
 def test_worker_subprocess_equals_in_process(bundle_path, host_outputs, tmp_path):
@@ -161,4 +163,5 @@ def test_ttnn_interpreter_flax_backend_on_jax_070(cases, bundle_path, tmp_path):
     outputs, meta = worker.run_in_interpreter(TTNN_PYTHON, bundle_path, tmp_path / "o.safetensors", backend="flax")
     assert meta["versions"]["jax"] == "0.7.0"
     for case in cases:
-        np.testing.assert_allclose(outputs[case.variant], _torch_reference(case), atol=1e-5, err_msg=case.variant)
+        module, params = case_layer(case)
+        check_layer(module, params, case.inputs, outputs[case.variant], _torch_reference(case), case.variant)
