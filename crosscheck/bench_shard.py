@@ -74,6 +74,9 @@ def _validate(args: argparse.Namespace) -> list[int]:
     if not tokens or any(t < 1 for t in tokens):
         raise BadInputError(f"--tokens: give token counts >= 1, got {tokens}")
     bench_models.check_sizes(args)
+    from crosscheck.devices import check_split  # the --devices ceiling and the rows/tokens each device needs
+
+    check_split(args.devices, args.shard, batch=args.batch, tokens=min(tokens))
     if args.shard == "heads" and args.heads % args.devices:
         raise BadInputError(f"--shard heads: --heads {args.heads} is not divisible by --devices {args.devices}")
     if args.dtype != "float32":

@@ -98,7 +98,11 @@ def check_decode_prompt_len(value: Any, where: str) -> int | None:
     return int(value)
 
 
-def _config_from_json(raw: Any, where: str) -> AttnConfig:
+def config_from_json(raw: Any, where: str) -> AttnConfig:
+    """An :class:`AttnConfig` from a JSON object written by ``to_dict()``: each field of its type (an int
+    field takes no bool or float, ``rope_scaling`` a freq_config JSON string), unknown fields refused,
+    missing ones at their defaults; :class:`BadInputError` names ``where``, the field and the value.
+    Ranges are :func:`check_config`'s."""
     if not isinstance(raw, dict):
         raise BadInputError(f"{where}: config must be a JSON object, found {type(raw).__name__}")
     unknown = sorted(set(raw) - set(_CONFIG_FIELDS))
@@ -133,6 +137,31 @@ def _config_from_json(raw: Any, where: str) -> AttnConfig:
     return AttnConfig(**values)
 
 
+def check_config(variant, cfg: AttnConfig, where: str) -> None:
+    """A config read from a file, checked as flags are: sizes >= 1, ``num_kv_groups``/``head_dim`` >= 0,
+    dropout in [0, 1), a finite RoPE base > 0, at most :data:`crosscheck.budget.MAX_HEADS` heads, and the
+    variant's own constraints (``num_heads`` divides the width it splits, kv heads divide the heads, an
+    even head dim for RoPE: :meth:`crosscheck.registry.Variant.check_heads`), each message naming ``where``,
+    the field, its value and the constraint. ``variant``: a :class:`crosscheck.registry.Variant`."""
+    from crosscheck import budget
+
+    for name in ("d_in", "d_out", "context_length", "num_heads"):
+        if getattr(cfg, name) < 1:
+            raise BadInputError(f"{where}: config {name} must be >= 1, found {getattr(cfg, name)}")
+    for name in ("num_kv_groups", "head_dim"):
+        if getattr(cfg, name) < 0:
+            raise BadInputError(f"{where}: config {name} must be >= 0 (0 = derived), found {getattr(cfg, name)}")
+    if not 0.0 <= cfg.dropout < 1.0:  # NaN fails this too
+        raise BadInputError(f"{where}: config dropout must be in [0, 1), found {cfg.dropout}")
+    if not (np.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):
+        raise BadInputError(f"{where}: config rope_theta must be a finite number > 0, found {cfg.rope_theta}")
+    budget.check_count(cfg.num_heads, budget.MAX_HEADS, f"{where}: config num_heads")
+    try:  # before any table or module splits a width by it (a worker would fail far from the file)
+        variant.check_heads(cfg)
+    except BadInputError as err:
+        raise BadInputError(f"{where}: {err}") from None
+
+
 def _floating(array: np.ndarray) -> bool:
     return array.dtype != bool and (np.issubdtype(array.dtype, np.floating) or str(array.dtype) == "bfloat16")
 
@@ -152,17 +181,7 @@ def _check_case(case: BundleCase, where: str) -> None:
         variant = registry.get(case.variant)
     except KeyError as err:
         raise BadInputError(f"{where}: {err.args[0]}") from None
-    for name in ("d_in", "d_out", "context_length", "num_heads"):
-        if getattr(cfg, name) < 1:
-            raise BadInputError(f"{where}: config {name} must be >= 1, found {getattr(cfg, name)}")
-    for name in ("num_kv_groups", "head_dim"):
-        if getattr(cfg, name) < 0:
-            raise BadInputError(f"{where}: config {name} must be >= 0 (0 = derived), found {getattr(cfg, name)}")
-    if not 0.0 <= cfg.dropout < 1.0:  # NaN fails this too
-        raise BadInputError(f"{where}: config dropout must be in [0, 1), found {cfg.dropout}")
-    if not (np.isfinite(cfg.rope_theta) and cfg.rope_theta > 0):
-        raise BadInputError(f"{where}: config rope_theta must be a finite number > 0, found {cfg.rope_theta}")
-    budget.check_count(cfg.num_heads, budget.MAX_HEADS, f"{where}: config num_heads")
+    check_config(variant, cfg, where)
     x = case.inputs
     if not _floating(x):
         raise BadInputError(f"{where}: inputs have dtype {x.dtype}; expected a floating dtype")
@@ -277,7 +296,7 @@ def read_bundle(path: str | os.PathLike) -> list[BundleCase]:
         if not isinstance(entry, dict) or not isinstance(entry.get("variant"), str):
             raise BadInputError(f"{path}: case {i} has no variant name")
         variant = entry["variant"]
-        config = _config_from_json(entry.get("config"), f"{path}: case {variant!r}")
+        config = config_from_json(entry.get("config"), f"{path}: case {variant!r}")
         inputs_key = f"{variant}/inputs"
         if inputs_key not in tensors:
             raise BadInputError(f"{path}: case {variant!r} has no tensor {inputs_key!r}")

@@ -1,12 +1,14 @@
 """``crosscheck``: the command line over :mod:`crosscheck.engine` (parse, run, render, exit code).
 
 Exit codes: 0 every check passed, 1 a mismatch (the failing variants are named),
-2 bad usage or bad input (one ``crosscheck: error: ...`` line on stderr, no traceback).
+2 bad usage or bad input (one ``crosscheck: error: ...`` line on stderr, no traceback),
+130 interrupted by Ctrl-C (one ``crosscheck: interrupted`` line, nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -118,7 +120,8 @@ resource budget (crosscheck/budget.py):
   exit 2 naming the flag, the estimate and the limit; tensors in files are sized from their headers (an
   expanded .pt view by its dense shape).
 
-exit codes: 0 all checks passed, 1 a mismatch (failing variants named), 2 bad usage or input.
+exit codes: 0 all checks passed, 1 a mismatch (failing variants named), 2 bad usage or input,
+130 interrupted (Ctrl-C: nothing written).
 Colour follows the terminal; --no-color or NO_COLOR turns it off.
 """
 
@@ -130,6 +133,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
 
 
+#: The largest size a flag may give: torch, numpy and XLA hold every size in a signed 64-bit integer
+#: (a larger one would only overflow later, in the memory estimate or a shape).
+MAX_INT = 2**63 - 1
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -137,6 +145,8 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value > MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be at most 2^63 - 1 (sizes are 64-bit integers), got {text}")
     return value
 
 
@@ -147,6 +157,8 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if value > MAX_INT:  # jax.random.key (--train, --grad) takes a signed 64-bit seed
+        raise argparse.ArgumentTypeError(f"must be at most 2^63 - 1 (a 64-bit seed), got {text}")
     return value
 
 
@@ -155,8 +167,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not (math.isfinite(value) and value > 0):  # nan, inf and 1e400 (inf) too
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -391,7 +403,9 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="split the Flax run over N devices. On a CPU, crosscheck makes N host devices itself: it sets "
         "XLA_FLAGS=--xla_force_host_platform_device_count=N right after parsing the arguments, before "
-        "anything imports JAX (JAX reads it once, when it starts); on a GPU, N must not exceed the GPUs present",
+        "anything imports JAX (JAX reads it once, when it starts); on a GPU, N must not exceed the GPUs present. "
+        "N is at most 2048 (crosscheck.devices.MAX_DEVICES) and at most the rows (--shard batch) or tokens "
+        "(--shard sequence) there are to split",
     )
     g.add_argument(
         "--shard",
@@ -496,6 +510,10 @@ def _ProgressBar(console):
 
 def _finish(report, args, out, render=None) -> int:
     from crosscheck import report as rp
+    from crosscheck.outputs import interrupted
+
+    if interrupted():  # the run went on past a swallowed Ctrl-C: no verdict, no report
+        raise KeyboardInterrupt
 
     if args.json == "-":  # stdout carries the JSON alone
         out = _consoles(args)[1]
@@ -597,6 +615,8 @@ def _stages(args) -> int:
             raise BadInputError(
                 f"--stages/--plot run the forward pass on the naive core in this interpreter; drop {flag}"
             )
+    if args.stages and (args.devices is not None or args.shard is not None):
+        raise BadInputError("--stages compares each intermediate on one device; drop --devices/--shard")
     plan = None
     if args.plot is not None:
         from crosscheck import plots
@@ -729,7 +749,35 @@ def _convert(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its exit code.
+
+    Ctrl-C (SIGINT) ends any command with exit 130, one ``crosscheck: interrupted`` line and nothing
+    written (:func:`crosscheck.outputs.sigint_guard`), also when a callback swallowed the
+    ``KeyboardInterrupt`` and the run went on: the guard's record decides, not the exception.
+    """
+    from crosscheck.outputs import sigint_guard
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    with sigint_guard() as guard:
+        try:
+            code = _main(argv)
+        except KeyboardInterrupt:
+            guard.interrupted = True  # one that bypassed the handler (main() off the main thread): same rule
+            code = 130
+        except BaseException:  # argparse's SystemExit, or whatever a swallowed interrupt led to
+            if not guard.interrupted:
+                raise
+            code = 130
+        if guard.interrupted:
+            code = 130
+    if code == 130:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+    return code
+
+
+def _main(argv: list[str]) -> int:
+    from crosscheck.outputs import interrupted
+
     try:
         if argv and argv[0] == "bench":
             return _bench(argv[1:])
@@ -739,15 +787,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _convert(argv[1:])
         return _run(build_parser().parse_args(argv))
     except (BadInputError, ValueError) as err:
+        if interrupted():  # an error the interrupt caused: reported as the interrupt, once
+            return 130
         # ValueError: jaxattn's own input checks (shapes, context_length) raised during a run.
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except MismatchError as err:
+        if interrupted():
+            return 130
         print(f"{PROG}: mismatch: {_one_line(err)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -16,12 +16,18 @@ modules load too (:func:`jaxattn.nnx.load_params`):
 * ``.msgpack`` (``flax.serialization``): ``{"params": ..., "metadata": {same keys}}``.
 
 Variant and config are inferred as ``crosscheck --weights`` infers them (:func:`crosscheck.cases.build_cases`:
-the keys and shapes, then flags and a transformers ``config.json``), and recorded in the file. Before
-writing, both sides run on one input (the seed sentence, or random inputs of the weights' width) and
-must agree within the float32 bound of the tolerance table; the written bytes are read back and must give
-the torch tensors again exactly. A failed check raises :class:`MismatchError` and writes nothing; bad
-input raises :class:`BadInputError`, also before anything is written. OUT is never replaced without
-``force`` and is written atomically (:mod:`crosscheck.outputs`).
+the keys and shapes, then flags and a transformers ``config.json``), and recorded in the file. A state dict
+that holds layers under prefixes and no bare layer (a whole model's) is refused, naming ``--prefix`` and the
+prefixes found. Back from a Flax file, the variant and config come from its metadata, each field checked as
+a flag is (type, range, heads that split the width); flags and a ``config.json`` may repeat them, and one
+that contradicts the metadata is refused naming both values. Both directions refuse alike a key or
+parameter path the variant does not have, a parameter that is not floating point, and NaN or infinite
+weights; the ``mask`` buffers are written in the weights' dtype, as the torch module holding them keeps
+them (float32 where the weights' dtypes differ). Before writing, both sides run on one input (the seed
+sentence, or random inputs of the weights' width) and must agree within the float32 bound of the tolerance
+table; the written bytes are read back and must give the torch tensors again exactly. A failed check raises
+:class:`MismatchError` and writes nothing; bad input raises :class:`BadInputError`, also before anything is
+written. OUT is never replaced without ``force`` and is written atomically (:mod:`crosscheck.outputs`).
 """
 
 from __future__ import annotations
@@ -78,9 +84,16 @@ def convert(
     if os.path.exists(dst) and not force:
         raise BadInputError(f"OUT {dst} exists; pass --force to replace it")
     if _is_flax_file(src):
-        if prefix or variant or model_config or any(v is not None for v in (overrides or {}).values()):
-            raise BadInputError(f"{src} is a Flax file: its variant and config come from its metadata; drop the flags")
-        return _flax_to_torch(src, dst, inputs=inputs, check=check)
+        return _flax_to_torch(
+            src,
+            dst,
+            variant=variant,
+            prefix=prefix,
+            model_config=model_config,
+            overrides=overrides,
+            inputs=inputs,
+            check=check,
+        )
     return _torch_to_flax(
         src,
         dst,
@@ -125,6 +138,9 @@ def _torch_to_flax(src, dst, *, variant, prefix, model_config, overrides, inputs
             f"OUT {dst}: a torch state dict converts to Flax .safetensors or .msgpack, not {_suffix(dst) or '(none)'}"
         )
     raw = port.select_prefix(port.load_file(src), prefix)  # the tensors as stored: their dtypes are kept
+    hint = port.whole_model_hint(raw, under=prefix)
+    if hint:  # else every format's port error lists the model's keys as unexpected, and never says --prefix
+        raise BadInputError(f"{src}{f' under --prefix {prefix!r}' if prefix else ''}: {hint}")
     cases, _, _ = build_cases(
         [variant] if variant else None,
         weights=raw,
@@ -201,18 +217,22 @@ def _arrays_of_safetensors(data: bytes) -> dict[str, np.ndarray]:
 
 
 def _read_flax_bytes(data: bytes, suffix: str, where: str) -> tuple[dict, dict]:
-    """``(params, metadata)`` of a Flax file's bytes; :class:`BadInputError` naming ``where`` if they are not ours."""
+    """``(params, metadata)`` of a Flax file's bytes; :class:`BadInputError` naming ``where`` if they are not ours,
+    or if they hold anything beside the parameters and the metadata (it would be dropped unseen)."""
     try:
         if suffix == ".msgpack":
             from flax.serialization import msgpack_restore
 
             tree = msgpack_restore(data)
             params, meta = tree.get("params"), tree.get("metadata")
+            stray = sorted(str(k) for k in tree if k not in ("params", "metadata"))
         else:
             from flax.traverse_util import unflatten_dict
 
             meta = _safetensors_metadata(data)
-            params = unflatten_dict(_arrays_of_safetensors(data), sep=SEP).get("params")
+            arrays = _arrays_of_safetensors(data)
+            params = unflatten_dict(arrays, sep=SEP).get("params")
+            stray = sorted(k for k in arrays if not k.startswith("params" + SEP))
     except BadInputError:
         raise
     except Exception as err:  # noqa: BLE001 - a foreign or corrupt file: one line naming it
@@ -221,6 +241,8 @@ def _read_flax_bytes(data: bytes, suffix: str, where: str) -> tuple[dict, dict]:
         raise BadInputError(
             f"{where}: not a Flax parameter file written by crosscheck convert (no 'params' and metadata)"
         )
+    if stray:
+        raise BadInputError(f"{where}: unexpected entries beside 'params' and the metadata: {', '.join(stray[:4])}")
     return dict(params), dict(meta)
 
 
@@ -238,40 +260,58 @@ def _write_bytes(path: str, data: bytes) -> None:
 # --- flax -> torch --------------------------------------------------------------------------------
 
 
-def _flax_to_torch(src, dst, *, inputs, check) -> Converted:
+def _flax_to_torch(src, dst, *, variant, prefix, model_config, overrides, inputs, check) -> Converted:
     if _suffix(dst) not in TORCH_SUFFIXES:
         raise BadInputError(
             f"OUT {dst}: a Flax file converts to a torch .pt, .pth or .safetensors, not {_suffix(dst) or '(none)'}"
         )
+    if prefix:
+        raise BadInputError(
+            f"--prefix {prefix!r} selects a layer of a whole model's torch state dict; {src} is a Flax file "
+            "of one layer: drop --prefix"
+        )
     with open(src, "rb") as f:
         params, meta = _read_flax_bytes(f.read(), _suffix(src), src)
-    try:
-        v = registry.get(str(meta.get("crosscheck_variant")))
-        cfg = AttnConfig(**json.loads(meta["crosscheck_config"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadInputError(f"{src}: its metadata names no known variant and config ({exc})") from None
-    buffers = [b for b in str(meta.get("torch_buffers", "")).split(",") if b]
+    v, cfg = _metadata_config(meta, src)
+    buffers = _metadata_buffers(meta, v, cfg, src)
+    _check_flags_agree(v, cfg, variant, model_config, overrides, src)
     flax_module = v.flax_module(cfg)
+    # Keys, shapes, dtypes and stray parameters first: the file's arrays are real, the metadata's sizes may not be.
+    try:
+        weights = port.to_state_dict(flax_module, {"params": params}, variant=v, buffers=False)
+    except BadInputError as exc:  # the layer's own message, and which file holds it
+        raise type(exc)(f"{src}: {exc}") from None
+    _check_finite(weights, v.portmap(cfg), src)
+    x = None
+    if check:
+        from crosscheck import inputs as inp
+
+        missing = registry.missing_needs(v)
+        if missing:
+            raise BadInputError(
+                f"{v.name} needs {', '.join(missing)} to check the conversion, which is not installed: "
+                "pip install 'jaxattn[hf]', or pass --no-check"
+            )
+        x = inp.for_variant(v, inp.resolve_inputs(inputs, cfg.d_in).array)
+        _check_input(v, cfg, x, src)
+    if check or buffers:
+        _check_budget(v, cfg, x.shape if x is not None else (1, 1, cfg.d_in), inputs, src)
     sd = port.to_state_dict(flax_module, {"params": params}, variant=v, buffers=bool(buffers))
-    sd = {k: a for k, a in sd.items() if k in buffers or k in v.portmap(cfg).by_torch_key()}
+    sd = {k: a for k, a in sd.items() if k in buffers or k in weights}
     err = bound = None
     if check:
         import torch
 
-        from crosscheck import inputs as inp
-
+        assert x is not None  # resolved above when checking
         module = v.torch_module(cfg)
         module.load_state_dict(
             {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in sd.items()},
             strict=not _has_unloaded_buffers(module, sd),
         )
         module.eval()
-        x = inp.for_variant(v, inp.resolve_inputs(inputs, cfg.d_in).array)
         with torch.no_grad():
             ref = v.torch_forward(module, torch.from_numpy(np.asarray(x, np.float32)), cfg).numpy()
-        err, bound = _check_outputs(
-            v, cfg, {k: a for k, a in sd.items() if k not in buffers}, x, ref, f"{src} -> {dst}"
-        )
+        err, bound = _check_outputs(v, cfg, weights, x, ref, f"{src} -> {dst}")
     if _suffix(dst) == ".safetensors":
         data = _safetensors_bytes(sd, {"format": "pt"})
         atomic_write(dst, lambda tmp: _write_bytes(tmp, data), "converted weights")
@@ -282,6 +322,137 @@ def _flax_to_torch(src, dst, *, inputs, check) -> Converted:
         tensors = {k: t for k, t in tensors.items() if k in sd}
         atomic_write(dst, lambda tmp: torch.save(tensors, tmp), "converted weights")
     return Converted("flax->torch", v.name, v.report_config(cfg), len(sd), err, bound, dst)
+
+
+# --- a Flax file's metadata ----------------------------------------------------------------------
+
+
+def _metadata_config(meta: Mapping, src: str) -> tuple[registry.Variant, AttnConfig]:
+    """The variant and config a Flax file's metadata records, each field checked as the same value given
+    by a flag is: a file edited by hand (or by a bug) is refused naming the field, not run into a traceback."""
+    from crosscheck import bundle
+
+    name = meta.get("crosscheck_variant")
+    if not isinstance(name, str):
+        raise BadInputError(f"{src}: metadata crosscheck_variant must be a variant name, found {name!r}")
+    try:
+        v = registry.get(name)
+    except KeyError as err:
+        raise BadInputError(f"{src}: metadata crosscheck_variant: {err.args[0]}") from None
+    where = f"{src}: metadata crosscheck_config"
+    text = meta.get("crosscheck_config")
+    if not isinstance(text, str):
+        raise BadInputError(f"{where} must be a JSON string, found {type(text).__name__}")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"{where} is not valid JSON ({err})") from None
+    cfg = bundle.config_from_json(raw, where)  # a JSON object, each field of its type
+    missing = [f for f in v.fields if f not in raw]
+    if missing:
+        raise BadInputError(f"{where}: missing {', '.join(missing)} (fields {v.name} reads)")
+    bundle.check_config(v, cfg, where)
+    cfg = v.resolve(cfg)
+    if not v.portmap(cfg).entries:
+        raise BadInputError(f"{src}: metadata names {v.name}, which has no parameters to convert")
+    return v, cfg
+
+
+def _metadata_buffers(meta: Mapping, v: registry.Variant, cfg: AttnConfig, src: str) -> list[str]:
+    """The torch buffers the source state dict carried (``torch_buffers``: comma-separated keys of the variant)."""
+    text = meta.get("torch_buffers", "")
+    if not isinstance(text, str):
+        raise BadInputError(f"{src}: metadata torch_buffers must be a comma-separated string, found {text!r}")
+    names = [b for b in text.split(",") if b]
+    known = [b.torch_key for b in v.portmap(cfg).buffers]
+    unknown = [b for b in names if b not in known]
+    if unknown:
+        has = f"its buffers: {', '.join(known[:4])}" if known else "it has none"
+        raise BadInputError(f"{src}: metadata torch_buffers names {unknown[0]!r}, not a buffer of {v.name} ({has})")
+    return names
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _check_flags_agree(v, cfg: AttnConfig, variant, model_config, overrides, src: str) -> None:
+    """Flags (and a ``config.json``) on a Flax file may repeat what its metadata records; one that contradicts
+    it is refused naming both values (the metadata describes the weights the file holds)."""
+    from crosscheck import cases
+
+    if variant is not None:
+        try:
+            named = registry.get(str(variant))
+        except KeyError as err:
+            raise BadInputError(str(err.args[0])) from None
+        if named is not v:
+            raise BadInputError(
+                f"--variant {named.name} contradicts {src}'s metadata, whose crosscheck_variant is {v.name}"
+            )
+    given = {k: val for k, val in (overrides or {}).items() if val is not None}
+    unknown = sorted(set(given) - set(cases.OVERRIDABLE))
+    if unknown:
+        raise BadInputError(f"unknown config overrides {unknown}; known: {', '.join(cases.OVERRIDABLE)}")
+    merged, origins = cases.config_overrides(given, model_config)
+    for key, value in merged.items():
+        recorded = getattr(cfg, key)
+        if value != recorded:
+            source = origins.get(key, "--" + key.replace("_", "-"))
+            raise BadInputError(
+                f"{source} {_show(value)} contradicts {src}'s metadata, whose crosscheck_config gives "
+                f"{key}={_show(recorded)}"
+            )
+
+
+# --- checks before anything is built --------------------------------------------------------------
+
+
+def _check_finite(weights: Mapping[str, np.ndarray], portmap, src: str) -> None:
+    """NaN or infinite weights are refused, as the torch -> Flax direction refuses them: a check of a layer
+    whose outputs are NaN on both sides proves nothing, and without the check nothing would say so."""
+    paths = {e.torch_key: SEP.join(("params", *e.flax_path)) for e in portmap.entries}
+    for key, array in weights.items():
+        if not np.isfinite(np.asarray(array, dtype=np.float32)).all():
+            raise BadInputError(
+                f"{src}: weight {key!r} ({paths.get(key, key)}) has NaN or infinite values (or overflows float32)"
+            )
+
+
+def _check_input(v, cfg: AttnConfig, x: np.ndarray, src: str) -> None:
+    """The check's input against the layer the metadata describes, before torch or JAX sees it."""
+    if x.shape[-1] != cfg.d_in:
+        raise BadInputError(
+            f"{v.name}: the input's last dimension is {x.shape[-1]} but the layer in {src} takes "
+            f"d_in={cfg.d_in} (its metadata)"
+        )
+    tokens = x.shape[-2]
+    if "context_length" in v.fields and tokens > cfg.context_length:
+        raise BadInputError(
+            f"{v.name}: input has tokens={tokens}, beyond context_length={cfg.context_length} "
+            f"({src}'s metadata); pass --tokens or an --input of at most {cfg.context_length} tokens"
+        )
+
+
+def _input_flag(inputs) -> str:
+    if isinstance(inputs, (str, os.PathLike)):
+        return f"the shape of --input {os.fspath(inputs)}"
+    return "--tokens/--batch"
+
+
+def _check_budget(v, cfg: AttnConfig, x_shape, inputs, src: str) -> None:
+    """The torch module, its mask buffers and the check's activations against the memory budget, before any
+    is built; what the metadata sizes is named as such (no flag changes it)."""
+    import dataclasses
+
+    from crosscheck import budget
+
+    flag = _input_flag(inputs)
+    terms = [
+        dataclasses.replace(t, flag=f"the layer's sizes in {src}'s metadata") if t.kept else t
+        for t in budget.case_terms(v, cfg, x_shape, flag)
+    ]
+    budget.check_terms(terms, f"{v.name} ({src})")
 
 
 def _has_unloaded_buffers(module, sd: Mapping) -> bool:

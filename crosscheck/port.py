@@ -4,7 +4,8 @@
   state dict with a layer ``prefix`` (``model.layers.3.self_attn.``, ``transformer.h.0.attn.``,
   the book's ``trf_blocks.0.att.``).
 * :func:`to_state_dict` — Flax ``variables`` -> torch state dict (keys, layouts and buffers), in
-  any format whose Flax module it is (transformers' key names too), under a ``prefix``.
+  any format whose Flax module it is (transformers' key names too), under a ``prefix``; by default
+  in the format the module was ported from (:func:`ported_from`), so that a round trip is exact.
 * :func:`from_torch` — a torch module (the book's classes, users' copies of
   them, the fused-QKV class, ``torch.nn.MultiheadAttention``, the book's two
   ``GroupedQueryAttention`` classes, transformers' ``LlamaAttention``, ``Qwen3Attention`` and
@@ -12,13 +13,17 @@
   comes from the module's config or from keyword arguments.
 * :func:`load_file` — ``.pt``/``.pth`` (``weights_only=True``) or ``.safetensors`` -> state dict.
 
-Every error names each offending key with the expected and the found shape.
+Every error names each offending key with the expected and the found shape (or dtype). Both
+directions refuse alike: a key (torch) or parameter path (Flax) the table does not list, and a
+parameter that is not floating point (float16, bfloat16, float32, float64).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,6 +53,27 @@ def to_numpy(value: Any) -> np.ndarray:
 
 def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in getattr(value, "shape", np.shape(value)))
+
+
+def _dtype_name(value: Any) -> str:
+    """A tensor's or array's dtype as numpy spells it (``int32``, ``bfloat16``), without importing torch."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(value).dtype
+    return str(dtype).removeprefix("torch.")
+
+
+#: The parameter dtypes both directions port (exactly): torch's and JAX's floating types.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _not_floating(what: str, value: Any) -> str | None:
+    """A problem line when ``value`` is no floating-point tensor: an integer or bool weight would be ported
+    bit for bit and then computed with as if it were a weight (or fail later, far from its key)."""
+    name = _dtype_name(value)
+    if name in FLOAT_DTYPES:
+        return None
+    return f"{what}: dtype {name}; expected a floating dtype ({', '.join(FLOAT_DTYPES)})"
 
 
 # --- flax module <-> variant + config ----------------------------------------------------------
@@ -86,23 +112,109 @@ def config_of(flax_module, variant=None) -> tuple[registry.Variant, AttnConfig]:
     return chosen, cfg
 
 
+@dataclass(frozen=True)
+class PortedFrom:
+    """What a module ported from torch remembers of its source, so that :func:`to_state_dict` writes the
+    same state dict back by default: the format (``LlamaAttention``, ``Qwen3Attention`` and the book's
+    ``GroupedQueryAttention`` share one Flax class, and the Flax module alone cannot tell them apart) and
+    whether the source's state dict carried the ``mask`` buffers (``None``: not known)."""
+
+    variant: str
+    buffers: bool | None = None
+
+
+_PORTED_FROM = "_crosscheck_ported_from"
+
+
+def ported_from(flax_module) -> PortedFrom | None:
+    """The source :func:`from_torch` or :func:`load_state_dict` recorded on ``flax_module`` (``None``: none).
+
+    A record on the module object itself: a Linen ``clone()`` or ``replace()`` makes a new object
+    without it, and :func:`to_state_dict` then needs ``variant=``.
+    """
+    record = getattr(flax_module, _PORTED_FROM, None)
+    return record if isinstance(record, PortedFrom) else None
+
+
+def _remember(flax_module, record: PortedFrom) -> None:
+    if _is_nnx(flax_module):
+        setattr(flax_module, _PORTED_FROM, record)  # NNX keeps it as a static attribute (split/merge, clone)
+    else:
+        object.__setattr__(flax_module, _PORTED_FROM, record)  # Linen modules refuse setattr once built
+
+
 # --- prefixes ------------------------------------------------------------------------------------
 
 
 def select_prefix(state_dict: StateDict, prefix: str) -> dict[str, Any]:
     """The entries of a whole model's ``state_dict`` under ``prefix``, with the prefix removed.
 
-    Raises :class:`BadInputError` naming the prefix and a few keys when nothing is under it.
+    Raises :class:`BadInputError` naming the prefix, a few keys and the layer prefixes the state
+    dict does hold (:func:`layer_prefixes`) when nothing is under it.
     """
     if not prefix:
         return dict(state_dict)
     found = {str(k)[len(prefix) :]: v for k, v in state_dict.items() if str(k).startswith(prefix)}
     if not found:
         sample = ", ".join(repr(str(k)) for k in list(state_dict)[:3])
+        layers = layer_prefixes(state_dict)
+        hint = f"; attention layers found under {_list_prefixes(layers)}" if layers and layers != [""] else ""
         raise BadInputError(
             f"no key starts with the prefix {prefix!r} (the state dict has {len(state_dict)} keys, e.g. {sample})"
+            + hint
         )
     return found
+
+
+def _layer_anchors() -> set[str]:
+    """One key per format that only a layer of that format has (its first parameter: ``W_query.weight``,
+    ``heads.0.W_query.weight``, ``q_proj.weight``, ``c_attn.weight``, ``in_proj_weight`` ...)."""
+    anchors = set()
+    for v in registry.VARIANTS:
+        entries = v.portmap(v.resolve(AttnConfig(**{**AttnConfig().to_dict(), **dict(v.defaults)}))).entries
+        if entries:
+            anchors.add(entries[0].torch_key)
+    return anchors
+
+
+def _natural(text: str) -> tuple:
+    """Sort key that puts ``layers.2.`` before ``layers.10.``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text))
+
+
+def layer_prefixes(state_dict: StateDict) -> list[str]:
+    """The prefixes under which ``state_dict`` holds attention layers (``model.layers.0.self_attn.``), sorted.
+
+    ``[""]`` when it is one bare layer; ``[]`` when no format's keys are in it. A layer inside another
+    (the wrapper's ``heads.0.`` under its own prefix) counts once, under the outer prefix.
+    """
+    anchors = _layer_anchors()
+    found: set[str] = set()
+    for key in state_dict:
+        key = pm.canonical_key(str(key))
+        for anchor in anchors:
+            if key == anchor:
+                found.add("")
+            elif key.endswith("." + anchor):
+                found.add(key[: len(key) - len(anchor)])
+    outer = [p for p in found if not any(q != p and p.startswith(q) for q in found)]
+    return sorted(outer, key=_natural)
+
+
+def _list_prefixes(prefixes: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(p) for p in prefixes[:limit])
+    return shown + (f" ... ({len(prefixes)} in all)" if len(prefixes) > limit else "")
+
+
+def whole_model_hint(state_dict: StateDict, option: str = "--prefix", under: str = "") -> str | None:
+    """A sentence naming ``option`` and the layer prefixes, when ``state_dict`` holds layers under prefixes
+    and no bare layer (a whole model's state dict read as one layer); else ``None``. ``under``: the prefix
+    ``state_dict`` was selected with, put before each prefix found."""
+    layers = [under + p for p in layer_prefixes(state_dict)]
+    if not layers or under in layers:
+        return None
+    many = f"{len(layers)} attention layers" if len(layers) > 1 else "an attention layer"
+    return f"it holds {many} under a prefix, not one bare layer: choose one with {option} ({_list_prefixes(layers)})"
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -129,6 +241,8 @@ def check_state_dict(portmap: pm.PortMap, state_dict: StateDict, owner: str) -> 
             problems.append(f"missing key {key!r} (expected shape {entry.torch_shape})")
         elif _shape(canonical[key]) != entry.torch_shape:
             problems.append(f"key {key!r}: expected shape {entry.torch_shape}, found {_shape(canonical[key])}")
+        elif wrong := _not_floating(f"key {key!r}", canonical[key]):
+            problems.append(wrong)
     for key, value in canonical.items():
         if key in params:
             continue
@@ -141,7 +255,9 @@ def check_state_dict(portmap: pm.PortMap, state_dict: StateDict, owner: str) -> 
             continue
         problems.append(f"unexpected key {key!r} (shape {_shape(value)})")
     if problems:
-        raise PortError(f"{owner}: state dict does not fit:\n  " + "\n  ".join(problems))
+        hint = whole_model_hint(state_dict, "--prefix (prefix= in Python)")
+        head = f"{owner}: state dict does not fit" + (f" ({hint})" if hint else "")
+        raise PortError(head + ":\n  " + "\n  ".join(problems))
     return canonical
 
 
@@ -192,7 +308,8 @@ def load_state_dict(flax_module, state_dict: StateDict, prefix: str = "", *, var
 
     ``prefix``: read the layer under it in a whole model's state dict (``model.layers.0.self_attn.``).
     ``variant``: the torch format (a name, e.g. ``"LlamaAttention"``); default: the one whose keys
-    the state dict has, among the formats of ``flax_module``'s class.
+    the state dict has, among the formats of ``flax_module``'s class. The module remembers it
+    (:func:`ported_from`): :func:`to_state_dict` writes that format back by default.
 
     Dtypes: a module at the default ``param_dtype`` (float32) keeps each weight's own floating
     dtype, so that :func:`to_state_dict` gives back exactly what came in (float64 stays a numpy
@@ -204,6 +321,7 @@ def load_state_dict(flax_module, state_dict: StateDict, prefix: str = "", *, var
     state_dict = select_prefix(state_dict, prefix)
     variant, cfg = _format_of(flax_module, state_dict, variant)
     variables = variables_from_state_dict(variant.portmap(cfg), state_dict, variant.name)
+    _remember(flax_module, PortedFrom(variant.name))
     param_dtype = getattr(flax_module, "param_dtype", None)
     return jax.tree.map(lambda a: _as_param(a, param_dtype), variables)
 
@@ -238,34 +356,54 @@ def to_state_dict(
 
     ``return_tensors="np"`` gives numpy arrays; ``"pt"`` gives torch tensors,
     ready for ``torch_module.load_state_dict``. ``variant``: the torch format to write
-    (``"LlamaAttention"`` writes ``q_proj.weight`` ...; default: the one named like the
-    module's class); ``prefix`` goes before every key (``model.layers.0.self_attn.``).
+    (``"LlamaAttention"`` writes ``q_proj.weight`` ...); default: the format the module was
+    ported from (:func:`ported_from`: :func:`from_torch`, :func:`load_state_dict`), else the one
+    named like the module's class; ``prefix`` goes before every key (``model.layers.0.self_attn.``).
 
     Keys and dtypes are the parameters' own (float64, float32, bfloat16, float16 round-trip
-    exactly). ``buffers``: write the causal ``mask`` buffers (in the weights' dtype); default: yes,
-    unless the module's ``context_length`` is :data:`UNBOUNDED_CONTEXT` (a source without a mask).
-    Their size is checked against the memory budget (:mod:`crosscheck.budget`) before allocation.
+    exactly); a parameter of another dtype, a missing or mis-shaped one, and a parameter path the
+    format does not have are refused, each named (as :func:`load_state_dict` refuses torch keys).
+    ``buffers``: write the causal ``mask`` buffers; default: what the source's state dict carried
+    when the module came from :func:`from_torch` (a non-persistent ``mask`` is not written back),
+    else yes, unless the module's ``context_length`` is :data:`UNBOUNDED_CONTEXT` (a source without
+    a mask). They are in the weights' dtype when those share one (torch's ``module.to(dtype)`` moves
+    the buffers with them), else float32 (the torch reference's own). Their size is checked against
+    the memory budget (:mod:`crosscheck.budget`) before allocation.
     """
     variables = _linen_variables(flax_module, variables)
+    remembered = ported_from(flax_module)
+    if variant is None and remembered is not None:
+        variant = remembered.variant
     variant, cfg = config_of(flax_module, variant)
     portmap = variant.portmap(cfg)
     params = variables.get("params", {})
     out: dict[str, Any] = {}
     problems = []
     for entry in portmap.entries:
+        where = f"Flax parameter {'/'.join(entry.flax_path)}"
         try:
             value = np.asarray(_get(params, entry.flax_path))
-        except (KeyError, TypeError):
-            problems.append(f"missing Flax parameter {'/'.join(entry.flax_path)} (for {entry.torch_key!r})")
+        except (KeyError, TypeError, IndexError):
+            problems.append(f"missing {where} (for {entry.torch_key!r})")
             continue
         if value.shape != entry.flax_shape:
-            problems.append(
-                f"Flax parameter {'/'.join(entry.flax_path)}: expected shape {entry.flax_shape}, found {value.shape}"
-            )
+            problems.append(f"{where}: expected shape {entry.flax_shape}, found {value.shape}")
+            continue
+        wrong = _not_floating(f"{where} (for {entry.torch_key!r})", value)
+        if wrong:
+            problems.append(wrong)
             continue
         out[entry.torch_key] = np.ascontiguousarray(pm.from_flax(entry.layout, value))
+    known = {e.flax_path[:i] for e in portmap.entries for i in range(1, len(e.flax_path) + 1)}
+    problems += [
+        f"unexpected Flax parameter {'/'.join(path)} (shape {_shape(leaf)})"
+        for path, leaf in _leaves(params)
+        if path not in known
+    ]
     if problems:
         raise PortError(f"{variant.name}: variables do not fit:\n  " + "\n  ".join(problems))
+    if buffers is None and remembered is not None:
+        buffers = remembered.buffers
     if buffers is None:
         buffers = not _unbounded(cfg)
     if buffers and portmap.buffers:
@@ -278,7 +416,8 @@ def to_state_dict(
             f"{variant.name}: the mask buffers of context_length {cfg.context_length}",
             "pass buffers=False (no mask keys) or a smaller context_length",
         )
-        like = next(iter(out.values()), np.zeros(0, np.float32)).dtype  # buffers follow the weights (torch .to())
+        dtypes = {a.dtype for a in out.values()}
+        like = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)
         for buf in portmap.buffers:
             out[buf.torch_key] = buf.expected().astype(like)
     out = {prefix + k: v for k, v in out.items()}
@@ -287,6 +426,15 @@ def to_state_dict(
     if return_tensors != "np":
         raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
     return out
+
+
+def _leaves(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """``(path, leaf)`` of a nested mapping of parameters."""
+    if isinstance(tree, Mapping):
+        for key, sub in tree.items():
+            yield from _leaves(sub, (*path, str(key)))
+    else:
+        yield path, tree
 
 
 def _linen_variables(flax_module, variables: Any) -> Mapping:
@@ -349,10 +497,26 @@ def _dropout_p(module) -> float:
     return float(getattr(drop, "p", drop) or 0.0)
 
 
+def module_state(torch_module) -> dict[str, Any]:
+    """``torch_module.state_dict()`` and the ``mask`` tensors it leaves out.
+
+    A ``mask`` registered with ``persistent=False`` (or kept as a plain tensor attribute) is not in
+    the state dict, yet it is what makes the layer causal and what bounds its tokens; the port reads
+    it, checks it like a saved one, and would otherwise take the layer for a non-causal one.
+    """
+    state = dict(torch_module.state_dict())
+    for name, sub in torch_module.named_modules():
+        mask = getattr(sub, "mask", None)
+        key = f"{name}.mask" if name else "mask"
+        if key not in state and hasattr(mask, "shape") and hasattr(mask, "dtype"):
+            state[key] = mask
+    return state
+
+
 def _book_config(variant: registry.Variant, torch_module) -> AttnConfig:
-    """A book-style module's config: what its state dict pins down, then its attributes."""
+    """A book-style module's config: what its state (masks included) pins down, then its attributes."""
     cls = type(torch_module).__name__
-    found = infer_config(variant, torch_module.state_dict())
+    found = infer_config(variant, module_state(torch_module))
     if "num_heads" in variant.fields:
         num_heads = getattr(torch_module, "num_heads", None)
         if num_heads is None:
@@ -410,19 +574,28 @@ def from_torch(torch_module, *, api: str = "linen", **options) -> Any:
     keys) or ``rope_scaling`` (transformers' dict), ``context_length``. The book's classes
     need ``rope_theta`` and ``context_length``; a value that contradicts a module's config
     is an error. The RoPE modules' ``apply(variables, x)`` is causal, positions ``0 .. T-1``.
-    Write the weights back with ``to_state_dict(flax_module, variables, variant=variant_name)``
-    for transformers' key names (:func:`recognise` tells the variant).
+
+    A ``mask`` buffer registered with ``persistent=False`` counts as a saved one (:func:`module_state`).
+    The module remembers its source (:func:`ported_from`): ``to_state_dict(flax_module, variables)``
+    gives back the same keys (transformers' ``q_proj.weight`` ..., no ``mask`` where the source's
+    state dict had none) and the same values, bit for bit.
     """
     if api not in registry.FLAX_APIS:
         raise BadInputError(f"from_torch: api must be one of {', '.join(registry.FLAX_APIS)}; got {api!r}")
     variant, cfg = recognise(torch_module, **options)
     flax_module = variant.flax_module(cfg, api)
-    variables = load_state_dict(flax_module, torch_module.state_dict(), variant=variant)
+    variables = load_state_dict(flax_module, module_state(torch_module), variant=variant)
+    saved = torch_module.state_dict()
+    buffers = [b.torch_key for b in variant.portmap(cfg).buffers]
+    source = PortedFrom(variant.name, all(k in saved for k in buffers) if buffers else None)
     if api == "linen":
+        _remember(flax_module, source)
         return flax_module, variables
     from jaxattn.nnx import load_params
 
-    return load_params(flax_module, variables["params"], keep_dtype=True)
+    model = load_params(flax_module, variables["params"], keep_dtype=True)
+    _remember(model, source)
+    return model
 
 
 # --- files ---------------------------------------------------------------------------------------

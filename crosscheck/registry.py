@@ -356,13 +356,20 @@ def _single_head_linears(module) -> bool:
     return _qkv_layer(module) and not _linear(module, "out_proj") and _linear(module, "W_query")
 
 
+def _has_mask(module) -> bool:
+    """A ``mask`` tensor on the module: a buffer, persistent or not (``state_dict()`` hides a non-persistent
+    one, and the causal layer would pass for a non-causal V2), or a plain tensor attribute."""
+    mask = getattr(module, "mask", None)
+    return hasattr(mask, "shape") and hasattr(mask, "dtype")
+
+
 def _is_causal(module) -> bool:
-    """Linear Q/K/V with the causal ``mask`` buffer (a V2 without one)."""
-    return _single_head_linears(module) and "mask" in module.state_dict()
+    """Linear Q/K/V with the causal ``mask`` (a V2 without one)."""
+    return _single_head_linears(module) and _has_mask(module)
 
 
 def _is_v2(module) -> bool:
-    return _single_head_linears(module) and "mask" not in module.state_dict()
+    return _single_head_linears(module) and not _has_mask(module)
 
 
 def _is_v1(module) -> bool:

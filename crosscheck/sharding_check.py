@@ -45,8 +45,9 @@ def check_request(
         raise BadInputError(f"--shard {shard} needs --devices N (how many devices to split over)")
     if shard not in MODES:
         raise BadInputError(f"--shard must be one of {', '.join(MODES)}; got {shard!r}")
-    if int(devices) < 1:
-        raise BadInputError(f"--devices must be >= 1, got {devices}")
+    from crosscheck.devices import check_device_count, check_limit, check_split
+
+    check_limit(int(devices))
     for flag, given in others:
         if given:
             raise BadInputError(f"--shard checks the forward pass; it cannot be combined with {flag}")
@@ -62,6 +63,8 @@ def check_request(
         if shard not in variant.shard_modes:
             takes = ", ".join(variant.shard_modes) or "none (its input has no batch axis)"
             raise BadInputError(f"{variant.name} cannot be split by {shard}; its shard modes: {takes}")
+        shape = case.x.shape  # (batch, tokens, d_in): every variant with a shard mode takes a batch
+        check_split(int(devices), shard, batch=shape[0] if len(shape) == 3 else 1, tokens=shape[-2])
         if shard == "heads":
             for field in ("num_heads", "num_kv_groups"):
                 count = getattr(cfg, field, None)
@@ -69,9 +72,7 @@ def check_request(
                     raise BadInputError(
                         f"--shard heads: {variant.name} has {field}={count}, not divisible by --devices {devices}"
                     )
-    from crosscheck.devices import check_device_count
-
-    check_device_count(int(devices))
+    check_device_count(int(devices))  # after the checks above: it starts JAX
 
 
 def _module_call(case, dtype: str, attention_impl: str | None):

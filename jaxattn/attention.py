@@ -3,7 +3,8 @@
 Same argument names, layout and semantics as ``jax.nn.dot_product_attention``, so
 one can be swapped for the other; the work is done by an implementation from
 :mod:`jaxattn.implementations`. This module checks the call, fills in the
-defaults, picks the implementation and calls it; it computes nothing itself.
+defaults, picks the implementation and calls it; it computes nothing itself but
+what a kernel that skips causal blocks leaves out (:func:`_values_every_row_reads`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from jaxattn import implementations
+from jaxattn.checks import check_at_run_time, known_range
 
 QOffset = int | Int[Array, ""]
 #: ``jax.lax.Precision``, one of its names, or ``None`` (JAX's default for the backend).
@@ -70,11 +72,30 @@ def dot_product_attention(
     ``(batch, 0, N, Hv)``; ``S = 0`` gives zeros ``(batch, T, N, Hv)`` (no row sees
     a key); ``T = S = 1`` (causal or not) gives the value itself.
 
+    Non-finite numbers, the same from every implementation: NaN in, NaN out, by IEEE arithmetic as
+    ``jax.nn`` computes it. A row sees the keys its mask, causality (with ``q_offset``) and bias leave
+    it; a ``-inf`` bias entry masks its key. (1) A row that sees no key returns **zeros**, whatever the
+    inputs hold. (2) A masked score is never read (a NaN key or bias entry at a masked position does
+    not reach the row), but every value is multiplied by its weight, 0 for a masked key, and ``0 x NaN``
+    is NaN: a non-finite ``value[..., j, h, d]`` makes column ``d`` NaN in every row (that sees a key)
+    of the heads reading kv head ``h``, masked ``j`` or not. (3) Otherwise the softmax over the seen
+    scores is IEEE's: NaN in the row's query or in a key or bias entry it sees, a ``+inf`` score, or
+    scores that are all ``-inf`` (a ``-inf`` query row: ``-inf * k`` is ``-inf``, ``+inf`` or NaN) give
+    a NaN row; a ``-inf`` score beside finite ones gets weight 0.
+
     Differences from ``jax.nn.dot_product_attention``: a query row that sees no
     key (every key masked, or a ``-inf`` bias on all of them) returns **zeros**,
-    never NaN and never the mean of the values; ``value`` may have its own head
-    dim and dtype where the implementation allows; there is ``q_offset`` and
-    dropout; the logits and softmax are computed in ``promote_types(dtype, float32)``.
+    never NaN and never the mean of the values; a row whose seen scores are all
+    ``-inf`` is NaN (jax.nn's finite fill of masked scores gives the mean of the
+    masked values); ``value`` may have its own head dim and dtype where the
+    implementation allows; there is ``q_offset`` and dropout; the logits and
+    softmax are computed in ``promote_types(dtype, float32)``.
+
+    ``q_offset`` must keep the queries among the keys: ``0 <= q_offset`` and ``q_offset + T <= S``
+    (``0`` is always allowed, jax.nn's top-left alignment, also for ``T > S``); a static one is checked
+    at once, a traced one when the program runs (``ValueError``; under ``jit`` see
+    :class:`jaxattn.checks.clean_errors`). ``head_dim``, the value head dim and both head counts must
+    be at least 1.
     """
     return attention_with_weights(
         query,
@@ -123,7 +144,8 @@ def attention_with_weights(
     mask = None if mask is None else _as_rank4(jnp.asarray(mask), "mask", target)
     if mask is not None and mask.dtype != jnp.bool_:
         raise ValueError(f"dot_product_attention: mask must be boolean (True = attend), got dtype {mask.dtype}")
-    q_offset = _check_q_offset(q_offset)
+    q_offset = _check_q_offset(q_offset, q_tokens, kv_tokens)
+    scale = _check_scale(scale, head_dim)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dot_product_attention: dropout_rate must be in [0, 1), got {dropout_rate}")
     dropout = dropout_rate > 0.0
@@ -153,13 +175,16 @@ def attention_with_weights(
         value,
         bias,
         mask,
-        scale=head_dim**-0.5 if scale is None else scale,
+        scale=scale,
         is_causal=bool(is_causal),
         q_offset=q_offset,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         precision=_check_precision(precision),
     )
+    if is_causal and not chosen.every_value:
+        seen = _rows_seeing_a_key(bias, mask, bool(is_causal), q_offset, target)
+        out = _values_every_row_reads(out, value, seen)
     if unbatched:
         out, weights = out[0], None if weights is None else weights[0]
     return out, weights
@@ -195,7 +220,14 @@ def _check_qkv(query, key, value) -> bool:
     if query.ndim == 4 and query.shape[0] != key.shape[0]:
         raise ValueError(f"dot_product_attention: query and key must share the batch size; got {shapes}")
     heads, kv_heads = query.shape[-2], key.shape[-2]
-    if kv_heads < 1 or heads % kv_heads:
+    # Each is a divisor (the scale is head_dim ** -0.5, the group is heads // kv_heads) or an empty axis
+    # that no kernel can tile: a ZeroDivisionError or an empty result is no answer.
+    for name, size in (("head_dim", query.shape[-1]), ("query heads", heads), ("key/value heads", kv_heads)):
+        if size < 1:
+            raise ValueError(f"dot_product_attention: {name} must be >= 1, got {size}; got {shapes}")
+    if value.shape[-1] < 1:
+        raise ValueError(f"dot_product_attention: value head_dim must be >= 1, got {value.shape[-1]}; got {shapes}")
+    if heads % kv_heads:
         raise ValueError(
             f"dot_product_attention: query heads ({heads}) must be a multiple of key/value heads ({kv_heads}); "
             f"got {shapes}"
@@ -219,17 +251,90 @@ def _as_rank4(x: Array, name: str, target: tuple[int, int, int, int]) -> Array:
     return x
 
 
-def _check_q_offset(q_offset: QOffset) -> QOffset:
+def _check_q_offset(q_offset: QOffset, q_tokens: int, kv_tokens: int) -> QOffset:
+    """``q_offset`` checked against the call's ``T`` queries and ``S`` keys: ``0 <= q_offset <= max(S - T, 0)``.
+
+    The queries are positions ``q_offset .. q_offset + T - 1`` among the keys, so an offset must keep them
+    there (``q_offset + T <= S``); ``0`` is always allowed, as jax.nn's causal alignment (top left, also
+    for ``T > S``). A static offset is checked now; a traced one when the program runs
+    (:func:`jaxattn.checks.check_at_run_time`), unless a KV cache's check already bounds it.
+    """
+    high = max(kv_tokens - q_tokens, 0)
+
+    def problem(offset) -> str | None:
+        offset = np.asarray(offset)
+        where = f"T={q_tokens} query tokens at positions q_offset .. q_offset + T - 1 among S={kv_tokens} keys"
+        if np.any(offset < 0):
+            return f"dot_product_attention: q_offset must be >= 0, got {offset.min()} ({where})"
+        if np.any(offset > high):
+            return (
+                f"dot_product_attention: q_offset={offset.max()} puts the last query at position "
+                f"{offset.max() + q_tokens - 1}, past the S={kv_tokens} keys: q_offset + T must be <= S, "
+                f"or q_offset 0 ({where})"
+            )
+        return None
+
     if isinstance(q_offset, (int, np.integer)) and not isinstance(q_offset, bool):
-        if q_offset < 0:
-            raise ValueError(f"dot_product_attention: q_offset must be >= 0, got {q_offset}")
+        message = problem(q_offset)
+        if message is not None:
+            raise ValueError(message)
         return int(q_offset)
+    checked = known_range(q_offset)
     offset = jnp.asarray(q_offset)
     if offset.ndim != 0 or not jnp.issubdtype(offset.dtype, jnp.integer):
         raise ValueError(
             f"dot_product_attention: q_offset must be an integer scalar, got {offset.dtype} {offset.shape}"
         )
-    return offset
+    if checked is not None and checked[0] >= 0 and checked[1] <= high:
+        return q_offset  # a KV cache's index, already checked to leave room for these queries
+    return check_at_run_time(offset, problem)
+
+
+def _check_scale(scale: float | None, head_dim: int) -> float:
+    """``scale``, default ``1 / sqrt(head_dim)``; a NaN or infinite one is a ``ValueError`` (it makes every score
+    non-finite: NaN out of finite input)."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, (int, float, np.number)) and not np.isfinite(scale):
+        raise ValueError(f"dot_product_attention: scale must be finite, got {scale}")
+    return scale
+
+
+def _values_every_row_reads(out: Array, value: Array, seen: Array) -> Array:
+    """``out`` with NaN in the columns where a value is non-finite, for the rows that see a key.
+
+    jax.nn (and IEEE arithmetic) multiplies every value by its weight, a masked key's weight 0 included,
+    and ``0 x NaN`` or ``0 x inf`` is NaN: a non-finite ``value[b, j, h, d]`` makes column ``d`` of every row
+    of the heads reading kv head ``h`` NaN. A kernel that skips the key blocks a causal mask hides never
+    multiplies those values; this puts back what the product would have given. One read of ``value``
+    (``O(S x Hv)``), only for such kernels (:attr:`jaxattn.implementations.Implementation.every_value`).
+    """
+    batch, q_tokens, heads, value_dim = out.shape
+    kv_heads = value.shape[2]
+    bad = ~jnp.all(jnp.isfinite(value), axis=1)  # (B, K, Hv): a column with a non-finite entry
+    bad = jnp.broadcast_to(bad[:, :, None, :], (batch, kv_heads, heads // kv_heads, value_dim))
+    bad = bad.reshape(batch, 1, heads, value_dim)  # query head n reads kv head n // G
+    return jnp.where(bad & seen[..., None], jnp.asarray(jnp.nan, out.dtype), out)
+
+
+def _rows_seeing_a_key(bias, mask, is_causal: bool, q_offset, shape: tuple[int, int, int, int]) -> Array:
+    """``(B, T, N)`` or broadcastable: which query rows see at least one key (the others give zeros).
+
+    Every row sees key 0 under causality alone (``q_offset >= 0`` is checked), so only a mask or a bias
+    needs the ``(T, S)`` reduction.
+    """
+    batch, heads, q_tokens, kv_tokens = shape
+    if kv_tokens == 0:
+        return jnp.zeros((), jnp.bool_)
+    if mask is None and bias is None:
+        return jnp.ones((), jnp.bool_)
+    visible = jnp.ones((1, 1, 1, 1), jnp.bool_) if mask is None else mask
+    if bias is not None:
+        visible = visible & (bias != -jnp.inf)
+    if is_causal:
+        visible = visible & (jnp.arange(kv_tokens) <= jnp.asarray(q_offset) + jnp.arange(q_tokens)[:, None])
+    seen = jnp.any(visible, axis=-1)  # (#B, #N, #T)
+    return jnp.broadcast_to(seen, (batch, heads, q_tokens)).swapaxes(1, 2)  # (B, T, N)
 
 
 def _check_precision(precision: PrecisionLike) -> jax.lax.Precision | None:

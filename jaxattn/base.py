@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -34,7 +33,7 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
 from jaxattn.attention import attention_with_weights, dot_product_attention
-from jaxattn.checks import check_input, check_rate, check_sizes
+from jaxattn.checks import check_at_run_time, check_input, check_rate, check_sizes, mark_range
 from jaxattn.masks import make_offset_causal_mask
 
 #: A projection as the variants' math functions take it: ``nn.Dense``, ``nnx.Linear``, any ``(..., n_in) -> (..., n)``.
@@ -107,6 +106,8 @@ class AttentionModule(nn.Module):
         if self.decode:
             keys, values, mask, q_offset = self.update_cache(keys, values, mask)
         dropout_active = not deterministic and rate > 0.0
+        if dropout_active:  # before the RNG is drawn: the same refusal with or without a 'dropout' stream
+            check_dropout_supported(owner, self.attention_impl, rate)
         context_vec, attn_weights = call_attention(
             owner,
             queries,
@@ -157,6 +158,11 @@ class AttentionModule(nn.Module):
         ``init`` the cache is created at the input's length and the chunk attends to itself only.
         """
         initialised = self.has_variable("cache", "cached_key")
+        owner = type(self).__name__
+        if initialised:  # a cache made elsewhere (another module's init, a checkpoint) must fit this module
+            check_cache_length(owner, self.get_variable("cache", "cached_key").shape[1], self.context_limit())
+        else:  # init sizes the cache by its input, already checked as (batch, tokens <= context_length, d_in)
+            check_cache_shape(owner, keys.shape[:2])
         cached_key = self.variable("cache", "cached_key", jnp.zeros, keys.shape, keys.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, values.shape, values.dtype)
         cached_mask = self.variable("cache", "cached_mask", jnp.ones, keys.shape[:2], jnp.bool_)
@@ -164,9 +170,13 @@ class AttentionModule(nn.Module):
         if not initialised:
             return keys, values, key_mask, 0
         cache = KVCache(cached_key.value, cached_value.value, cached_mask.value, cache_index.value)
-        cache, index = append_to_cache(type(self).__name__, cache, keys, values, key_mask)
+        cache, index = append_to_cache(owner, cache, keys, values, key_mask)
         cached_key.value, cached_value.value, cached_mask.value, cache_index.value = cache
         return cache.key, cache.value, cache.mask, index
+
+    def context_limit(self) -> int | None:
+        """The most tokens this module takes: ``context_length`` (the book's mask, GQA's RoPE table), if any."""
+        return getattr(self, "context_length", None)
 
     def sown_weights(self, attn_weights: Float[Array, "b heads q k"]) -> Array:
         """``attn_weights`` as sown: ``(b, heads, T, S)``, the book's layout."""
@@ -204,6 +214,46 @@ def check_book_config(module) -> None:
 # --- the functional core of the shells: Linen (above) and NNX (jaxattn.nnx) call these --------------
 
 
+def check_cache_shape(owner: str, batch_tokens: tuple[int, ...]) -> None:
+    """A KV cache holds at least one row of at least one token: an empty one could never take a chunk.
+
+    Called on the ``(batch, max_tokens)`` a cache is made for (Linen's ``init`` input, NNX's
+    ``init_cache`` shape), after the module's own input check (rank, ``d_in``, ``context_length``).
+    """
+    batch, max_tokens = (int(n) for n in batch_tokens)
+    if batch < 1 or max_tokens < 1:
+        raise ValueError(
+            f"{owner}: a KV cache needs batch >= 1 and max_tokens >= 1, got (batch, max_tokens) = "
+            f"({batch}, {max_tokens})"
+        )
+
+
+def check_cache_length(owner: str, max_tokens: int, context_length: int | None) -> None:
+    """Refuse a KV cache longer than ``context_length``: its later positions are past the module's mask
+    and, in grouped-query attention, past the RoPE table (whose rows would be clamped: a wrong angle)."""
+    if context_length is not None and max_tokens > context_length:
+        raise ValueError(
+            f"{owner}: the KV cache holds max_tokens={max_tokens}, more than context_length={context_length} "
+            "(the module's mask and RoPE table end there); make the cache for at most context_length tokens"
+        )
+
+
+def check_dropout_supported(owner: str, attention_impl: str, rate: float) -> None:
+    """Refuse active dropout where the chosen implementation is ring attention.
+
+    With dropout active the default core otherwise runs the naive kernel (the only one that forms the
+    weights dropout acts on); for ``"ring"`` that would gather the whole sequence on every device,
+    the opposite of what sequence sharding is for, so it is refused on every path (Linen, NNX,
+    ``shard(...).apply`` and ``.call``, under ``jit`` or not).
+    """
+    if attention_impl == "ring":
+        raise ValueError(
+            f"{owner}: dropout={rate} is active (deterministic=False) but attention_impl='ring' (ring attention, "
+            "shard mode 'sequence') has no dropout: it never forms the attention weights dropout acts on; "
+            "run with deterministic=True, or unsharded for dropout"
+        )
+
+
 class KVCache(NamedTuple):
     """A KV cache's arrays: ``key``/``value`` ``(batch, max_tokens, kv_heads, head_dim)``, ``mask`` ``(batch,
     max_tokens)`` (False = padding), ``index`` (int32 scalar, the number of tokens cached)."""
@@ -239,7 +289,7 @@ def append_to_cache(
             f"{owner}: a chunk of keys {keys.shape} does not fit the cache "
             f"{cache.key.shape} (batch, max_tokens, kv_heads, head_dim)"
         )
-    index = cache.index + _check_room(cache.index, chunk, max_tokens, owner)
+    index = _check_room(cache.index, chunk, max_tokens, owner)
     if chunk_mask is None:
         chunk_mask = jnp.ones((batch, chunk), jnp.bool_)
     new = KVCache(
@@ -303,18 +353,26 @@ def call_attention(
 
 
 def _check_room(index, chunk: int, max_tokens: int, owner: str):
-    """0, after checking on the host that ``chunk`` more tokens fit; a full cache raises ``ValueError``.
+    """``index``, checked to leave room for ``chunk`` more tokens: a full cache raises ``ValueError``.
 
-    The index is traced under ``jit``, so the check runs as a callback whose (zero) result is added
-    to the index: it cannot be dropped, and a full cache stops the step instead of overwriting it.
+    Eagerly the index is known and checked at once. Under ``jit`` or ``lax.scan`` it is traced and the check
+    runs on the host as the step runs (:func:`jaxattn.checks.check_at_run_time`): a full cache stops the
+    step instead of overwriting the cache (``dynamic_update_slice`` would clamp the write into its last
+    slots), and ``jaxattn.checks.clean_errors`` raises it as the same ``ValueError``. A negative index
+    (a cache written by hand) is refused too: the write would clamp to slot 0.
     """
 
-    def host(i):
-        if int(i) + chunk > max_tokens:
-            raise ValueError(
-                f"{owner}: KV cache full: {int(i)} tokens cached + {chunk} new > max_tokens={max_tokens} "
+    def problem(i):
+        i = np.asarray(i)
+        if np.any(i < 0):
+            return f"{owner}: KV cache index {i.min()} is negative (the number of tokens cached starts at 0)"
+        if np.any(i + chunk > max_tokens):
+            return (
+                f"{owner}: KV cache full: {i.max()} tokens cached + {chunk} new > max_tokens={max_tokens} "
                 "(init the cache on a longer input)"
             )
-        return np.zeros((), np.int32)
+        return None
 
-    return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.int32), index)
+    checked = check_at_run_time(index, problem)
+    mark_range(checked, 0, max_tokens - chunk)  # the attention call's q_offset: checked once, here
+    return checked

@@ -78,6 +78,7 @@ class MultiHeadAttentionWrapper(BookAttention):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 decode=self.decode,
+                precision=self.precision,
             )
             for _ in range(self.num_heads)
         ]

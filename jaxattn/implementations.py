@@ -82,9 +82,16 @@ class Implementation:
     platforms: tuple[str, ...] | None = None  # None: every platform
     auto: Callable[[Call], float | None] = field(default=lambda call: None)
     check: Callable[[Call], str | None] = field(default=lambda call: None)
+    #: The kernel multiplies every value by its weight (0 for a masked key), as jax.nn: a non-finite value
+    #: reaches every row by itself. ``False`` (a kernel that skips causal blocks): the dispatcher adds it.
+    every_value: bool = False
 
     def refusal(self, call: Call) -> str | None:
-        """Why this implementation cannot serve ``call``, or ``None`` when it can."""
+        """Why this implementation cannot serve ``call`` (every reason, joined by ``"; "``), or ``None`` when it can.
+
+        All of them, not the first: a user who fixes one reason should not meet the next only then
+        (cuDNN on a CPU with float32 needs a GPU *and* a 16-bit dtype).
+        """
         needs = [
             (call.has_mask and not self.mask, "a mask"),
             (call.has_bias and not self.bias, "a bias"),
@@ -97,14 +104,18 @@ class Implementation:
             ),
             (not call.same_dtypes and not self.mixed_dtypes, "query, key and value of different dtypes"),
         ]
+        reasons = []
         missing = [what for lacking, what in needs if lacking]
         if missing:
-            return "it does not support " + ", ".join(missing)
+            reasons.append("it does not support " + ", ".join(missing))
         if call.dtype not in self.dtypes:
-            return f"it does not support dtype {call.dtype} (supports {', '.join(self.dtypes)})"
+            reasons.append(f"it does not support dtype {call.dtype} (supports {', '.join(self.dtypes)})")
         if self.platforms is not None and call.platform not in self.platforms:
-            return f"it runs on {', '.join(self.platforms)}, not on {call.platform}"
-        return self.check(call)
+            reasons.append(f"it runs on {', '.join(self.platforms)}, not on {call.platform}")
+        checked = self.check(call)
+        if checked is not None:
+            reasons.append(checked)
+        return "; ".join(reasons) or None
 
 
 _TABLE: dict[str, Implementation] = {}
@@ -153,9 +164,10 @@ def select(name: str | None, call: Call) -> Implementation:
         if impl.refusal(call) is None and (score := impl.auto(call)) is not None
     ]
     if not scored:
-        raise ValueError(
-            f"no registered attention implementation supports this call ({call}); known: {', '.join(_TABLE)}"
+        why = "; ".join(
+            f"{impl.name!r}: {impl.refusal(call) or 'not chosen automatically for it'}" for impl in _TABLE.values()
         )
+        raise ValueError(f"no registered attention implementation supports this call ({call}): {why}")
     return max(scored, key=lambda t: t[:2])[2]
 
 
@@ -206,8 +218,9 @@ def _auto_flash(call: Call) -> float | None:
 
 
 def _flash_check(call: Call) -> str | None:
-    if max(call.head_dim, call.value_head_dim) > flash.MAX_HEAD_DIM:
-        return f"it takes head dims up to {flash.MAX_HEAD_DIM}, not {max(call.head_dim, call.value_head_dim)}"
+    too_big = [dim for dim in dict.fromkeys((call.head_dim, call.value_head_dim)) if dim > flash.MAX_HEAD_DIM]
+    if too_big:
+        return f"it takes head dims up to {flash.MAX_HEAD_DIM}, not {', '.join(map(str, too_big))}"
     return None
 
 
@@ -218,6 +231,7 @@ register(
         summary="the book's path: full (T, S) weights in float32, returned; the only one with dropout",
         dropout=True,
         returns_weights=True,
+        every_value=True,
         auto=_auto_naive,
     )
 )
@@ -236,6 +250,7 @@ register(
         summary="jax.nn.dot_product_attention(implementation='xla'), with q_offset and zero rows added",
         value_head_dim=False,
         mixed_dtypes=False,
+        every_value=True,
         auto=_auto_gpu(3.0, bounded=True),
         # XLA:CPU has no float16 x float16 -> float32 dot, which jax.nn's xla path asks for.
         check=lambda call: (

@@ -194,3 +194,10 @@ def check_torch_mha_config(module) -> None:
     check_sizes(owner, embed_dim=module.embed_dim, num_heads=module.num_heads)
     check_rate(owner, "dropout", module.dropout)
     check_divisible(owner, module.embed_dim, module.num_heads, "embed_dim")
+    if getattr(module, "decode", False) and not module.causal:
+        # With a cache a chunk sees only the tokens before it (and the cache's unwritten slots are not
+        # keys): that is the causal layer's output, never the non-causal forward's.
+        raise ValueError(
+            f"{owner}: decode=True needs causal=True: a KV cache gives each chunk the tokens before it only, "
+            "which a non-causal layer (every token sees every token) does not compute"
+        )

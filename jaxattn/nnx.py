@@ -28,6 +28,7 @@ Runs under ``nnx.jit``, ``nnx.grad`` and ``nnx.vmap`` on flax 0.11 and 0.12.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -38,7 +39,17 @@ from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
 from jaxattn.attention import dot_product_attention
-from jaxattn.base import KVCache, PrecisionLike, append_to_cache, call_attention, check_book_config, key_mask
+from jaxattn.base import (
+    KVCache,
+    PrecisionLike,
+    append_to_cache,
+    call_attention,
+    check_book_config,
+    check_cache_length,
+    check_cache_shape,
+    check_dropout_supported,
+    key_mask,
+)
 from jaxattn.causal import causal_attention, concatenate_heads
 from jaxattn.checks import check_input, check_sizes
 from jaxattn.gqa import check_gqa_config, grouped_query_attention, rope_tables
@@ -259,10 +270,52 @@ class AttentionModule(nnx.Module):
         """``(kv_heads, head_dim)`` of the keys this module caches."""
         raise NotImplementedError(f"{type(self).__name__} has no KV cache")
 
+    #: Set by every subclass with that argument (not ``TorchMultiheadAttention``: :meth:`input_features`).
+    d_in: int
+
+    def input_features(self) -> int:
+        """The last dimension of this module's input (``d_in``; ``embed_dim`` for ``TorchMultiheadAttention``)."""
+        return self.d_in
+
+    def context_limit(self) -> int | None:
+        """The most tokens this module takes: ``context_length`` (the book's mask, GQA's RoPE table), if any."""
+        return getattr(self, "context_length", None)
+
+    def check_cache_request(self, input_shape: Any, dtype: Any) -> tuple[int, int]:
+        """``(batch, max_tokens)`` of an :meth:`init_cache` request, refused as Linen's ``init`` refuses
+        its input (same messages: rank, ``d_in``, ``tokens`` over ``context_length``), and also an empty
+        cache, a module that does not decode, a dtype that is not floating."""
+        owner = type(self).__name__
+        if not self.decode:
+            raise ValueError(
+                f"{owner}: init_cache makes the KV cache that decode=True reads; this module has decode=False "
+                "(construct it with decode=True)"
+            )
+        try:
+            shape = tuple(operator.index(n) for n in input_shape)
+        except TypeError:
+            raise ValueError(
+                f"{owner}: init_cache takes the input shape (batch, max_tokens, d_in) as integers, got {input_shape!r}"
+            ) from None
+        check_input(owner, shape, d_in=self.input_features(), ranks=(3,), context_length=self.context_limit())
+        check_cache_shape(owner, shape[:2])
+        if dtype is not None:
+            try:
+                floating = jnp.issubdtype(dtype, jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise ValueError(f"{owner}: init_cache dtype must be a floating dtype, got {dtype!r}")
+        return shape[0], shape[1]
+
     def init_cache(self, input_shape: tuple[int, ...], dtype: Any = None) -> None:
         """Make (or reset) the KV cache for inputs ``(batch, max_tokens, d_in)``: ``nnx.Cache`` variables
-        ``cached_key``, ``cached_value``, ``cached_mask``, ``cache_index``, as Linen's ``'cache'`` collection."""
-        batch, max_tokens = int(input_shape[0]), int(input_shape[1])
+        ``cached_key``, ``cached_value``, ``cached_mask``, ``cache_index``, as Linen's ``'cache'`` collection.
+
+        Refused as Linen's ``init`` refuses its input: rank 3, ``d_in`` last, ``max_tokens <=
+        context_length``; and at least one row of one token, ``decode=True``, a floating ``dtype``.
+        """
+        batch, max_tokens = self.check_cache_request(input_shape, dtype)
         dtype = self.dtype if dtype is None else dtype
         shape = (batch, max_tokens, *self.kv_shape())
         self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
@@ -279,7 +332,12 @@ class AttentionModule(nnx.Module):
             raise ValueError(
                 f"{type(self).__name__}: decode=True needs init_cache((batch, max_tokens, d_in)) before the first call"
             )
-        return KVCache(*(value_of(v) for v in (self.cached_key, self.cached_value, self.cached_mask, self.cache_index)))
+        cache = KVCache(
+            *(value_of(v) for v in (self.cached_key, self.cached_value, self.cached_mask, self.cache_index))
+        )
+        # the cache may have been replaced since init_cache (nnx.update, a checkpoint): it must still fit
+        check_cache_length(type(self).__name__, cache.key.shape[1], self.context_limit())
+        return cache
 
     def attend(
         self,
@@ -308,6 +366,7 @@ class AttentionModule(nnx.Module):
         dropout_active = not deterministic and rate > 0.0
         rng = None
         if dropout_active:
+            check_dropout_supported(owner, self.attention_impl, rate)
             rngs = self.rngs if rngs is None else rngs
             rng = rngs.dropout()  # falls back to the "default" stream when there is no "dropout" one
         context_vec, _ = call_attention(
@@ -389,6 +448,13 @@ class MultiHeadAttentionWrapper(AttentionModule):
         return [getattr(self, f"heads_{i}") for i in range(self.num_heads)]
 
     def init_cache(self, input_shape: tuple[int, ...], dtype: Any = None) -> None:
+        """Each head's cache (each head decodes on its own, as in Linen); refused as a head refuses it."""
+        if not self.decode or not all(head.decode for head in self.heads):
+            raise ValueError(
+                f"{type(self).__name__}: init_cache makes the KV caches that decode=True reads; decode is "
+                f"{self.decode} here and {[head.decode for head in self.heads]} in heads_0.. (construct it with "
+                "decode=True, or set decode on the wrapper and every head)"
+            )
         for head in self.heads:
             head.init_cache(input_shape, dtype)
 
@@ -499,13 +565,20 @@ class TorchMultiheadAttention(AttentionModule):
             bias,
             causal,
         )
-        check_torch_mha_config(self)
         rngs = self._options(**options)
+        check_torch_mha_config(self)
         self.in_proj = self.linear(embed_dim, 3 * embed_dim, bias, rngs)
         self.out_proj = self.linear(embed_dim, embed_dim, bias, rngs)
 
     def kv_shape(self) -> tuple[int, int]:
         return self.num_heads, self.embed_dim // self.num_heads
+
+    def input_features(self) -> int:
+        return self.embed_dim
+
+    def init_cache(self, input_shape: tuple[int, ...], dtype: Any = None) -> None:
+        check_torch_mha_config(self)  # decode may have been set after construction: causal is still needed
+        super().init_cache(input_shape, dtype)
 
     def __call__(
         self,
@@ -591,6 +664,7 @@ class GroupedQueryAttention(AttentionModule):
         rngs: nnx.Rngs | None = None,
     ) -> Float[Array, "batch tokens out_features"]:
         check_input(type(self).__name__, x.shape, d_in=self.d_in, ranks=(3,), context_length=self.context_length)
+        offset = self.cache_offset()  # first: a missing or misfit cache is refused before any work
         return grouped_query_attention(
             x,
             self.W_query,
@@ -603,7 +677,7 @@ class GroupedQueryAttention(AttentionModule):
             num_heads=self.num_heads,
             num_kv_groups=self.num_kv_groups,
             rope=rope_tables(self, tokens=x.shape[1]),
-            offset=self.cache_offset(),
+            offset=offset,
         )
 
 

@@ -58,8 +58,16 @@ def scale_queries(query: Float[Array, "..."], scale) -> Float[Array, "..."]:
     return (query.astype(acc) * jnp.asarray(scale, acc)).astype(query.dtype)
 
 
-def safe_softmax(logits: Float[Array, "*batch q k"]) -> Float[Array, "*batch q k"]:
+def safe_softmax(
+    logits: Float[Array, "*batch q k"], seen: Bool[Array, "..."] | None = None
+) -> Float[Array, "*batch q k"]:
     """Softmax over the last axis where ``-inf`` logits are masked keys and a row of only ``-inf`` gives zeros.
+
+    ``seen``: which rows see a key (broadcastable to ``(..., q, 1)``), when the caller knows it from its
+    masks. Then only the unseen rows give zeros, and a seen row follows IEEE arithmetic as ``jax.nn``'s
+    softmax: NaN for NaN or ``+inf`` logits and for a row whose visible logits are all ``-inf`` (scores
+    that are ``-inf`` by arithmetic, a ``-inf`` query, not by a mask). Without ``seen`` (the book's
+    modules) every row whose logits are all ``-inf`` counts as unseen.
 
     For float32/float64 logits. ``jax.nn.softmax`` and torch give NaN for such a row
     (``exp(-inf - -inf)``); here the row maximum is replaced by 0 when it is not
@@ -74,10 +82,37 @@ def safe_softmax(logits: Float[Array, "*batch q k"]) -> Float[Array, "*batch q k
     if logits.shape[-1] == 0:  # no keys at all: nothing to weigh (and max has no identity)
         return logits
     row_max = jnp.max(logits, axis=-1, keepdims=True)
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    keep = jnp.isfinite(row_max) if seen is None else seen
+    row_max = jax.lax.stop_gradient(jnp.where(keep, row_max, 0.0))
     unnormalised = jnp.exp(logits - row_max)
     tiny = jnp.asarray(jnp.finfo(logits.dtype).eps ** 2, logits.dtype)
     return unnormalised / (unnormalised.sum(axis=-1, keepdims=True) + tiny)
+
+
+def nonfinite_rows(
+    query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], *, causal: bool = False
+) -> Bool[Array, "B T N"]:
+    """The rows IEEE arithmetic makes NaN whatever their other scores: a query with a non-finite entry, or
+    a row whose every visible key has one (every score of such a row is ``+-inf`` or NaN).
+
+    For a kernel whose softmax fills masked scores with a large finite number (cuDNN's causal mask): there
+    a row whose visible scores are all ``-inf`` would weigh its *masked* keys instead of giving NaN. Every
+    key is visible, or with ``causal`` (top left) the keys ``j <= i``, told from the first finite key
+    without a ``(T, S)`` pass.
+    """
+    batch, q_tokens, heads, _ = query.shape
+    kv_tokens, kv_heads = key.shape[1], key.shape[2]
+    bad_query = ~jnp.all(jnp.isfinite(query), axis=-1)  # (B, T, N)
+    finite_key = jnp.all(jnp.isfinite(key), axis=-1)  # (B, S, K)
+    # Query head n reads kv head n // G: (B, S, K) -> (B, N, S).
+    finite_key = jnp.broadcast_to(finite_key[..., None], (batch, kv_tokens, kv_heads, heads // kv_heads))
+    finite_key = finite_key.reshape(batch, kv_tokens, heads).swapaxes(1, 2)
+    if causal:
+        first = jnp.where(jnp.any(finite_key, axis=-1), jnp.argmax(finite_key, axis=-1), kv_tokens)  # (B, N)
+        sees_finite = first[..., None] <= jnp.arange(q_tokens)  # (B, N, T)
+    else:
+        sees_finite = jnp.any(finite_key, axis=-1, keepdims=True)  # (B, N, 1)
+    return bad_query | ~jnp.broadcast_to(sees_finite, (batch, heads, q_tokens)).swapaxes(1, 2)
 
 
 def dropout(x: Float[Array, "..."], rate: float, rng: PRNGKeyArray | None, deterministic: bool) -> Float[Array, "..."]:

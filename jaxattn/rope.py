@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jaxtyping import Array, Float, Int
 
 #: The book's ``freq_config`` keys, and transformers' name for each in ``rope_scaling``.
@@ -126,9 +125,13 @@ def apply_rope(
 ) -> Float[Array, "batch tokens heads head_dim"]:
     """The book's ``apply_rope`` for ``x`` in ``(batch, tokens, heads, head_dim)``, positions ``offset .. offset+T-1``.
 
-    ``offset`` may be traced (a KV cache's index): the rows are taken with ``lax.dynamic_slice``,
-    which clamps, so the caller keeps ``offset + tokens <= positions``. The rotation runs in
-    float32 and the result has ``x``'s dtype.
+    A known ``offset`` (a Python or NumPy integer, or a concrete JAX scalar) is checked here: positions
+    below 0 or past the tables' rows raise ``ValueError`` naming both. A traced ``offset`` (a KV cache's
+    index under ``jit``) cannot be checked while tracing: the rows are gathered by position, and a
+    position outside the tables gives NaN rows, never the clamped rows of another position (which would
+    rotate by the wrong angle and look fine). The modules never get there: a KV cache longer than their
+    ``context_length`` (the tables' rows) is refused. The rotation runs in float32 and the result has
+    ``x``'s dtype.
     """
     _, tokens, _, head_dim = x.shape
     if head_dim % 2 != 0 or cos.shape[-1] != head_dim or sin.shape != cos.shape:
@@ -136,22 +139,36 @@ def apply_rope(
             f"apply_rope: x {x.shape} needs an even head_dim and cos/sin tables (positions, {head_dim}); "
             f"got cos {cos.shape}, sin {sin.shape}"
         )
-    if isinstance(offset, int) and offset + tokens > cos.shape[0]:
-        raise ValueError(
-            f"apply_rope: positions {offset}..{offset + tokens - 1} exceed the tables' {cos.shape[0]} rows"
-        )
-    if isinstance(offset, int) and offset == 0:
+    rows = cos.shape[0]
+    known = _known_offset(offset)
+    if known is not None and (known < 0 or known + tokens > rows):
+        where = "start before position 0 of" if known < 0 else "exceed"
+        raise ValueError(f"apply_rope: positions {known}..{known + tokens - 1} {where} the tables' {rows} rows")
+    if known == 0:
         cos, sin = cos[:tokens], sin[:tokens]  # (T, hd)
-    else:
-        start = jnp.asarray(offset, jnp.int32)
-        cos = lax.dynamic_slice(cos, (start, jnp.int32(0)), (tokens, head_dim))  # (T, hd)
-        sin = lax.dynamic_slice(sin, (start, jnp.int32(0)), (tokens, head_dim))
+    else:  # the offset as an array, known or not: eager decoding compiles one gather, not one slice per position
+        positions = jnp.asarray(offset, jnp.int32) + jnp.arange(tokens, dtype=jnp.int32)  # (T,)
+        inside = ((positions >= 0) & (positions < rows))[:, None]  # (T, 1)
+        safe = jnp.clip(positions, 0, max(rows - 1, 0))
+        nan = jnp.asarray(jnp.nan, cos.dtype)
+        cos = jnp.where(inside, jnp.take(cos, safe, axis=0), nan)  # (T, hd)
+        sin = jnp.where(inside, jnp.take(sin, safe, axis=0), nan)
     cos = cos.astype(jnp.float32)[None, :, None, :]  # (1, T, 1, hd)
     sin = sin.astype(jnp.float32)[None, :, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., : head_dim // 2], x32[..., head_dim // 2 :]  # (b, T, heads, hd // 2) each
     rotated = jnp.concatenate([-x2, x1], axis=-1)  # (b, T, heads, hd)
     return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def _known_offset(offset) -> int | None:
+    """``offset`` as a Python int when its value is known while tracing, ``None`` when it is traced."""
+    if isinstance(offset, jax.core.Tracer):
+        return None
+    value = np.asarray(offset)
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
+        raise ValueError(f"apply_rope: offset must be an integer scalar, got {offset!r}")
+    return int(value)
 
 
 def _check_freq_config(freq_config: Mapping[str, float]) -> dict[str, float]:

@@ -21,6 +21,10 @@ Modes (JAX's SPMD partitioner does the work; nothing here is a runtime of its ow
   the devices do not divide is padded, and the padding masked through
   ``attention_mask`` (the padded keys are invisible, the padded queries sliced off).
 
+Every mode refuses what the module alone refuses, with the module's message, and, on every path
+(``apply``, ``call``, under ``jit`` or not), what a split forward pass cannot promise to equal: a KV
+cache (``decode=True``, ``mutable=``) and active dropout (see :class:`Sharded`).
+
 How parameters are split follows Flax's logical-axis convention: :data:`PARAM_AXES`
 gives each projection's parameters logical axis names (``("embed", "heads")`` for
 ``W_query/kernel``), the mode's :func:`default_rules` map logical names to the mesh
@@ -43,6 +47,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -53,6 +58,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
+from jaxattn.checks import check_sizes
 from jaxattn.kernels.ring import ring_attention
 
 MODES = ("batch", "heads", "sequence")
@@ -94,11 +100,16 @@ def default_rules(mode: str, axis: str) -> tuple[tuple[str, str | None], ...]:
 
 
 def make_mesh(devices: int, axis: str = "devices") -> Mesh:
-    """A 1-D mesh of the first ``devices`` JAX devices named ``axis`` (``ValueError`` naming both counts if short)."""
+    """A 1-D mesh of the first ``devices`` JAX devices named ``axis``.
+
+    ``ValueError`` for a count that is not a positive integer (naming it), or more devices than JAX sees
+    (naming both counts; on a CPU, with the ``XLA_FLAGS`` setting that makes more host devices).
+    """
+    check_sizes("make_mesh", devices=devices)
     available = jax.devices()
-    if not 1 <= devices <= len(available):
+    if devices > len(available):
         hint = ""
-        if jax.default_backend() == "cpu":
+        if jax.default_backend() == "cpu":  # host devices can be forced; GPUs cannot be conjured
             hint = (
                 f"; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
                 "before JAX initialises (crosscheck --devices does it)"
@@ -199,16 +210,17 @@ def current_ring_mesh() -> tuple[Mesh, str] | None:
 
 def ring_refusal(call) -> str | None:
     """Why ``implementation="ring"`` cannot serve ``call`` (an :class:`jaxattn.implementations.Call`), or ``None``."""
+    reasons = []  # every one, as the table's refusals
     if _RING.get() is None:
-        return (
+        reasons.append(
             "it needs a mesh: trace the call inside jaxattn.sharding.ring_mesh(mesh, axis), "
             "or use jaxattn.sharding.shard(module, mesh, 'sequence')"
         )
     if call.q_tokens != call.kv_tokens:
-        return (
+        reasons.append(
             f"it is self-attention over one sharded sequence (q_tokens {call.q_tokens} != kv_tokens {call.kv_tokens})"
         )
-    return None
+    return "; ".join(reasons) or None
 
 
 def ring_kernel(
@@ -234,26 +246,65 @@ def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
+#: What a sharded call is, for the refusals below: the limit and its reason in one place.
+_SUPPORTED = (
+    "a sharded call is one deterministic forward pass of the module (and its gradients), split over the "
+    "devices, returning the module's output"
+)
+
+
 class Sharded:
     """A jaxattn module run over the devices of one mesh axis in one shard mode (see the module docstring).
 
     ``call(variables, x, attention_mask=None, **kwargs)`` is the traceable body (compose it
     with ``jax.grad``/``jax.jit`` yourself); ``apply`` is it jitted, with the parameters
     placed by :func:`param_shardings` first. Outputs equal ``module.apply(variables, x, ...)``.
+
+    What a sharded call refuses: everything the module alone refuses, with the module's own message
+    (the module is traced on the unsplit input first, see :meth:`check`), and the limits of sharding,
+    in every mode and on every path (``apply``, ``call``, under ``jit`` or not), each a ``ValueError``
+    that says why: a KV cache (``decode=True``, ``mutable=``), because a sharded call returns the output
+    of one forward pass and a cache would have to be split and carried alongside (and ring attention has
+    no ``q_offset``); active dropout (``deterministic=False`` with a rate > 0), because the output could
+    not equal the module alone's (padded rows or tokens change the random mask, ring attention never forms
+    the weights dropout acts on). ``rngs`` are accepted (the module alone accepts them and draws nothing
+    without dropout). NNX modules are not served: shard their Linen twin.
     """
 
     def __init__(self, module: nn.Module, mesh: Mesh, mode: str, axis: str | None = None, rules: Rules | None = None):
         self.mode = check_mode(mode)
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                f"shard takes a Flax Linen module (init/apply), got {type(module).__module__}.{type(module).__name__}; "
+                "for a jaxattn.nnx module, shard its Linen twin (jaxattn.<Class>) with jaxattn.nnx.params_of(model)"
+            )
+        if getattr(module, "decode", False):
+            raise ValueError(
+                f"shard mode {mode!r}: {type(module).__name__} has decode=True, and a KV cache is not supported: "
+                f"{_SUPPORTED}; a cache would have to be split and carried with the mode's shardings, and ring "
+                "attention ('sequence') has no q_offset for decoding. Decode on one device"
+            )
         self.mesh = mesh
         self.axis = _axis(mesh, axis)
         self.user_rules = tuple(rules or ())
         self.rules = _rules(mode, self.axis, rules)
         self.devices = int(mesh.shape[self.axis])
+        #: The module as given: what a sharded call must equal, and refuse as it does.
+        self.unsharded = module
         if mode == "sequence":
             if not hasattr(module, "attention_impl"):
                 raise ValueError(
                     f"shard mode 'sequence' runs attention as ring attention: {type(module).__name__} has no "
                     "attention_impl (its attention core is fixed)"
+                )
+            # Looked up, not imported: jaxattn.attention -> implementations -> sharding (the ring row) would be
+            # an import circle. A module whose attention_fn is the default has loaded jaxattn.attention.
+            default = getattr(sys.modules.get("jaxattn.attention"), "dot_product_attention", None)
+            if module.attention_fn is not default:
+                raise ValueError(
+                    f"shard mode 'sequence' runs attention as ring attention: {type(module).__name__} has its own "
+                    f"attention_fn ({getattr(module.attention_fn, '__name__', module.attention_fn)!r}), which "
+                    "ring attention would replace; shard it in mode 'batch' or 'heads'"
                 )
             module = module.clone(attention_impl="ring")
         self.module = module
@@ -270,11 +321,43 @@ class Sharded:
         """``variables`` put on the devices as :meth:`param_shardings` says."""
         return jax.device_put(variables, self.param_shardings(variables))
 
+    def refuse_unsupported(self, kwargs: dict[str, Any]) -> None:
+        """The limits of sharding in the call's keyword arguments (see the class docstring)."""
+        for name in ("mutable", "capture_intermediates"):
+            if kwargs.get(name, False) not in (False, None):
+                raise ValueError(
+                    f"shard mode {self.mode!r}: {name}={kwargs[name]!r} is not supported: {_SUPPORTED}; "
+                    "a KV cache or sown intermediates would have to be split and returned with the mode's "
+                    "shardings. Run the module on one device for them"
+                )
+        rate = getattr(self.unsharded, "dropout", 0.0)
+        if not kwargs.get("deterministic", True) and isinstance(rate, int | float) and rate > 0.0:
+            raise ValueError(
+                f"shard mode {self.mode!r}: dropout is not supported ({type(self.unsharded).__name__} dropout={rate} "
+                f"with deterministic=False): {_SUPPORTED}, and with dropout it could not equal the module alone's "
+                "(padded rows or tokens change the random mask; ring attention never forms the weights dropout "
+                "acts on). Run with deterministic=True, or train with dropout unsharded"
+            )
+
+    def check(self, variables: Any, x: Any, *, attention_mask=None, **kwargs) -> None:
+        """Refuse what the module alone refuses, with its own message, then the limits of sharding.
+
+        The module is traced (never compiled nor run) on the unsplit input: the split, the padding and
+        ring attention must not let through a call the module refuses (a token count over
+        ``context_length``, a mask of the wrong shape, ...).
+        """
+        self.refuse_unsupported(kwargs)
+        mask_kwarg = {} if attention_mask is None else {"attention_mask": attention_mask}
+        jax.eval_shape(functools.partial(self.unsharded.apply, **mask_kwarg, **kwargs), variables, x)
+        if jnp.ndim(x) != 3:
+            raise ValueError(
+                f"shard mode {self.mode!r} needs input (batch, tokens, features), got shape {jnp.shape(x)}"
+            )
+
     def call(self, variables: Any, x: Float[Array, "batch tokens d_in"], *, attention_mask=None, **kwargs):
         """``module.apply(variables, x, attention_mask=..., **kwargs)`` with this mode's shardings; traceable."""
         x = jnp.asarray(x)
-        if x.ndim != 3:
-            raise ValueError(f"shard mode {self.mode!r} needs input (batch, tokens, features), got shape {x.shape}")
+        self.check(variables, x, attention_mask=attention_mask, **kwargs)
         batch, tokens, _ = x.shape
         module = self.module
         mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(jnp.bool_)
@@ -287,7 +370,8 @@ class Sharded:
             x = _pad_axis(x, 1, padded)
             # Padded tokens go last and are masked as keys: no real query sees them.
             mask = _pad_axis(jnp.ones((batch, tokens), jnp.bool_) if mask is None else mask, 1, padded, False)
-            if getattr(module, "context_length", padded) < padded:  # the book's bound on tokens, not a weight
+            # The real tokens fit context_length (checked above); only the masked padding may go past it.
+            if getattr(module, "context_length", padded) < padded:
                 module = module.clone(context_length=padded)
         variables = jax.lax.with_sharding_constraint(variables, self.param_shardings(variables))
         x = jax.lax.with_sharding_constraint(x, self.sharding(INPUT_AXES))
@@ -298,11 +382,26 @@ class Sharded:
         return out[:batch, :tokens]
 
     def apply(self, variables: Any, x, *, attention_mask=None, **kwargs):
-        """:meth:`call` jitted (keyword arguments other than ``attention_mask`` are static)."""
+        """:meth:`call` jitted: ``attention_mask`` and ``rngs`` are traced, the other keyword arguments static."""
+        rngs = kwargs.pop("rngs", None)
+        self.refuse_unsupported(kwargs)  # before hashing them: a mutable=[...] list is a refusal, not a TypeError
+        for name, value in kwargs.items():
+            try:
+                hash(value)
+            except TypeError:
+                raise ValueError(
+                    f"Sharded.apply: {name}={value!r} is a static argument of the jitted call and must be "
+                    "hashable (arrays go through Sharded.call under your own jax.jit)"
+                ) from None
         key = tuple(sorted(kwargs.items()))
         if key not in self._jitted:
-            self._jitted[key] = jax.jit(functools.partial(self.call, **kwargs))
-        return self._jitted[key](self.place(variables), x, attention_mask=attention_mask)
+            self._jitted[key] = jax.jit(functools.partial(self._call_with_rngs, **kwargs))
+        return self._jitted[key](self.place(variables), x, attention_mask, rngs)
+
+    def _call_with_rngs(self, variables, x, attention_mask, rngs, **kwargs):
+        return self.call(
+            variables, x, attention_mask=attention_mask, **({} if rngs is None else {"rngs": rngs}), **kwargs
+        )
 
 
 def shard(module: nn.Module, mesh: Mesh, mode: str, *, axis: str | None = None, rules: Rules | None = None) -> Sharded:

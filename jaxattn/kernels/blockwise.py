@@ -338,7 +338,8 @@ def general_blockwise_attention(
     the block's last query position (``q_offset + (i + 1) * bq - 1``) is skipped
     (``lax.cond``, so ``q_offset`` may be traced). Padded keys are masked, padded
     queries sliced off. The maximum is held out of the gradient (the result does
-    not depend on it), and a row with no visible key ends with ``l = 0`` and gives 0.
+    not depend on it). A row that met no visible key (tracked apart from the scores)
+    gives 0; any other row IEEE's answer, NaN included.
     """
     batch, q_tokens, heads, head_dim = query.shape
     kv_tokens, kv_heads = key.shape[1], key.shape[2]
@@ -368,10 +369,11 @@ def general_blockwise_attention(
             jnp.full((batch, kv_heads, group, bq), -jnp.inf, acc_dtype),
             jnp.zeros((batch, kv_heads, group, bq), acc_dtype),
             jnp.zeros((batch, kv_heads, group, bq, dv), acc_dtype),
+            jnp.zeros((batch, kv_heads, group, bq), jnp.bool_),  # seen: the row has met a visible key
         )
 
         def step(carry, j):
-            m, l, acc = carry
+            m, l, acc, seen = carry
             k_j = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)  # (B, K, bk, H)
             v_j = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
             k_pos = j * bk + jnp.arange(bk)  # (bk,)
@@ -383,10 +385,12 @@ def general_blockwise_attention(
                 visible = visible & (k_pos[None, :] <= q_pos[:, None])  # (bq, bk)
             m_j = _block(mask_i, 4, j * bk, bk)
             visible = visible if m_j is None else visible & m_j
-            s = jnp.where(visible, s, -jnp.inf)
             b_j = _block(bias_i, 4, j * bk, bk)
             if b_j is not None:
                 s = s + b_j.astype(acc_dtype)
+                visible = visible & (b_j != -jnp.inf)  # a -inf bias entry masks its key; NaN stays NaN
+            s = jnp.where(visible, s, -jnp.inf)  # a masked score is never read, whatever it held
+            seen = seen | jnp.any(visible, axis=-1)
             m_new = jnp.maximum(m, lax.stop_gradient(s.max(axis=-1)))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s - m_safe[..., None])  # (B, K, G, bq, bk)
@@ -395,7 +399,7 @@ def general_blockwise_attention(
             pv = jnp.einsum(
                 "bkgqs,bksh->bkgqh", p.astype(value.dtype), v_j, preferred_element_type=acc_dtype, precision=precision
             )
-            return (m_new, l_new, acc * correction[..., None] + pv.astype(acc_dtype))
+            return (m_new, l_new, acc * correction[..., None] + pv.astype(acc_dtype), seen)
 
         def maybe_step(carry, j):
             if not is_causal:
@@ -403,8 +407,9 @@ def general_blockwise_attention(
             first_key, last_query = j * bk, offset + (i + 1) * bq - 1
             return lax.cond(first_key <= last_query, step, lambda c, _: c, carry, j), None
 
-        (_, l, acc), _ = lax.scan(maybe_step, carry, jnp.arange(num_kv))
-        seen = l > 0
+        (_, l, acc, seen), _ = lax.scan(maybe_step, carry, jnp.arange(num_kv))
+        # A row that saw no key gives zeros; one that did keeps IEEE's answer, NaN included (l is NaN, or
+        # 0 when its visible scores were all -inf: 0 / 0). Zeros from l alone (l > 0) would swallow NaN.
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         return out.astype(value.dtype)  # (B, K, G, bq, Hv)
 

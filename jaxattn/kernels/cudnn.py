@@ -18,18 +18,22 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxattn.ops import nonfinite_rows
+
 #: cuDNN's flash attention takes head dims that are multiples of 8 up to this (cuDNN 9 on Hopper).
 MAX_HEAD_DIM = 128
 DTYPES = ("bfloat16", "float16")
 
 
 def refusal(head_dim: int, value_head_dim: int) -> str | None:
-    """Why cuDNN cannot take these head dims, or ``None``."""
+    """Why cuDNN cannot take these head dims (every reason, joined by ``"; "``), or ``None``."""
+    reasons = []
     if value_head_dim != head_dim:
-        return f"cuDNN needs one head dim for q, k and v (got {head_dim} and {value_head_dim})"
-    if head_dim % 8 or head_dim > MAX_HEAD_DIM:
-        return f"cuDNN takes head dims that are multiples of 8 up to {MAX_HEAD_DIM}, not {head_dim}"
-    return None
+        reasons.append(f"cuDNN needs one head dim for q, k and v (got {head_dim} and {value_head_dim})")
+    for dim in dict.fromkeys((head_dim, value_head_dim)):
+        if dim % 8 or dim > MAX_HEAD_DIM:
+            reasons.append(f"cuDNN takes head dims that are multiples of 8 up to {MAX_HEAD_DIM}, not {dim}")
+    return "; ".join(reasons) or None
 
 
 def cudnn_attention(
@@ -56,4 +60,7 @@ def cudnn_attention(
     out = jax.nn.dot_product_attention(
         query, key, value, scale=scale, is_causal=bool(is_causal), implementation="cudnn"
     )
-    return out, None
+    # cuDNN's causal mask is a large finite fill, as jax.nn's: a row whose visible scores are all -inf
+    # would weigh its masked keys. IEEE (and every jaxattn kernel) gives NaN there.
+    nan_rows = nonfinite_rows(query, key, causal=bool(is_causal))  # (B, T, N)
+    return jnp.where(nan_rows[..., None], jnp.asarray(jnp.nan, out.dtype), out), None

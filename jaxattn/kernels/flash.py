@@ -33,7 +33,8 @@ input, and causal block skipping follows it), a boolean mask and an additive bia
 gradient), each broadcastable to ``(B, N, T, S)`` and read tile by tile through its own
 BlockSpecs (size-1 axes at index 0, so a ``(B, 1, 1, S)`` key-padding mask is never
 broadcast), grouped kv heads, a value head dim of its own. A row with no visible key gives
-zeros and zero gradients (``l = 0``, ``lse = +inf``). Not supported: dropout (``naive``).
+zeros and zero gradients (``lse = +inf``); any other row IEEE's answer, NaN included. Not supported:
+dropout (``naive``).
 """
 
 from __future__ import annotations
@@ -239,12 +240,16 @@ def _visible(q_pos, k_pos, offset, mask_tile, config: _Config):
 
 
 def _scores(s, q_pos, k_pos, offset, mask_tile, bias_tile, config: _Config):
-    """``(s, visible)``: the scores with invisible ones at ``-inf`` and the bias added (naive's order)."""
+    """``(s, visible)``: the scores plus the bias, invisible ones (a ``-inf`` bias entry's too) at ``-inf``.
+
+    A masked score is replaced, not added to: whatever it held (NaN included) is never read.
+    """
     visible = _visible(q_pos, k_pos, offset, mask_tile, config)
-    s = jnp.where(visible, s, -jnp.inf)
     if bias_tile is not None:
-        s = s + bias_tile.astype(jnp.float32)
-    return s, visible
+        bias_tile = bias_tile.astype(jnp.float32)
+        s = s + bias_tile
+        visible = visible & (bias_tile != -jnp.inf)  # NaN is no mask: it stays in its row
+    return jnp.where(visible, s, -jnp.inf), visible
 
 
 def _key_blocks_seen(q_block_end, block_k: int, num_kv_blocks: int, causal: bool, offset=0):
@@ -354,11 +359,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, offset_ref, *refs, config: _Config):
     q_pos = i * bq + jnp.arange(bq)
 
     def step(j, carry):
-        m, l, acc = carry  # (bq,), (bq,), (bq, Hv) float32
+        m, l, acc, seen = carry  # (bq,), (bq,), (bq, Hv), (bq,) float32; seen: 1 once a visible key met
         k = k_ref[pl.ds(j * bk, bk), :]  # (bk, H)
         v = v_ref[pl.ds(j * bk, bk), :]  # (bk, Hv)
         cols = pl.ds(j * bk, bk)
-        s, _ = _scores(
+        s, visible = _scores(
             _dot(q, k, config.precision, trans_b=True),
             q_pos,
             j * bk + jnp.arange(bk),
@@ -373,18 +378,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, offset_ref, *refs, config: _Config):
         p = jnp.exp(s - m_safe[:, None])
         correction = jnp.exp(m - m_safe)
         acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, config.precision)
-        return m_new, l * correction + p.sum(axis=-1), acc
+        met = jnp.where(jnp.broadcast_to(visible, s.shape), 1.0, 0.0)  # floats, not bools: Triton reduces them
+        seen = jnp.maximum(seen, met.max(axis=-1))
+        return m_new, l * correction + p.sum(axis=-1), acc, seen
 
     carry = (
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
         jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
     )
     num_kv = k_ref.shape[0] // bk
-    m, l, acc = lax.fori_loop(0, _key_blocks_seen((i + 1) * bq, bk, num_kv, config.causal, offset), step, carry)
+    m, l, acc, seen = lax.fori_loop(0, _key_blocks_seen((i + 1) * bq, bk, num_kv, config.causal, offset), step, carry)
     # A row with no visible key gives zeros (as every jaxattn kernel) and lse = +inf, so its p is 0 in the
-    # backward; != 0, not > 0: a NaN must stay NaN.
-    seen = l != 0
+    # backward. Any other row keeps IEEE's answer: NaN for a NaN (l NaN) and for visible scores that were
+    # all -inf (l = 0: 0 / 0), which l alone could not tell from a row that saw nothing.
+    seen = seen > 0
     o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
 

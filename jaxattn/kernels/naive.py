@@ -2,8 +2,8 @@
 
 Scores ``(q * scale) @ k.T`` in float32 (or wider; the scale goes on the queries,
 see :func:`jaxattn.ops.scale_queries`), the mask (causal, ``q_offset``, the
-user's) filled with ``-inf``, the bias, a softmax that gives a
-row with no visible key zeros (:func:`jaxattn.ops.safe_softmax`), dropout on the
+user's, a ``-inf`` bias entry) filled with ``-inf``, the bias, a softmax that gives a
+row with no visible key zeros and any other row IEEE's answer (:func:`jaxattn.ops.safe_softmax`), dropout on the
 weights (the book's place for it), weights ``@ v``. The only kernel that returns
 the weights and the only one that applies dropout.
 
@@ -53,15 +53,21 @@ def naive_attention(
         acc
     )  # (B*K, G*T, S)
     visible = _visible(mask, is_causal, q_offset, batch, q_tokens, kv_tokens, kv_heads, group)
-    if visible is not None:
-        scores = jnp.where(visible, scores, -jnp.inf)
     if bias is not None:
-        scores = scores + _stack_heads(bias, batch, kv_heads, group, q_tokens).astype(acc)
-    weights = safe_softmax(scores)  # (B*K, G*T, S)
+        stacked_bias = _stack_heads(bias, batch, kv_heads, group, q_tokens).astype(acc)
+        scores = scores + stacked_bias
+        attended = stacked_bias != -jnp.inf  # a -inf bias entry masks its key (NaN is no mask: it stays NaN)
+        visible = attended if visible is None else visible & attended
+    # Masked scores become -inf whatever they held (NaN included): a masked key is never read.
+    scores = scores if visible is None else jnp.where(visible, scores, -jnp.inf)
+    seen = _seen(visible, mask, bias, is_causal, q_offset, q_tokens, group)
+    weights = safe_softmax(scores, seen)  # (B*K, G*T, S)
     # The Bernoulli draw depends only on the element count and order: (B*K, G*T, S) draws what
     # the book's (b, heads, T, T) weights draw.
     dropped = dropout(weights, dropout_rate, dropout_rng, deterministic=dropout_rate == 0.0)
     context = jnp.einsum("rms,rsh->rmh", dropped.astype(value.dtype), values, precision=precision)  # (B*K, G*T, Hv)
+    if mask is not None or bias is not None or is_causal:  # a row that sees no key is zeros, even for NaN values
+        context = jnp.where(seen, context, jnp.zeros((), context.dtype))
     context = context.reshape(batch, kv_heads, group, q_tokens, value.shape[-1]).transpose(0, 3, 1, 2, 4)
     return (
         context.reshape(batch, q_tokens, heads, value.shape[-1]),  # (B, T, N, Hv)
@@ -83,6 +89,20 @@ def _stack_heads(x: Array, batch: int, kv_heads: int, group: int, q_tokens: int)
     # Query heads of a group and query tokens share one axis, batch and kv heads another.
     x = jnp.broadcast_to(x, (batch, kv_heads * group, q_tokens, s))
     return x.reshape(batch * kv_heads, group * q_tokens, s)
+
+
+def _seen(visible, mask, bias, is_causal: bool, q_offset, q_tokens: int, group: int):
+    """Which rows of the ``(B*K | 1, G*T | 1, S)`` scores see a key, ``(..., 1)``: ``True`` where nothing masks.
+
+    Causality alone has a closed form (row ``i`` sees key 0 iff ``q_offset + i >= 0``), kept apart from
+    the reduction over a mask or bias that only they need.
+    """
+    if mask is None and bias is None:
+        if not is_causal:
+            return jnp.ones((), jnp.bool_)
+        rows = jnp.arange(q_tokens) if group == 1 else jnp.arange(group * q_tokens) % q_tokens
+        return (jnp.asarray(q_offset) + rows >= 0)[:, None]  # (G*T, 1)
+    return jnp.any(visible, axis=-1, keepdims=True)
 
 
 def _visible(mask, is_causal: bool, q_offset, batch: int, q_tokens: int, kv_tokens: int, kv_heads: int, group: int):

@@ -148,10 +148,12 @@ def _fold(carry, q, k, v, q_pos, k_pos, mask, bias, *, tokens: int, is_causal: b
 
     ``q``: ``(B, K, G, L, H)`` scaled queries; ``k``/``v``: ``(B, K, L, H)``/``(B, K, L, Hv)``;
     ``q_pos``/``k_pos``: ``(L,)`` token positions; ``mask``/``bias``: ``(#B, #K, #G, #L, #L)``
-    for this block pair or ``None``. ``carry`` = ``(m, l, acc)``: ``(B, K, G, L)`` twice and
-    ``(B, K, G, L, Hv)``, in the accumulation dtype.
+    for this block pair or ``None``. ``carry`` = ``(m, l, acc, seen)``: ``(B, K, G, L)`` twice and
+    ``(B, K, G, L, Hv)`` in the accumulation dtype, and ``seen`` ``(B, K, G, L)`` bool: the row has met a
+    visible key (what tells a row that saw nothing, zeros, from one whose visible scores were all
+    ``-inf``, NaN: both end with ``l = 0``).
     """
-    m_all, l_all, acc_all = carry
+    m_all, l_all, acc_all, seen_all = carry
     local = q.shape[3]
     tiles = local // block
     acc_dtype = acc_all.dtype
@@ -161,10 +163,10 @@ def _fold(carry, q, k, v, q_pos, k_pos, mask, bias, *, tokens: int, is_causal: b
         q_i = lax.dynamic_slice_in_dim(q, start, block, axis=3)  # (B, K, G, bq, H)
         qp = lax.dynamic_slice_in_dim(q_pos, start, block)  # (bq,)
         mask_i, bias_i = _tile(mask, 3, start, block), _tile(bias, 3, start, block)
-        tile_carry = tuple(lax.dynamic_slice_in_dim(c, start, block, axis=3) for c in (m_all, l_all, acc_all))
+        tile_carry = tuple(lax.dynamic_slice_in_dim(c, start, block, axis=3) for c in (m_all, l_all, acc_all, seen_all))
 
         def step(c, j):
-            m, l, acc = c
+            m, l, acc, seen = c
             kstart = j * block
             k_j = lax.dynamic_slice_in_dim(k, kstart, block, axis=2)  # (B, K, bk, H)
             v_j = lax.dynamic_slice_in_dim(v, kstart, block, axis=2)
@@ -177,10 +179,12 @@ def _fold(carry, q, k, v, q_pos, k_pos, mask, bias, *, tokens: int, is_causal: b
                 visible = visible & (kp[None, :] <= qp[:, None])  # (bq, bk)
             m_j = _tile(mask_i, 4, kstart, block)
             visible = visible if m_j is None else visible & m_j
-            s = jnp.where(visible, s, -jnp.inf)
             b_j = _tile(bias_i, 4, kstart, block)
             if b_j is not None:
                 s = s + b_j.astype(acc_dtype)
+                visible = visible & (b_j != -jnp.inf)  # a -inf bias entry masks its key; NaN stays NaN
+            s = jnp.where(visible, s, -jnp.inf)  # a masked score is never read, whatever it held
+            seen = seen | jnp.any(visible, axis=-1)
             m_new = jnp.maximum(m, lax.stop_gradient(s.max(axis=-1)))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s - m_safe[..., None])  # (B, K, G, bq, bk)
@@ -188,7 +192,7 @@ def _fold(carry, q, k, v, q_pos, k_pos, mask, bias, *, tokens: int, is_causal: b
             pv = jnp.einsum(
                 "bkgqs,bksh->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=acc_dtype, precision=precision
             )
-            return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv.astype(acc_dtype)
+            return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv.astype(acc_dtype), seen
 
         def maybe_step(c, j):
             kp = lax.dynamic_slice_in_dim(k_pos, j * block, block)
@@ -201,13 +205,13 @@ def _fold(carry, q, k, v, q_pos, k_pos, mask, bias, *, tokens: int, is_causal: b
         out, _ = lax.scan(maybe_step, tile_carry, jnp.arange(tiles))
         return out
 
-    m, l, acc = lax.map(query_tile, jnp.arange(tiles))  # (tiles, B, K, G, bq), ..., (tiles, B, K, G, bq, Hv)
+    m, l, acc, seen = lax.map(query_tile, jnp.arange(tiles))  # (tiles, B, K, G, bq), ..., (tiles, B, K, G, bq, Hv)
 
     def untile(x):  # (tiles, B, K, G, bq, ...) -> (B, K, G, tiles * bq, ...)
         x = jnp.moveaxis(x, 0, 3)
         return x.reshape(*x.shape[:3], local, *x.shape[5:])
 
-    return untile(m), untile(l), untile(acc)
+    return untile(m), untile(l), untile(acc), untile(seen)
 
 
 def ring_attention(
@@ -285,7 +289,12 @@ def ring_attention(
             )
 
         shape = (batch, kv_heads, group, 2 * chunk)
-        carry = (jnp.full(shape, -jnp.inf, acc_dtype), jnp.zeros(shape, acc_dtype), jnp.zeros((*shape, dv), acc_dtype))
+        carry = (
+            jnp.full(shape, -jnp.inf, acc_dtype),
+            jnp.zeros(shape, acc_dtype),
+            jnp.zeros((*shape, dv), acc_dtype),
+            jnp.zeros(shape, jnp.bool_),
+        )
         carry = fold(carry, k, v, me)
         ring = [(d, (d + 1) % devices) for d in range(devices)]
 
@@ -295,8 +304,8 @@ def ring_attention(
             return (fold(carry, k, v, (me - s) % devices), k, v), None
 
         (carry, _, _), _ = lax.scan(ring_step, (carry, k, v), jnp.arange(1, devices))
-        _, l, acc = carry
-        seen = l > 0
+        _, l, acc, seen = carry
+        # Zeros for a row that saw no key; IEEE's answer (NaN included: l NaN, or 0 / 0) for any other.
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0).astype(value.dtype)
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, 2 * chunk, heads, dv)  # (B, 2C, N, Hv)
         return _from_zigzag(out, axis_name, devices)
