@@ -83,18 +83,8 @@ def convert(
     check_output_path(dst, "OUT", [("IN", src), ("--config", model_config), ("--input", inputs)], "converted weights")
     if os.path.exists(dst) and not force:
         raise BadInputError(f"OUT {dst} exists; pass --force to replace it")
-    if _is_flax_file(src):
-        return _flax_to_torch(
-            src,
-            dst,
-            variant=variant,
-            prefix=prefix,
-            model_config=model_config,
-            overrides=overrides,
-            inputs=inputs,
-            check=check,
-        )
-    return _torch_to_flax(
+    direction = _flax_to_torch if _is_flax_file(src) else _torch_to_flax
+    return direction(
         src,
         dst,
         variant=variant,

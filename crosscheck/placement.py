@@ -7,7 +7,7 @@ work is done. :func:`describe` turns them into the words a report shows and the 
 records (``device`` and ``precision`` on every result).
 
 Why the precision matters: on a GPU, JAX's default float32 matmul is TF32 (10-bit
-mantissa), 3.56e-4 off torch's float32 for MultiHeadAttention at d=768 (issue 11), where
+mantissa), 3.56e-4 off torch's float32 for MultiHeadAttention at d=768 (an earlier GPU report), where
 the float32 bound is 1e-5. Cross-checks therefore run float32 at ``"highest"`` unless
 asked otherwise; ``"default"``/``"high"`` are judged against the TF32 row of the tolerance
 table (:data:`crosscheck.compare.POLICY`). torch runs with TF32 off (its matmul default;

@@ -8,7 +8,7 @@
 # Qwen3GroupedQueryAttention; code and state-dict keys unchanged), qwen3's RMSNorm, and
 # llama3's compute_rope_params / apply_rope (qwen3's are the same without freq_config).
 # Only padding_mask and causal_forward at the end are ours.
-"""Torch float32 references for grouped-query attention with RoPE (issue 12): the book's code as it is.
+"""Torch float32 references for grouped-query attention with RoPE: the book's code as it is.
 
 RoPE layout: split halves (``rotated = cat(-x2, x1)``), as Hugging Face's ``rotate_half``,
 not Meta's interleaved pairs. KV groups are expanded with ``repeat_interleave`` along the heads,

@@ -5,7 +5,7 @@ A state dict saved from the book's own code loads into these (``W_query.weight``
 the float32 ground truth every other backend is compared with.
 ``torch.nn.MultiheadAttention`` needs no copy: it is used as it is.
 
-Padding masks (issue 13): every ``forward`` takes ``attention_mask`` of shape ``x.shape[:-1]``,
+Padding masks: every ``forward`` takes ``attention_mask`` of shape ``x.shape[:-1]``,
 1/True = a real token, 0 = padding. Padded keys are invisible to every query (on top of the
 causal mask where the class has one), and a query that sees no key at all gets zero attention
 weights, so a zero context vector (after ``out_proj``: its bias), never NaN. With

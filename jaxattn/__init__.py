@@ -45,5 +45,5 @@ __all__ = [cls.__name__ for cls in VARIANTS] + [
     "implementations",
     "masks",
     "tolerance",
-    "GroupedQueryAttention",  # issue 12: beyond chapter 3, so not in VARIANTS
+    "GroupedQueryAttention",  # beyond chapter 3, so not in VARIANTS
 ]

@@ -173,7 +173,7 @@ def select(name: str | None, call: Call) -> Implementation:
 
 # --- "auto": what each implementation scores, per platform ---------------------------------------
 # On a CPU: naive below AUTO_BLOCKWISE_MIN_TOKENS, blockwise from there (the README's sweep). On a GPU
-# the lax-loop blockwise path is ~25x slower than a fused kernel (issue 11: 4.65 ms against 0.17 ms
+# the lax-loop blockwise path is ~25x slower than a fused kernel (an earlier GPU report: 4.65 ms against 0.17 ms
 # at 8 x 1024 tokens), so: cudnn for bf16/fp16 where it takes the call, the Pallas flash kernel for
 # float32 and what cuDNN refuses, xla (or naive) for masks, bias and q_offset while their (T, S)
 # float32 scores stay under SCORES_MEMORY_BOUND; past the bound the flash kernel takes masks, bias and
@@ -287,7 +287,7 @@ register(
     )
 )
 
-# --- ring attention (issue 14): the mesh comes from jaxattn.sharding.ring_mesh, never chosen by "auto" ---
+# --- ring attention: the mesh comes from jaxattn.sharding.ring_mesh, never chosen by "auto" ---
 from jaxattn.sharding import ring_kernel, ring_refusal  # noqa: E402  (below the table it registers into)
 
 register(

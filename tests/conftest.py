@@ -3,7 +3,7 @@
 import importlib.util
 import os
 
-# --- sharding (issue 14): 8 host CPU devices for tests/jaxattn/test_ring.py, test_sharding.py and
+# --- sharding: 8 host CPU devices for tests/jaxattn/test_ring.py, test_sharding.py and
 # tests/crosscheck/test_shard*.py. XLA reads the flag once, when JAX initialises, so it is set here,
 # before `import jax`. Unsharded computations still run on one device, as before.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -64,7 +64,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # --- GPU: float32 comparisons name their precision; `gpu` tests run only where JAX has a GPU --------
 # JAX's default float32 matmul on a GPU is TF32 (10-bit mantissa: 3.4e-4 where the tests assert 1e-5,
-# issue 11); torch keeps TF32 off for matmuls by default but on for cuDNN. Every float32 comparison in
+# an earlier GPU report); torch keeps TF32 off for matmuls by default but on for cuDNN. Every float32 comparison in
 # the suite is a "highest"-precision one, on a CPU (where nothing changes) and on a GPU alike.
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 11, in one go, on a machine with one NVIDIA GPU (H100/H200), from the repo root:
+# The GPU checks, in one go, on a machine with one NVIDIA GPU (H100/H200), from the repo root:
 #
 #   OUT=/some/dir PYTHONPATH=. bash tools/gpu_check.sh
 #
 # Needs JAX with CUDA (jax[cuda12]), a CUDA build of torch, flax, pytest, hypothesis (the project's
 # `test` extra). Writes under $OUT (default ./gpu_out): env.txt (GPU, driver, versions), pytest_gpu.txt
-# (the `gpu`-marked tests), bench_*.json/txt (crosscheck bench --device cuda at the issue's target
+# (the `gpu`-marked tests), bench_*.json/txt (crosscheck bench --device cuda at the target
 # shapes), summary.txt. Sized to finish in about 8 minutes: every step has its own timeout, and a step
 # that fails or times out is recorded and the next one runs.
 set -u
@@ -39,14 +39,14 @@ step pytest_gpu 100 $PY -m pytest -q -p no:cacheprovider -m gpu -rs \
   tests/crosscheck/test_device_and_precision.py tests/crosscheck/test_device_bench.py
 step pytest_lowering 25 $PY -m pytest -q -p no:cacheprovider tests/jaxattn/test_flash_lowering.py
 
-# 2. The float32 cross-check that failed in issue 11 (flax at TF32), at highest and at default precision.
+# 2. The float32 cross-check that failed on a GPU before (flax at TF32), at highest and at default precision.
 step crosscheck_f32 30 $PY -m crosscheck --variant MultiHeadAttention --batch 2 --tokens 256 --d-in 768 \
   --d-out 768 --num-heads 12 --backends torch,flax --torch-device cuda --json "$OUT/crosscheck_f32.json"
 step crosscheck_tf32 30 $PY -m crosscheck --variant MultiHeadAttention --batch 2 --tokens 256 --d-in 768 \
   --d-out 768 --num-heads 12 --backends torch,flax --torch-device cuda --matmul-precision default \
   --json "$OUT/crosscheck_tf32.json"
 
-# 3. The bench at the issue's target shapes: bf16, d=768, 12 heads, causal; forward, then forward+backward.
+# 3. The bench at the target shapes: bf16, d=768, 12 heads, causal; forward, then forward+backward.
 #    torch-book holds T x T scores: only at the two shorter shapes; torch-compile (slow to compile) at the first.
 #    The bench timeouts add up to 310 s, all steps to 495 s (a device call may run 600 s).
 bench() {  # bench NAME SECONDS ARGS...

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11's "the whole test suite passes unchanged on a CUDA machine, in under 10 minutes there", from the
+# The GPU target "the whole test suite passes unchanged on a CUDA machine, in under 10 minutes there", from the
 # repo root of a machine with one NVIDIA GPU (H100/H200), JAX with CUDA, a CUDA build of torch and the
 # project's `test` extra (pytest-xdist included):
 #

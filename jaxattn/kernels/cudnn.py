@@ -1,7 +1,7 @@
 """The cuDNN kernel: ``jax.nn.dot_product_attention(..., implementation="cudnn")``.
 
 cuDNN's fused flash attention on NVIDIA GPUs, forward and backward, for bfloat16 and
-float16 (issue 11 measured it at 1.0-2.9x torch's SDPA forward+backward on an H100). What
+float16 (an earlier GPU report measured it at 1.0-2.9x torch's SDPA forward+backward on an H100). What
 it takes, checked before the call so a refusal is a ``ValueError`` saying why, not an
 XLA error (see :func:`refusal`): q, k and v of one 16-bit dtype, one head dim for all
 three, a multiple of 8 up to :data:`MAX_HEAD_DIM`; grouped kv heads natively (no copies).

@@ -143,7 +143,7 @@ def test_bad_options_exit_2_with_named_limit(argv, message, capsys):
     (["--recompile-sweep", "0", "--impls", "jax-naive"], r"--recompile-sweep: 0 is outside \[1, 65536\]"),
 ])
 def test_bad_bench_flags_are_refused_before_any_work(argv, message, capsys):
-    """Issue 15 repro 13: these ran nothing and exited 0, or failed only after the run without naming the flag."""
+    """These ran nothing and exited 0, or failed only after the run without naming the flag."""
     from crosscheck.errors import BadInputError
 
     with pytest.raises(BadInputError, match=message):

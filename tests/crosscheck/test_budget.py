@@ -1,4 +1,4 @@
-"""Issue 15, repros 1, 2, 8 and 11: the memory budget, loop bounds, expanded storage, bundles, bf16 files.
+"""Hostile input: the memory budget, loop bounds, expanded storage, bundles, bf16 files.
 
 Every size repro of the issue is run through ``crosscheck.cli.main`` in process and must end
 with exit 2 and one ``crosscheck: error:`` line naming the flag or file, the estimate and the

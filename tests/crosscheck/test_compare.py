@@ -182,7 +182,7 @@ def test_help_text_quotes_the_table():
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_values_never_pass_even_when_both_sides_agree(bad):
-    """Issue 15 repro 4: NaN == NaN used to count as max abs err 0, PCC 1, PASS."""
+    """NaN == NaN used to count as max abs err 0, PCC 1, PASS."""
     out = np.array([[0.5, bad], [1.0, 2.0]], np.float32)
     c = cmp.compare(out, out.copy(), cmp.policy_for("flax", "float32"))
     assert not c.passed

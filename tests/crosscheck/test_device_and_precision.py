@@ -1,4 +1,4 @@
-"""Device truth and matmul precision in cross-check reports (crosscheck/placement.py, issue 11).
+"""Device truth and matmul precision in cross-check reports (crosscheck/placement.py).
 
 In-process CLI runs (``cli.main``) on the small seed shape; the CUDA side is faked where a CPU
 cannot show it, and run for real under the ``gpu`` marker.
@@ -135,7 +135,7 @@ def _mha(x, w, matmul):
 
 def test_the_tf32_row_holds_emulated_tf32_and_the_float32_row_would_not():
     """TF32 emulated on the CPU (operands rounded to 10 bits, float32 sums), d=768, 12 heads: the
-    error against float64 sits between the float32 bound (which it breaks, as on the GPU in issue 11:
+    error against float64 sits between the float32 bound (which it breaks, as on the GPU in an earlier report:
     3.56e-4) and the TF32 row's (which holds it)."""
     rng = np.random.default_rng(0)
     d = 768

@@ -236,7 +236,7 @@ def test_bench_checks_its_outputs_before_running(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("content", [b"hello world, not a pickle\n", b"\x80\x02}q\x00(X", b"\x00" * 64])
 def test_a_foreign_file_named_pt_is_a_one_line_error(tmp_path, content):
-    """Issue 15 repro 3: a text file named .pt gave `KeyError: 101` from the unpickler, with a traceback."""
+    """A text file named .pt gave `KeyError: 101` from the unpickler, with a traceback."""
     from crosscheck import port
     from crosscheck.errors import BadInputError
 

@@ -1,4 +1,4 @@
-"""Issue 15: a property-based suite over hostile CLI arguments, files, bundles and module configs.
+"""A property-based suite over hostile CLI arguments, files, bundles and module configs.
 
 Whatever hypothesis draws, a run must: exit 0, 1 or 2 (argparse's own exit counts as 2); print
 no traceback; leave every input file byte-for-byte as it was; never report a non-finite number

@@ -1,4 +1,4 @@
-"""Issue 15, repros 9-10: torch -> Flax -> torch reproduces keys, dtypes and values exactly; nothing invented.
+"""Torch -> Flax -> torch reproduces keys, dtypes and values exactly; nothing invented.
 
 Every float dtype (float64, float32, bfloat16, float16) and every module the porter recognises
 (the book's chapter-3 classes, ``nn.MultiheadAttention``, the book's GQA classes) goes through

@@ -1,7 +1,7 @@
-"""``crosscheck --devices N --shard MODE`` and ``crosscheck bench --devices N --shard MODE`` (issue 14).
+"""``crosscheck --devices N --shard MODE`` and ``crosscheck bench --devices N --shard MODE``.
 
 In-process runs use the 8 host devices tests/conftest.py forces; two subprocesses check what only a
-fresh process shows: the CLI sets the device count itself before JAX starts (the issue's acceptance
+fresh process shows: the CLI sets the device count itself before JAX starts (the acceptance
 command), and nothing imports JAX before the arguments are parsed. On a GPU machine all of it runs on
 the host CPU devices: in process, JAX is seen as a CPU machine sees it (tests/host_cpu.py); the
 subprocesses get ``JAX_PLATFORMS=cpu``.
@@ -196,7 +196,7 @@ def test_bench_reports_memory_per_device_against_one_device(tmp_path, capsys):
 
 
 def test_bench_sequence_memory_per_device_is_a_fraction_of_one_device(tmp_path, capsys):
-    """The issue's shape and bound: b=1, T=65536, d=768, 12 heads, 8 devices, <= 1/4 of one device (compiled only)."""
+    """The target shape and bound: b=1, T=65536, d=768, 12 heads, 8 devices, <= 1/4 of one device (compiled only)."""
     out = tmp_path / "b.json"
     code = cli.main(["bench", "--devices", "8", "--shard", "sequence", "--batch", "1", "--tokens", "65536",
                      "--d-model", "768", "--heads", "12", "--memory-only", "--json", str(out)])

@@ -1,4 +1,4 @@
-"""Issue 13, torch side: padding masks on ``torch_ref`` and the KV-cache classes of ``torch_kv_cache``.
+"""Torch side: padding masks on ``torch_ref`` and the KV-cache classes of ``torch_kv_cache``.
 
 Every check compares numbers: decoding with a cache against the full masked forward, a padded
 batch against each sequence run alone, the cached ``MultiHeadAttention`` against a verbatim copy
@@ -313,7 +313,7 @@ def test_decoding_equals_the_book_package_with_the_row_slice(prompt_len):
 
 
 # ---------------------------------------------------------------------------------------------
-# attention_mask=None: the book's ops, bit for bit (the forwards as they were before issue 13)
+# attention_mask=None: the book's ops, bit for bit (the forwards as they were before padding masks)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ def test_cpu_picks_as_before():
 
 
 def test_gpu_picks_cudnn_for_16_bit_and_flash_for_float32_and_what_cudnn_refuses():
-    for batch, tokens in ((8, 1024), (4, 4096), (1, 16384), (1, 65536)):  # issue 11's target shapes
+    for batch, tokens in ((8, 1024), (4, 4096), (1, 16384), (1, 65536)):  # the GPU targets' shapes
         assert picked(dtype="bfloat16", batch=batch, tokens=tokens) == "cudnn"
         assert picked(dtype="float16", batch=batch, tokens=tokens, is_causal=False) == "cudnn"
         assert picked(dtype="float32", batch=batch, tokens=tokens) == "flash"

@@ -65,7 +65,7 @@ def test_16_bit_inputs_at_1e4_stay_finite(path, dtype):
 
 def test_blockwise_online_gradient_at_4200_tokens_within_float32_rounding_of_naive():
     """Past 4096 tokens the plain causal path is the online schedule; its gradients differ from naive's
-    only by float32 summation order over the key blocks (issue 15's 1.12e-5 is that rounding at larger
+    only by float32 summation order over the key blocks (the 1.12e-5 a hostile-input sweep reported is that rounding at larger
     gradients): both kernels sit as far from a float64 reference as each other, see README. So each
     blockwise gradient is within 4x naive's own float32 error against the same gradient in float64
     (jaxattn.tolerance.reference_bound; the first-order bound grows as T u over 4200 keys, far looser).

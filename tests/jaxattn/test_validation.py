@@ -1,4 +1,4 @@
-"""Issue 15: the modules validate their fields as the CLI does, and every implementation agrees on edge shapes.
+"""Hostile input: the modules validate their fields as the CLI does, and every implementation agrees on edge shapes.
 
 * A dropout outside ``[0, 1)`` (or NaN) and a non-positive size raise ``ValueError`` naming the
   field and the value, once per trace (the fields are static), never per jitted call.
@@ -85,7 +85,7 @@ SIZE_CASES = [
      "MultiHeadAttentionWrapper: num_heads=0 must be a positive integer"),
     (jaxattn.MultiHeadAttentionWrapper(4, -2, 8, 0.0, 2), (1, 3, 4),
      "MultiHeadAttentionWrapper: d_out=-2 must be a positive integer"),
-    # The issue's case: -4 % 2 == 0, so this reached a reshape and a TypeError.
+    # The reported case: -4 % 2 == 0, so this reached a reshape and a TypeError.
     (jaxattn.MultiHeadAttention(4, -4, 8, 0.0, 2), (1, 3, 4), "MultiHeadAttention: d_out=-4 must be a positive integer"),
     (jaxattn.MultiHeadAttention(4, 4, 8, 0.0, 0), (1, 3, 4), "MultiHeadAttention: num_heads=0 must be a positive integer"),
     (jaxattn.MultiHeadAttention(4, 4, 8, 0.0, -2), (1, 3, 4), "MultiHeadAttention: num_heads=-2 must be a positive integer"),
