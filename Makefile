@@ -22,7 +22,7 @@ TTNN_BASE_PYTHON ?= $(shell \
 	if PYENV_VERSION=3.12.1 pyenv which python >/dev/null 2>&1; then PYENV_VERSION=3.12.1 pyenv which python; \
 	elif python3.12 -c pass >/dev/null 2>&1; then python3.12 -c 'import sys; print(sys.executable)'; fi)
 
-.PHONY: run test lint test-main test-conformance test-package venv venv-ttnn clean
+.PHONY: run test lint test-main test-xla-optimized test-oldest-and-package test-conformance test-package venv venv-ttnn clean
 
 venv: $(VENV)/.installed
 
@@ -56,6 +56,13 @@ test: $(VENV)/.installed $(TTNN_VENV)/.installed
 	@$(MAKE) --no-print-directory lint
 	@status=0; \
 	$(MAKE) --no-print-directory test-main || status=1; \
+	$(MAKE) --no-print-directory -k -j2 --output-sync=target test-xla-optimized test-oldest-and-package || status=1; \
+	exit $$status
+
+# The three single-process parts share the two cores: the XLA-optimised rerun beside the oldest stack and
+# then the package (each part's output is printed whole when it ends: --output-sync).
+test-oldest-and-package:
+	@status=0; \
 	$(MAKE) --no-print-directory test-conformance || status=1; \
 	$(MAKE) --no-print-directory test-package || status=1; \
 	exit $$status
@@ -76,6 +83,8 @@ TEST_WORKERS ?= 2
 # level, in one process.
 test-main: $(VENV)/.installed
 	time $(VENV)/bin/python -m pytest --ignore=tests/conformance -n $(TEST_WORKERS)
+
+test-xla-optimized: $(VENV)/.installed
 	time JAXATTN_TEST_XLA_OPTIMIZED=1 $(VENV)/bin/python -m pytest --ignore=tests/conformance -m xla_optimized -p no:xdist
 
 # tests/conformance runs only in $(TTNN_VENV) (real ttnn 0.81.1, JAX 0.7.0 + Flax 0.11.2, numpy<2): the main

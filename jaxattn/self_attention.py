@@ -5,7 +5,8 @@
 layers named as the torch ones (``W_query``, ``W_key``, ``W_value``). All three
 accept ``(tokens, d_in)`` as in the book, or ``(batch, tokens, d_in)``, and an
 ``attention_mask`` of ``x.shape[:-1]`` (1 = real token, 0 = padding): padded keys are
-invisible, and a row with no visible key (an all-padding sequence) gives zeros.
+invisible, and a row with no visible key (an all-padding sequence) gives zeros; NaN or a ``-inf`` query
+gives NaN, as ``jax.nn`` does.
 
 The scores are sown as the book computes them (``q @ k.T``); the weights come from the
 queries scaled first (see :func:`jaxattn.ops.scale_queries`: scaling the scores next to
@@ -168,9 +169,14 @@ def self_attention(
     attn_scores = core.attention_scores(queries, keys, precision=precision)  # (*b, T, T), the book's omega
     scaled = queries if scale is None else core.scale_queries(queries, scale)
     logits = core.attention_scores(scaled, keys, precision=precision).astype(core.accumulation_dtype(queries.dtype))
+    # Only a fully padded sequence is unseen (zeros); an all -inf row of a seen sequence is arithmetic (a
+    # -inf query): NaN, as jax.nn and torch give, never a silent zero.
+    seen = jnp.ones((), bool)
     if attention_mask is not None:
-        logits = jnp.where(_key_mask(owner, attention_mask, queries.shape[:-1])[..., None, :], logits, -jnp.inf)
-    attn_weights = core.safe_softmax(logits)  # (*b, T, T)
+        key_mask = _key_mask(owner, attention_mask, queries.shape[:-1])  # (*b, T)
+        logits = jnp.where(key_mask[..., None, :], logits, -jnp.inf)
+        seen = key_mask.any(axis=-1)[..., None, None]  # (*b, 1, 1)
+    attn_weights = core.safe_softmax(logits, seen)  # (*b, T, T)
     sow("attn_scores", attn_scores)
     sow("attn_weights", attn_weights)
     sow("queries", queries)  # crosscheck --stages: the projections, (*b, T, d_out)

@@ -1,4 +1,5 @@
-"""The real console script (``.venv/bin/crosscheck``) in subprocesses: exit codes, JSON, messages.
+"""The real console script (``.venv/bin/crosscheck``) in subprocesses, and ``cli.main`` in this process: exit
+codes, JSON, messages.
 
 Processes that do not depend on each other run two at a time (importing torch and JAX
 dominates); most bad-input cases use .safetensors weights so they never import torch.
@@ -222,20 +223,42 @@ BAD = {
 }
 
 
+#: Cases run through the real console script: one per way in (argparse, a bad file that never imports torch,
+#: one that does, a refusal after the inputs are read). The others call ``cli.main`` in this process, the
+#: same code from argv to exit code without a new interpreter importing torch and JAX for each case.
+THROUGH_THE_SCRIPT = ("unknown flag", "unreadable safetensors", "unreadable pt", "tokens beyond mask", "json directory")
+
+
 @pytest.fixture(scope="module")
 def bad_runs(files):
-    return run_all({name: args for name, (args, _) in BAD.items()}, files)
+    return run_all({name: BAD[name][0] for name in THROUGH_THE_SCRIPT}, files)
 
 
-@pytest.mark.slow  # the first case waits for all 24 processes
+def main_exit_and_stderr(args, capsys) -> tuple[int, str]:
+    from crosscheck.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_exits_2_with_one_line(bad_runs, case):
-    proc = bad_runs[case]
-    message = BAD[case][1]
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+def test_bad_input_exits_2_with_one_line(case, files, request, capsys, monkeypatch):
+    args, message = BAD[case]
+    if case in THROUGH_THE_SCRIPT:
+        proc = request.getfixturevalue("bad_runs")[case]
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        for name, value in ENV.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(files)
+        code, stderr = main_exit_and_stderr(args, capsys)
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("crosscheck: error: ")
     assert message in lines[0]
 

@@ -113,16 +113,30 @@ def test_bad_output_paths_fail_first_with_one_line(files, case):
 
 
 @pytest.mark.slow
-def test_bundle_round_trip_leaves_its_inputs_and_overwrites_its_own_outputs(tmp_path):
-    """The happy path still works, twice: a previous outputs file or report is the user's output, not an input."""
+def test_bundle_round_trip_leaves_its_inputs_and_overwrites_its_own_outputs(tmp_path, capsys, monkeypatch):
+    """The happy path still works, twice: a previous outputs file or report is the user's output, not an input.
+    The first round runs the console script, the second ``cli.main`` in this process (the same code from argv
+    on, without two more interpreters importing JAX)."""
+    from crosscheck.cli import main
+
+    def through_the_script(args):
+        proc = run(args, tmp_path)
+        return proc.returncode, proc.stderr
+
+    def in_process(args):
+        code = main(args)
+        return code, capsys.readouterr().err
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NO_COLOR", "1")
     np.save(tmp_path / "x.npy", _case().inputs)
     assert run(["bundle", "export", "b.safetensors", "--variant", "CausalAttention", "--input", "x.npy"], tmp_path).returncode == 0
     inputs = {"x.npy": sha(tmp_path / "x.npy"), "b.safetensors": sha(tmp_path / "b.safetensors")}
-    for _ in range(2):
-        proc = run(["bundle", "run", "b.safetensors", "o.safetensors", "--backend", "flax"], tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        proc = run(["bundle", "compare", "b.safetensors", "o.safetensors", "--json", "r.json"], tmp_path)
-        assert proc.returncode == 0, proc.stderr
+    for call in (through_the_script, in_process):
+        code, stderr = call(["bundle", "run", "b.safetensors", "o.safetensors", "--backend", "flax"])
+        assert code == 0, stderr
+        code, stderr = call(["bundle", "compare", "b.safetensors", "o.safetensors", "--json", "r.json"])
+        assert code == 0, stderr
         assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
     assert {k: sha(tmp_path / k) for k in inputs} == inputs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors", "o.safetensors", "r.json", "x.npy"]

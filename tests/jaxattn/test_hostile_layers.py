@@ -310,3 +310,22 @@ def test_the_linen_wrappers_heads_get_its_precision():
     with jax.default_matmul_precision("default"):
         precisions = dot_precisions(module.apply, variables, x)
     assert precisions and all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in precisions)
+
+
+# --- the book's unmasked modules: NaN in, NaN out, as jax.nn ----------------------------------------
+
+
+@pytest.mark.xla_optimized
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("row", [0, 2])
+def test_book_self_attention_gives_the_jax_nn_nan_pattern(value, row):
+    """``SimplifiedSelfAttention`` (section 3.3: ``softmax(x @ x.T) @ x``) with one non-finite input row: its
+    non-finite outputs are exactly those of the same formula through ``jax.nn.softmax``. The book's softmax
+    zeroed a row whose scores were all ``-inf`` (a ``-inf`` query), where jax.nn and torch give NaN."""
+    x = _x((5, 3)).copy()
+    x[row] = value
+    reference = jax.nn.softmax(x @ x.T, axis=-1) @ x
+    out = np.asarray(jaxattn.SimplifiedSelfAttention().apply({}, jnp.asarray(x)))
+    assert (~np.isfinite(out) == ~np.isfinite(np.asarray(reference))).all(), out
+    assert not np.isfinite(out).all()
+
