@@ -1,4 +1,4 @@
-"""``crosscheck``: the command line over :mod:`crosscheck.engine` (parse, run, render, exit code).
+"""``crosscheck``: the command line over :mod:`crosscheck.pipeline.engine` (parse, run, render, exit code).
 
 Exit codes: 0 every check passed, 1 a mismatch (the failing variants are named),
 2 bad usage or bad input (one ``crosscheck: error: ...`` line on stderr, no traceback),
@@ -22,7 +22,7 @@ DESCRIPTION = """\
 Run the same attention weights and inputs through the torch float32 reference (the book's
 chapter-3 classes), jaxattn's Flax modules and the ttnn program, and compare every output
 with the torch reference: max abs error, max relative error, PCC and (float32) ULP distance,
-with a pass/fail verdict from one tolerance table (crosscheck/compare.py).
+with a pass/fail verdict from one tolerance table (crosscheck/pipeline/compare.py).
 
 With no arguments: the seed sentence "Your journey starts with one step" (6 tokens x 3)
 through all 8 variants on torch, Flax and ttnn, with weights from torch.manual_seed(123).
@@ -52,7 +52,7 @@ inputs:
   .npy, .pt or .safetensors (one tensor, or one named inputs/x). Any of --batch, --tokens,
   --seed, --d-in without --input: uniform [0, 1) values (numpy default_rng(seed)).
 
-verdicts (POLICY in crosscheck/compare.py; every backend vs the torch float32 reference;
+verdicts (POLICY in crosscheck/pipeline/compare.py; every backend vs the torch float32 reference;
 abs bounds are multiplied by max(1, max|ref|)):
   torch float32 (vs float64), flax float32   max abs 1e-5, max rel 1e-4, PCC >= 0.99999
   flax float16                               max abs 5e-3, PCC >= 0.9999
@@ -66,7 +66,7 @@ abs bounds are multiplied by max(1, max|ref|)):
   not gated: outputs that cancel to ~0 make honest rounding read as 10^5 ULP.
 
 subcommands (run `crosscheck bench --help`, `crosscheck bundle --help` for their options):
-  crosscheck bench ...                          forward latency of JAX vs torch (crosscheck.bench)
+  crosscheck bench ...                          forward latency of JAX vs torch (crosscheck.benchmarks.bench)
   crosscheck bundle export OUT [run options]    write weights + inputs + configs to a bundle
   crosscheck bundle run BUNDLE OUT [--backend ttnn|flax] [--ttnn-runtime R]
                                                 run a bundle in this interpreter
@@ -113,7 +113,7 @@ training mode and gradients (torch vs Flax only, float32; ttnn in --backends is 
   least 4 x torch's own float32 error vs float64 (compare.py row "flax grad", GRAD_REFERENCE_FACTOR);
   rel and PCC reported. --train --grad: gradients in training mode on the masks.
 
-resource budget (crosscheck/budget.py):
+resource budget (crosscheck/pipeline/budget.py):
   before anything is allocated, the memory a run needs is estimated from shapes (weights, mask buffers
   context_length^2, inputs, attention scores batch x heads x tokens^2, every copy counted) and a run over
   --max-memory (default: half of the physical memory, or the address-space limit RLIMIT_AS if lower) is
@@ -269,8 +269,8 @@ def _add_case_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_device_options(p: argparse.ArgumentParser) -> None:
-    """Where torch runs and at which precision JAX multiplies float32 (crosscheck.placement)."""
-    from crosscheck.placement import PRECISIONS, TORCH_DEVICES
+    """Where torch runs and at which precision JAX multiplies float32 (crosscheck.pipeline.placement)."""
+    from crosscheck.pipeline.placement import PRECISIONS, TORCH_DEVICES
 
     g = p.add_argument_group("devices and matmul precision (recorded on every result)")
     g.add_argument(
@@ -289,13 +289,13 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_budget_option(p: argparse.ArgumentParser) -> None:
-    from crosscheck.budget import add_budget_option
+    from crosscheck.pipeline.budget import add_budget_option
 
     add_budget_option(p)
 
 
 def _add_stages_options(p: argparse.ArgumentParser) -> None:
-    """``--stages`` and ``--plot`` (crosscheck.stages, crosscheck.plots)."""
+    """``--stages`` and ``--plot`` (crosscheck.checks.stages, crosscheck.checks.plots)."""
     s = p.add_argument_group("explaining a mismatch (instead of, or next to, the forward check)")
     s.add_argument(
         "--stages",
@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_shard_options(p: argparse.ArgumentParser) -> None:
-    """``--devices N --shard MODE``: the Flax backend split over N devices (crosscheck.sharding_check)."""
+    """``--devices N --shard MODE``: the Flax backend split over N devices (crosscheck.checks.sharding_check)."""
     g = p.add_argument_group(
         "several devices (jaxattn.sharding; rows: flax vs torch, and flax vs the same module on 1 device)"
     )
@@ -404,7 +404,7 @@ def _add_shard_options(p: argparse.ArgumentParser) -> None:
         help="split the Flax run over N devices. On a CPU, crosscheck makes N host devices itself: it sets "
         "XLA_FLAGS=--xla_force_host_platform_device_count=N right after parsing the arguments, before "
         "anything imports JAX (JAX reads it once, when it starts); on a GPU, N must not exceed the GPUs present. "
-        "N is at most 2048 (crosscheck.devices.MAX_DEVICES) and at most the rows (--shard batch) or tokens "
+        "N is at most 2048 (crosscheck.pipeline.devices.MAX_DEVICES) and at most the rows (--shard batch) or tokens "
         "(--shard sequence) there are to split",
     )
     g.add_argument(
@@ -470,7 +470,7 @@ def _consoles(args):
 
 
 def _inputs(args):
-    from crosscheck.inputs import RandomInputs
+    from crosscheck.pipeline.inputs import RandomInputs
 
     random_opts = {k: getattr(args, k) for k in ("batch", "tokens", "seed")}
     if args.input is not None:
@@ -502,15 +502,15 @@ def _overrides(args) -> dict:
 
 
 def _ProgressBar(console):
-    """A rich progress bar on stderr, started on the first step (:class:`crosscheck.progress.Bar`)."""
-    from crosscheck.progress import Bar
+    """A rich progress bar on stderr, started on the first step (:class:`crosscheck.pipeline.progress.Bar`)."""
+    from crosscheck.pipeline.progress import Bar
 
     return Bar(console)
 
 
 def _finish(report, args, out, render=None) -> int:
-    from crosscheck import report as rp
-    from crosscheck.outputs import interrupted
+    from crosscheck.pipeline import report as rp
+    from crosscheck.porting.outputs import interrupted
 
     if interrupted():  # the run went on past a swallowed Ctrl-C: no verdict, no report
         raise KeyboardInterrupt
@@ -535,18 +535,18 @@ def _finish(report, args, out, render=None) -> int:
 def _check_json_path(path: str | None, inputs) -> None:
     """Fail before the run, not after it, when the JSON report cannot be written or would replace an input."""
     if path is not None and path != "-":  # "-": stdout
-        from crosscheck.outputs import check_output_path
+        from crosscheck.porting.outputs import check_output_path
 
         check_output_path(path, "--json", inputs, what="JSON report")
 
 
 def _run(args) -> int:
     if getattr(args, "devices", None) is not None:  # before anything imports JAX: XLA reads it once
-        from crosscheck.devices import force_host_devices
+        from crosscheck.pipeline.devices import force_host_devices
 
         force_host_devices(args.devices)
-    from crosscheck import engine, placement
-    from crosscheck.padding_check import parse_pad_lengths
+    from crosscheck.checks.padding_check import parse_pad_lengths
+    from crosscheck.pipeline import engine, placement
 
     _check_json_path(
         args.json,
@@ -596,14 +596,14 @@ def _run(args) -> int:
 
 def _progress_wanted(args) -> bool:
     """A progress bar only on a terminal, never with -q or with the JSON report on stdout (``--json -``)."""
-    from crosscheck import progress
+    from crosscheck.pipeline import progress
 
     return progress.wanted(quiet=args.quiet, json_path=getattr(args, "json", None))
 
 
 def _stages(args) -> int:
     """``--stages`` (the stage report) and/or ``--plot DIR`` (pictures from the same stages)."""
-    from crosscheck import stages
+    from crosscheck.checks import stages
 
     for flag, value in (
         ("--decode", args.decode),
@@ -619,7 +619,7 @@ def _stages(args) -> int:
         raise BadInputError("--stages compares each intermediate on one device; drop --devices/--shard")
     plan = None
     if args.plot is not None:
-        from crosscheck import plots
+        from crosscheck.checks import plots
 
         plan = plots.plan(args.plot, args.variant, from_weights=args.weights is not None, overwrite=args.plot_overwrite)
     code = None
@@ -652,14 +652,14 @@ def _stages(args) -> int:
 
 def _bundle(argv: Sequence[str]) -> int:
     args = build_bundle_parser().parse_args(argv)
-    from crosscheck import budget
+    from crosscheck.pipeline import budget
 
     with budget.limited(args.max_memory):  # every read and build of the bundle's cases is checked under it
         return _bundle_action(args)
 
 
 def _bundle_action(args) -> int:
-    from crosscheck import engine
+    from crosscheck.pipeline import engine
 
     if args.action == "export":
         cases = engine.export_bundle(
@@ -688,16 +688,16 @@ def _bundle_action(args) -> int:
 
 def _bench(argv: Sequence[str]) -> int:
     try:
-        from crosscheck import bench
+        from crosscheck.benchmarks import bench
     except ImportError as e:
-        raise BadInputError(f"bench is unavailable: crosscheck.bench cannot be imported ({e})") from None
+        raise BadInputError(f"bench is unavailable: crosscheck.benchmarks.bench cannot be imported ({e})") from None
     summary = (bench.__doc__ or "Benchmark the attention implementations.").strip().splitlines()[0]
     parser = _Parser(prog=f"{PROG} bench", description=summary)
     bench.add_arguments(parser)
     return int(bench.main(parser.parse_args(argv)) or 0)
 
 
-# --- convert (crosscheck.convert) -------------------------------------------------------------------
+# --- convert (crosscheck.porting.convert) -------------------------------------------------------------------
 
 
 def build_convert_parser() -> argparse.ArgumentParser:
@@ -719,7 +719,7 @@ def build_convert_parser() -> argparse.ArgumentParser:
 
 
 def _convert(argv: Sequence[str]) -> int:
-    from crosscheck import convert
+    from crosscheck.porting import convert
 
     args = build_convert_parser().parse_args(argv)
     if args.weights is not None:
@@ -752,10 +752,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its exit code.
 
     Ctrl-C (SIGINT) ends any command with exit 130, one ``crosscheck: interrupted`` line and nothing
-    written (:func:`crosscheck.outputs.sigint_guard`), also when a callback swallowed the
+    written (:func:`crosscheck.porting.outputs.sigint_guard`), also when a callback swallowed the
     ``KeyboardInterrupt`` and the run went on: the guard's record decides, not the exception.
     """
-    from crosscheck.outputs import sigint_guard
+    from crosscheck.porting.outputs import sigint_guard
 
     argv = list(sys.argv[1:] if argv is None else argv)
     with sigint_guard() as guard:
@@ -776,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from crosscheck.outputs import interrupted
+    from crosscheck.porting.outputs import interrupted
 
     try:
         if argv and argv[0] == "bench":

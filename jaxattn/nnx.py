@@ -715,7 +715,7 @@ def load_params(model: nnx.Module, params: Mapping, *, keep_dtype: bool = False)
     """Put Linen-layout ``params`` (``variables["params"]``) into ``model`` in place, checking the paths and
     shapes match exactly; returns ``model``. Raises ``ValueError`` naming each missing, unexpected or
     mis-shaped path. Each array is cast to the parameter's dtype, unless ``keep_dtype`` (as
-    :func:`crosscheck.port.load_state_dict` gives them: exact, float64 included)."""
+    :func:`crosscheck.porting.port.load_state_dict` gives them: exact, float64 included)."""
     state = nnx.state(model, nnx.Param)
     expected = _flat(nnx.to_pure_dict(state))
     given = _flat(params)

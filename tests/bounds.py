@@ -346,7 +346,8 @@ def check_within(got, want, bound: float, what: str = "") -> float:
 def case_layer(case) -> tuple[object, dict]:
     """``(Flax module, params)`` of a crosscheck ``Case`` or bundle ``BundleCase``: its canonical torch state dict
     ported as crosscheck ports it."""
-    from crosscheck import port, registry
+    from crosscheck.porting import port
+    from crosscheck.variants import registry
 
     variant = registry.get(case.variant) if isinstance(case.variant, str) else case.variant
     module = variant.flax_module(case.config)
@@ -423,7 +424,7 @@ _TORCH_NAMES = {
 
 def torch_params(module) -> tuple[str, dict, object]:
     """``(jaxattn class name, Flax-layout params, fields)`` of a torch attention module: the book's classes
-    (crosscheck.torch_ref, crosscheck.torch_kv_cache, the book package's) or ``nn.MultiheadAttention``.
+    (crosscheck.references.torch_ref, crosscheck.references.torch_kv_cache, the book package's) or ``nn.MultiheadAttention``.
     Linear ``weight`` becomes ``kernel = weight.T``, as crosscheck's port does."""
     from types import SimpleNamespace
 

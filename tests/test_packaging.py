@@ -64,6 +64,6 @@ def test_the_command_without_the_extra_is_one_line_and_exit_2(how):
 
 
 def test_the_ttnn_worker_interpreter_skips_the_check():
-    out = run(POISON + "import crosscheck.registry; print('ok')\n", env={"CROSSCHECK_WORKER": "1"})
+    out = run(POISON + "import crosscheck.variants.registry; print('ok')\n", env={"CROSSCHECK_WORKER": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

@@ -20,7 +20,8 @@ def test_readme_has_examples():
 def test_readme_example_runs(index, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
-    from crosscheck import port, torch_ref
+    from crosscheck.porting import port
+    from crosscheck.references import torch_ref
 
     # The porting example loads "weights.safetensors" from the working directory.
     port.save_file(torch_ref.MultiHeadAttention(3, 2, 6, 0.0, 2).state_dict(), tmp_path / "weights.safetensors")

@@ -20,7 +20,7 @@ amplify errors (|scores| <= ~1 keeps softmax's sensitivity below 1). Outside tha
 regime (e.g. ``torch.rand`` weights at d_in=40, scores in the hundreds) the
 absolute error grows with the scores and only the PCC bar is meaningful.
 
-Each program's count of roundings lives on its :class:`crosscheck.registry.Variant`
+Each program's count of roundings lives on its :class:`crosscheck.variants.registry.Variant`
 (``bf16_roundings``; reshape/permute/slice/concat and adding a 0 mask entry are exact):
 4 for ``SimplifiedSelfAttention`` (x, scores, softmax weights, context); 8 for the
 single-head projections (x, weight and bias, q/k/v, scores, the 1/sqrt(head_dim)
@@ -35,7 +35,7 @@ Measured on the host model (seed sentence and 2x50x40 inputs): max-abs 1.4e-3 to
 run with the programs' HiFi4 + fp32-accumulation + exact-exp kernel config.
 """
 
-from crosscheck import registry
+from crosscheck.variants import registry
 
 #: bfloat16 unit roundoff (RNE, 8-bit significand).
 BF16_UNIT_ROUNDOFF = 2.0**-8

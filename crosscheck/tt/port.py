@@ -1,9 +1,9 @@
 """Torch state dict -> ttnn parameters, following ``ttnn.model_preprocessing``'s conventions.
 
-Driven by the same tables as torch -> Flax (:mod:`crosscheck.portmap`): each
-:class:`~crosscheck.portmap.Entry` says its layout, :func:`~crosscheck.portmap.to_ttnn`
+Driven by the same tables as torch -> Flax (:mod:`crosscheck.variants.portmap`): each
+:class:`~crosscheck.variants.portmap.Entry` says its layout, :func:`~crosscheck.variants.portmap.to_ttnn`
 gives the ttnn layout (``nn.Linear`` weights ``(in, out)``, biases ``(1, out)``) and
-validation is :func:`crosscheck.port.check_state_dict`, so a state dict is accepted
+validation is :func:`crosscheck.porting.port.check_state_dict`, so a state dict is accepted
 or refused here exactly as on the Flax side, with the same messages. Every tensor
 is bfloat16, TILE, on the device (``preprocess_linear_weight`` /
 ``preprocess_linear_bias`` then ``to_device``).
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from crosscheck import portmap as pm
-from crosscheck.port import check_state_dict, to_numpy
+from crosscheck.porting.port import check_state_dict, to_numpy
+from crosscheck.variants import portmap as pm
 
 
 class ParameterDict(dict):

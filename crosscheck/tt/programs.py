@@ -5,7 +5,7 @@ real package on a Tenstorrent device or ttsim, or :mod:`crosscheck.tt.host_model
 on the CPU; see :mod:`crosscheck.tt.runtime`) plus ``x``, a bfloat16 TILE tensor
 on the device, and ``parameters`` from :func:`crosscheck.tt.port.preprocess_parameters`
 (``parameters.W_query.weight`` is ``(in, out)``, biases are ``(1, out)``). Every
-program mirrors its torch class in :mod:`crosscheck.torch_ref` line by line and
+program mirrors its torch class in :mod:`crosscheck.references.torch_ref` line by line and
 returns the context vectors as a ttnn tensor. ``attention_mask`` (numpy, ``x.shape[:-1]``,
 1 = real token, 0 = padding, or ``None``: no padding, today's computation bit for bit)
 hides padded keys with the additive mask, combined with the causal one; a query that

@@ -3,16 +3,16 @@
     python -m crosscheck.tt.worker BUNDLE OUT [--backend ttnn|flax] [--ttnn-runtime auto|device|host]
 
 The real ``ttnn`` wheel wants CPython 3.10-3.12 with numpy<2, which need not be the
-interpreter that has torch. The engine writes a bundle (:mod:`crosscheck.bundle`), runs
+interpreter that has torch. The engine writes a bundle (:mod:`crosscheck.porting.bundle`), runs
 this module with the other interpreter (:func:`run_in_interpreter`) and reads the
 outputs back. ``--backend ttnn`` goes through :func:`crosscheck.tt.runtime.run_variant`
 (a real device when one is found, else the host model); ``--backend flax`` ports the
 state dict and runs the jitted jaxattn module through the engine's own Flax runner
-(:func:`crosscheck.flax_runner.run_flax`), so it needs JAX and Flax only.
+(:func:`crosscheck.pipeline.flax_runner.run_flax`), so it needs JAX and Flax only.
 
 A case's ``attention_mask`` goes to both backends. A bundle whose meta has
 ``decode_prompt_len`` is decoded through the KV cache instead
-(:func:`crosscheck.tt.runtime.run_variant_decode`, :func:`crosscheck.flax_runner.run_flax_decode`);
+(:func:`crosscheck.tt.runtime.run_variant_decode`, :func:`crosscheck.pipeline.flax_runner.run_flax_decode`);
 every case must then be a variant that decodes, and the outputs' meta echoes the prompt length.
 
 Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback).
@@ -29,17 +29,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from crosscheck import bundle as bd
 from crosscheck import extra
 from crosscheck.errors import BadInputError
-from crosscheck.outputs import check_output_path
+from crosscheck.porting import bundle as bd
+from crosscheck.porting.outputs import check_output_path
 
 BACKENDS = ("ttnn", "flax")
 RUNTIMES = ("auto", "device", "host")
 
 
 def _variant(name: str):
-    from crosscheck import registry
+    from crosscheck.variants import registry
 
     try:
         return registry.get(name)
@@ -63,12 +63,12 @@ def _masked(case: bd.BundleCase) -> dict:
 def _run_flax(
     cases: list[bd.BundleCase], attention_impl: str | None = None, prompt_len: int | None = None
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """The engine's own Flax runner (:func:`crosscheck.flax_runner.run_flax`) on every case, in float32."""
+    """The engine's own Flax runner (:func:`crosscheck.pipeline.flax_runner.run_flax`) on every case, in float32."""
     import flax
     import jax
     import jaxlib
 
-    from crosscheck import flax_runner, placement
+    from crosscheck.pipeline import flax_runner, placement
 
     flax_runner.check_attention_impl(attention_impl)
     outputs = {}
@@ -85,7 +85,7 @@ def _run_flax(
         "runtime": "jax",
         "runtime_description": f"JAX {jax.__version__} on {jax.default_backend()}",
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__},
-        # Where and how it ran, for the results `bundle compare` makes of these outputs (crosscheck.placement).
+        # Where and how it ran, for the results `bundle compare` makes of these outputs (crosscheck.pipeline.placement).
         "device": placement.jax_device(),
         "precision": flax_runner.matmul_precision("float32"),
     }
@@ -161,7 +161,7 @@ def run_bundle(bundle_path, out_path, backend: str = "ttnn", runtime: str = "aut
 
     The Flax backend runs the attention core the bundle was exported with (its meta's ``attention_impl``);
     a meta ``decode_prompt_len`` makes both backends decode through the KV cache. ``out_path`` is
-    checked before any work (:func:`crosscheck.outputs.check_output_path`): never the bundle itself.
+    checked before any work (:func:`crosscheck.porting.outputs.check_output_path`): never the bundle itself.
     """
     _check_choice(backend, BACKENDS, "backend")
     _check_choice(runtime, RUNTIMES, "ttnn runtime")

@@ -8,8 +8,8 @@ or kill the process (real ttnn raises, and sometimes crashes, on chip queries).
 
 import json
 
-from crosscheck import bundle as bd
-from crosscheck import registry
+from crosscheck.porting import bundle as bd
+from crosscheck.variants import registry
 from tests.conformance.helpers import random_case, run_python, seed_config
 
 PROBE = """

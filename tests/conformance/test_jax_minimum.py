@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from crosscheck import registry
-from crosscheck.port import port_variables, to_state_dict
+from crosscheck.porting.port import port_variables, to_state_dict
 from crosscheck.seed import CONTEXT_VECS, INPUTS
+from crosscheck.variants import registry
 from tests.bounds import check_layer, layer_error
 from tests.conformance.helpers import random_case, seed_config
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from crosscheck import registry
 from crosscheck.config import AttnConfig
-from crosscheck.tt import host_model as hm
 from crosscheck.tt import decode_programs, programs, runtime
+from crosscheck.tt import host_model as hm
 from crosscheck.tt.port import ParameterDict
+from crosscheck.variants import registry
 from tests.conformance.helpers import call_problem, gqa_case, random_case, real_signatures, resolve, seed_config
 
 

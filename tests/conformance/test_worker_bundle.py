@@ -8,9 +8,9 @@ same bundle; the flax backend on JAX 0.7.0 must agree with the main venv's newes
 import numpy as np
 import pytest
 
-from crosscheck import bundle as bd
-from crosscheck import registry
+from crosscheck.porting import bundle as bd
 from crosscheck.tt import runtime, worker
+from crosscheck.variants import registry
 from tests.bounds import case_layer, check_layer
 from tests.conformance.helpers import MAIN_PYTHON, random_case, seed_config
 

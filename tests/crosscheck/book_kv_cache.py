@@ -5,7 +5,7 @@
 #
 # Verbatim copy of `MultiHeadAttention` from `llms_from_scratch/kv_cache/gpt2.py` in the
 # llms-from-scratch 1.0.19 wheel (PyPI), used by tests/crosscheck/test_torch_cache.py as an
-# independent reference for crosscheck.torch_kv_cache.MultiHeadAttention. Only the package's
+# independent reference for crosscheck.references.torch_kv_cache.MultiHeadAttention. Only the package's
 # relative `from .utils import KVCache` import is left out; the class is unchanged, including
 # its causal-mask slice `[:, -num_tokens:]` (right only when no tokens are cached; see the tests).
 

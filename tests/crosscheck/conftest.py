@@ -5,8 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch reference needs torch")
 
-from crosscheck import port  # noqa: E402
 from crosscheck.config import AttnConfig  # noqa: E402
+from crosscheck.porting import port  # noqa: E402
 
 
 def make_pair(variant, cfg: AttnConfig, seed: int = 0):

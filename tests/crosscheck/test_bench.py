@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch", reason="the benchmark compares against torc
 
 import numpy as np  # noqa: E402
 
-from crosscheck import bench, bench_models  # noqa: E402
+from crosscheck.benchmarks import bench, bench_models  # noqa: E402
 from jaxattn.tolerance import attention_bound, linear_error  # noqa: E402
 from tests.bounds import one_head, torch_layer_bound  # noqa: E402
 
@@ -25,7 +25,7 @@ def parse(argv):
 
 def layer_bound(args, tokens):
     """The derived bound on two float32 computations of the bench's layer: its weights and input rebuilt as
-    the bench draws them (crosscheck.bench_models, seeded), read by tests/bounds.py."""
+    the bench draws them (crosscheck.benchmarks.bench_models, seeded), read by tests/bounds.py."""
     book = bench_models.book_torch(args.d_model, args.heads, tokens, "float32", args.seed)
     return torch_layer_bound(book, bench_models.input_np(args, tokens))
 

@@ -14,9 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from crosscheck import budget, bundle as bd, cli
+from crosscheck import cli
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
+from crosscheck.pipeline import budget
+from crosscheck.porting import bundle as bd
 
 LIMIT = ["--max-memory", "2G"]
 
@@ -97,7 +99,7 @@ def test_max_memory_parsing(capsys):
 
 
 def test_engine_run_takes_max_memory():
-    from crosscheck import engine
+    from crosscheck.pipeline import engine
 
     with pytest.raises(BadInputError, match="over the memory budget of 1 KiB"):
         engine.run(["CausalAttention"], backends=("torch",), max_memory="1K")
@@ -132,7 +134,7 @@ def files(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
-    from crosscheck import torch_ref
+    from crosscheck.references import torch_ref
 
     d = tmp_path_factory.mktemp("budget")
     torch.save({"W_query.weight": torch.zeros(1).expand(60000, 60000)}, d / "expanded_w.pt")
@@ -156,7 +158,8 @@ def test_expanded_storage_is_refused_without_materialising(capsys, files):
 
 
 def test_bf16_safetensors_read_as_pt_is(files):
-    from crosscheck import inputs, port
+    from crosscheck.pipeline import inputs
+    from crosscheck.porting import port
 
     st, pt = inputs.load_input(files / "x_bf16.safetensors"), inputs.load_input(files / "x_bf16.pt")
     assert st.dtype == np.float32 and np.array_equal(st, pt)
@@ -257,7 +260,7 @@ def test_big_npy_header_is_checked_before_reading(tmp_path, capsys):
 
 def test_legacy_pt_files_still_read(tmp_path):
     torch = pytest.importorskip("torch")
-    from crosscheck import port
+    from crosscheck.porting import port
 
     torch.save({"W_query.weight": torch.arange(6.0).reshape(2, 3)}, tmp_path / "w.pt", _use_new_zipfile_serialization=False)
     sd = port.load_file(tmp_path / "w.pt")

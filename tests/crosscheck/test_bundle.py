@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from crosscheck import bundle as bd
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
+from crosscheck.porting import bundle as bd
 from crosscheck.seed import INPUTS
 
 
@@ -162,7 +162,7 @@ def test_bundle_module_imports_neither_torch_nor_jax():
     import sys
 
     code = (
-        "import sys, crosscheck.bundle, crosscheck.tt.worker; "
+        "import sys, crosscheck.porting.bundle, crosscheck.tt.worker; "
         "bad = [m for m in ('torch', 'jax', 'flax') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

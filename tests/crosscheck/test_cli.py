@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from crosscheck import port, registry, torch_ref
-from crosscheck.bundle import read_outputs, write_outputs
+from crosscheck.porting import port
+from crosscheck.porting.bundle import read_outputs, write_outputs
+from crosscheck.references import torch_ref
+from crosscheck.variants import registry
 
 CROSSCHECK = str(Path(sys.executable).with_name("crosscheck"))
 ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}

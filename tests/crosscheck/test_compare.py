@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from crosscheck import compare as cmp
+from crosscheck.pipeline import compare as cmp
 
 X = np.array([0.1, -2.0, 3.5, 0.25, 7.0], dtype=np.float32)
 
@@ -192,7 +192,8 @@ def test_non_finite_values_never_pass_even_when_both_sides_agree(bad):
 
 def test_weights_that_overflow_fail_the_run_instead_of_passing():
     torch = pytest.importorskip("torch")
-    from crosscheck import engine, torch_ref
+    from crosscheck.pipeline import engine
+    from crosscheck.references import torch_ref
 
     torch.manual_seed(0)
     module = torch_ref.MultiHeadAttention(3, 2, 6, 0.0, 2)

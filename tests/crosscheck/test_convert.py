@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from crosscheck import convert, flax_runner, registry
 from crosscheck.cli import main
 from crosscheck.config import AttnConfig
 from crosscheck.errors import MismatchError
+from crosscheck.pipeline import flax_runner
+from crosscheck.porting import convert
+from crosscheck.variants import registry
 from tests.crosscheck.conftest import make_pair
 
 #: Every format with parameters whose torch side this interpreter has.

@@ -8,9 +8,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the references are torch modules")
 
-from crosscheck import bench, engine, flax_runner, padding_check, registry, torch_ref  # noqa: E402
+from crosscheck.benchmarks import bench  # noqa: E402
+from crosscheck.checks import padding_check
 from crosscheck.errors import BadInputError  # noqa: E402
-from crosscheck.inputs import RandomInputs  # noqa: E402
+from crosscheck.pipeline import engine, flax_runner
+from crosscheck.pipeline.inputs import RandomInputs  # noqa: E402
+from crosscheck.references import torch_ref
+from crosscheck.variants import registry
 from tests.bounds import torch_layer_bound  # noqa: E402
 
 from .test_cli import run  # noqa: E402
@@ -135,7 +139,7 @@ def test_bench_decode_times_both_and_compiles_twice(tmp_path, capsys):
     result = json.loads(json_path.read_text())
     rows = {r["impl"]: r for r in result["results"]}
     assert set(rows) == {"jax-naive", "jax-xla", "jax-auto", "torch-book-cache"}
-    # The layer the bench decodes, rebuilt as crosscheck.bench_decode draws it (seeded): its derived bound.
+    # The layer the bench decodes, rebuilt as crosscheck.benchmarks.bench_decode draws it (seeded): its derived bound.
     torch.manual_seed(args.seed)
     book = torch_ref.MultiHeadAttention(16, 16, 17, 0.0, 2)
     x = np.random.default_rng(args.seed).standard_normal((2, 17, 16), dtype=np.float32)
@@ -161,7 +165,7 @@ def test_padding_and_decoding_hold_for_every_attention_implementation(impl):
 @pytest.mark.xla_optimized
 def test_inputs_scaled_by_1e4_stay_finite_in_every_backend():
     """Scores ~1e8: agreement is not expected (a float32 rounding of a score moves the softmax), finiteness is."""
-    from crosscheck import backends
+    from crosscheck.pipeline import backends
 
     x = np.random.default_rng(5).random((2, 10, 4), dtype=np.float32) * 1e4
     cases, _, _ = engine.build_cases(None, inputs=x, overrides=dict(d_out=4, num_heads=2))

@@ -1,4 +1,4 @@
-"""Device truth and matmul precision in cross-check reports (crosscheck/placement.py).
+"""Device truth and matmul precision in cross-check reports (crosscheck/pipeline/placement.py).
 
 In-process CLI runs (``cli.main``) on the small seed shape; the CUDA side is faked where a CPU
 cannot show it, and run for real under the ``gpu`` marker.
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from crosscheck import cli, compare, placement, report
-from crosscheck.results import Result
+from crosscheck import cli
+from crosscheck.pipeline import compare, placement, report
+from crosscheck.pipeline.results import Result
 
 MHA = ["--variant", "MultiHeadAttention", "--backends", "torch,flax", "-q"]
 
@@ -54,8 +55,8 @@ def test_torch_device_cuda_without_cuda_is_exit_2_in_one_line(capsys, monkeypatc
 
 def test_torch_on_cuda_only_for_the_forward_check(monkeypatch):
     """--train/--grad/--decode/--padding run torch on the CPU: with --torch-device cuda they are refused, not mislabelled."""
-    from crosscheck import engine
     from crosscheck.errors import BadInputError
+    from crosscheck.pipeline import engine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for mode in (dict(train=True), dict(grad=True), dict(decode=2), dict(padding="left", pad_lengths=[0, 1])):

@@ -1,4 +1,4 @@
-"""``crosscheck bench --device cuda`` (crosscheck/bench_gpu.py): what a CPU can check, and the real run on a GPU.
+"""``crosscheck bench --device cuda`` (crosscheck/benchmarks/bench_gpu.py): what a CPU can check, and the real run on a GPU.
 
 On a CPU: the refusal (exit 2, one line), the option checks, the synchronised timing
 loop (fake runners count launches and waits), the row and speed-up construction, and the whole
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from crosscheck import bench, bench_gpu, bench_models, cli
+from crosscheck import cli
+from crosscheck.benchmarks import bench, bench_gpu, bench_models
 from jaxattn.tolerance import reference_bound
 from tests.bounds import chain_length, layer_grads64, torch_layer_bound
 
@@ -107,7 +108,7 @@ def test_rows_and_speedups():
 
 def diff_bound(args, tokens):
     """The derived bound on a row's max |diff| against torch's SDPA, on the bench's own weights and inputs
-    (crosscheck.bench_models, seeded). Forward: the layer's first-order bound. Backward (d loss / d x): the
+    (crosscheck.benchmarks.bench_models, seeded). Forward: the layer's first-order bound. Backward (d loss / d x): the
     difference is within |row - float64| + |float64 - SDPA|, so 4x + 1x SDPA's own float32 error against
     float64 (jaxattn.tolerance.reference_bound with multiple 5)."""
     book = bench_models.book_torch(args.d_model, args.heads, tokens, "float32", args.seed)

@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from crosscheck import compare, engine, port, registry, torch_ref
-from crosscheck import inputs as inp
-from crosscheck.seed import CONTEXT_VECS
-from crosscheck.bundle import read_outputs, write_outputs
 from crosscheck.errors import BadInputError, MismatchError, PortError
-
+from crosscheck.pipeline import compare, engine
+from crosscheck.pipeline import inputs as inp
+from crosscheck.porting import port
+from crosscheck.porting.bundle import read_outputs, write_outputs
+from crosscheck.references import torch_ref
+from crosscheck.seed import CONTEXT_VECS
+from crosscheck.variants import registry
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def test_default_run_every_variant_passes(default_report):
     assert set(rows) == {(v.name, b) for v in registry.default_run() for b in ("torch", "flax")}
     assert default_report.passed and default_report.failing_variants == []
     for r in default_report.results:
-        # crosscheck's verdict, from its POLICY row (crosscheck/compare.py) for the backend in float32
+        # crosscheck's verdict, from its POLICY row (crosscheck/pipeline/compare.py) for the backend in float32
         assert r.passed and r.thresholds == compare.policy_for(r.backend, "float32").to_dict() and r.ulp is not None
         # torch on the CPU; Flax where JAX runs ("gpu" on a GPU machine)
         assert r.runtime == ("cpu" if r.backend == "torch" else jax.default_backend()) and r.dtype == "float32"
@@ -206,8 +208,8 @@ TAKERS = [v.name for v in registry.takes_attention_impl()]
 
 
 def test_the_chosen_core_is_the_one_the_flax_module_runs():
-    from crosscheck import flax_runner
     from crosscheck.config import AttnConfig
+    from crosscheck.pipeline import flax_runner
 
     for name in TAKERS:
         v = registry.get(name)

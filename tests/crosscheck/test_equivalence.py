@@ -15,9 +15,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crosscheck import port, registry
 from crosscheck.config import AttnConfig
+from crosscheck.porting import port
 from crosscheck.seed import INPUTS
+from crosscheck.variants import registry
 from jaxattn.tolerance import reference_bound
 from tests.bounds import chain_length, check_layer, layer_grads64, max_abs
 from tests.crosscheck.conftest import make_input, make_pair

@@ -12,10 +12,13 @@ import os
 import numpy as np
 import pytest
 
-from crosscheck import bench, bundle as bd, outputs, report as rp
+from crosscheck.benchmarks import bench
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
-from crosscheck.results import Report
+from crosscheck.pipeline import report as rp
+from crosscheck.pipeline.results import Report
+from crosscheck.porting import bundle as bd
+from crosscheck.porting import outputs
 
 from .test_cli import run
 
@@ -251,8 +254,8 @@ def test_bench_checks_its_outputs_before_running(tmp_path, monkeypatch):
 @pytest.mark.parametrize("content", [b"hello world, not a pickle\n", b"\x80\x02}q\x00(X", b"\x00" * 64])
 def test_a_foreign_file_named_pt_is_a_one_line_error(tmp_path, content):
     """A text file named .pt gave `KeyError: 101` from the unpickler, with a traceback."""
-    from crosscheck import port
     from crosscheck.errors import BadInputError
+    from crosscheck.porting import port
 
     path = tmp_path / "weights.pt"
     path.write_bytes(content)

@@ -7,9 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the references are torch modules")
 
-from crosscheck import backends, engine, flax_runner, padding_check, port, registry  # noqa: E402
-from crosscheck import torch_gqa, torch_kv_cache  # noqa: E402
-from crosscheck.inputs import RandomInputs  # noqa: E402
+from crosscheck.checks import padding_check  # noqa: E402
+from crosscheck.pipeline import backends, engine, flax_runner
+from crosscheck.pipeline.inputs import RandomInputs  # noqa: E402
+from crosscheck.porting import port
+from crosscheck.references import torch_gqa, torch_kv_cache  # noqa: E402
+from crosscheck.variants import registry
 from jaxattn.tolerance import reference_bound  # noqa: E402
 from tests.bounds import case_layer, check_layer, max_abs, rms_norm64, rope64  # noqa: E402
 
@@ -145,7 +148,7 @@ def test_engine_decode_passes_in_torch_and_flax():
     assert report.passed, report.failing_variants
     rows = {(r.backend, r.reference): r for r in report.results}
     assert set(rows) == {("torch", "torch full forward"), ("flax", "torch decode"), ("flax", "flax full forward")}
-    assert rows[("flax", "torch decode")].passed  # crosscheck's verdict: its POLICY row (crosscheck/compare.py)
+    assert rows[("flax", "torch decode")].passed  # crosscheck's verdict: its POLICY row (crosscheck/pipeline/compare.py)
     assert rows[("flax", "torch decode")].detail["steps"] == 9
 
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from crosscheck import port, registry
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError, PortError
-from crosscheck.torch_gqa import Llama3GroupedQueryAttention, Qwen3GroupedQueryAttention, causal_forward
+from crosscheck.porting import port
+from crosscheck.references.torch_gqa import Llama3GroupedQueryAttention, Qwen3GroupedQueryAttention, causal_forward
+from crosscheck.variants import registry
 from tests.bounds import check_layer
 
 LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 16}

@@ -17,9 +17,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from crosscheck import cli, hf, port, registry  # noqa: E402
+from crosscheck import cli  # noqa: E402
 from crosscheck.config import AttnConfig  # noqa: E402
 from crosscheck.errors import BadInputError  # noqa: E402
+from crosscheck.porting import port
+from crosscheck.references import hf
+from crosscheck.variants import registry
 from jaxattn.tolerance import reference_bound  # noqa: E402
 from tests.bounds import chain_length, check_layer, layer_grads64  # noqa: E402
 
@@ -197,8 +200,8 @@ def test_cli_contradiction_is_exit_2_with_one_line(qwen3_files, capsys, extra, m
 
 def test_gpt2_rows_that_see_no_key_give_the_zero_context():
     """Left padding: a query before the first real token gets c_proj's bias, as in Flax (not the mean of the values)."""
-    from crosscheck import registry
     from crosscheck.config import AttnConfig
+    from crosscheck.variants import registry
 
     variant = registry.get("GPT2Attention")
     cfg = variant.resolve(AttnConfig(d_in=8, d_out=8, num_heads=2, context_length=16, qkv_bias=True))

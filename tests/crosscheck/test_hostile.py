@@ -20,9 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crosscheck import bundle as bd, cli
+from crosscheck import cli
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
+from crosscheck.porting import bundle as bd
 
 torch = pytest.importorskip("torch")
 
@@ -240,7 +241,7 @@ def test_bundle_reader_raises_only_bad_input(tmp_path):
 # --- peak memory under a limit the test sets --------------------------------------------------------------
 
 #: The children may map this much beyond what ``import torch`` maps (a CPU build ~0.6 GiB, a CUDA build
-#: GiBs of libraries). Their default budget is then that limit (crosscheck.budget.default_budget), on a
+#: GiBs of libraries). Their default budget is then that limit (crosscheck.pipeline.budget.default_budget), on a
 #: machine with 128 GiB of memory as on one with 16; every repro below is estimated at 13 GiB or more.
 HEADROOM = 4 << 30
 

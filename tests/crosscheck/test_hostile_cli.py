@@ -18,10 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscheck import cli, devices, engine, hf, outputs, registry
+from crosscheck import cli
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
-from crosscheck.inputs import RandomInputs
+from crosscheck.pipeline import devices, engine
+from crosscheck.pipeline.inputs import RandomInputs
+from crosscheck.porting import outputs
+from crosscheck.references import hf
+from crosscheck.variants import registry
 from tests.host_cpu import as_a_cpu_machine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -223,7 +227,7 @@ def assert_interrupted(code, err, tmp_path, keep=("mha.pt",)):
 
 @pytest.mark.parametrize("swallow", [swallowed_interrupt, interrupt_swallowed_by_except])
 def test_a_swallowed_interrupt_during_convert_is_exit_130_and_writes_nothing(swallow, mha_file, monkeypatch, capsys):
-    from crosscheck import convert
+    from crosscheck.porting import convert
 
     real = convert._flax_bytes
 
@@ -325,7 +329,7 @@ def test_sigint_to_a_real_convert_is_exit_130_with_nothing_written(mha_file):
 def test_a_guard_entered_during_an_import_raises_at_once(tmp_path, monkeypatch):
     """Only imports begun inside the guard hold the interrupt back: main() run by an importing module still stops."""
     (tmp_path / "guarded_module.py").write_text(
-        "import signal\nfrom crosscheck import outputs\nRAISED = False\n"
+        "import signal\nfrom crosscheck.porting import outputs\nRAISED = False\n"
         "with outputs.sigint_guard():\n"
         "    try:\n        signal.raise_signal(signal.SIGINT)\n    except KeyboardInterrupt:\n        RAISED = True\n"
     )

@@ -2,7 +2,7 @@
 the value), what must be accepted, and round trips that must be exact without being told the format.
 
 Through the real CLI entry (``crosscheck.cli.main``: exit code, ONE stderr line, nothing written on a refusal)
-and through :mod:`crosscheck.port`.
+and through :mod:`crosscheck.porting.port`.
 """
 
 import json
@@ -13,11 +13,12 @@ import pytest
 import torch
 from flax.serialization import msgpack_restore, msgpack_serialize
 
-from crosscheck import convert, port, registry
-from crosscheck import torch_ref as tr
 from crosscheck.cli import main
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError, PortError
+from crosscheck.porting import convert, port
+from crosscheck.references import torch_ref as tr
+from crosscheck.variants import registry
 from jaxattn.tolerance import projected_attention_bound
 from tests.crosscheck.conftest import make_pair
 
@@ -415,7 +416,7 @@ def test_a_flag_that_contradicts_the_metadata_names_both_values(case, files, tmp
 def test_a_bundle_whose_heads_split_no_width_is_refused_on_read(tmp_path):
     """The bundle's config is metadata read back as convert's is: heads that do not split d_out are named
     on read, not left to fail in the worker's interpreter."""
-    from crosscheck import bundle
+    from crosscheck.porting import bundle
 
     torch_module, _, _ = make_pair(MHA, MHA_CFG, seed=2)
     weights = {k: t.numpy() for k, t in torch_module.state_dict().items()}

@@ -8,13 +8,14 @@ import pytest
 import torch
 from flax import nnx
 
-from crosscheck import placement, port, registry
+import jaxattn.nnx as jn
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
+from crosscheck.pipeline import placement
+from crosscheck.porting import port
+from crosscheck.variants import registry
 from tests.bounds import check_layer
 from tests.crosscheck.conftest import make_input, make_pair
-
-import jaxattn.nnx as jn
 
 #: Every format whose torch side this interpreter has (transformers' too when it is installed).
 RUNNABLE = [v for v in registry.VARIANTS if not registry.missing_needs(v)]
@@ -110,7 +111,7 @@ def test_cli_api_both_runs_an_nnx_row_per_variant(tmp_path, capsys, monkeypatch)
     rows = {(r["variant"], r["backend"]): r for r in json.loads(out_json.read_text())["results"]}
     for name in ("MultiHeadAttention", "SelfAttentionV1"):
         nnx_row, linen_row = rows[(name, "flax-nnx")], rows[(name, "flax")]
-        assert nnx_row["passed"]  # crosscheck's verdict: its POLICY row (crosscheck/compare.py)
+        assert nnx_row["passed"]  # crosscheck's verdict: its POLICY row (crosscheck/pipeline/compare.py)
         assert nnx_row["max_abs_err"] == linen_row["max_abs_err"]  # bit for bit: the same error
         assert nnx_row["precision"] == "highest"
 

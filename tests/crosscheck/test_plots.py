@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from crosscheck import cli, plots, stages
+from crosscheck import cli
+from crosscheck.checks import plots, stages
 from crosscheck.seed import TOKENS
 
 pytest.importorskip("matplotlib", reason="--plot draws with matplotlib (the [plot] extra)")

@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 import jaxattn
-from crosscheck import port, registry, torch_ref
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError, PortError
+from crosscheck.porting import port
+from crosscheck.references import torch_ref
 from crosscheck.seed import INPUTS
+from crosscheck.variants import registry
 from tests.bounds import check_layer
 from tests.crosscheck.conftest import make_pair
 

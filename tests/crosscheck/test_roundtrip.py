@@ -13,10 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from crosscheck import budget, port  # noqa: E402
-from crosscheck import torch_ref as tr  # noqa: E402
 from crosscheck.errors import BadInputError, PortError  # noqa: E402
-from crosscheck.torch_gqa import Llama3GroupedQueryAttention, Qwen3GroupedQueryAttention  # noqa: E402
+from crosscheck.pipeline import budget  # noqa: E402
+from crosscheck.porting import port
+from crosscheck.references import torch_ref as tr  # noqa: E402
+from crosscheck.references.torch_gqa import Llama3GroupedQueryAttention, Qwen3GroupedQueryAttention  # noqa: E402
 from tests.bounds import check_layer  # noqa: E402
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -150,7 +151,7 @@ def test_duplicate_aliases_are_refused_naming_both_keys():
 
     with pytest.raises(PortError, match=r"'W_value.weight' and 'W_val.weight' both name 'W_value.weight'"):
         port.load_state_dict(jaxattn.SelfAttentionV2(d_in=3, d_out=2), sd)
-    from crosscheck import engine
+    from crosscheck.pipeline import engine
 
     with pytest.raises(PortError, match="duplicate aliases"):
         engine.run(["SelfAttentionV2"], weights=sd, backends=("torch",))

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from crosscheck import cli, devices, engine
+from crosscheck import cli
 from crosscheck.errors import BadInputError
-from crosscheck.inputs import RandomInputs
+from crosscheck.pipeline import devices, engine
+from crosscheck.pipeline.inputs import RandomInputs
 from tests.host_cpu import as_a_cpu_machine
 
 CROSSCHECK = str(Path(sys.executable).with_name("crosscheck"))
@@ -52,7 +53,7 @@ def test_each_mode_passes_with_a_one_device_row(mode, variant, extra):
     assert report.passed, [f for r in report.results for f in r.failures]
     by = rows(report)
     vs_torch, vs_one = by[("flax", "torch float32")], by[("flax", "flax 1 device")]
-    # crosscheck's verdict under its ("flax sharded", "float32") POLICY row (crosscheck/compare.py)
+    # crosscheck's verdict under its ("flax sharded", "float32") POLICY row (crosscheck/pipeline/compare.py)
     assert vs_one.passed and vs_one.thresholds["max_abs"] == 1e-6
     assert vs_torch.device == vs_one.device == f"cpu x8 {mode}"
     assert vs_one.shape == [11, 21, 16]
@@ -131,7 +132,7 @@ def test_help_says_how_devices_are_made(capsys):
 
 
 def test_nothing_imports_jax_before_the_arguments_are_parsed():
-    code = ("import sys, crosscheck.cli as c; import crosscheck.bench, crosscheck.engine; "
+    code = ("import sys, crosscheck.cli as c; import crosscheck.benchmarks.bench, crosscheck.pipeline.engine; "
             "c.build_parser().parse_args(['--devices', '8', '--shard', 'sequence']); "
             "print(sorted(m for m in ('jax', 'jaxlib', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
@@ -154,7 +155,7 @@ def test_the_issues_acceptance_command_in_a_fresh_process(tmp_path):
 
 
 def bench_layer_bound(argv, tokens):
-    """The derived bound on the split run against one device: the bench's layer (crosscheck.bench_shard's
+    """The derived bound on the split run against one device: the bench's layer (crosscheck.benchmarks.bench_shard's
     module, init seed and input, rebuilt) read by tests/bounds.py (jaxattn.tolerance)."""
     import argparse
 
@@ -163,7 +164,7 @@ def bench_layer_bound(argv, tokens):
     import numpy as np
 
     import jaxattn
-    from crosscheck import bench
+    from crosscheck.benchmarks import bench
     from tests.bounds import layer_bound
 
     parser = argparse.ArgumentParser()

@@ -21,7 +21,8 @@ import types
 import numpy as np
 import pytest
 
-from crosscheck import cli, stages
+from crosscheck import cli
+from crosscheck.checks import stages
 from crosscheck.seed import TOKENS
 from jaxattn.tolerance import linear_error
 from tests.bounds import weights_error
@@ -47,7 +48,7 @@ def firsts(report: stages.StagesReport) -> dict:
 
 def flax_params(monkeypatch, edit):
     """Flax gets ``edit(params)`` of the honest ported parameters; ttnn and torch keep the state dict."""
-    from crosscheck import port
+    from crosscheck.porting import port
 
     honest = port.port_variables
 

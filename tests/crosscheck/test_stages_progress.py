@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from crosscheck import cli, progress
+from crosscheck import cli
+from crosscheck.pipeline import progress
 
 TWO_VARIANTS = ["--variant", "CausalAttention", "--variant", "SelfAttentionV2", "--backends", "torch,flax"]
 TINY_BENCH = ["bench", "--tokens", "8,12", "--batch", "1", "--d-model", "8", "--heads", "2", "--repeats", "2",
@@ -17,7 +18,7 @@ TINY_BENCH = ["bench", "--tokens", "8,12", "--batch", "1", "--d-model", "8", "--
 
 
 class FakeBar:
-    """Records what a :class:`crosscheck.progress.Bar` is given."""
+    """Records what a :class:`crosscheck.pipeline.progress.Bar` is given."""
 
     made: list["FakeBar"] = []
 

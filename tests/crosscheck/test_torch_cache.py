@@ -18,8 +18,8 @@ from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-from crosscheck import torch_kv_cache as kv  # noqa: E402
-from crosscheck import torch_ref  # noqa: E402
+from crosscheck.references import torch_kv_cache as kv  # noqa: E402
+from crosscheck.references import torch_ref  # noqa: E402
 from jaxattn.tolerance import linear_error  # noqa: E402
 from tests.bounds import torch_layer_bound  # noqa: E402
 from tests.crosscheck import book_kv_cache  # noqa: E402

@@ -15,9 +15,14 @@ torch = pytest.importorskip("torch", reason="the references are torch modules")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from crosscheck import cli, engine, grad_check, port, registry, torch_ref, train_check  # noqa: E402
-from crosscheck import dropout_masks as dm  # noqa: E402
-from crosscheck.inputs import RandomInputs  # noqa: E402
+from crosscheck import cli  # noqa: E402
+from crosscheck.checks import grad_check, train_check
+from crosscheck.pipeline import engine
+from crosscheck.pipeline.inputs import RandomInputs  # noqa: E402
+from crosscheck.porting import port
+from crosscheck.references import dropout_masks as dm  # noqa: E402
+from crosscheck.references import torch_ref
+from crosscheck.variants import registry
 from jaxattn.tolerance import attention_error  # noqa: E402
 from tests.bounds import layer_bound  # noqa: E402
 
@@ -246,8 +251,8 @@ def test_flax_train_output_without_dropout_equals_inference():
 
 
 def test_the_grad_bound_is_the_documented_row_widened_by_the_reference_error():
-    from crosscheck import compare
     from crosscheck.cli import EPILOG
+    from crosscheck.pipeline import compare
 
     row = compare.POLICY[("flax grad", "float32")]
     assert (row.max_abs, row.max_rel, row.min_pcc) == (2e-5, None, None) and compare.GRAD_REFERENCE_FACTOR == 4

@@ -12,12 +12,12 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch reference needs torch")
 
-from crosscheck import bundle as bd  # noqa: E402
-from crosscheck import registry  # noqa: E402
 from crosscheck.config import AttnConfig  # noqa: E402
 from crosscheck.errors import BadInputError  # noqa: E402
+from crosscheck.porting import bundle as bd  # noqa: E402
 from crosscheck.tt import TTNN_BF16_TOLERANCE, decode_programs, programs, runtime, worker  # noqa: E402
 from crosscheck.tt import host_model as ttnn  # noqa: E402
+from crosscheck.variants import registry  # noqa: E402
 
 TOKENS = 24
 #: head_dim 4 (the generic programs) and head_dim 32 (the SDPA twins run the full forward).

@@ -29,11 +29,12 @@ import math
 import numpy as np
 import pytest
 
-from crosscheck import compare, registry
 from crosscheck.config import AttnConfig
+from crosscheck.pipeline import compare
 from crosscheck.tt import BF16_UNIT_ROUNDOFF, TTNN_BF16_TOLERANCE, TTNN_MIN_PCC, decode_programs, programs, runtime
 from crosscheck.tt import host_model as hm
 from crosscheck.tt.port import ParameterDict
+from crosscheck.variants import registry
 from jaxattn.tolerance import gamma
 from tests.bounds import trig_error
 
@@ -287,9 +288,9 @@ def test_rope_tables_equal_the_book_and_scaling_matters():
 
 
 def test_rope_tables_equal_the_torch_reference():
-    """When the torch module of the book's GQA exists (crosscheck.torch_gqa), its tables equal ours."""
+    """When the torch module of the book's GQA exists (crosscheck.references.torch_gqa), its tables equal ours."""
     pytest.importorskip("torch")
-    torch_gqa = pytest.importorskip("crosscheck.torch_gqa")
+    torch_gqa = pytest.importorskip("crosscheck.references.torch_gqa")
     for scaling in (None, LLAMA3_SCALING):
         cos, sin = torch_gqa.compute_rope_params(8, theta_base=500_000.0, context_length=40, freq_config=scaling)
         ours = programs.compute_rope_params(8, 500_000.0, 40, scaling)

@@ -11,7 +11,8 @@ import jaxattn
 from tests.bounds import check_layer
 
 torch = pytest.importorskip("torch")
-from crosscheck import port, torch_ref  # noqa: E402 - needs torch
+from crosscheck.porting import port  # noqa: E402 - needs torch
+from crosscheck.references import torch_ref
 
 # Flax against torch in float32: two summation orders, compared within the derived bound of the layer
 # (tests/bounds.py: jaxattn.tolerance.projected_attention_bound on the ported kernels).

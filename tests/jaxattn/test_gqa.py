@@ -1,4 +1,4 @@
-"""GroupedQueryAttention against the book's Llama 3 and Qwen3 classes (crosscheck/torch_gqa.py, llms-from-scratch 1.0.19)."""
+"""GroupedQueryAttention against the book's Llama 3 and Qwen3 classes (crosscheck/references/torch_gqa.py, llms-from-scratch 1.0.19)."""
 
 import functools
 
@@ -13,7 +13,7 @@ from jaxattn.tolerance import reference_bound
 from tests.bounds import chain_length, check_layer, layer64, layer_grads64
 
 torch = pytest.importorskip("torch")
-torch_gqa = pytest.importorskip("crosscheck.torch_gqa")
+torch_gqa = pytest.importorskip("crosscheck.references.torch_gqa")
 
 HIGHEST = functools.partial(jax.default_matmul_precision, "highest")
 # ring needs a mesh (tests/jaxattn/test_ring.py); flash and cudnn run on a GPU only and refuse masks

@@ -1,4 +1,4 @@
-"""RoPE and RMS-norm against the book's torch code (llms-from-scratch 1.0.19, in crosscheck/torch_gqa.py)."""
+"""RoPE and RMS-norm against the book's torch code (llms-from-scratch 1.0.19, in crosscheck/references/torch_gqa.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ from jaxattn.tolerance import gamma
 from tests.bounds import rope_error, trig_error
 
 torch = pytest.importorskip("torch")
-torch_gqa = pytest.importorskip("crosscheck.torch_gqa")
+torch_gqa = pytest.importorskip("crosscheck.references.torch_gqa")
 
 LLAMA32_FREQ = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 8192}
 SMALL_FREQ = {"factor": 13.0, "low_freq_factor": 3.0, "high_freq_factor": 6.0, "original_context_length": 100}

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from crosscheck import port as flax_port
-from crosscheck import registry
 from crosscheck.config import AttnConfig
 from crosscheck.errors import PortError
+from crosscheck.porting import port as flax_port
 from crosscheck.tt import host_model as ttnn
 from crosscheck.tt.port import ParameterDict, preprocess_parameters, tree_path
+from crosscheck.variants import registry
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch reference needs torch")
 
-from crosscheck import registry  # noqa: E402
 from crosscheck.config import AttnConfig  # noqa: E402
 from crosscheck.errors import BadInputError  # noqa: E402
 from crosscheck.seed import INPUTS  # noqa: E402
 from crosscheck.tt import TTNN_BF16_TOLERANCE, host_model, programs, runtime  # noqa: E402
+from crosscheck.variants import registry  # noqa: E402
 
 
 def pcc(a, b) -> float:

@@ -7,11 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from crosscheck import registry
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
 from crosscheck.seed import INPUTS
 from crosscheck.tt import host_model, runtime
+from crosscheck.variants import registry
 
 HAS_DEVICE, DEVICE_REASON = runtime.detect_device()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -81,7 +81,7 @@ def test_package_imports_without_torch_or_jax():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['jax'] = None; sys.modules['flax'] = None\n"
         "from crosscheck.tt import runtime, programs, port, host_model\n"
-        "from crosscheck import registry\n"
+        "from crosscheck.variants import registry\n"
         "from crosscheck.config import AttnConfig\n"
         "from crosscheck.seed import INPUTS\n"
         "v = registry.get('SimplifiedSelfAttention')\n"

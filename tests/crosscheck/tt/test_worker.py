@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crosscheck import bundle as bd
-from crosscheck import registry
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
+from crosscheck.porting import bundle as bd
 from crosscheck.tt import worker
+from crosscheck.variants import registry
 from tests.bounds import case_layer, check_layer
 
 torch = pytest.importorskip("torch", reason="the torch reference needs torch")

@@ -1,0 +1,141 @@
+"""``crosscheck --devices N --shard batch|heads|sequence``: the Flax backend split over N devices.
+
+The sharded Flax output is compared with torch as every Flax output is, and one more row
+compares it with the same module on one device (reference ``"flax 1 device"``, float32
+bound 1e-6 x max(1, max|ref|), ``compare.POLICY[("flax sharded", "float32")]``). The split
+is :func:`jaxattn.sharding.shard`: which modes a variant takes is its registry entry's
+``shard_modes``. JAX is imported inside the functions, after the CLI has set the device
+count (:mod:`crosscheck.pipeline.devices`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from crosscheck.errors import BadInputError
+from crosscheck.pipeline import compare as cmp
+from crosscheck.pipeline import flax_runner
+from crosscheck.pipeline.results import Result, result_of
+
+MODES = ("batch", "heads", "sequence")
+#: The reference of the extra row, as the report shows it.
+ONE_DEVICE = "flax 1 device"
+
+
+def check_request(
+    cases: Sequence,
+    *,
+    devices: int | None,
+    shard: str | None,
+    backends: Sequence[str],
+    attention_impl: str | None,
+    others: Sequence[tuple[str, bool]] = (),
+) -> None:
+    """Refuse, naming the numbers, every combination the split cannot serve; ``None``/``None`` is no split.
+
+    ``others``: ``(flag, given)`` of the checks that replace the forward run (``--decode``, ...).
+    """
+    if shard is None and devices is None:
+        return
+    if shard is None:
+        raise BadInputError(f"--devices {devices} needs --shard {'|'.join(MODES)} (how to split the Flax run)")
+    if devices is None:
+        raise BadInputError(f"--shard {shard} needs --devices N (how many devices to split over)")
+    if shard not in MODES:
+        raise BadInputError(f"--shard must be one of {', '.join(MODES)}; got {shard!r}")
+    from crosscheck.pipeline.devices import check_device_count, check_limit, check_split
+
+    check_limit(int(devices))
+    for flag, given in others:
+        if given:
+            raise BadInputError(f"--shard checks the forward pass; it cannot be combined with {flag}")
+    if "flax" not in backends:
+        raise BadInputError("--shard splits the Flax backend: add flax to --backends")
+    if shard == "sequence" and attention_impl not in (None, "auto", "ring"):
+        raise BadInputError(
+            f"--shard sequence runs attention as ring attention; --attention-impl {attention_impl} "
+            "cannot be combined with it"
+        )
+    for case in cases:
+        variant, cfg = case.variant, case.config
+        if shard not in variant.shard_modes:
+            takes = ", ".join(variant.shard_modes) or "none (its input has no batch axis)"
+            raise BadInputError(f"{variant.name} cannot be split by {shard}; its shard modes: {takes}")
+        shape = case.x.shape  # (batch, tokens, d_in): every variant with a shard mode takes a batch
+        check_split(int(devices), shard, batch=shape[0] if len(shape) == 3 else 1, tokens=shape[-2])
+        if shard == "heads":
+            for field in ("num_heads", "num_kv_groups"):
+                count = getattr(cfg, field, None)
+                if field in variant.fields and count is not None and count % devices:
+                    raise BadInputError(
+                        f"--shard heads: {variant.name} has {field}={count}, not divisible by --devices {devices}"
+                    )
+    check_device_count(int(devices))  # after the checks above: it starts JAX
+
+
+def _module_call(case, dtype: str, attention_impl: str | None):
+    """``(module, variables, input, keyword arguments)`` of ``case`` as :func:`flax_runner.run_flax` runs it."""
+    import jax.numpy as jnp
+
+    module, variables, kwargs = flax_runner._prepare(case.variant, case.config, case.state_dict, dtype, attention_impl)
+    if case.attention_mask is not None:
+        kwargs["attention_mask"] = jnp.asarray(case.attention_mask, dtype=jnp.bool_)
+    return module, variables, jnp.asarray(case.x, dtype=flax_runner._jax_dtype(dtype)), kwargs
+
+
+def sharded_output(case, dtype: str, attention_impl: str | None, devices: int, shard: str) -> np.ndarray:
+    """``case``'s Flax module split over ``devices`` devices in mode ``shard``.
+
+    Jitted, its matmuls at ``highest`` precision for float32.
+    """
+    import jax
+
+    from jaxattn import sharding
+
+    module, variables, x, kwargs = _module_call(case, dtype, None if shard == "sequence" else attention_impl)
+    mask = kwargs.pop("attention_mask", None)
+    split = sharding.shard(module, sharding.make_mesh(devices), shard)
+    with jax.default_matmul_precision(flax_runner.matmul_precision(dtype)):
+        out = split.apply(variables, x, attention_mask=mask, **kwargs)
+    return np.asarray(jax.device_get(out))
+
+
+def where(devices: int, shard: str) -> str:
+    """How the sharded rows name where they ran: ``cpu x8 sequence``."""
+    return f"{flax_runner.platform()} x{devices} {shard}"
+
+
+def label(result: Result, dtype: str, devices: int, shard: str) -> None:
+    """Mark the Flax-vs-torch ``result`` as sharded.
+
+    Its device says how; ``attention_impl`` says ring in sequence mode.
+    """
+    result.device, result.precision = where(devices, shard), flax_runner.matmul_precision(dtype)
+    if shard == "sequence":
+        result.attention_impl = "ring"
+
+
+def one_device_row(
+    case, dtype: str, attention_impl: str | None, sharded: np.ndarray, devices: int, shard: str
+) -> Result:
+    """The row comparing the sharded output with the same module on one device."""
+    single = flax_runner.run_flax(
+        case.variant,
+        case.config,
+        case.state_dict,
+        case.x,
+        dtype=dtype,
+        attention_impl=attention_impl,
+        attention_mask=case.attention_mask,
+    )
+    tol = cmp.policy_for("flax sharded", dtype) if dtype == "float32" else cmp.policy_for("flax", dtype)
+    result = result_of(case.variant.name, "flax", flax_runner.platform(), dtype, ONE_DEVICE, sharded, single, tol)
+    label(result, dtype, devices, shard)
+    return result
+
+
+def describe(devices: int, shard: str) -> dict:
+    """The JSON ``"sharding"`` record."""
+    return {"mode": shard, "devices": int(devices), "platform": flax_runner.platform()}

@@ -1,0 +1,666 @@
+"""``crosscheck --stages``: every intermediate torch, Flax and ttnn share, compared stage by stage.
+
+A mismatch in the output says *that* a port went wrong; the first stage over its bound says
+*where*. Each backend exposes the same stages, in the book's order:
+
+=================  =============================================================================
+``queries`` ...    ``queries``, ``keys``, ``values`` after the projection, heads split
+``*_normed``       queries and keys after the QK RMSNorm (Qwen3's ``qk_norm``)
+``*_rope``         queries and keys after RoPE (grouped-query attention)
+``scores``         the book's omega, ``queries @ keys.T``: before the mask and the ``1/sqrt(d)``
+``weights``        the attention weights after the mask, the scale and the softmax
+``context``        the context vectors, heads split, before ``out_proj`` / the head concat
+``output``         what the layer returns (after ``out_proj`` where it has one)
+=================  =============================================================================
+
+Where they come from:
+
+* torch: a functional re-run of the torch reference module (its own ``nn.Linear``/parameters,
+  the book's ops in the book's order), checked to equal the module's own output before it is used;
+* Flax: ``apply(..., capture_intermediates=True)``: the projections' outputs and what the modules
+  sow (``queries``/``keys``/``values``/``attn_scores``/``attn_weights``/``context_vec``). Variants
+  with a choice of core run the ``naive`` one, the one that has the weights;
+* ttnn: the generic (non-SDPA) program, inside :func:`crosscheck.tt.programs.recording_stages`,
+  which collects what the program :func:`~crosscheck.tt.programs.tap`\\ s.
+
+Layouts are normalised before comparing: heads-first ``(batch, heads, tokens, dim)`` for every
+stage but ``output`` (a missing batch or head axis becomes 1; the wrapper's heads are stacked).
+Bounds: each backend's row of the tolerance table (:func:`crosscheck.pipeline.compare.policy_for`: float32
+for Flax, the variant's bf16 row for ttnn), scaled by the stage's own ``max(1, max|ref|)``; PCC is
+gated at ``output`` only (see :func:`compare_stages`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from crosscheck.errors import BadInputError
+from crosscheck.pipeline import compare as cmp
+from crosscheck.pipeline import flax_runner
+from crosscheck.pipeline.cases import Case
+from crosscheck.porting import port
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
+
+#: Every stage a variant may expose, in the order the layer computes them.
+STAGES = (
+    "queries",
+    "keys",
+    "values",
+    "queries_normed",
+    "keys_normed",
+    "queries_rope",
+    "keys_rope",
+    "scores",
+    "weights",
+    "context",
+    "output",
+)
+#: Backends with stages of their own (torch is the reference).
+BACKENDS = ("flax", "ttnn")
+
+#: A backend's raw stages: name -> arrays (one per head for the wrapper, else one); ``output`` is one array.
+Raw = dict[str, list]
+
+
+# --- layouts ------------------------------------------------------------------------------------
+
+
+def heads_first(a: np.ndarray) -> np.ndarray:
+    """``a`` as ``(batch, heads, tokens, dim)``: ``(T, d)`` -> ``(1, 1, T, d)``, ``(b, T, d)`` -> ``(b, 1, T, d)``."""
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim == 2:
+        return a[None, None]
+    if a.ndim == 3:
+        return a[:, None]
+    if a.ndim == 4:
+        return a
+    raise ValueError(f"a stage must have rank 2..4, got shape {a.shape}")
+
+
+def normalise(raw: Raw) -> dict[str, np.ndarray]:
+    """One array per stage: heads-first, the wrapper's per-head arrays stacked on the heads axis."""
+    out = {}
+    for name, arrays in raw.items():
+        if name == "output":
+            out[name] = np.asarray(arrays[0], dtype=np.float32)
+        else:
+            out[name] = np.concatenate([heads_first(a) for a in arrays], axis=1)
+    return out
+
+
+# --- torch: a functional re-run of the reference module -------------------------------------------
+
+
+def _torch_attention(raw: Raw, q, k, v, *, causal: bool, scaled: bool = True):
+    """The book's attention step without padding; records scores, weights and context; returns the context."""
+    import torch
+
+    attn_scores = q @ k.transpose(-2, -1)  # (..., T, S)
+    masked = attn_scores
+    if causal:
+        hidden = torch.triu(torch.ones(attn_scores.shape[-2:], dtype=torch.bool), diagonal=1)
+        masked = attn_scores.masked_fill(hidden, -torch.inf)
+    attn_weights = torch.softmax(masked / k.shape[-1] ** 0.5 if scaled else masked, dim=-1)
+    context_vec = attn_weights @ v  # (..., T, dv)
+    for name, t in (("scores", attn_scores), ("weights", attn_weights), ("context", context_vec)):
+        raw.setdefault(name, []).append(t)
+    return context_vec
+
+
+def _qkv(raw: Raw, q, k, v):
+    for name, t in (("queries", q), ("keys", k), ("values", v)):
+        raw.setdefault(name, []).append(t)
+    return q, k, v
+
+
+def _split(t, b: int, tokens: int, heads: int):
+    """``(b, T, heads * hd)`` -> ``(b, heads, T, hd)``: the book's ``view(...).transpose(1, 2)``."""
+    return t.view(b, tokens, heads, -1).transpose(1, 2)
+
+
+def _merge(t):
+    """``(b, heads, T, hd)`` -> ``(b, T, heads * hd)``."""
+    b, heads, tokens, hd = t.shape
+    return t.transpose(1, 2).contiguous().view(b, tokens, heads * hd)
+
+
+def _t_simplified(m, x, cfg, raw):
+    return _torch_attention(raw, x, x, x, causal=False, scaled=False)
+
+
+def _t_v1(m, x, cfg, raw):
+    q, k, v = _qkv(raw, x @ m.W_query, x @ m.W_key, x @ m.W_value)
+    return _torch_attention(raw, q, k, v, causal=False)
+
+
+def _t_v2(m, x, cfg, raw):
+    q, k, v = _qkv(raw, m.W_query(x), m.W_key(x), m.W_value(x))
+    return _torch_attention(raw, q, k, v, causal=False)
+
+
+def _t_causal(m, x, cfg, raw):
+    q, k, v = _qkv(raw, m.W_query(x), m.W_key(x), m.W_value(x))  # (b, T, d_out)
+    return _torch_attention(raw, q, k, v, causal=True)
+
+
+def _t_wrapper(m, x, cfg, raw):
+    import torch
+
+    return torch.cat([_t_causal(head, x, cfg, raw) for head in m.heads], dim=-1)  # (b, T, H * d_out)
+
+
+def _t_mha(m, x, cfg, raw):
+    b, tokens, _ = x.shape
+    q, k, v = _qkv(raw, *(_split(p(x), b, tokens, m.num_heads) for p in (m.W_query, m.W_key, m.W_value)))
+    return m.out_proj(_merge(_torch_attention(raw, q, k, v, causal=True)))  # (b, T, d_out)
+
+
+def _t_combined(m, x, cfg, raw):
+    if not hasattr(m, "qkv"):
+        raise _no_torch_stages(m)
+    b, tokens, _ = x.shape
+    qkv = m.qkv(x).view(b, tokens, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)  # (3, b, H, T, hd)
+    q, k, v = _qkv(raw, *qkv.unbind(0))
+    return m.proj(_merge(_torch_attention(raw, q, k, v, causal=True)))
+
+
+def _t_torch_mha(m, x, cfg, raw):
+    import torch.nn.functional as F
+
+    b, tokens, _ = x.shape
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias)  # (b, T, 3E): [q | k | v]
+    q, k, v = _qkv(raw, *(_split(t, b, tokens, m.num_heads) for t in qkv.chunk(3, dim=-1)))
+    return m.out_proj(_merge(_torch_attention(raw, q, k, v, causal=cfg.causal)))
+
+
+def _t_gqa(m, x, cfg, raw):
+    from crosscheck.references.torch_gqa import apply_rope, compute_rope_params
+
+    if not hasattr(m, "W_query"):  # transformers' layers name and run their projections their own way
+        raise _no_torch_stages(m)
+    b, tokens, _ = x.shape
+    heads, groups, hd = m.num_heads, m.num_kv_groups, m.head_dim
+    q, k, v = _qkv(
+        raw,
+        _split(m.W_query(x), b, tokens, heads),
+        _split(m.W_key(x), b, tokens, groups),
+        _split(m.W_value(x), b, tokens, groups),
+    )  # (b, H, T, hd); (b, G, T, hd)
+    if getattr(m, "q_norm", None) is not None:
+        q, k = m.q_norm(q), m.k_norm(k)
+        raw["queries_normed"], raw["keys_normed"] = [q], [k]
+    cos, sin = compute_rope_params(
+        hd, theta_base=cfg.rope_theta, context_length=max(cfg.context_length, tokens), freq_config=cfg.freq_config()
+    )
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    raw["queries_rope"], raw["keys_rope"] = [q], [k]
+    group = heads // groups
+    context_vec = _torch_attention(
+        raw, q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), causal=True
+    )  # (b, H, T, hd)
+    return m.out_proj(_merge(context_vec))
+
+
+def _no_torch_stages(m) -> BadInputError:
+    return BadInputError(
+        f"--stages: no stage breakdown of the torch layer {type(m).__name__} (transformers' layers); stages "
+        "cover the book's chapter-3 classes, nn.MultiheadAttention and the book's GroupedQueryAttention"
+    )
+
+
+#: ``Variant.ttnn_program`` -> the functional re-run of that program's torch reference.
+_TORCH: dict[str, Callable] = {
+    "simplified_self_attention": _t_simplified,
+    "self_attention_v1": _t_v1,
+    "self_attention_v2": _t_v2,
+    "causal_attention": _t_causal,
+    "multi_head_attention_wrapper": _t_wrapper,
+    "multi_head_attention": _t_mha,
+    "multi_head_attention_combined_qkv": _t_combined,
+    "torch_multihead_attention": _t_torch_mha,
+    "grouped_query_attention": _t_gqa,
+}
+
+
+def torch_stages(case: Case) -> Raw:
+    """The torch reference's stages on ``case`` (float32), from a re-run checked against the module's output."""
+    import torch
+
+    rerun = _TORCH.get(case.variant.ttnn_program)
+    if rerun is None:
+        raise _no_torch_stages(case.torch_module)
+    cfg = case.variant.resolve(case.config)
+    raw: Raw = {}
+    with torch.no_grad():
+        x = torch.from_numpy(np.array(case.x, dtype=np.float32))
+        out = rerun(case.torch_module, x, cfg, raw)
+        ref = case.variant.torch_forward(case.torch_module, x, case.config, None)
+    out, ref = out.numpy(), ref.numpy()
+    gap = float(np.max(np.abs(out - ref))) if out.shape == ref.shape else float("inf")
+    if not gap <= 1e-6 * cmp.ref_scale(ref):
+        raise RuntimeError(
+            f"{case.variant.name}: the torch stage re-run gives output {out.shape} that differs from the module's "
+            f"{ref.shape} by {gap:.3g}: the re-run no longer mirrors the reference"
+        )
+    raw = {k: [t.numpy() for t in ts] for k, ts in raw.items()}
+    raw["output"] = [ref]
+    return raw
+
+
+# --- Flax: captured and sown intermediates ----------------------------------------------------------
+
+#: Sown name -> stage (``queries``/``keys``/``values`` are sown as they enter the core).
+_SOWN = {
+    "queries": "queries",
+    "keys": "keys",
+    "values": "values",
+    "attn_scores": "scores",
+    "attn_weights": "weights",
+    "context_vec": "context",
+}
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _collect_sown(tree: Mapping, raw: Raw) -> None:
+    """Depth first, heads in order (``heads_2`` before ``heads_10``): the module's own sows, then its children's."""
+    for key, stage in _SOWN.items():
+        if key in tree:
+            raw.setdefault(stage, []).append(np.asarray(tree[key][0]))
+    for name in sorted((n for n, v in tree.items() if isinstance(v, Mapping)), key=_natural):
+        _collect_sown(tree[name], raw)
+
+
+def _captured(tree: Mapping, name: str) -> np.ndarray | None:
+    sub = tree.get(name)
+    return None if not isinstance(sub, Mapping) or "__call__" not in sub else np.asarray(sub["__call__"][0])
+
+
+def _flax_gqa(tree: Mapping, raw: Raw, cfg) -> None:
+    """Grouped-query attention sows what enters the core: the rotated queries and keys. The projections
+    and norms are the submodules' captured outputs ``(b, T, heads * hd)`` / ``(b, T, heads, hd)``."""
+    raw["queries_rope"], raw["keys_rope"] = raw.pop("queries"), raw.pop("keys")
+    hd = cfg.resolved_head_dim()
+    for stage, sub in (("queries", "W_query"), ("keys", "W_key")):
+        t = _captured(tree, sub)  # (b, T, n * hd)
+        assert t is not None  # the projections' outputs are always captured
+        raw[stage] = [np.swapaxes(t.reshape(*t.shape[:-1], -1, hd), 1, 2)]  # (b, n, T, hd)
+    for stage, sub in (("queries_normed", "q_norm"), ("keys_normed", "k_norm")):
+        t = _captured(tree, sub)
+        if t is not None:
+            raw[stage] = [np.swapaxes(t, 1, 2)]  # (b, T, n, hd) -> (b, n, T, hd)
+
+
+def flax_stages(case: Case, dtype: str = "float32") -> Raw:
+    """The jaxattn module's stages on ``case``: one jitted ``apply`` capturing every intermediate.
+
+    Parameters through ``port.port_variables`` (looked up at call time, as the Flax backend does),
+    matmuls at :func:`crosscheck.pipeline.flax_runner.matmul_precision`.
+    """
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+
+    variant, cfg = case.variant, case.variant.resolve(case.config)
+    module = flax_runner.flax_module(variant, case.config, dtype, "naive" if variant.takes_attention_impl else None)
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(a, dtype=jnp.float32), port.port_variables(variant, case.config, case.state_dict)
+    )
+    kwargs = {"deterministic": True} if "deterministic" in inspect.signature(type(module).__call__).parameters else {}
+    apply = jax.jit(lambda v, x: module.apply(v, x, capture_intermediates=True, mutable=["intermediates"], **kwargs))
+    x = jnp.asarray(case.x, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype])
+    with jax.default_matmul_precision(flax_runner.matmul_precision(dtype)):
+        out, state = apply(variables, x)
+    tree = jax.device_get(state["intermediates"])
+    raw: Raw = {}
+    _collect_sown(tree, raw)
+    if variant.ttnn_program == "grouped_query_attention":
+        _flax_gqa(tree, raw, cfg)
+    if variant.ttnn_program == "simplified_self_attention":
+        for name in ("queries", "keys", "values"):  # x itself: no projection to compare
+            raw.pop(name, None)
+    raw.setdefault("context", [np.asarray(out)])  # sections 3.3-3.4 return the context vectors as they are
+    raw["output"] = [np.asarray(out)]
+    return raw
+
+
+# --- ttnn: the program's taps ----------------------------------------------------------------------
+
+
+def ttnn_stages(cases: Sequence[Case], runtime: str = "auto") -> tuple[dict[str, Raw], dict]:
+    """``({variant: stages}, runtime info)``: each case's generic ttnn program with its taps recorded.
+
+    The SDPA twins fuse scores, weights and context into one op, so the generic program runs
+    whatever head_dim is (its output is what the forward check compares for head_dim % 32 != 0).
+    """
+    from crosscheck.tt import programs
+    from crosscheck.tt import runtime as rt
+
+    found: dict[str, Raw] = {}
+    with rt.open_runtime(runtime) as opened:
+        info = {"name": opened.name, "description": opened.description, "python": None}
+        for case in cases:
+            with programs.recording_stages() as taps:
+                out = rt.run_variant(
+                    opened, case.variant, case.config, case.state_dict, case.x, program=case.variant.ttnn_program
+                )
+                raw = {k: [np.asarray(opened.ttnn.to_torch(t), dtype=np.float32) for t in ts] for k, ts in taps.items()}
+            if case.variant.ttnn_program == "simplified_self_attention":
+                for name in ("queries", "keys", "values"):
+                    raw.pop(name, None)
+            raw["output"] = [np.asarray(out, dtype=np.float32)]
+            found[case.variant.name] = raw
+    return found, info
+
+
+# --- comparing ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageRow:
+    stage: str
+    shape: list[int] | None
+    max_abs_err: float | None
+    bound: float | None  # max_abs x the stage's ref_scale
+    pcc: float | None
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BackendStages:
+    """One variant on one backend: a row per stage, against torch's same stage."""
+
+    backend: str
+    runtime: str
+    dtype: str
+    rows: list[StageRow]
+
+    @property
+    def first_failure(self) -> StageRow | None:
+        return next((r for r in self.rows if not r.passed), None)
+
+    @property
+    def passed(self) -> bool:
+        return self.first_failure is None
+
+    def to_dict(self) -> dict:
+        first = self.first_failure
+        return {
+            "backend": self.backend,
+            "runtime": self.runtime,
+            "dtype": self.dtype,
+            "passed": self.passed,
+            "first_failing_stage": None if first is None else first.stage,
+            "stages": [r.to_dict() for r in self.rows],
+        }
+
+
+@dataclass
+class VariantStages:
+    variant: str
+    #: Normalised arrays per backend (``torch`` included): what ``--plot`` draws.
+    arrays: dict[str, dict[str, np.ndarray]]
+    backends: list[BackendStages]
+    #: The tolerance of each backend's output (``--plot``'s summary): ``{backend: (max_abs_err, bound)}``.
+    output_error: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class StagesReport:
+    variants: list[VariantStages]
+    input: dict
+    weights: str
+    ttnn_runtime: dict | None
+    labels: list[str]  # one per token: the seed sentence's words, else indices
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(b.passed for v in self.variants for b in v.backends)
+
+    @property
+    def failing_variants(self) -> list[str]:
+        return [v.variant for v in self.variants if not all(b.passed for b in v.backends)]
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "mode": {"check": "stages"},
+            "failing_variants": self.failing_variants,
+            "input": self.input,
+            "weights": self.weights,
+            "ttnn_runtime": self.ttnn_runtime,
+            "tokens": self.labels,
+            "stages": [{"variant": v.variant, "backends": [b.to_dict() for b in v.backends]} for v in self.variants],
+            "seconds": self.seconds,
+        }
+
+
+def compare_stages(
+    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], tol: cmp.Tolerance, dtype: str
+) -> list[StageRow]:
+    """A row per stage of ``reference`` (in :data:`STAGES` order); a stage the candidate lacks fails.
+
+    Every stage is held to ``tol``'s abs and rel bounds; PCC only at ``output`` (as the forward check
+    does). Inside the layer PCC is ill-conditioned: an almost uniform softmax (SelfAttentionV2 on the
+    seed sentence: every weight ~1/6) has almost no variance to correlate, and ttnn's bf16 weights read
+    PCC 0.9987 there at a max abs error of 4.6e-4, 1/68 of the bound.
+    """
+    rows = []
+    inner = replace(tol, min_pcc=None)
+    for stage in (s for s in STAGES if s in reference):
+        if stage not in candidate:
+            rows.append(StageRow(stage, None, None, None, None, False, [f"stage {stage} not exposed by this backend"]))
+            continue
+        c = cmp.compare(candidate[stage], reference[stage], tol if stage == "output" else inner, computed_in=dtype)
+        m = c.metrics
+        rows.append(
+            StageRow(
+                stage,
+                list(c.shape),
+                None if m is None else m.max_abs_err,
+                None if m is None or tol.max_abs is None else tol.max_abs * m.ref_scale,
+                None if m is None else m.pcc,
+                c.passed,
+                list(c.failures),
+            )
+        )
+    return rows
+
+
+def token_labels(inputs: Any, tokens: int) -> list[str]:
+    """The seed sentence's words for the default input, else ``0 .. tokens-1``."""
+    from crosscheck import seed
+
+    if inputs is None and tokens == len(seed.TOKENS):
+        return list(seed.TOKENS)
+    return [str(i) for i in range(tokens)]
+
+
+def run(
+    variants: Iterable[str] | None = None,
+    *,
+    weights: str | os.PathLike | Mapping[str, Any] | None = None,
+    inputs: Any = None,
+    backends: Sequence[str] = ("torch", "flax", "ttnn"),
+    ttnn_runtime: str = "auto",
+    dtype: str = "float32",
+    prefix: str = "",
+    model_config: Any = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    **overrides,
+) -> StagesReport:
+    """Every stage of every variant on Flax and ttnn against torch's (see the module docstring).
+
+    Takes :func:`crosscheck.pipeline.engine.run`'s case options; torch is always the reference, so
+    ``backends`` only says which of flax and ttnn run. Padding, decoding and another interpreter's
+    ttnn are not staged (they are checks of their own).
+    """
+    from crosscheck.pipeline import engine
+    from crosscheck.pipeline.backends import check_ttnn_available
+
+    t0 = time.perf_counter()
+    chosen = engine._check_choices(backends, dtype, ttnn_runtime)
+    staged = [b for b in BACKENDS if b in chosen]
+    if not staged:
+        raise BadInputError("--stages compares flax and/or ttnn with torch: add flax or ttnn to --backends")
+    if "ttnn" in staged:
+        check_ttnn_available(ttnn_runtime, None)
+    cases, data, weights_desc = engine.build_cases(
+        variants,
+        weights=weights,
+        inputs=inputs,
+        overrides={k: v for k, v in overrides.items() if v is not None},
+        prefix=prefix,
+        model_config=model_config,
+    )
+    for case in cases:
+        if case.variant.ttnn_program not in _TORCH:
+            raise _no_torch_stages(case.torch_module)
+    total, done = len(cases) * (1 + len(staged)), 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, what)
+
+    torch_raw, flax_raw = {}, {}
+    for case in cases:
+        torch_raw[case.variant.name] = torch_stages(case)
+        step(f"torch stages {case.variant.name}")
+        if "flax" in staged:
+            flax_raw[case.variant.name] = flax_stages(case, dtype)
+            step(f"flax stages {case.variant.name}")
+    ttnn_raw: dict[str, Raw] = {}
+    info = None
+    if "ttnn" in staged:
+        ttnn_raw, info = ttnn_stages(cases, ttnn_runtime)
+        for case in cases:
+            step(f"ttnn stages {case.variant.name}")
+    out = []
+    for case in cases:
+        name = case.variant.name
+        ref = normalise(torch_raw[name])
+        arrays = {"torch": ref}
+        rows, errors = [], {}
+        for backend, raw, bdtype, where in (
+            ("flax", flax_raw.get(name), dtype, flax_runner.platform() if "flax" in staged else ""),
+            ("ttnn", ttnn_raw.get(name), "bfloat16", (info or {}).get("name", "")),
+        ):
+            if raw is None:
+                continue
+            tol = cmp.policy_for(backend, bdtype, name)
+            arrays[backend] = normalise(raw)
+            b = BackendStages(backend, where, bdtype, compare_stages(ref, arrays[backend], tol, bdtype))
+            rows.append(b)
+            last = b.rows[-1]
+            errors[backend] = (
+                float("inf") if last.max_abs_err is None else last.max_abs_err,
+                float("nan") if last.bound is None else last.bound,
+            )
+        out.append(VariantStages(name, arrays, rows, errors))
+    tokens = cases[0].x.shape[-2] if cases else 0
+    return StagesReport(
+        out, data.describe(), weights_desc, info, token_labels(inputs, tokens), time.perf_counter() - t0
+    )
+
+
+# --- views -------------------------------------------------------------------------------------------
+
+
+def _label(b: BackendStages) -> str:
+    if b.backend == "ttnn":
+        return {"host": "ttnn (host model)", "device": "ttnn (device)"}.get(b.runtime, f"ttnn ({b.runtime})")
+    return f"{b.backend} ({b.runtime}, {b.dtype})"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else ("inf" if np.isinf(x) else f"{x:.2e}")
+
+
+def render(report: StagesReport, console, *, quiet: bool = False) -> None:
+    """A table per variant (a row per stage and backend), then each backend's first stage over its bound."""
+    from rich import box
+    from rich.table import Table
+
+    if not quiet:
+        console.print(
+            f"[bold]crosscheck --stages[/bold]  input: {report.input.get('description', report.input.get('source'))}"
+        )
+        console.print(f"weights: {report.weights}")
+        if report.ttnn_runtime:
+            console.print(
+                f"ttnn runtime: {report.ttnn_runtime.get('name')} - {report.ttnn_runtime.get('description')}"
+                " (generic program: scores and weights are separate ops)"
+            )
+        table = Table(box=box.SIMPLE_HEAVY, header_style="bold")
+        columns: tuple[tuple[str, JustifyMethod], ...] = (
+            ("variant", "left"),
+            ("backend", "left"),
+            ("stage", "left"),
+            ("shape", "left"),
+            ("max abs err", "right"),
+            ("bound", "right"),
+            ("PCC", "right"),
+            ("", "left"),
+        )
+        for col, justify in columns:
+            table.add_column(col, justify=justify, no_wrap=True)
+        for i, v in enumerate(report.variants):
+            if i:
+                table.add_section()
+            first = True
+            for b in v.backends:
+                for r in b.rows:
+                    verdict = "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]"
+                    table.add_row(
+                        v.variant if first else "",
+                        _label(b),
+                        r.stage,
+                        "x".join(map(str, r.shape or [])),
+                        _num(r.max_abs_err),
+                        _num(r.bound),
+                        "-" if r.pcc is None else f"{r.pcc:.6f}",
+                        verdict,
+                    )
+                    first = False
+        console.print(table)
+    for v in report.variants:
+        for b in v.backends:
+            failure = b.first_failure
+            if failure is not None:
+                why = "; ".join(failure.failures)
+                console.print(
+                    f"[red]FAIL[/red] {v.variant} / {_label(b)}: first stage over its bound: "
+                    f"[bold]{failure.stage}[/bold] ({why})",
+                    highlight=False,
+                )
+    n = sum(len(v.backends) for v in report.variants)
+    if report.passed:
+        console.print(
+            f"[green]every stage of {len(report.variants)} variant(s) within its bound[/green] "
+            f"({n} backend rows) in {report.seconds:.1f} s"
+        )
+    else:
+        bad = sum(not b.passed for v in report.variants for b in v.backends)
+        console.print(
+            f"[bold red]{bad} of {n} backend rows have a stage over its bound[/bold red]: "
+            f"{', '.join(report.failing_variants)}"
+        )
