@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    builds .venv and runs the main job (`crosscheck` on the seed sentence)
-#   make test   builds .venv (and .venv-ttnn with the real ttnn), lints and type-checks, runs every test and
-#               checks the built wheel in a clean environment
+#   make test   builds .venv (and .venv-ttnn with the real ttnn), lints and type-checks, builds the docs site
+#               (strict), runs every test and checks the built wheel in a clean environment
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,14 +22,14 @@ TTNN_BASE_PYTHON ?= $(shell \
 	if PYENV_VERSION=3.12.1 pyenv which python >/dev/null 2>&1; then PYENV_VERSION=3.12.1 pyenv which python; \
 	elif python3.12 -c pass >/dev/null 2>&1; then python3.12 -c 'import sys; print(sys.executable)'; fi)
 
-.PHONY: run test lint test-main test-xla-optimized test-oldest-and-package test-conformance test-package venv venv-ttnn clean
+.PHONY: run test lint docs test-main test-xla-optimized test-oldest-and-package test-conformance test-package venv venv-ttnn clean
 
 venv: $(VENV)/.installed
 
 # torch==2.13.0 comes from constraints.txt: the local CPU build, never CUDA wheels.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[crosscheck,test,bench,hf,plot]'
+	$(VENV)/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[crosscheck,test,bench,hf,plot,docs,equinox]'
 	touch $@
 
 venv-ttnn: $(TTNN_VENV)/.installed
@@ -50,10 +50,12 @@ $(TTNN_VENV)/.installed: pyproject.toml Makefile
 run: $(VENV)/.installed
 	$(VENV)/bin/crosscheck
 
-# Lint and types first, failing fast; then the three test parts always run, and the target fails if any did.
+# Lint and types, then the docs site, failing fast; then the three test parts always run, and the target fails
+# if any did.
 # Each part prints its wall time (`time`), so a slow part shows in CI's log.
 test: $(VENV)/.installed $(TTNN_VENV)/.installed
 	@$(MAKE) --no-print-directory lint
+	@$(MAKE) --no-print-directory docs
 	@status=0; \
 	$(MAKE) --no-print-directory test-main || status=1; \
 	$(MAKE) --no-print-directory -k -j2 --output-sync=target test-xla-optimized test-oldest-and-package || status=1; \
@@ -73,6 +75,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
+
+# The documentation site (mkdocs.yml, docs/): --strict turns every warning (a broken link, a docstring the API
+# reference cannot parse) into a failure. The site goes to $(SITE_DIR), ignored by git.
+SITE_DIR ?= site
+docs: $(VENV)/.installed
+	time NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $(SITE_DIR)
 
 # pytest-xdist: TEST_WORKERS processes share the tests (2: this project's 2-core CI machine).
 # `make test TEST_WORKERS=0` runs in one process.
@@ -107,4 +115,4 @@ test-package: $(VENV)/.installed
 	time tools/package_check.sh $(abspath $(VENV))/bin/python $(PACKAGE_CHECK_DIR)
 
 clean:
-	rm -rf $(VENV) $(TTNN_VENV) $(PACKAGE_CHECK_DIR) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(TTNN_VENV) $(PACKAGE_CHECK_DIR) $(SITE_DIR) .pytest_cache .hypothesis

@@ -5,6 +5,7 @@ Depends on JAX and Flax only. Layers, bottom up:
 * :mod:`jaxattn.ops` and :mod:`jaxattn.masks`: array primitives and mask conventions;
 * :mod:`jaxattn.kernels`: one file per attention kernel (naive, blockwise, xla), arrays only;
 * :mod:`jaxattn.implementations`: the open table of kernels and what each supports;
+  :mod:`jaxattn.sharding` (a mesh, shard modes) adds its ``ring`` row;
 * :func:`dot_product_attention` (:mod:`jaxattn.attention`): the one attention core,
   ``jax.nn.dot_product_attention``'s signature plus ``q_offset``; :mod:`jaxattn.core`
   gathers the functional core in one import;
@@ -15,7 +16,7 @@ Depends on JAX and Flax only. Layers, bottom up:
   over the same math functions.
 """
 
-from jaxattn import core, implementations, masks, tolerance
+from jaxattn import core, implementations, masks, sharding, tolerance  # sharding registers the "ring" row
 from jaxattn.attention import dot_product_attention
 from jaxattn.base import AttentionModule
 from jaxattn.causal import CausalAttention, MultiHeadAttentionWrapper
@@ -44,6 +45,7 @@ __all__ = [cls.__name__ for cls in VARIANTS] + [
     "dot_product_attention",
     "implementations",
     "masks",
+    "sharding",
     "tolerance",
     "GroupedQueryAttention",  # beyond chapter 3, so not in VARIANTS
 ]

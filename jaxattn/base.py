@@ -32,6 +32,7 @@ from jax import lax
 from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
+from jaxattn import implementations
 from jaxattn.attention import attention_with_weights, dot_product_attention
 from jaxattn.checks import check_at_run_time, check_input, check_rate, check_sizes, mark_range
 from jaxattn.masks import make_offset_causal_mask
@@ -53,8 +54,9 @@ class AttentionModule(nn.Module):
     :func:`jaxattn.dot_product_attention`, uses ``attention_impl`` (``"auto"`` or a
     name from :func:`jaxattn.implementations.names`) and sows ``attn_weights`` when
     the chosen implementation has them. With dropout active (``deterministic=False``,
-    rate > 0) the default runs the naive kernel, whose dropout on the weights is the
-    book's; a custom ``attention_fn`` then also receives ``dropout_rate`` and
+    rate > 0) the default runs the table's dropout implementation
+    (:func:`jaxattn.implementations.for_dropout`: naive, whose dropout on the weights is the
+    book's); a custom ``attention_fn`` then also receives ``dropout_rate`` and
     ``dropout_rng`` (Flax's names).
     """
 
@@ -241,8 +243,8 @@ def check_cache_length(owner: str, max_tokens: int, context_length: int | None) 
 def check_dropout_supported(owner: str, attention_impl: str, rate: float) -> None:
     """Refuse active dropout where the chosen implementation is ring attention.
 
-    With dropout active the default core otherwise runs the naive kernel (the only one that forms the
-    weights dropout acts on); for ``"ring"`` that would gather the whole sequence on every device,
+    With dropout active the default core otherwise runs :func:`jaxattn.implementations.for_dropout` (one
+    that forms the weights dropout acts on); for ``"ring"`` that would gather the whole sequence on every device,
     the opposite of what sequence sharding is for, so it is refused on every path (Linen, NNX,
     ``shard(...).apply`` and ``.call``, under ``jit`` or not).
     """
@@ -319,13 +321,14 @@ def call_attention(
     """``(context_vec, attn_weights or None)``: the attention call every multi-head shell makes.
 
     ``key_mask``: ``(batch, kv_tokens)``, True = a real key. ``dropout_rate > 0`` means dropout is
-    active (then the default core runs the naive kernel, whose dropout is the book's). ``precision`` is
-    passed on only when set, so ``jax.nn.dot_product_attention`` still works as ``attention_fn``.
+    active (then the default core runs :func:`jaxattn.implementations.for_dropout`, whose dropout is the
+    book's). ``precision`` is passed on only when set, so ``jax.nn.dot_product_attention`` still works as
+    ``attention_fn``.
     """
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (b, 1, 1, S)
     extra: dict[str, Any] = {} if precision is None else {"precision": precision}
     if attention_fn is dot_product_attention:
-        implementation = "naive" if dropout_rate > 0.0 else (None if attention_impl == "auto" else attention_impl)
+        implementation = implementations.requested(attention_impl, dropout=dropout_rate > 0.0)
         return attention_with_weights(
             queries,
             keys,

@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
@@ -33,11 +31,7 @@ from jaxattn.ops import (
 )
 from jaxattn.rope import apply_rope, compute_rope_params, freq_config_from_rope_scaling
 
-#: ``"auto"`` or a registered implementation name (:func:`jaxattn.implementations.names`).
-AttentionImpl = Literal["naive", "blockwise", "xla", "auto"]
-
 __all__ = [
-    "AttentionImpl",
     "apply_rope",
     "attention_scores",
     "attention_weights",
@@ -96,8 +90,9 @@ def causal_attention(
 
     ``impl`` is ``"auto"`` or a registered implementation (``"naive"``,
     ``"blockwise"``, ``"xla"``, ...). With dropout active (``deterministic=False``
-    and ``dropout_rate > 0``) the naive kernel runs whatever ``impl`` says, so the
-    dropout draw is the book's (on the full weights, inverted scaling).
+    and ``dropout_rate > 0``) the table's dropout implementation runs whatever ``impl``
+    says (:func:`jaxattn.implementations.requested`), so the dropout draw is the book's
+    (on the full weights, inverted scaling).
     ``softmax_dtype`` must be float32 or wider: the core's softmax runs in
     ``promote_types(dtype, float32)``.
 
@@ -121,7 +116,7 @@ def causal_attention(
         one_head(value),
         scale=scale,
         is_causal=True,
-        implementation="naive" if dropout_active else (None if impl == "auto" else impl),
+        implementation=implementations.requested(impl, dropout=dropout_active),
         dropout_rate=dropout_rate if dropout_active else 0.0,
         dropout_rng=dropout_rng,
     )  # (n, T, 1, dv), (n, 1, T, T) or None

@@ -9,7 +9,8 @@ serve a call raises ``ValueError`` with the implementation and the reason.
 
 Built in: ``naive``, ``blockwise``, ``xla`` (every platform), ``flash`` and ``cudnn`` (GPU only;
 on another backend naming them raises a ``ValueError`` that names the backend). More register with :func:`register`
-(the GPU kernels and ring attention will), without touching the dispatcher:
+without touching the dispatcher; :mod:`jaxattn.sharding` registers ``ring`` (whose mesh is its context), and
+``import jaxattn`` imports it:
 
     from jaxattn import implementations
     implementations.register(implementations.Implementation("mine", my_kernel, platforms=("gpu",)))
@@ -150,6 +151,28 @@ def get(name: str) -> Implementation:
         ) from None
 
 
+def for_dropout() -> str:
+    """The implementation that runs a call with active dropout: the first registered one that takes it.
+
+    Built in, ``naive``: it forms the full weights dropout acts on (the book's draw, inverted scaling).
+    """
+    for implementation in _TABLE.values():
+        if implementation.dropout:
+            return implementation.name
+    raise ValueError(f"no registered attention implementation takes dropout; known: {', '.join(_TABLE)}")
+
+
+def requested(name: str, *, dropout: bool) -> str | None:
+    """The ``implementation=`` a layer asks the core for when its ``attention_impl`` is ``name``.
+
+    With dropout active, :func:`for_dropout` whatever ``name`` says (the draw is then the same from
+    every setting); otherwise ``name``, ``None`` for ``"auto"``.
+    """
+    if dropout:
+        return for_dropout()
+    return None if name == "auto" else name
+
+
 def select(name: str | None, call: Call) -> Implementation:
     """The implementation for ``call``: ``name`` if it can serve it, else the best ``auto`` choice."""
     if name is not None and name != "auto":
@@ -194,7 +217,7 @@ def _fits(call: Call) -> bool:
 
 
 def _auto_naive(call: Call) -> float | None:
-    if call.platform != "gpu" or call.dropout or _fits(call):  # dropout: naive is the only one
+    if call.platform != "gpu" or call.dropout or _fits(call):  # dropout: the GPU kernels refuse it
         return 1.0
     return None
 
@@ -284,20 +307,5 @@ register(
         platforms=("gpu",),
         auto=_auto_gpu(5.0),
         check=lambda call: cudnn.refusal(call.head_dim, call.value_head_dim),
-    )
-)
-
-# --- ring attention: the mesh comes from jaxattn.sharding.ring_mesh, never chosen by "auto" ---
-from jaxattn.sharding import ring_kernel, ring_refusal  # noqa: E402  (below the table it registers into)
-
-register(
-    Implementation(
-        "ring",
-        ring_kernel,
-        summary="ring attention over a mesh axis (shard_map + ppermute, zig-zag token order), O(T / devices) per "
-        "device; needs jaxattn.sharding.ring_mesh or shard(..., 'sequence')",
-        q_offset=False,
-        mixed_dtypes=False,
-        check=ring_refusal,
     )
 )

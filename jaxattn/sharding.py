@@ -35,8 +35,10 @@ projections too. ``model.init`` is untouched: it still returns plain arrays;
 :func:`logical_axes` (or :func:`boxed` for ``nn.LogicallyPartitioned`` leaves) gives
 the annotations separately.
 
-The ``"ring"`` implementation of :func:`jaxattn.dot_product_attention` takes its
-mesh from :func:`ring_mesh`, a context around the *tracing* of the call;
+The ``"ring"`` implementation of :func:`jaxattn.dot_product_attention` is registered here (its row
+of :mod:`jaxattn.implementations`; ``import jaxattn`` imports this module). Its kernel,
+:func:`jaxattn.kernels.ring.ring_attention`, takes the mesh as an argument: :func:`ring_kernel` passes
+it the mesh of :func:`ring_mesh`, a context around the *tracing* of the call;
 :meth:`Sharded.apply` enters it for you. Under your own ``jax.jit``, enter it inside
 the jitted function (a context around a cached jitted call is not seen again).
 """
@@ -47,7 +49,6 @@ import contextlib
 import contextvars
 import functools
 import math
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -58,6 +59,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
+from jaxattn import implementations
+from jaxattn.attention import dot_product_attention
 from jaxattn.checks import check_sizes
 from jaxattn.kernels.ring import ring_attention
 
@@ -237,6 +240,20 @@ def ring_kernel(
     return out, None
 
 
+#: The ``"ring"`` row of the table: registered here, where its mesh context lives; never chosen by "auto".
+implementations.register(
+    implementations.Implementation(
+        "ring",
+        ring_kernel,
+        summary="ring attention over a mesh axis (shard_map + ppermute, zig-zag token order), O(T / devices) per "
+        "device; needs jaxattn.sharding.ring_mesh or shard(..., 'sequence')",
+        q_offset=False,
+        mixed_dtypes=False,
+        check=ring_refusal,
+    )
+)
+
+
 # --- the module wrapper ----------------------------------------------------------------------------
 
 
@@ -297,10 +314,7 @@ class Sharded:
                     f"shard mode 'sequence' runs attention as ring attention: {type(module).__name__} has no "
                     "attention_impl (its attention core is fixed)"
                 )
-            # Looked up, not imported: jaxattn.attention -> implementations -> sharding (the ring row) would be
-            # an import circle. A module whose attention_fn is the default has loaded jaxattn.attention.
-            default = getattr(sys.modules.get("jaxattn.attention"), "dot_product_attention", None)
-            if module.attention_fn is not default:
+            if module.attention_fn is not dot_product_attention:
                 raise ValueError(
                     f"shard mode 'sequence' runs attention as ring attention: {type(module).__name__} has its own "
                     f"attention_fn ({getattr(module.attention_fn, '__name__', module.attention_fn)!r}), which "

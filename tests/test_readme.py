@@ -1,23 +1,37 @@
-"""The README's Python examples run as written (so the API tour cannot rot)."""
+"""The Python examples of the README and of every docs page run as written (so neither can rot).
+
+Only ```python blocks run; output and shell sessions are ```text, ```console or ```bash, and an example that
+needs a GPU or a Tenstorrent device is not written as a ```python block.
+"""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def python_blocks():
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+EXAMPLES = [(page, index) for page in PAGES for index in range(len(python_blocks(page)))]
 
 
 def test_readme_has_examples():
-    assert len(python_blocks()) >= 2
+    assert len(python_blocks(ROOT / "README.md")) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(python_blocks())))
-def test_readme_example_runs(index, tmp_path, monkeypatch):
+def test_docs_pages_exist():
+    assert len(PAGES) > 1, "no docs/*.md pages found"
+
+
+@pytest.mark.parametrize(
+    ("page", "index"), EXAMPLES, ids=[f"{page.relative_to(ROOT)}[{index}]" for page, index in EXAMPLES]
+)
+def test_example_runs(page, index, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
     from crosscheck.porting import port
@@ -26,4 +40,5 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     # The porting example loads "weights.safetensors" from the working directory.
     port.save_file(torch_ref.MultiHeadAttention(3, 2, 6, 0.0, 2).state_dict(), tmp_path / "weights.safetensors")
     namespace: dict = {}
-    exec(compile(python_blocks()[index], f"README.md[python block {index}]", "exec"), namespace)
+    name = f"{page.relative_to(ROOT)}[python block {index}]"
+    exec(compile(python_blocks(page)[index], name, "exec"), namespace)

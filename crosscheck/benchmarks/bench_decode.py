@@ -32,9 +32,17 @@ from crosscheck.benchmarks import bench_models
 from crosscheck.errors import BadInputError
 from crosscheck.pipeline import placement
 
-JAX_DECODE_IMPLS = ("jax-naive", "jax-xla", "jax-blockwise", "jax-auto")
 TORCH_DECODE_IMPL = "torch-book-cache"
-DEFAULT_DECODE_IMPLS = ("jax-naive", "jax-xla", "jax-auto", TORCH_DECODE_IMPL)
+
+
+def jax_decode_impls() -> tuple[str, ...]:
+    """``jax-<kernel>`` for each kernel serving a decode step (:func:`bench_models.decode_kernels`), ``jax-auto``."""
+    return (*(f"jax-{name}" for name in bench_models.decode_kernels()), "jax-auto")
+
+
+def default_decode_impls() -> tuple[str, ...]:
+    """The rows without ``--impls``: the kernels holding one query's scores whole, ``jax-auto`` and torch's."""
+    return (*(f"jax-{name}" for name in bench_models.decode_default_kernels()), "jax-auto", TORCH_DECODE_IMPL)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _impls(args: argparse.Namespace) -> list[str]:
     if not args.impls:
-        return list(DEFAULT_DECODE_IMPLS)
+        return list(default_decode_impls())
     chosen = [i for group in args.impls for i in (group if isinstance(group, list) else [group])]
-    known = (*JAX_DECODE_IMPLS, TORCH_DECODE_IMPL)
+    known = (*jax_decode_impls(), TORCH_DECODE_IMPL)
     bad = [i for i in chosen if i not in known]
     if bad:
         raise BadInputError(f"--impls with --decode: unknown {', '.join(bad)}; choose from {', '.join(known)}")
@@ -100,7 +108,7 @@ class _JaxDecoder(_Decoder):
         from crosscheck.porting.port import load_state_dict
 
         self.name, self.prompt_len = name, args.prompt_len
-        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+        dtype = placement.jax_dtype(args.dtype)
         tokens = x_np.shape[1]
         module = jaxattn.MultiHeadAttention(
             args.d_model,
@@ -215,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = args.prompt_len + args.steps
     torch.manual_seed(args.seed)
     book = MultiHeadAttention(args.d_model, args.d_model, tokens, 0.0, args.heads)
-    book = book.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]).eval()
+    book = book.to(placement.torch_dtype(args.dtype)).eval()
     x_np = np.random.default_rng(args.seed).standard_normal((args.batch, tokens, args.d_model), dtype=np.float32)
     decoders: list[_Decoder] = [
         _TorchDecoder(book, x_np, args) if name == TORCH_DECODE_IMPL else _JaxDecoder(name, book, x_np, args)

@@ -42,13 +42,19 @@ from crosscheck.errors import BadInputError
 from crosscheck.pipeline import placement
 from crosscheck.porting.outputs import atomic_write_text
 
-GPU_IMPLS = ("torch-sdpa", "torch-book", "torch-compile", "jax-cudnn", "jax-flash", "jax-auto")
+TORCH_GPU_IMPLS = ("torch-sdpa", "torch-book", "torch-compile")
 DEVICES = ("cpu", "cuda")
 #: Where the torch rows run: CUDA. The tests run the whole bench on the CPU by setting it to "cpu"
 #: (and faking ``torch.cuda``'s synchronise and memory calls), so no line of it first runs on a GPU.
 TORCH_DEVICE = "cuda"
 DTYPES = ("float32", "bfloat16")
 MIN_TOKENS, MAX_TOKENS = bench_models.MIN_TOKENS, bench_models.MAX_TOKENS
+
+
+def gpu_impls() -> tuple[str, ...]:
+    """The rows: torch's, then ``jax-<kernel>`` for each GPU-only kernel of the table
+    (:func:`bench_models.gpu_kernels`: ``jax-cudnn``, ``jax-flash``) and ``jax-auto``."""
+    return (*TORCH_GPU_IMPLS, *(f"jax-{name}" for name in bench_models.gpu_kernels()), "jax-auto")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         choices=DEVICES,
         default="cpu",
-        help=f"cpu (default: the CPU benchmark) or cuda: rows {', '.join(GPU_IMPLS)}",
+        help=f"cpu (default: the CPU benchmark) or cuda: rows {', '.join(TORCH_GPU_IMPLS)}, "
+        "jax-<each GPU-only implementation>, jax-auto",
     )
     g.add_argument("--backward", action="store_true", help="with --device cuda: time forward+backward")
     g.add_argument(
@@ -91,14 +98,15 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     bench_models.check_sizes(args, "pipeline")
     if args.dtype not in DTYPES:
         raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-    impls = list(GPU_IMPLS)
+    known = gpu_impls()
+    impls = list(known)
     if args.impls:
         impls = bench_models.flat(args.impls)
-        unknown = [i for i in impls if i not in GPU_IMPLS]
+        unknown = [i for i in impls if i not in known]
         if unknown or not impls:
             raise BadInputError(
                 f"--impls with --device cuda: unknown {', '.join(unknown) or '(none given)'}; "
-                f"choose from {', '.join(GPU_IMPLS)}"
+                f"choose from {', '.join(known)}"
             )
     return tokens, impls
 
@@ -224,7 +232,7 @@ def _jax_runner(name: str, book, x_np: np.ndarray, r_np: np.ndarray, args, token
 def _torch_runner(name: str, book, x_np: np.ndarray, r_np: np.ndarray, args) -> GpuRunner:
     import torch
 
-    dtype = bench_models.torch_dtype(args.dtype)
+    dtype = placement.torch_dtype(args.dtype)
     x = torch.from_numpy(x_np).to(TORCH_DEVICE, dtype).requires_grad_(args.backward)
     r = torch.from_numpy(r_np).to(TORCH_DEVICE, dtype)
     module = {

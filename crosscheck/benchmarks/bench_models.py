@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from crosscheck.errors import BadInputError
+from crosscheck.pipeline.placement import jax_dtype, torch_dtype
 
 #: Sizes every bench shares: the flags that must be >= 1, and the token range.
 SIZE_FLAGS = ("batch", "d_model", "heads", "repeats")
@@ -34,16 +35,68 @@ def check_sizes(args: argparse.Namespace, *more: str) -> None:
         raise BadInputError(f"--d-model={args.d_model} must be divisible by --heads={args.heads}")
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+# --- the jaxattn rows: read off the implementation table (imported when asked: JAX starts after the flags) ---
 
 
-def jax_dtype(name: str):
-    import jax.numpy as jnp
+def _call(platform: str, dtype: str = "float32", *, decode: bool = False):
+    """A causal self-attention call of a bench's kind (a decode step: one query, a cache mask and a q_offset)."""
+    from jaxattn import implementations
 
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    tokens = 1024
+    return implementations.Call(
+        platform=platform,
+        dtype=dtype,
+        batch=1,
+        q_tokens=1 if decode else tokens,
+        kv_tokens=tokens,
+        heads=12,
+        kv_heads=12,
+        head_dim=64,
+        value_head_dim=64,
+        has_mask=decode,
+        has_bias=False,
+        is_causal=True,
+        q_offset=decode,
+        dropout=False,
+        same_dtypes=True,
+    )
+
+
+def _portable(call) -> list:
+    """The registered implementations that run on every platform and serve ``call``, in registration order
+    (ring attention refuses: it needs a mesh)."""
+    from jaxattn import implementations
+
+    rows = [implementations.get(name) for name in implementations.names()]
+    return [impl for impl in rows if impl.platforms is None and impl.refusal(call) is None]
+
+
+def cpu_kernels() -> tuple[str, ...]:
+    """The kernels the CPU bench times: every portable implementation that serves its call."""
+    return tuple(impl.name for impl in _portable(_call("cpu")))
+
+
+def gpu_kernels() -> tuple[str, ...]:
+    """The kernels the GPU bench times: the implementations that run on a GPU only, in the order ``"auto"``
+    prefers them for a bfloat16 call (the fused kernels torch's sdpa is measured against)."""
+    from jaxattn import implementations
+
+    call = _call("gpu", "bfloat16")
+    rows = [implementations.get(name) for name in implementations.names()]
+    gpu_only = [impl for impl in rows if impl.platforms == ("gpu",)]
+    return tuple(impl.name for impl in sorted(gpu_only, key=lambda impl: -(impl.auto(call) or 0.0)))
+
+
+def decode_kernels() -> tuple[str, ...]:
+    """The kernels the decode bench offers: the portable ones that serve a decode step, those that multiply
+    every value by its weight first (one query's scores held whole: the default rows), then the tiled ones."""
+    rows = _portable(_call("cpu", decode=True))
+    return tuple(impl.name for impl in sorted(rows, key=lambda impl: not impl.every_value))
+
+
+def decode_default_kernels() -> tuple[str, ...]:
+    """The decode bench's default kernels: :func:`decode_kernels` that hold one query's scores whole."""
+    return tuple(impl.name for impl in _portable(_call("cpu", decode=True)) if impl.every_value)
 
 
 def input_np(args: argparse.Namespace, tokens: int) -> np.ndarray:

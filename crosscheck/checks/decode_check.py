@@ -16,22 +16,22 @@ decode; the engine refuses others by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from crosscheck.errors import BadInputError
+from crosscheck.pipeline import backends, flax_runner
 from crosscheck.pipeline import compare as cmp
-from crosscheck.pipeline import flax_runner
-from crosscheck.pipeline.backends import flax_decode_output, flax_output, torch_decode_output
 from crosscheck.pipeline.cases import Case
-from crosscheck.pipeline.results import Result, result_of
+from crosscheck.pipeline.progress import Progress, Steps
+from crosscheck.pipeline.request import RunRequest
+from crosscheck.pipeline.results import CheckOutcome, Result, result_of
+from crosscheck.variants import registry
 
 
 def check_cases(cases: Sequence[Case], prompt_len: int) -> None:
     """:class:`BadInputError` unless every case decodes and has at least ``prompt_len`` tokens."""
-    from crosscheck.variants import registry
-
     for case in cases:
         if not case.variant.decodes(case.config):
             names = ", ".join(v.name for v in registry.decoding())
@@ -70,85 +70,94 @@ def detail(out: np.ndarray, ref: np.ndarray, prompt_len: int) -> dict:
     }
 
 
-#: ``ttnn_outputs(cases, prompt_len)`` -> ``({variant: output}, runtime info, versions, seconds)``.
-TtnnOutputs = Callable[[Sequence[Case], int | None], tuple]
-
-
-def run(
-    cases: Sequence[Case],
-    prompt_len: int,
-    *,
-    backends: Sequence[str],
-    dtype: str,
-    attention_impl: str | None,
-    ttnn_outputs: TtnnOutputs | None,
-    step: Callable[[str], None],
-) -> tuple[list[Result], dict, dict | None, dict | None]:
-    """Decode every case on ``backends``; ``(results, mode, ttnn runtime info, ttnn versions)``."""
-    from crosscheck.pipeline.backends import torch_output
-
+def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -> CheckOutcome:
+    """Decode every case on the request's backends (without named variants: those that decode)."""
+    prompt_len = int(request.decode or 0)
+    if not request.variants:
+        cases = [c for c in cases if c.variant.decodes(c.config)]
+        if not cases:
+            names = ", ".join(v.name for v in registry.decoding())
+            raise BadInputError(f"--decode: none of the variants to run decodes; variants that decode: {names}")
     check_cases(cases, prompt_len)
-    flax_tol = cmp.policy_for("flax", dtype)
-    platform = flax_runner.platform()
+    chosen = request.run_backends
+    steps = Steps(len(cases) * len(chosen), progress)
     results: dict[str, list[Result]] = {c.variant.name: [] for c in cases}
     torch_dec: dict[str, np.ndarray] = {}
     compilations: dict[str, int] = {}
     for case in cases:
         name = case.variant.name
-        full32 = torch_output(case)  # float32 only: the float64 run is the forward check's
-        torch_dec[name] = dec = torch_decode_output(case, prompt_len)
-        if "torch" in backends:
+        full32 = backends.torch_output(case)  # float32 only: the float64 run is the forward check's
+        torch_dec[name] = dec = backends.torch_decode_output(case, prompt_len)
+        if "torch" in chosen:
+            tol = cmp.policy_for("torch", "float32")
+            row = result_of(name, "torch", "cpu", "float32", "torch full forward", dec, full32, tol)
+            row.detail = detail(dec, full32, prompt_len)
+            results[name].append(row)
+            steps.step(f"torch decode {name}")
+        if "flax" in chosen:
+            out, compilations[name] = backends.flax_decode_output(
+                case, prompt_len, request.dtype, request.attention_impl
+            )
+            results[name] += _flax_rows(case, request, out, torch_dec[name], prompt_len)
+            steps.step(f"flax decode {name}")
+    outcome = CheckOutcome([], cases=list(cases))
+    if "ttnn" in chosen:
+        outcome.ttnn_runtime, outcome.ttnn_versions = _ttnn_rows(cases, request, torch_dec, results, steps.step)
+    tokens = int(cases[0].x.shape[-2]) if cases else 0
+    outcome.mode = {"check": "decode", "prompt_len": prompt_len, "tokens": tokens}
+    if compilations:
+        outcome.mode["flax_compilations"] = compilations
+    outcome.results = [r for c in cases for r in results[c.variant.name]]
+    return outcome
+
+
+def _flax_rows(case: Case, request: RunRequest, out: np.ndarray, torch_dec: np.ndarray, prompt_len: int) -> list:
+    """Flax decoding against torch decoding and against Flax's own full forward."""
+    name, dtype = case.variant.name, request.dtype
+    full = backends.flax_output(case, dtype, request.attention_impl)
+    impl = (request.attention_impl or flax_runner.AUTO) if case.variant.takes_attention_impl else None
+    rows = []
+    for reference, ref in (("torch decode", torch_dec), ("flax full forward", full)):
+        r = result_of(
+            name,
+            "flax",
+            flax_runner.platform(),
+            dtype,
+            reference,
+            out,
+            ref,
+            cmp.policy_for("flax", dtype),
+            detail=detail(out, ref, prompt_len),
+        )
+        r.attention_impl = impl
+        rows.append(r)
+    return rows
+
+
+def _ttnn_rows(cases, request: RunRequest, torch_dec, results, step) -> tuple[dict, dict]:
+    """ttnn decoding against torch decoding and against ttnn's own full forward; ``(runtime info, versions)``."""
+    prompt_len = int(request.decode or 0)
+    runtime, python = request.ttnn_runtime, request.ttnn_python
+    decoded, info, versions, _ = backends.ttnn_outputs(cases, runtime, python, prompt_len=prompt_len)
+    full, _, _, _ = backends.ttnn_outputs(cases, runtime, python)
+    for case in cases:
+        name = case.variant.name
+        if name not in decoded or name not in full:
+            raise BadInputError(f"the ttnn backend returned no decode output for {name}")
+        tol = cmp.policy_for("ttnn", "bfloat16", name)
+        for reference, ref in (("torch decode", torch_dec[name]), ("ttnn full forward", full[name])):
             results[name].append(
                 result_of(
                     name,
-                    "torch",
-                    "cpu",
-                    "float32",
-                    "torch full forward",
-                    dec,
-                    full32,
-                    cmp.policy_for("torch", "float32"),
-                    detail=detail(dec, full32, prompt_len),
+                    "ttnn",
+                    info["name"],
+                    "bfloat16",
+                    reference,
+                    decoded[name],
+                    ref,
+                    tol,
+                    detail=detail(decoded[name], ref, prompt_len),
                 )
             )
-            step(f"torch decode {name}")
-        if "flax" in backends:
-            out, compilations[name] = flax_decode_output(case, prompt_len, dtype, attention_impl)
-            full = flax_output(case, dtype, attention_impl)
-            impl = (attention_impl or flax_runner.AUTO) if case.variant.takes_attention_impl else None
-            for reference, ref in (("torch decode", torch_dec[name]), ("flax full forward", full)):
-                r = result_of(
-                    name, "flax", platform, dtype, reference, out, ref, flax_tol, detail=detail(out, ref, prompt_len)
-                )
-                r.attention_impl = impl
-                results[name].append(r)
-            step(f"flax decode {name}")
-    info = versions = None
-    if "ttnn" in backends and ttnn_outputs is not None:
-        decoded, info, versions, _ = ttnn_outputs(cases, prompt_len)
-        full, _, _, _ = ttnn_outputs(cases, None)
-        for case in cases:
-            name = case.variant.name
-            if name not in decoded or name not in full:
-                raise BadInputError(f"the ttnn backend returned no decode output for {name}")
-            tol = cmp.policy_for("ttnn", "bfloat16", name)
-            for reference, ref in (("torch decode", torch_dec[name]), ("ttnn full forward", full[name])):
-                results[name].append(
-                    result_of(
-                        name,
-                        "ttnn",
-                        info["name"],
-                        "bfloat16",
-                        reference,
-                        decoded[name],
-                        ref,
-                        tol,
-                        detail=detail(decoded[name], ref, prompt_len),
-                    )
-                )
-            step(f"ttnn decode {name}")
-    tokens = int(cases[0].x.shape[-2]) if cases else 0
-    mode = {"check": "decode", "prompt_len": prompt_len, "tokens": tokens}
-    if compilations:
-        mode["flax_compilations"] = compilations
-    return [r for c in cases for r in results[c.variant.name]], mode, info, versions
+        step(f"ttnn decode {name}")
+    return info, versions

@@ -15,18 +15,21 @@ Padding tokens are random values from their own generator, so a mask that leaks 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Sequence
 
 import numpy as np
 
 from crosscheck.errors import BadInputError
+from crosscheck.pipeline import budget, flax_runner
 from crosscheck.pipeline import compare as cmp
-from crosscheck.pipeline import flax_runner
-from crosscheck.pipeline.backends import flax_output, torch_output
+from crosscheck.pipeline.backends import flax_output, torch_output, ttnn_outputs
 from crosscheck.pipeline.cases import Case
-from crosscheck.pipeline.results import Result, result_of
+from crosscheck.pipeline.progress import Progress, Steps
+from crosscheck.pipeline.request import PADDING_SIDES, RunRequest
+from crosscheck.pipeline.results import CheckOutcome, Result, result_of
 
-SIDES = ("left", "right")
+SIDES = PADDING_SIDES
 #: Seed of the padding tokens' values (independent of the inputs').
 PAD_SEED = 2024
 
@@ -109,73 +112,53 @@ def _row(name, backend, runtime, dtype, padded_out, ref, tol, pad_lengths, side)
     return r
 
 
-#: ``ttnn_outputs(padded cases)`` -> ``({variant: output}, runtime info, versions, seconds)``.
-TtnnOutputs = Callable[[Sequence[Case]], tuple]
-
-
-def run(
-    cases: Sequence[Case],
-    side: str,
-    pad_lengths: Sequence[int],
-    *,
-    backends: Sequence[str],
-    dtype: str,
-    attention_impl: str | None,
-    ttnn_outputs: TtnnOutputs | None,
-    step: Callable[[str], None],
-) -> tuple[list[Result], dict, dict | None, dict | None, list[Case]]:
-    """Run the padded batch of every case; ``(results, mode, ttnn info, ttnn versions, padded cases)``."""
+def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -> CheckOutcome:
+    """Run the padded batch of every case on the request's backends, against the sequences one by one."""
+    side, pad_lengths = str(request.padding), list(request.pad_lengths or ())
+    budget.check_cases(  # the padded batch: one row per length, each longer by its padding
+        [
+            (c.variant, c.config, (len(pad_lengths), c.x.shape[-2] + max(pad_lengths, default=0), c.x.shape[-1]))
+            for c in cases
+        ],
+        "--pad-lengths",
+    )
+    chosen = request.run_backends
+    steps = Steps(len(cases) * len(chosen), progress)
     padded_cases, refs = [], {}
     results: dict[str, list[Result]] = {c.variant.name: [] for c in cases}
     for case in cases:
         padded, sequences = pad_case(case, side, pad_lengths)
         padded_cases.append(padded)
         refs[case.variant.name] = unpadded_reference(case, sequences)
-    platform = flax_runner.platform()
+    rows = functools.partial(_row, pad_lengths=pad_lengths, side=side)
     for case in padded_cases:
         name = case.variant.name
-        if "torch" in backends:
-            out = torch_output(case)
-            results[name].append(
-                _row(
-                    name,
-                    "torch",
-                    "cpu",
-                    "float32",
-                    out,
-                    refs[name],
-                    cmp.policy_for("torch", "float32"),
-                    pad_lengths,
-                    side,
-                )
+        if "torch" in chosen:
+            tol = cmp.policy_for("torch", "float32")
+            results[name].append(rows(name, "torch", "cpu", "float32", torch_output(case), refs[name], tol))
+            steps.step(f"torch padded {name}")
+        if "flax" in chosen:
+            out = flax_output(case, request.dtype, request.attention_impl)
+            tol = cmp.policy_for("flax", request.dtype)
+            r = rows(name, "flax", flax_runner.platform(), request.dtype, out, refs[name], tol)
+            r.attention_impl = (
+                (request.attention_impl or flax_runner.AUTO) if case.variant.takes_attention_impl else None
             )
-            step(f"torch padded {name}")
-        if "flax" in backends:
-            out = flax_output(case, dtype, attention_impl)
-            r = _row(name, "flax", platform, dtype, out, refs[name], cmp.policy_for("flax", dtype), pad_lengths, side)
-            r.attention_impl = (attention_impl or flax_runner.AUTO) if case.variant.takes_attention_impl else None
             results[name].append(r)
-            step(f"flax padded {name}")
-    info = versions = None
-    if "ttnn" in backends and ttnn_outputs is not None:
-        outs, info, versions, _ = ttnn_outputs(padded_cases)
+            steps.step(f"flax padded {name}")
+    outcome = CheckOutcome([], shapes={c.variant.name: list(c.x.shape) for c in padded_cases})
+    if "ttnn" in chosen:
+        outs, outcome.ttnn_runtime, outcome.ttnn_versions, _ = ttnn_outputs(
+            padded_cases, request.ttnn_runtime, request.ttnn_python
+        )
         for case in padded_cases:
             name = case.variant.name
             if name not in outs:
                 raise BadInputError(f"the ttnn backend returned no output for {name}")
-            results[name].append(
-                _row(
-                    name,
-                    "ttnn",
-                    info["name"],
-                    "bfloat16",
-                    np.asarray(outs[name]),
-                    refs[name],
-                    cmp.policy_for("ttnn", "bfloat16", name),
-                    pad_lengths,
-                    side,
-                )
-            )
-            step(f"ttnn padded {name}")
-    mode = {"check": "padding", "side": side, "pad_lengths": list(pad_lengths)}
-    return [r for c in cases for r in results[c.variant.name]], mode, info, versions, padded_cases
+            tol = cmp.policy_for("ttnn", "bfloat16", name)
+            runtime = outcome.ttnn_runtime["name"]
+            results[name].append(rows(name, "ttnn", runtime, "bfloat16", np.asarray(outs[name]), refs[name], tol))
+            steps.step(f"ttnn padded {name}")
+    outcome.mode = {"check": "padding", "side": side, "pad_lengths": list(pad_lengths)}
+    outcome.results = [r for c in cases for r in results[c.variant.name]]
+    return outcome

@@ -10,61 +10,53 @@ count (:mod:`crosscheck.pipeline.devices`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from crosscheck.checks import forward
 from crosscheck.errors import BadInputError
 from crosscheck.pipeline import compare as cmp
 from crosscheck.pipeline import flax_runner
-from crosscheck.pipeline.results import Result, result_of
+from crosscheck.pipeline.cases import Case
+from crosscheck.pipeline.progress import Progress
+from crosscheck.pipeline.request import SHARD_MODES, RunRequest
+from crosscheck.pipeline.results import CheckOutcome, Result, result_of
 
-MODES = ("batch", "heads", "sequence")
+MODES = SHARD_MODES
 #: The reference of the extra row, as the report shows it.
 ONE_DEVICE = "flax 1 device"
 
 
-def check_request(
-    cases: Sequence,
-    *,
-    devices: int | None,
-    shard: str | None,
-    backends: Sequence[str],
-    attention_impl: str | None,
-    others: Sequence[tuple[str, bool]] = (),
-) -> None:
-    """Refuse, naming the numbers, every combination the split cannot serve; ``None``/``None`` is no split.
+def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -> CheckOutcome:
+    """The forward check with the Flax rows split over ``request.devices``, plus each one's one-device row."""
+    devices, shard = int(request.devices or 0), str(request.shard)
+    check_cases(cases, devices, shard)
 
-    ``others``: ``(flag, given)`` of the checks that replace the forward run (``--decode``, ...).
-    """
-    if shard is None and devices is None:
-        return
-    if shard is None:
-        raise BadInputError(f"--devices {devices} needs --shard {'|'.join(MODES)} (how to split the Flax run)")
-    if devices is None:
-        raise BadInputError(f"--shard {shard} needs --devices N (how many devices to split over)")
-    if shard not in MODES:
-        raise BadInputError(f"--shard must be one of {', '.join(MODES)}; got {shard!r}")
-    from crosscheck.pipeline.devices import check_device_count, check_limit, check_split
+    def flax_rows(case: Case, request: RunRequest, api: str, ref: np.ndarray) -> list[Result]:
+        t0 = time.perf_counter()
+        out = sharded_output(case, request.dtype, request.attention_impl, devices, shard)
+        result = forward.flax_result(case, request, "flax", out, ref, time.perf_counter() - t0)
+        label(result, request.dtype, devices, shard)
+        return [result, one_device_row(case, request.dtype, request.attention_impl, out, devices, shard)]
 
-    check_limit(int(devices))
-    for flag, given in others:
-        if given:
-            raise BadInputError(f"--shard checks the forward pass; it cannot be combined with {flag}")
-    if "flax" not in backends:
-        raise BadInputError("--shard splits the Flax backend: add flax to --backends")
-    if shard == "sequence" and attention_impl not in (None, "auto", "ring"):
-        raise BadInputError(
-            f"--shard sequence runs attention as ring attention; --attention-impl {attention_impl} "
-            "cannot be combined with it"
-        )
+    outcome = forward.run_rows(cases, request, progress, flax_rows)
+    outcome.sharding = describe(devices, shard)
+    return outcome
+
+
+def check_cases(cases: Sequence[Case], devices: int, shard: str) -> None:
+    """Refuse, naming the numbers, a case the split cannot serve (the options: :class:`RunRequest`)."""
+    from crosscheck.pipeline.devices import check_device_count, check_split
+
     for case in cases:
         variant, cfg = case.variant, case.config
         if shard not in variant.shard_modes:
             takes = ", ".join(variant.shard_modes) or "none (its input has no batch axis)"
             raise BadInputError(f"{variant.name} cannot be split by {shard}; its shard modes: {takes}")
         shape = case.x.shape  # (batch, tokens, d_in): every variant with a shard mode takes a batch
-        check_split(int(devices), shard, batch=shape[0] if len(shape) == 3 else 1, tokens=shape[-2])
+        check_split(devices, shard, batch=shape[0] if len(shape) == 3 else 1, tokens=shape[-2])
         if shard == "heads":
             for field in ("num_heads", "num_kv_groups"):
                 count = getattr(cfg, field, None)
@@ -72,17 +64,7 @@ def check_request(
                     raise BadInputError(
                         f"--shard heads: {variant.name} has {field}={count}, not divisible by --devices {devices}"
                     )
-    check_device_count(int(devices))  # after the checks above: it starts JAX
-
-
-def _module_call(case, dtype: str, attention_impl: str | None):
-    """``(module, variables, input, keyword arguments)`` of ``case`` as :func:`flax_runner.run_flax` runs it."""
-    import jax.numpy as jnp
-
-    module, variables, kwargs = flax_runner._prepare(case.variant, case.config, case.state_dict, dtype, attention_impl)
-    if case.attention_mask is not None:
-        kwargs["attention_mask"] = jnp.asarray(case.attention_mask, dtype=jnp.bool_)
-    return module, variables, jnp.asarray(case.x, dtype=flax_runner._jax_dtype(dtype)), kwargs
+    check_device_count(devices)  # after the checks above: it starts JAX
 
 
 def sharded_output(case, dtype: str, attention_impl: str | None, devices: int, shard: str) -> np.ndarray:
@@ -94,7 +76,7 @@ def sharded_output(case, dtype: str, attention_impl: str | None, devices: int, s
 
     from jaxattn import sharding
 
-    module, variables, x, kwargs = _module_call(case, dtype, None if shard == "sequence" else attention_impl)
+    module, variables, x, kwargs = flax_runner.module_call(case, dtype, None if shard == "sequence" else attention_impl)
     mask = kwargs.pop("attention_mask", None)
     split = sharding.shard(module, sharding.make_mesh(devices), shard)
     with jax.default_matmul_precision(flax_runner.matmul_precision(dtype)):

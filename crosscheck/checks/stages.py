@@ -20,8 +20,8 @@ Where they come from:
 * Flax: ``apply(..., capture_intermediates=True)``: the projections' outputs and what the modules
   sow (``queries``/``keys``/``values``/``attn_scores``/``attn_weights``/``context_vec``). Variants
   with a choice of core run the ``naive`` one, the one that has the weights;
-* ttnn: the generic (non-SDPA) program, inside :func:`crosscheck.tt.programs.recording_stages`,
-  which collects what the program :func:`~crosscheck.tt.programs.tap`\\ s.
+* ttnn: the generic (non-SDPA) program, inside :func:`crosscheck.tt.ops.recording_stages`,
+  which collects what the program :func:`~crosscheck.tt.ops.tap`\\ s.
 
 Layouts are normalised before comparing: heads-first ``(batch, heads, tokens, dim)`` for every
 stage but ``output`` (a missing batch or head axis becomes 1; the wrapper's heads are stacked).
@@ -36,66 +36,52 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from crosscheck.checks.stages_report import (
+    STAGES,
+    BackendStages,
+    Raw,
+    StageRow,
+    StagesReport,
+    VariantStages,
+    compare_stages,
+    heads_first,
+    normalise,
+    render,
+    variant_stages,
+)
 from crosscheck.errors import BadInputError
 from crosscheck.pipeline import compare as cmp
-from crosscheck.pipeline import flax_runner
+from crosscheck.pipeline import flax_runner, placement
 from crosscheck.pipeline.cases import Case
+from crosscheck.pipeline.progress import Steps
 from crosscheck.porting import port
 
-if TYPE_CHECKING:
-    from rich.console import JustifyMethod
+#: The report model, layouts and views live in :mod:`crosscheck.checks.stages_report`; re-exported here.
+__all__ = [
+    "BACKENDS",
+    "STAGES",
+    "BackendStages",
+    "Raw",
+    "StageRow",
+    "StagesReport",
+    "VariantStages",
+    "compare_stages",
+    "flax_stages",
+    "heads_first",
+    "normalise",
+    "render",
+    "run",
+    "token_labels",
+    "torch_stages",
+    "ttnn_stages",
+]
 
-#: Every stage a variant may expose, in the order the layer computes them.
-STAGES = (
-    "queries",
-    "keys",
-    "values",
-    "queries_normed",
-    "keys_normed",
-    "queries_rope",
-    "keys_rope",
-    "scores",
-    "weights",
-    "context",
-    "output",
-)
 #: Backends with stages of their own (torch is the reference).
 BACKENDS = ("flax", "ttnn")
-
-#: A backend's raw stages: name -> arrays (one per head for the wrapper, else one); ``output`` is one array.
-Raw = dict[str, list]
-
-
-# --- layouts ------------------------------------------------------------------------------------
-
-
-def heads_first(a: np.ndarray) -> np.ndarray:
-    """``a`` as ``(batch, heads, tokens, dim)``: ``(T, d)`` -> ``(1, 1, T, d)``, ``(b, T, d)`` -> ``(b, 1, T, d)``."""
-    a = np.asarray(a, dtype=np.float32)
-    if a.ndim == 2:
-        return a[None, None]
-    if a.ndim == 3:
-        return a[:, None]
-    if a.ndim == 4:
-        return a
-    raise ValueError(f"a stage must have rank 2..4, got shape {a.shape}")
-
-
-def normalise(raw: Raw) -> dict[str, np.ndarray]:
-    """One array per stage: heads-first, the wrapper's per-head arrays stacked on the heads axis."""
-    out = {}
-    for name, arrays in raw.items():
-        if name == "output":
-            out[name] = np.asarray(arrays[0], dtype=np.float32)
-        else:
-            out[name] = np.concatenate([heads_first(a) for a in arrays], axis=1)
-    return out
-
 
 # --- torch: a functional re-run of the reference module -------------------------------------------
 
@@ -133,38 +119,42 @@ def _merge(t):
     return t.transpose(1, 2).contiguous().view(b, tokens, heads * hd)
 
 
-def _t_simplified(m, x, cfg, raw):
+# The functional re-runs of the torch references, each named by its entries' ``Variant.torch_stages``
+# (``"crosscheck.checks.stages:rerun_mha"``): ``(torch module, x, resolved cfg, raw) -> output``.
+
+
+def rerun_simplified(m, x, cfg, raw):
     return _torch_attention(raw, x, x, x, causal=False, scaled=False)
 
 
-def _t_v1(m, x, cfg, raw):
+def rerun_v1(m, x, cfg, raw):
     q, k, v = _qkv(raw, x @ m.W_query, x @ m.W_key, x @ m.W_value)
     return _torch_attention(raw, q, k, v, causal=False)
 
 
-def _t_v2(m, x, cfg, raw):
+def rerun_v2(m, x, cfg, raw):
     q, k, v = _qkv(raw, m.W_query(x), m.W_key(x), m.W_value(x))
     return _torch_attention(raw, q, k, v, causal=False)
 
 
-def _t_causal(m, x, cfg, raw):
+def rerun_causal(m, x, cfg, raw):
     q, k, v = _qkv(raw, m.W_query(x), m.W_key(x), m.W_value(x))  # (b, T, d_out)
     return _torch_attention(raw, q, k, v, causal=True)
 
 
-def _t_wrapper(m, x, cfg, raw):
+def rerun_wrapper(m, x, cfg, raw):
     import torch
 
-    return torch.cat([_t_causal(head, x, cfg, raw) for head in m.heads], dim=-1)  # (b, T, H * d_out)
+    return torch.cat([rerun_causal(head, x, cfg, raw) for head in m.heads], dim=-1)  # (b, T, H * d_out)
 
 
-def _t_mha(m, x, cfg, raw):
+def rerun_mha(m, x, cfg, raw):
     b, tokens, _ = x.shape
     q, k, v = _qkv(raw, *(_split(p(x), b, tokens, m.num_heads) for p in (m.W_query, m.W_key, m.W_value)))
     return m.out_proj(_merge(_torch_attention(raw, q, k, v, causal=True)))  # (b, T, d_out)
 
 
-def _t_combined(m, x, cfg, raw):
+def rerun_combined(m, x, cfg, raw):
     if not hasattr(m, "qkv"):
         raise _no_torch_stages(m)
     b, tokens, _ = x.shape
@@ -173,7 +163,7 @@ def _t_combined(m, x, cfg, raw):
     return m.proj(_merge(_torch_attention(raw, q, k, v, causal=True)))
 
 
-def _t_torch_mha(m, x, cfg, raw):
+def rerun_torch_mha(m, x, cfg, raw):
     import torch.nn.functional as F
 
     b, tokens, _ = x.shape
@@ -182,7 +172,7 @@ def _t_torch_mha(m, x, cfg, raw):
     return m.out_proj(_merge(_torch_attention(raw, q, k, v, causal=cfg.causal)))
 
 
-def _t_gqa(m, x, cfg, raw):
+def rerun_gqa(m, x, cfg, raw):
     from crosscheck.references.torch_gqa import apply_rope, compute_rope_params
 
     if not hasattr(m, "W_query"):  # transformers' layers name and run their projections their own way
@@ -217,25 +207,11 @@ def _no_torch_stages(m) -> BadInputError:
     )
 
 
-#: ``Variant.ttnn_program`` -> the functional re-run of that program's torch reference.
-_TORCH: dict[str, Callable] = {
-    "simplified_self_attention": _t_simplified,
-    "self_attention_v1": _t_v1,
-    "self_attention_v2": _t_v2,
-    "causal_attention": _t_causal,
-    "multi_head_attention_wrapper": _t_wrapper,
-    "multi_head_attention": _t_mha,
-    "multi_head_attention_combined_qkv": _t_combined,
-    "torch_multihead_attention": _t_torch_mha,
-    "grouped_query_attention": _t_gqa,
-}
-
-
 def torch_stages(case: Case) -> Raw:
     """The torch reference's stages on ``case`` (float32), from a re-run checked against the module's output."""
     import torch
 
-    rerun = _TORCH.get(case.variant.ttnn_program)
+    rerun = case.variant.torch_stages_rerun()
     if rerun is None:
         raise _no_torch_stages(case.torch_module)
     cfg = case.variant.resolve(case.config)
@@ -287,7 +263,7 @@ def _captured(tree: Mapping, name: str) -> np.ndarray | None:
     return None if not isinstance(sub, Mapping) or "__call__" not in sub else np.asarray(sub["__call__"][0])
 
 
-def _flax_gqa(tree: Mapping, raw: Raw, cfg) -> None:
+def flax_gqa(tree: Mapping, raw: Raw, cfg) -> None:
     """Grouped-query attention sows what enters the core: the rotated queries and keys. The projections
     and norms are the submodules' captured outputs ``(b, T, heads * hd)`` / ``(b, T, heads, hd)``."""
     raw["queries_rope"], raw["keys_rope"] = raw.pop("queries"), raw.pop("keys")
@@ -320,15 +296,16 @@ def flax_stages(case: Case, dtype: str = "float32") -> Raw:
     )
     kwargs = {"deterministic": True} if "deterministic" in inspect.signature(type(module).__call__).parameters else {}
     apply = jax.jit(lambda v, x: module.apply(v, x, capture_intermediates=True, mutable=["intermediates"], **kwargs))
-    x = jnp.asarray(case.x, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype])
+    x = jnp.asarray(case.x, dtype=placement.jax_dtype(dtype))
     with jax.default_matmul_precision(flax_runner.matmul_precision(dtype)):
         out, state = apply(variables, x)
     tree = jax.device_get(state["intermediates"])
     raw: Raw = {}
     _collect_sown(tree, raw)
-    if variant.ttnn_program == "grouped_query_attention":
-        _flax_gqa(tree, raw, cfg)
-    if variant.ttnn_program == "simplified_self_attention":
+    fix = variant.flax_stages_fix()
+    if fix is not None:
+        fix(tree, raw, cfg)
+    if not variant.projects_x:
         for name in ("queries", "keys", "values"):  # x itself: no projection to compare
             raw.pop(name, None)
     raw.setdefault("context", [np.asarray(out)])  # sections 3.3-3.4 return the context vectors as they are
@@ -345,143 +322,24 @@ def ttnn_stages(cases: Sequence[Case], runtime: str = "auto") -> tuple[dict[str,
     The SDPA twins fuse scores, weights and context into one op, so the generic program runs
     whatever head_dim is (its output is what the forward check compares for head_dim % 32 != 0).
     """
-    from crosscheck.tt import programs
+    from crosscheck.tt import ops
     from crosscheck.tt import runtime as rt
 
     found: dict[str, Raw] = {}
     with rt.open_runtime(runtime) as opened:
         info = {"name": opened.name, "description": opened.description, "python": None}
         for case in cases:
-            with programs.recording_stages() as taps:
+            with ops.recording_stages() as taps:
                 out = rt.run_variant(
                     opened, case.variant, case.config, case.state_dict, case.x, program=case.variant.ttnn_program
                 )
                 raw = {k: [np.asarray(opened.ttnn.to_torch(t), dtype=np.float32) for t in ts] for k, ts in taps.items()}
-            if case.variant.ttnn_program == "simplified_self_attention":
+            if not case.variant.projects_x:
                 for name in ("queries", "keys", "values"):
                     raw.pop(name, None)
             raw["output"] = [np.asarray(out, dtype=np.float32)]
             found[case.variant.name] = raw
     return found, info
-
-
-# --- comparing ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class StageRow:
-    stage: str
-    shape: list[int] | None
-    max_abs_err: float | None
-    bound: float | None  # max_abs x the stage's ref_scale
-    pcc: float | None
-    passed: bool
-    failures: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class BackendStages:
-    """One variant on one backend: a row per stage, against torch's same stage."""
-
-    backend: str
-    runtime: str
-    dtype: str
-    rows: list[StageRow]
-
-    @property
-    def first_failure(self) -> StageRow | None:
-        return next((r for r in self.rows if not r.passed), None)
-
-    @property
-    def passed(self) -> bool:
-        return self.first_failure is None
-
-    def to_dict(self) -> dict:
-        first = self.first_failure
-        return {
-            "backend": self.backend,
-            "runtime": self.runtime,
-            "dtype": self.dtype,
-            "passed": self.passed,
-            "first_failing_stage": None if first is None else first.stage,
-            "stages": [r.to_dict() for r in self.rows],
-        }
-
-
-@dataclass
-class VariantStages:
-    variant: str
-    #: Normalised arrays per backend (``torch`` included): what ``--plot`` draws.
-    arrays: dict[str, dict[str, np.ndarray]]
-    backends: list[BackendStages]
-    #: The tolerance of each backend's output (``--plot``'s summary): ``{backend: (max_abs_err, bound)}``.
-    output_error: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-
-@dataclass
-class StagesReport:
-    variants: list[VariantStages]
-    input: dict
-    weights: str
-    ttnn_runtime: dict | None
-    labels: list[str]  # one per token: the seed sentence's words, else indices
-    seconds: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return all(b.passed for v in self.variants for b in v.backends)
-
-    @property
-    def failing_variants(self) -> list[str]:
-        return [v.variant for v in self.variants if not all(b.passed for b in v.backends)]
-
-    def to_dict(self) -> dict:
-        return {
-            "passed": self.passed,
-            "mode": {"check": "stages"},
-            "failing_variants": self.failing_variants,
-            "input": self.input,
-            "weights": self.weights,
-            "ttnn_runtime": self.ttnn_runtime,
-            "tokens": self.labels,
-            "stages": [{"variant": v.variant, "backends": [b.to_dict() for b in v.backends]} for v in self.variants],
-            "seconds": self.seconds,
-        }
-
-
-def compare_stages(
-    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], tol: cmp.Tolerance, dtype: str
-) -> list[StageRow]:
-    """A row per stage of ``reference`` (in :data:`STAGES` order); a stage the candidate lacks fails.
-
-    Every stage is held to ``tol``'s abs and rel bounds; PCC only at ``output`` (as the forward check
-    does). Inside the layer PCC is ill-conditioned: an almost uniform softmax (SelfAttentionV2 on the
-    seed sentence: every weight ~1/6) has almost no variance to correlate, and ttnn's bf16 weights read
-    PCC 0.9987 there at a max abs error of 4.6e-4, 1/68 of the bound.
-    """
-    rows = []
-    inner = replace(tol, min_pcc=None)
-    for stage in (s for s in STAGES if s in reference):
-        if stage not in candidate:
-            rows.append(StageRow(stage, None, None, None, None, False, [f"stage {stage} not exposed by this backend"]))
-            continue
-        c = cmp.compare(candidate[stage], reference[stage], tol if stage == "output" else inner, computed_in=dtype)
-        m = c.metrics
-        rows.append(
-            StageRow(
-                stage,
-                list(c.shape),
-                None if m is None else m.max_abs_err,
-                None if m is None or tol.max_abs is None else tol.max_abs * m.ref_scale,
-                None if m is None else m.pcc,
-                c.passed,
-                list(c.failures),
-            )
-        )
-    return rows
 
 
 def token_labels(inputs: Any, tokens: int) -> list[str]:
@@ -512,35 +370,59 @@ def run(
     ``backends`` only says which of flax and ttnn run. Padding, decoding and another interpreter's
     ttnn are not staged (they are checks of their own).
     """
-    from crosscheck.pipeline import engine
     from crosscheck.pipeline.backends import check_ttnn_available
+    from crosscheck.pipeline.cases import build_cases
+    from crosscheck.pipeline.request import RunRequest
 
     t0 = time.perf_counter()
-    chosen = engine._check_choices(backends, dtype, ttnn_runtime)
-    staged = [b for b in BACKENDS if b in chosen]
+    request = RunRequest.create(
+        variants,
+        weights=weights,
+        inputs=inputs,
+        backends=tuple(backends),
+        ttnn_runtime=ttnn_runtime,
+        dtype=dtype,
+        prefix=prefix,
+        model_config=model_config,
+        **overrides,
+    )
+    staged = [b for b in BACKENDS if b in request.backends]
     if not staged:
         raise BadInputError("--stages compares flax and/or ttnn with torch: add flax or ttnn to --backends")
     if "ttnn" in staged:
         check_ttnn_available(ttnn_runtime, None)
-    cases, data, weights_desc = engine.build_cases(
-        variants,
+    cases, data, weights_desc = build_cases(
+        request.variants,
         weights=weights,
         inputs=inputs,
-        overrides={k: v for k, v in overrides.items() if v is not None},
+        overrides=request.config_overrides,
         prefix=prefix,
         model_config=model_config,
     )
     for case in cases:
-        if case.variant.ttnn_program not in _TORCH:
+        if case.variant.torch_stages is None:
             raise _no_torch_stages(case.torch_module)
-    total, done = len(cases) * (1 + len(staged)), 0
+    steps = Steps(len(cases) * (1 + len(staged)), progress)
+    torch_raw, flax_raw, ttnn_raw, info = _collect(cases, staged, dtype, ttnn_runtime, steps.step)
+    out = [
+        variant_stages(
+            case.variant.name,
+            torch_raw[case.variant.name],
+            [
+                ("flax", flax_raw.get(case.variant.name), dtype, flax_runner.platform() if "flax" in staged else ""),
+                ("ttnn", ttnn_raw.get(case.variant.name), "bfloat16", (info or {}).get("name", "")),
+            ],
+        )
+        for case in cases
+    ]
+    tokens = cases[0].x.shape[-2] if cases else 0
+    return StagesReport(
+        out, data.describe(), weights_desc, info, token_labels(inputs, tokens), time.perf_counter() - t0
+    )
 
-    def step(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, what)
 
+def _collect(cases: Sequence[Case], staged: Sequence[str], dtype: str, ttnn_runtime: str, step: Callable[[str], None]):
+    """``(torch, flax, ttnn raw stages by variant, ttnn runtime info)`` of ``cases`` on the ``staged`` backends."""
     torch_raw, flax_raw = {}, {}
     for case in cases:
         torch_raw[case.variant.name] = torch_stages(case)
@@ -554,113 +436,4 @@ def run(
         ttnn_raw, info = ttnn_stages(cases, ttnn_runtime)
         for case in cases:
             step(f"ttnn stages {case.variant.name}")
-    out = []
-    for case in cases:
-        name = case.variant.name
-        ref = normalise(torch_raw[name])
-        arrays = {"torch": ref}
-        rows, errors = [], {}
-        for backend, raw, bdtype, where in (
-            ("flax", flax_raw.get(name), dtype, flax_runner.platform() if "flax" in staged else ""),
-            ("ttnn", ttnn_raw.get(name), "bfloat16", (info or {}).get("name", "")),
-        ):
-            if raw is None:
-                continue
-            tol = cmp.policy_for(backend, bdtype, name)
-            arrays[backend] = normalise(raw)
-            b = BackendStages(backend, where, bdtype, compare_stages(ref, arrays[backend], tol, bdtype))
-            rows.append(b)
-            last = b.rows[-1]
-            errors[backend] = (
-                float("inf") if last.max_abs_err is None else last.max_abs_err,
-                float("nan") if last.bound is None else last.bound,
-            )
-        out.append(VariantStages(name, arrays, rows, errors))
-    tokens = cases[0].x.shape[-2] if cases else 0
-    return StagesReport(
-        out, data.describe(), weights_desc, info, token_labels(inputs, tokens), time.perf_counter() - t0
-    )
-
-
-# --- views -------------------------------------------------------------------------------------------
-
-
-def _label(b: BackendStages) -> str:
-    if b.backend == "ttnn":
-        return {"host": "ttnn (host model)", "device": "ttnn (device)"}.get(b.runtime, f"ttnn ({b.runtime})")
-    return f"{b.backend} ({b.runtime}, {b.dtype})"
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else ("inf" if np.isinf(x) else f"{x:.2e}")
-
-
-def render(report: StagesReport, console, *, quiet: bool = False) -> None:
-    """A table per variant (a row per stage and backend), then each backend's first stage over its bound."""
-    from rich import box
-    from rich.table import Table
-
-    if not quiet:
-        console.print(
-            f"[bold]crosscheck --stages[/bold]  input: {report.input.get('description', report.input.get('source'))}"
-        )
-        console.print(f"weights: {report.weights}")
-        if report.ttnn_runtime:
-            console.print(
-                f"ttnn runtime: {report.ttnn_runtime.get('name')} - {report.ttnn_runtime.get('description')}"
-                " (generic program: scores and weights are separate ops)"
-            )
-        table = Table(box=box.SIMPLE_HEAVY, header_style="bold")
-        columns: tuple[tuple[str, JustifyMethod], ...] = (
-            ("variant", "left"),
-            ("backend", "left"),
-            ("stage", "left"),
-            ("shape", "left"),
-            ("max abs err", "right"),
-            ("bound", "right"),
-            ("PCC", "right"),
-            ("", "left"),
-        )
-        for col, justify in columns:
-            table.add_column(col, justify=justify, no_wrap=True)
-        for i, v in enumerate(report.variants):
-            if i:
-                table.add_section()
-            first = True
-            for b in v.backends:
-                for r in b.rows:
-                    verdict = "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]"
-                    table.add_row(
-                        v.variant if first else "",
-                        _label(b),
-                        r.stage,
-                        "x".join(map(str, r.shape or [])),
-                        _num(r.max_abs_err),
-                        _num(r.bound),
-                        "-" if r.pcc is None else f"{r.pcc:.6f}",
-                        verdict,
-                    )
-                    first = False
-        console.print(table)
-    for v in report.variants:
-        for b in v.backends:
-            failure = b.first_failure
-            if failure is not None:
-                why = "; ".join(failure.failures)
-                console.print(
-                    f"[red]FAIL[/red] {v.variant} / {_label(b)}: first stage over its bound: "
-                    f"[bold]{failure.stage}[/bold] ({why})",
-                    highlight=False,
-                )
-    n = sum(len(v.backends) for v in report.variants)
-    if report.passed:
-        console.print(
-            f"[green]every stage of {len(report.variants)} variant(s) within its bound[/green] "
-            f"({n} backend rows) in {report.seconds:.1f} s"
-        )
-    else:
-        bad = sum(not b.passed for v in report.variants for b in v.backends)
-        console.print(
-            f"[bold red]{bad} of {n} backend rows have a stage over its bound[/bold red]: "
-            f"{', '.join(report.failing_variants)}"
-        )
+    return torch_raw, flax_raw, ttnn_raw, info

@@ -30,18 +30,13 @@ import numpy as np
 from crosscheck.checks import grad_check
 from crosscheck.errors import BadInputError
 from crosscheck.pipeline import compare as cmp
-from crosscheck.pipeline import flax_runner
-from crosscheck.pipeline.cases import Case, _torch_reference_module
-from crosscheck.pipeline.results import Result, result_of
+from crosscheck.pipeline import flax_runner, placement
+from crosscheck.pipeline.cases import Case, torch_reference_module
+from crosscheck.pipeline.progress import Progress, Steps
+from crosscheck.pipeline.request import RunRequest
+from crosscheck.pipeline.results import CheckOutcome, Result, result_of
 from crosscheck.porting import port
 from crosscheck.references import dropout_masks as dm
-
-#: The dropout rate ``--train`` uses when ``--dropout`` is not given.
-DEFAULT_TRAIN_DROPOUT = 0.1
-#: Why the ttnn backend does not take part (recorded in the report).
-TTNN_SKIPPED = (
-    "not run: --train/--grad compare torch and Flax only (no dropout masks or gradients in the ttnn programs)"
-)
 
 
 def has_dropout(case: Case) -> bool:
@@ -59,7 +54,7 @@ def training_case(case: Case) -> Case:
         return case
     cfg = case.config.replace(dropout=0.0)
     return dataclasses.replace(
-        case, config=cfg, torch_module=_torch_reference_module(case.variant, cfg, case.state_dict)
+        case, config=cfg, torch_module=torch_reference_module(case.variant, cfg, case.state_dict)
     )
 
 
@@ -151,7 +146,7 @@ def torch_train_output(case: Case, masks, sites, dtype: str = "float32") -> np.n
     """The torch reference in training mode on ``masks`` (float32 or float64), TF32 off."""
     import torch
 
-    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    tdtype = placement.torch_dtype(dtype)
     _, forward = torch_train_module(case, masks, sites, tdtype)
     with grad_check.no_tf32(), torch.no_grad():
         return forward(torch.from_numpy(np.asarray(case.x)).to(tdtype)).numpy()
@@ -244,45 +239,17 @@ def train_rows(run: TrainingRun, backends: Sequence[str], step: Callable[[str], 
     return rows
 
 
-def check_options(
-    *, train: bool, grad: bool, dtype: str, backends: Sequence[str], attention_impl: str | None, decode, padding
-) -> tuple[str, ...]:
-    """The backends a train/grad run compares (ttnn dropped: :data:`TTNN_SKIPPED`); refuse what cannot run."""
-    flag = "--train" if train and not grad else "--grad" if grad and not train else "--train --grad"
-    if decode is not None or padding is not None:
-        raise BadInputError(f"{flag} is a check of its own; it does not combine with --decode or --padding")
-    if dtype != "float32":
-        raise BadInputError(f"{flag} compares float32 torch and Flax; --dtype {dtype} is not supported")
-    if train and attention_impl not in (None, flax_runner.AUTO):
-        raise BadInputError(
-            f"{flag}: dropout runs jaxattn's naive kernel (the only one with dropout); --attention-impl "
-            f"{attention_impl} does not apply"
-        )
-    kept = tuple(b for b in backends if b != "ttnn")
-    if "flax" not in kept or "torch" not in kept:
-        raise BadInputError(f"{flag} compares torch with Flax: --backends must include torch and flax")
-    return kept
-
-
-def run(
-    cases: Sequence[Case],
-    *,
-    train: bool,
-    grad: bool,
-    seed: int,
-    backends: Sequence[str],
-    attention_impl: str | None,
-    skipped: dict,
-    step: Callable[[str], None],
-) -> tuple[list[Result], dict]:
-    """The training rows and/or gradient rows of every case; ``(results, mode)``."""
+def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -> CheckOutcome:
+    """The training rows and/or gradient rows of every case (torch against Flax, float32)."""
+    train, grad, seed = request.train, request.grad, request.seed
+    step = Steps(len(cases) * len(request.run_backends), progress).step
     results: list[Result] = []
     dropouts = set()
     for case in cases:
         if train:
             run_ = run_training(case, seed, with_grads=grad)
             dropouts.add(run_.detail["dropout"])
-            results += train_rows(run_, backends, step)
+            results += train_rows(run_, request.run_backends, step)
             if grad:
                 assert run_.flax_grads is not None  # run_training(with_grads=True) computed them
                 results += grad_check.grad_rows(
@@ -291,11 +258,11 @@ def run(
                     functools.partial(torch_train_module, run_.case, run_.masks, run_.sites),
                     seed,
                     {"train": True, **run_.detail},
-                    attention_impl,
+                    request.attention_impl,
                     step,
                 )
         elif grad:
-            trainer = FlaxTrainer(case, seed, train=False, attention_impl=attention_impl)
+            trainer = FlaxTrainer(case, seed, train=False, attention_impl=request.attention_impl)
             _, flax_grads, _ = grad_check.flax_output_and_grads(case, trainer, seed)
             results += grad_check.grad_rows(
                 case,
@@ -303,21 +270,24 @@ def run(
                 functools.partial(torch_eval_module, case),
                 seed,
                 {"train": False},
-                attention_impl,
+                request.attention_impl,
                 step,
             )
-    from crosscheck.pipeline import placement
-
     for r in results:  # torch runs on the CPU here and JAX at "highest", whatever --torch-device/--matmul-precision say
         r.device = placement.torch_device_label("cpu") if r.backend == "torch" else placement.jax_device()
         r.precision = grad_check.MATMUL_PRECISION
-    mode: dict[str, Any] = {"check": "grad" if grad else "train", "train": train, "seed": seed}
-    if train:
+    return CheckOutcome(results, mode=_mode(request, dropouts))
+
+
+def _mode(request: RunRequest, dropouts: set) -> dict[str, Any]:
+    """The JSON ``"mode"`` record of a training run."""
+    mode: dict[str, Any] = {"check": "grad" if request.grad else "train", "train": request.train, "seed": request.seed}
+    if request.train:
         rates = sorted(d for d in dropouts if d != "no dropout")
         mode["dropout"] = rates[0] if len(rates) == 1 else rates
         mode["masks"] = "jax.random per site: fold_in(key(seed), site), read back from jaxattn's naive kernel"
-    if grad:
+    if request.grad:
         mode["loss"] = grad_check.LOSS
-    if skipped:
-        mode["skipped_backends"] = dict(skipped)
-    return results, mode
+    if request.skipped_backends:
+        mode["skipped_backends"] = dict(request.skipped_backends)
+    return mode

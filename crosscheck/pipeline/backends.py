@@ -217,6 +217,24 @@ def ttnn_outputs_elsewhere(cases: Sequence[Case], runtime: str, python: str, *, 
     return outputs, info, dict(meta.get("versions", {})), {c.variant.name: elapsed / len(cases) for c in cases}
 
 
+def ttnn_outputs(
+    cases: Sequence[Case],
+    runtime: str,
+    python: str | None,
+    *,
+    prompt_len: int | None = None,
+    progress: Callable[[str], None] | None = None,
+):
+    """:func:`ttnn_outputs_in_process`, or :func:`ttnn_outputs_elsewhere` with ``python``; ``progress`` per case."""
+    progress = progress or (lambda _: None)
+    if python is None:
+        return ttnn_outputs_in_process(cases, runtime, progress, prompt_len=prompt_len)
+    found = ttnn_outputs_elsewhere(cases, runtime, python, prompt_len=prompt_len)
+    for case in cases:
+        progress(f"ttnn {case.variant.name}")
+    return found
+
+
 # --- versions ------------------------------------------------------------------------------------
 
 

@@ -156,16 +156,20 @@ def current() -> Budget:
     return _CURRENT.get() or default_budget()
 
 
+def budget_for(max_memory: int | str | None) -> Budget:
+    """The :class:`Budget` of ``max_memory`` (bytes or a size string; ``None``: the current one); checks it."""
+    if max_memory is None:
+        return current()
+    limit = parse_size(max_memory) if isinstance(max_memory, str) else int(max_memory)
+    if limit < 1:
+        raise BadInputError(f"--max-memory must be at least 1 byte, got {max_memory!r}")
+    return Budget(limit, f"--max-memory {format_bytes(limit)}")
+
+
 @contextlib.contextmanager
 def limited(max_memory: int | str | None) -> Iterator[Budget]:
     """Run the body under ``max_memory`` bytes (an int or a size string; ``None``: the default)."""
-    if max_memory is None:
-        budget = current()
-    else:
-        limit = parse_size(max_memory) if isinstance(max_memory, str) else int(max_memory)
-        if limit < 1:
-            raise BadInputError(f"--max-memory must be at least 1 byte, got {max_memory!r}")
-        budget = Budget(limit, f"--max-memory {format_bytes(limit)}")
+    budget = budget_for(max_memory)
     token = _CURRENT.set(budget)
     try:
         yield budget

@@ -88,7 +88,7 @@ def select_variants(names: Iterable[str] | None, *, all_formats: bool = False) -
     return chosen
 
 
-def _float32_state_dict(sd: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
+def float32_state_dict(sd: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
     """Canonical keys, float32 values: the weights as every backend receives them."""
     clashes = pm.alias_collisions(sd)
     if clashes:
@@ -197,7 +197,7 @@ def resolve_config(
     values.update({k: v for k, v in overrides.items() if k in AttnConfig.__dataclass_fields__})
     given = frozenset(inferred) | frozenset(k for k in overrides if k in relevant)
     cfg = AttnConfig(**variant.complete(values, given))
-    _check_config(variant, cfg, tokens, from_weights="context_length" in inferred)
+    check_config(variant, cfg, tokens, from_weights="context_length" in inferred)
     return cfg
 
 
@@ -205,7 +205,7 @@ def _show(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _check_config(variant: registry.Variant, cfg: AttnConfig, tokens: int, from_weights: bool) -> None:
+def check_config(variant: registry.Variant, cfg: AttnConfig, tokens: int, from_weights: bool) -> None:
     """Raise :class:`BadInputError` naming the field and the limit when ``variant`` cannot run ``cfg`` on ``tokens``."""
     rc = variant.resolve(cfg)
     name = variant.name
@@ -224,7 +224,7 @@ def _check_config(variant: registry.Variant, cfg: AttnConfig, tokens: int, from_
         raise BadInputError(f"{name}: input has tokens={tokens}, beyond context_length={rc.context_length} ({source})")
 
 
-def _torch_reference_module(case_variant: registry.Variant, cfg: AttnConfig, weights: dict | None):
+def torch_reference_module(case_variant: registry.Variant, cfg: AttnConfig, weights: dict | None):
     import torch
 
     torch.manual_seed(TORCH_SEED)
@@ -315,7 +315,7 @@ def build_cases(
             raw, weights_desc = port.load_file(weights), os.fspath(weights)
         if prefix:
             raw, weights_desc = port.select_prefix(raw, prefix), f"{weights_desc} [{prefix}]"
-        sd = _float32_state_dict(raw, weights_desc)
+        sd = float32_state_dict(raw, weights_desc)
         if variants:
             for v in chosen:  # every named variant must take the weights
                 has_params = v.portmap(v.resolve(_probe(v))).entries
@@ -338,7 +338,7 @@ def build_cases(
     )
     cases = []
     for v, cfg in zip(chosen, configs, strict=True):
-        module = _torch_reference_module(v, cfg, sd)
+        module = torch_reference_module(v, cfg, sd)
         state = sd if sd is not None else {k: t.detach().numpy().copy() for k, t in module.state_dict().items()}
         if sd is not None:
             port.check_state_dict(v.portmap(cfg), state, v.name)  # the mask buffer against the final config
@@ -371,3 +371,18 @@ def bundle_cases(cases: Sequence[Case]):
         )
         for c in cases
     ]
+
+
+def cases_from_bundle(records: Sequence[Any], source: str | os.PathLike) -> list[Case]:
+    """The cases of a bundle's records (:func:`crosscheck.porting.bundle.read_bundle`), validated as
+    :func:`build_cases` validates them; ``source`` names the bundle in the messages."""
+    cases = []
+    for bc in records:
+        v = select_variants([bc.variant])[0]
+        sd = float32_state_dict(bc.state_dict, f"{source}: {bc.variant}")
+        port.check_state_dict(v.portmap(bc.config), sd, v.name)
+        x = inp.validate_array(np.asarray(bc.inputs), f"{source}: {bc.variant}/inputs")
+        check_config(v, bc.config, x.shape[-2], from_weights=False)
+        budget.check_cases([(v, bc.config, x.shape)], f"the config or inputs of {os.fspath(source)}")
+        cases.append(Case(v, bc.config, sd, x, torch_reference_module(v, bc.config, sd)))
+    return cases

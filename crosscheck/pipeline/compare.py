@@ -196,15 +196,16 @@ class Tolerance:
 
 
 def _ttnn_policy(variant: str | None) -> Tolerance:
-    """ttnn's row lives next to the ttnn programs (crosscheck.tt), which count their own bf16 roundings."""
-    from crosscheck.tt import TTNN_BF16_ABS_BUDGET, TTNN_BF16_TOLERANCE, TTNN_MIN_PCC
+    """ttnn's row is read off the variants' entries, which count their ttnn programs' bf16 roundings."""
+    from crosscheck.tt import TTNN_MIN_PCC
+    from crosscheck.variants.registry import TTNN_BF16_ABS_BUDGET, TTNN_BF16_TOLERANCE
 
     budget, min_pcc = TTNN_BF16_TOLERANCE.get(variant or "", (TTNN_BF16_ABS_BUDGET, TTNN_MIN_PCC))
     return Tolerance(
         max_abs=float(budget),
         min_pcc=float(min_pcc),
         why="bfloat16 on Tenstorrent math: n bf16 roundings on the variant's longest path x 2^-8 "
-        "(crosscheck.tt.TTNN_BF16_TOLERANCE); PCC 0.999 as tt-metal's bf16 linear tests",
+        "(crosscheck.variants.registry.TTNN_BF16_TOLERANCE); PCC 0.999 as tt-metal's bf16 linear tests",
     )
 
 

@@ -4,6 +4,7 @@
     report = engine.run()                       # the seed sentence, every variant, every backend
     report = engine.run(["MultiHeadAttention"], weights="mha.pt", inputs="x.npy", backends=("torch", "flax"))
     assert report.passed, report.failing_variants
+    report = engine.run(RunRequest(("CausalAttention",), decode=3))   # or a request, validated when built
 
 Every backend is compared with the torch float32 reference (the book's classes run in
 ``eval()`` mode), using :mod:`crosscheck.pipeline.compare`. The ``torch`` row itself is that
@@ -17,26 +18,26 @@ in the config only. Two frameworks' dropout streams could never be compared anyw
 Errors: :class:`BadInputError` for anything the user gave that cannot be used (exit 2
 in the CLI); a failed verdict is a :class:`Result` with ``passed=False`` (exit 1).
 
-This module only orchestrates: cases are built and validated in :mod:`crosscheck.pipeline.cases`,
-run by :mod:`crosscheck.pipeline.backends`, judged by :mod:`crosscheck.pipeline.compare` and recorded in
-:mod:`crosscheck.pipeline.results`. The names users and tests reach through ``engine.`` (``Report``,
-``build_cases``, ``flax_output``, ``BACKENDS``, ``port`` ...) are re-exported here.
+This module only orchestrates: the options are validated once in :class:`RunRequest`
+(:mod:`crosscheck.pipeline.request`), cases are built and validated in :mod:`crosscheck.pipeline.cases`,
+and the check the request asks (:func:`crosscheck.checks.select`: forward, decode, padding, training,
+sharding) runs them on :mod:`crosscheck.pipeline.backends`, judged by :mod:`crosscheck.pipeline.compare`;
+its :class:`~crosscheck.pipeline.results.CheckOutcome` becomes the :class:`Report`. The names users and tests
+reach through ``engine.`` (``Report``, ``RunRequest``, ``build_cases``, ``flax_output``, ``BACKENDS``, ``port`` ...)
+are re-exported here.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
-from crosscheck.checks import sharding_check
+from crosscheck import checks
 from crosscheck.errors import BadInputError
 from crosscheck.pipeline import budget, flax_runner, placement
 from crosscheck.pipeline import compare as cmp
-from crosscheck.pipeline import inputs as inp
 from crosscheck.pipeline.backends import (
     BACKENDS,
     DTYPES,
@@ -53,23 +54,26 @@ from crosscheck.pipeline.cases import (
     OVERRIDABLE,
     TORCH_SEED,
     Case,
-    _check_config,
-    _float32_state_dict,
-    _torch_reference_module,
     build_cases,
     bundle_cases,
+    cases_from_bundle,
     match_variants,
     resolve_config,
     select_variants,
 )
-from crosscheck.pipeline.results import Report, Result, result_of
+from crosscheck.pipeline.inputs import Inputs
+from crosscheck.pipeline.progress import Progress
+from crosscheck.pipeline.request import APIS, FLAX_API_BACKENDS, RunRequest, check_attention_impl
+from crosscheck.pipeline.results import CheckOutcome, Report, Result, result_of
 from crosscheck.porting import port
 from crosscheck.variants import registry
 
-#: The public API, including the names re-exported from cases, backends and results.
+#: The public API, including the names re-exported from cases, backends, request and results.
 __all__ = [
+    "APIS",
     "BACKENDS",
     "DTYPES",
+    "FLAX_API_BACKENDS",
     "OVERRIDABLE",
     "TORCH_SEED",
     "TTNN_RUNTIMES",
@@ -77,6 +81,7 @@ __all__ = [
     "Progress",
     "Report",
     "Result",
+    "RunRequest",
     "build_cases",
     "bundle_cases",
     "check_attention_impl",
@@ -95,93 +100,29 @@ __all__ = [
     "versions",
 ]
 
-#: ``progress(done, total, description)`` — called after each step.
-Progress = Callable[[int, int, str], None]
-
 
 # --- run -----------------------------------------------------------------------------------------
 
 
-def _check_choices(backends: Sequence[str], dtype: str, ttnn_runtime: str) -> tuple[str, ...]:
-    """The chosen backends in canonical order; :class:`BadInputError` naming the bad choice and the options."""
-    backends = tuple(dict.fromkeys(b.strip().lower() for b in backends if b.strip()))
-    bad = [b for b in backends if b not in BACKENDS]
-    if bad or not backends:
-        raise BadInputError(f"unknown backend(s) {bad or '(none)'}; choose from {', '.join(BACKENDS)}")
-    if dtype not in DTYPES:
-        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if ttnn_runtime not in TTNN_RUNTIMES:
-        raise BadInputError(f"ttnn runtime must be one of {', '.join(TTNN_RUNTIMES)}; got {ttnn_runtime!r}")
-    return tuple(b for b in BACKENDS if b in backends)
-
-
-def check_attention_impl(attention_impl: str | None, variants: Iterable[str] | None) -> None:
-    """Refuse an unknown core, and a core for an explicitly named variant that has no choice of core.
-
-    Without named variants, those that take no ``attention_impl`` run as they always do.
-    """
-    if attention_impl is None:
-        return
-    flax_runner.check_attention_impl(attention_impl)
-    if variants:
-        for v in select_variants(variants):
-            if not v.takes_attention_impl:
-                takers = ", ".join(t.name for t in registry.takes_attention_impl())
-                raise BadInputError(
-                    f"{v.name} takes no --attention-impl (its Flax module has one fixed attention core); "
-                    f"variants that take one: {takers}"
-                )
-
-
-@budget.with_max_memory
 def run(
-    variants: Iterable[str] | None = None,
-    *,
-    weights: str | os.PathLike | Mapping[str, Any] | None = None,
-    inputs: str | os.PathLike | np.ndarray | inp.RandomInputs | None = None,
-    d_in: int | None = None,
-    d_out: int | None = None,
-    context_length: int | None = None,
-    dropout: float | None = None,
-    num_heads: int | None = None,
-    qkv_bias: bool | None = None,
-    causal: bool | None = None,
-    num_kv_groups: int | None = None,
-    head_dim: int | None = None,
-    qk_norm: bool | None = None,
-    rope_theta: float | None = None,
-    prefix: str = "",
-    model_config: str | os.PathLike | Mapping[str, Any] | None = None,
-    backends: Sequence[str] = BACKENDS,
-    ttnn_runtime: str = "auto",
-    ttnn_python: str | None = None,
-    dtype: str = "float32",
-    attention_impl: str | None = None,
-    decode: int | None = None,
-    padding: str | None = None,
-    pad_lengths: Sequence[int] | None = None,
-    train: bool = False,
-    grad: bool = False,
-    train_seed: int | None = None,
-    progress: Progress | None = None,
-    api: str = "linen",
-    devices: int | None = None,
-    shard: str | None = None,
+    request: RunRequest | Iterable[str] | None = None, /, *, progress: Progress | None = None, **options: Any
 ) -> Report:
-    """Run the cross-check and return its :class:`Report` (never raises on a mismatch).
+    """Run the cross-check ``request`` asks and return its :class:`Report` (never raises on a mismatch).
 
-    ``variants``: jaxattn class names (case-insensitive); all when ``None``. With
-    ``weights`` and no ``variants``, the variants whose keys and shapes the state dict
-    fits. ``inputs``: ``None`` (the seed sentence), a path, an array or
-    :class:`crosscheck.pipeline.inputs.RandomInputs`. ``dtype`` is what Flax computes in; torch
-    is always the float32 reference and ttnn computes in bfloat16. ``attention_impl``:
-    the attention core of the Flax modules that take one (``None``: their default, "auto").
+    ``request``: a :class:`RunRequest`, or the variants of one built from ``options``
+    (:meth:`RunRequest.create`: its fields, and the config fields ``d_in=``, ``num_heads=`` ...).
+    ``variants``: jaxattn class names (case-insensitive); all when ``None``. With ``weights`` and
+    no ``variants``, the variants whose keys and shapes the state dict fits. ``inputs``: ``None``
+    (the seed sentence), a path, an array or :class:`crosscheck.pipeline.inputs.RandomInputs`.
+    ``dtype`` is what Flax computes in; torch is always the float32 reference and ttnn computes in
+    bfloat16. ``attention_impl``: the attention core of the Flax modules that take one (``None``:
+    their default, "auto").
 
-    ``decode=P``: instead of the forward check, prefill ``P`` tokens and decode the rest
-    one at a time in every backend (:mod:`crosscheck.checks.decode_check`; without ``variants``,
-    the variants that decode). ``padding="left"|"right"`` with ``pad_lengths``: run a
-    padded batch and compare it at the real tokens with the sequences run one by one
-    (:mod:`crosscheck.checks.padding_check`).
+    The request chooses the check (:func:`crosscheck.checks.select`): the forward check by default;
+    ``decode=P`` prefills ``P`` tokens and decodes the rest one at a time in every backend
+    (:mod:`crosscheck.checks.decode_check`; without ``variants``, the variants that decode);
+    ``padding="left"|"right"`` with ``pad_lengths`` runs a padded batch and compares it at the real
+    tokens with the sequences run one by one (:mod:`crosscheck.checks.padding_check`).
 
     ``train=True``: torch and Flax in training mode on identical dropout masks
     (:mod:`crosscheck.checks.train_check`; ``dropout`` defaults to 0.1). ``grad=True``: gradients of
@@ -189,6 +130,9 @@ def run(
     (:mod:`crosscheck.checks.grad_check`; in training mode with ``train``). ``train_seed`` (default 0)
     draws the masks and ``R``. Both compare torch with Flax in float32: ttnn in ``backends`` is
     skipped, with the reason in ``report.mode["skipped_backends"]``.
+
+    ``devices=N, shard=MODE``: the Flax rows run split over N devices, plus a ``"flax 1 device"`` row
+    (:mod:`crosscheck.checks.sharding_check`).
 
     ``api``: the Flax modules to run: ``"linen"`` (rows ``flax``), ``"nnx"`` (the :mod:`jaxattn.nnx`
     twins, rows ``flax-nnx``) or ``"both"``; NNX in the forward check only.
@@ -200,299 +144,45 @@ def run(
     ``max_memory`` (bytes or ``"8G"``; default: :mod:`crosscheck.pipeline.budget`'s fraction of physical
     memory): a run whose estimated memory exceeds it is refused before anything is allocated.
     """
-    t_start = time.perf_counter()
-    backends = _check_choices(backends, dtype, ttnn_runtime)
-    check_attention_impl(attention_impl, variants)
-    _check_mode(decode, padding, pad_lengths)
-    if placement.torch_device() != "cpu" and (train or grad or decode is not None or padding is not None):
-        raise BadInputError(
-            f"--torch-device {placement.torch_device()}: only the forward check runs torch there; "
-            "--train, --grad, --decode and --padding run torch on the CPU"
+    if not isinstance(request, RunRequest):
+        request = RunRequest.create(request, **options)
+    elif options:
+        raise TypeError(f"run(request): the request holds the options; got {', '.join(options)} besides")
+    with budget.limited(request.max_memory):
+        t_start = time.perf_counter()
+        if "ttnn" in request.run_backends:
+            check_ttnn_available(request.ttnn_runtime, request.ttnn_python)
+        cases, data, weights_desc = build_cases(
+            request.variants,
+            weights=request.weights,
+            inputs=request.inputs,
+            overrides=request.config_overrides,
+            prefix=request.prefix,
+            model_config=request.model_config,
         )
-    flax_apis = _flax_apis(api, decode=decode, padding=padding, train=train or grad)
-    skipped: dict[str, str] = {}
-    if train or grad:  # torch vs Flax only (crosscheck.checks.train_check); ttnn is skipped with its reason
-        from crosscheck.checks import train_check
-
-        kept = train_check.check_options(
-            train=train,
-            grad=grad,
-            dtype=dtype,
-            backends=backends,
-            attention_impl=attention_impl,
-            decode=decode,
-            padding=padding,
-        )
-        skipped = {b: train_check.TTNN_SKIPPED for b in backends if b not in kept}
-        backends = kept
-        if train and dropout is None:
-            dropout = train_check.DEFAULT_TRAIN_DROPOUT
-    if "ttnn" in backends:
-        check_ttnn_available(ttnn_runtime, ttnn_python)
-    overrides = dict(
-        d_in=d_in,
-        d_out=d_out,
-        context_length=context_length,
-        dropout=dropout,
-        num_heads=num_heads,
-        qkv_bias=qkv_bias,
-        causal=causal,
-        num_kv_groups=num_kv_groups,
-        head_dim=head_dim,
-        qk_norm=qk_norm,
-        rope_theta=rope_theta,
-    )
-    cases, data, weights_desc = build_cases(
-        variants, weights=weights, inputs=inputs, overrides=overrides, prefix=prefix, model_config=model_config
-    )
-    if pad_lengths is not None:  # the padded batch: one row per length, each longer by its padding
-        budget.check_cases(
-            [
-                (c.variant, c.config, (len(pad_lengths), c.x.shape[-2] + max(pad_lengths, default=0), c.x.shape[-1]))
-                for c in cases
-            ],
-            "--pad-lengths",
-        )
-    if decode is not None and not variants:
-        cases = [c for c in cases if c.variant.decodes(c.config)]
-        if not cases:
-            names = ", ".join(v.name for v in registry.decoding())
-            raise BadInputError(f"--decode: none of the variants to run decodes; variants that decode: {names}")
-    # --devices N --shard MODE (crosscheck.checks.sharding_check): the Flax rows run split, plus a "flax 1 device" row.
-    sharding_check.check_request(
-        cases,
-        devices=devices,
-        shard=shard,
-        backends=backends,
-        attention_impl=attention_impl,
-        others=(
-            ("--decode", decode is not None),
-            ("--padding", padding is not None),
-            ("--train", train),
-            ("--grad", grad),
-            ("--api nnx", api != "linen"),
-        ),
-    )
-    total = len(cases) * (len(backends) + ("flax" in backends) * (len(flax_apis) - 1))
-    done = 0
-
-    def step(description: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, description)
-
-    if train or grad:
-        from crosscheck.checks import train_check
-
-        results, mode = train_check.run(
-            cases,
-            train=train,
-            grad=grad,
-            seed=0 if train_seed is None else int(train_seed),
-            backends=backends,
-            attention_impl=attention_impl,
-            skipped=skipped,
-            step=step,
-        )
-        return _report(results, cases, cases, data, weights_desc, None, None, backends, attention_impl, t_start, mode)
-    if decode is not None or padding is not None:
-        return _run_mode(
-            cases,
-            data,
-            weights_desc,
-            t_start,
-            backends=backends,
-            dtype=dtype,
-            attention_impl=attention_impl,
-            ttnn_runtime=ttnn_runtime,
-            ttnn_python=ttnn_python,
-            decode=decode,
-            padding=padding,
-            pad_lengths=pad_lengths,
-            step=step,
-        )
-
-    by_variant: dict[str, list[Result]] = {c.variant.name: [] for c in cases}
-    refs: dict[str, np.ndarray] = {}
-    for case in cases:
-        name = case.variant.name
-        t0 = time.perf_counter()
-        out32, out64 = torch_outputs(case)
-        refs[name] = out32
-        if "torch" in backends:
-            tol = cmp.policy_for("torch", "float32")
-            by_variant[name].append(
-                result_of(
-                    name,
-                    "torch",
-                    placement.torch_device(),
-                    "float32",
-                    "torch float64",
-                    out32,
-                    out64,
-                    tol,
-                    time.perf_counter() - t0,
-                )
-            )
-            step(f"torch {name}")
-        for flax_api in flax_apis if "flax" in backends else ():  # a row per Flax API (--api)
-            t0 = time.perf_counter()
-            if shard is None:
-                out = flax_output(case, dtype, attention_impl, api=flax_api)
-            else:
-                assert devices is not None  # check_request refuses --shard without --devices
-                out = sharding_check.sharded_output(case, dtype, attention_impl, devices, shard)
-            tol = cmp.policy_for("flax", placement.tolerance_dtype(dtype))  # TF32's row below "highest"
-            backend = FLAX_API_BACKENDS[flax_api]
-            result = result_of(
-                name, backend, flax_runner.platform(), dtype, "torch float32", out, out32, tol, time.perf_counter() - t0
-            )
-            result.attention_impl = (attention_impl or flax_runner.AUTO) if case.variant.takes_attention_impl else None
-            if backend != "flax":  # placement.describe knows the "flax" row; the NNX row runs on the same JAX
-                result.device, result.precision = placement.jax_device(), placement.matmul_precision(dtype)
-            by_variant[name].append(result)
-            if shard is not None:
-                assert devices is not None  # check_request refuses --shard without --devices
-                sharding_check.label(result, dtype, devices, shard)
-                by_variant[name].append(sharding_check.one_device_row(case, dtype, attention_impl, out, devices, shard))
-            step(f"{backend} {name}")
-    ttnn_info, ttnn_versions = None, None
-    if "ttnn" in backends:
-        if ttnn_python is None:
-            outs, ttnn_info, ttnn_versions, secs = ttnn_outputs_in_process(cases, ttnn_runtime, step)
-        else:
-            outs, ttnn_info, ttnn_versions, secs = ttnn_outputs_elsewhere(cases, ttnn_runtime, ttnn_python)
-            for case in cases:
-                step(f"ttnn {case.variant.name}")
-        for case in cases:
-            name = case.variant.name
-            tol = cmp.policy_for("ttnn", "bfloat16", name)
-            if name not in outs:
-                raise BadInputError(f"the ttnn backend returned no output for {name}")
-            by_variant[name].append(
-                result_of(
-                    name,
-                    "ttnn",
-                    ttnn_info["name"],
-                    "bfloat16",
-                    "torch float32",
-                    outs[name],
-                    refs[name],
-                    tol,
-                    secs.get(name),
-                )
-            )
-    results = [r for c in cases for r in by_variant[c.variant.name]]
-    report = _report(
-        results, cases, cases, data, weights_desc, ttnn_info, ttnn_versions, backends, attention_impl, t_start
-    )
-    report.sharding = None
-    if shard is not None:
-        assert devices is not None  # check_request refuses --shard without --devices
-        report.sharding = sharding_check.describe(devices, shard)
-    return report
+        outcome = checks.select(request).run(cases, request, progress)
+        return _report(outcome, cases, data, weights_desc, request, t_start)
 
 
 def _report(
-    results,
-    cases,
-    run_cases,
-    data,
-    weights_desc,
-    ttnn_info,
-    ttnn_versions,
-    backends,
-    attention_impl,
-    t_start,
-    mode: dict | None = None,
+    outcome: CheckOutcome, cases: Sequence[Case], data: Inputs, weights_desc: str, request: RunRequest, t_start: float
 ) -> Report:
-    """The :class:`Report` of a run: ``run_cases`` are the cases as run (padded ones for ``--padding``)."""
-    placement.describe(results)  # device and precision on every result
+    """The :class:`Report` of a check's ``outcome`` on ``cases``."""
+    placement.describe(outcome.results)  # device and precision on every result
+    checked = cases if outcome.cases is None else outcome.cases
+    shapes = outcome.shapes or {c.variant.name: list(c.x.shape) for c in checked}
     return Report(
-        results=results,
-        configs={c.variant.name: c.variant.report_config(c.config) for c in cases},
-        input={**data.describe(), "per_variant_shape": {c.variant.name: list(c.x.shape) for c in run_cases}},
+        results=outcome.results,
+        configs={c.variant.name: c.variant.report_config(c.config) for c in checked},
+        input={**data.describe(), "per_variant_shape": shapes},
         weights=weights_desc,
-        versions=versions(ttnn_versions),
-        ttnn_runtime=ttnn_info,
-        backends=backends,
+        versions=versions(outcome.ttnn_versions),
+        ttnn_runtime=outcome.ttnn_runtime,
+        backends=request.run_backends,
         seconds=time.perf_counter() - t_start,
-        attention_impl=(attention_impl or flax_runner.AUTO) if "flax" in backends else None,
-        mode=mode,
-    )
-
-
-#: ``api`` choices of :func:`run` and the backend name of each API's rows.
-APIS = ("linen", "nnx", "both")
-FLAX_API_BACKENDS = {"linen": "flax", "nnx": "flax-nnx"}
-
-
-def _flax_apis(api: str, *, decode, padding, train: bool) -> tuple[str, ...]:
-    """The Flax APIs to run (``api="both"``: Linen and NNX, a row each); NNX runs the forward check only."""
-    if api not in APIS:
-        raise BadInputError(f"--api must be one of {', '.join(APIS)}; got {api!r}")
-    apis = ("linen", "nnx") if api == "both" else (api,)
-    modes = [
-        flag
-        for flag, on in (
-            ("--decode", decode is not None),
-            ("--padding", padding is not None),
-            ("--train/--grad", train),
-        )
-        if on
-    ]
-    if "nnx" in apis and modes:
-        raise BadInputError(f"--api {api}: the NNX modules run in the forward check; {modes[0]} runs Linen only")
-    return apis
-
-
-def _check_mode(decode: int | None, padding: str | None, pad_lengths: Sequence[int] | None) -> None:
-    """The decode and padding options: one check at a time, each complete."""
-    from crosscheck.checks.padding_check import SIDES
-
-    if decode is not None and padding is not None:
-        raise BadInputError("--decode and --padding are separate checks; choose one")
-    if decode is not None and (isinstance(decode, bool) or int(decode) < 1):
-        raise BadInputError(f"--decode: the prompt length must be >= 1, got {decode}")
-    if padding is not None and padding not in SIDES:
-        raise BadInputError(f"--padding must be one of {', '.join(SIDES)}; got {padding!r}")
-    if (padding is None) != (pad_lengths is None):
-        raise BadInputError("--padding and --pad-lengths go together (e.g. --padding left --pad-lengths 0,3)")
-
-
-def _run_mode(
-    cases,
-    data,
-    weights_desc,
-    t_start,
-    *,
-    backends,
-    dtype,
-    attention_impl,
-    ttnn_runtime,
-    ttnn_python,
-    decode,
-    padding,
-    pad_lengths,
-    step,
-) -> Report:
-    """The decode or padding check of ``cases`` as a :class:`Report`."""
-    from crosscheck.checks import decode_check, padding_check
-
-    def ttnn_outputs(run_cases, prompt_len=None):
-        if ttnn_python is None:
-            return ttnn_outputs_in_process(run_cases, ttnn_runtime, lambda _: None, prompt_len=prompt_len)
-        return ttnn_outputs_elsewhere(run_cases, ttnn_runtime, ttnn_python, prompt_len=prompt_len)
-
-    common = dict(backends=backends, dtype=dtype, attention_impl=attention_impl, ttnn_outputs=ttnn_outputs, step=step)
-    if decode is not None:
-        results, mode, info, ttnn_versions = decode_check.run(cases, int(decode), **common)
-        run_cases = cases
-    else:
-        results, mode, info, ttnn_versions, run_cases = padding_check.run(cases, padding, list(pad_lengths), **common)
-    return _report(
-        results, cases, run_cases, data, weights_desc, info, ttnn_versions, backends, attention_impl, t_start, mode
+        attention_impl=(request.attention_impl or flax_runner.AUTO) if "flax" in request.run_backends else None,
+        mode=outcome.mode,
+        sharding=outcome.sharding,
     )
 
 
@@ -542,15 +232,7 @@ def compare_outputs(bundle_path, outputs_paths: Sequence[str | os.PathLike]) -> 
     t_start = time.perf_counter()
     bcases = read_bundle(bundle_path)
     bmeta = read_bundle_meta(bundle_path)
-    cases = []
-    for bc in bcases:
-        v = select_variants([bc.variant])[0]
-        sd = _float32_state_dict(bc.state_dict, f"{bundle_path}: {bc.variant}")
-        port.check_state_dict(v.portmap(bc.config), sd, v.name)
-        x = inp.validate_array(np.asarray(bc.inputs), f"{bundle_path}: {bc.variant}/inputs")
-        _check_config(v, bc.config, x.shape[-2], from_weights=False)
-        budget.check_cases([(v, bc.config, x.shape)], f"the config or inputs of {os.fspath(bundle_path)}")
-        cases.append(Case(v, bc.config, sd, x, _torch_reference_module(v, bc.config, sd)))
+    cases = cases_from_bundle(bcases, bundle_path)
     refs = {c.variant.name: torch_output(c) for c in cases}
     results, ttnn_info, ttnn_versions, backends = [], None, None, []
     for path in outputs_paths:

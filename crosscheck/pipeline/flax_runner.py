@@ -60,11 +60,11 @@ def platform() -> str:
 
 
 def _jax_dtype(dtype: str):
-    import jax.numpy as jnp
+    from crosscheck.pipeline import placement
 
     if dtype not in DTYPES:
         raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
+    return placement.jax_dtype(dtype)
 
 
 def flax_module(variant: registry.Variant, cfg: AttnConfig, dtype: str = "float32", attention_impl: str | None = None):
@@ -115,6 +115,17 @@ def _prepare(variant, cfg, state_dict, dtype, attention_impl, **clone):
     if clone:
         module = module.clone(**clone)
     return module, _float32_variables(variant, cfg, state_dict), _inference_kwargs(module)
+
+
+def module_call(case, dtype: str, attention_impl: str | None):
+    """``(module, variables, input, keyword arguments)`` of ``case`` (a :class:`crosscheck.pipeline.cases.Case`)
+    as :func:`run_flax` applies them, for a caller that applies the module its own way (split over devices)."""
+    import jax.numpy as jnp
+
+    module, variables, kwargs = _prepare(case.variant, case.config, case.state_dict, dtype, attention_impl)
+    if case.attention_mask is not None:
+        kwargs["attention_mask"] = jnp.asarray(case.attention_mask, dtype=jnp.bool_)
+    return module, variables, jnp.asarray(case.x, dtype=_jax_dtype(dtype)), kwargs
 
 
 def run_flax(

@@ -20,6 +20,8 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+import numpy as np
+
 from crosscheck.errors import BadInputError
 
 TORCH_DEVICES = ("cpu", "cuda")
@@ -70,6 +72,41 @@ def matmul_precision(dtype: str) -> str:
     """The JAX matmul precision of a check computing in ``dtype``: the chosen one for float32 (``"highest"``
     by default); 16-bit runs keep JAX's default, their own precision."""
     return _PRECISION.get() if dtype == "float32" else "default"
+
+
+#: The float dtypes a check or a bench is asked for by name. torch, JAX and numpy each spell them the same
+#: (numpy's ``bfloat16`` is ml_dtypes'); the functions below look the name up in the framework when called,
+#: so importing this module imports neither torch nor JAX.
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _dtype_name(name: str) -> str:
+    if name not in DTYPE_NAMES:
+        raise BadInputError(f"dtype must be one of {', '.join(DTYPE_NAMES)}; got {name!r}")
+    return name
+
+
+def jax_dtype(name: str):
+    """``jnp.float32``, ``jnp.bfloat16``, ... for a name of :data:`DTYPE_NAMES` (else a :class:`BadInputError`)."""
+    import jax.numpy as jnp
+
+    return getattr(jnp, _dtype_name(name))
+
+
+def torch_dtype(name: str):
+    """``torch.float32``, ``torch.bfloat16``, ... for a name of :data:`DTYPE_NAMES` (else a :class:`BadInputError`)."""
+    import torch
+
+    return getattr(torch, _dtype_name(name))
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a name of :data:`DTYPE_NAMES` (``bfloat16``: ml_dtypes', as JAX's)."""
+    if _dtype_name(name) == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def tolerance_dtype(dtype: str) -> str:

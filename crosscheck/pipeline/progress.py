@@ -9,6 +9,10 @@ stdout (``--json -``). The bar is transient: gone once the run ends.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+
+#: ``progress(done, total, description)``: called after each step of a run (a :class:`Bar` is one).
+Progress = Callable[[int, int, str], None]
 
 
 def wanted(*, quiet: bool = False, json_path: str | None = None) -> bool:
@@ -45,9 +49,9 @@ class Bar:
 
 
 class Steps:
-    """Counts steps of a known total into an optional :class:`Bar` (``None``: counts only)."""
+    """Counts steps of a known total into an optional :class:`Bar` or other :data:`Progress` (``None``: counts only)."""
 
-    def __init__(self, total: int, bar: Bar | None):
+    def __init__(self, total: int, bar: Progress | None):
         self.total, self.done, self.bar = total, 0, bar
 
     def step(self, description: str) -> None:
@@ -56,5 +60,5 @@ class Steps:
             self.bar(self.done, self.total, description)
 
     def close(self) -> None:
-        if self.bar is not None:
+        if isinstance(self.bar, Bar):
             self.bar.close()

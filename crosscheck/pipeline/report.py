@@ -44,87 +44,13 @@ def _ulp(x: int | None) -> str:
 
 def render(report: Report, console, *, quiet: bool = False) -> None:
     """Print ``report`` on ``console`` (a ``rich.console.Console``); ``quiet``: failures and one line only."""
-    from rich import box
-    from rich.table import Table
-
+    versus = (report.mode or {}).get("check") in _VERSUS_CHECKS or report.sharding is not None  # "flax 1 device"
     if not quiet:
-        console.print(f"[bold]crosscheck[/bold]  input: {report.input.get('description', report.input.get('source'))}")
-        console.print(f"weights: {report.weights}")
-        if report.ttnn_runtime:
-            where = f" via {report.ttnn_runtime['python']}" if report.ttnn_runtime.get("python") else ""
-            console.print(
-                f"ttnn runtime: {report.ttnn_runtime.get('name')} - {report.ttnn_runtime.get('description')}{where}"
-            )
-        if report.attention_impl is not None:
-            from crosscheck.pipeline.flax_runner import describe_attention_impl
-
-            console.print(f"attention impl: {describe_attention_impl(report.attention_impl)}")
-        mode = report.mode or {}
-        if mode.get("check") == "decode":
-            counts = sorted(set((mode.get("flax_compilations") or {}).values()))
-            compiled = "" if not counts else "; flax jit compilations per variant: " + "/".join(map(str, counts))
-            console.print(
-                f"decode: prompt of {mode['prompt_len']} tokens, then one token at a time to {mode['tokens']}{compiled}"
-            )
-        elif mode.get("check") == "padding":
-            console.print(
-                f"padding: {mode['side']}, pad lengths {mode['pad_lengths']}; real tokens vs each sequence alone"
-            )
-        elif mode.get("check") in ("train", "grad"):
-            _render_train_mode(mode, console)
-        v = report.versions
-        ttnn = v.get("ttnn") or f"absent ({v.get('ttnn_reason')})"
-        console.print(f"versions: torch {v.get('torch')}, jax {v.get('jax')}, flax {v.get('flax')}, ttnn {ttnn}")
-        precisions = sorted(
-            {f"{r.dtype} at {r.precision}" for r in report.results if r.backend == "flax" and r.precision}
-        )
-        if precisions:  # what "float32" meant for the JAX matmuls (TF32 below "highest" on a GPU)
-            console.print(f"flax matmul precision: {', '.join(precisions)}")
-        table = Table(box=box.SIMPLE_HEAVY, header_style="bold")
-        versus = mode.get("check") in _VERSUS_CHECKS or report.sharding is not None  # --shard: "flax 1 device" rows
-        if report.sharding is not None:
-            sh = report.sharding
-            ring = ", attention as ring attention" if sh["mode"] == "sequence" else ""
-            console.print(
-                f"sharding: {sh['mode']} over {sh['devices']} {sh.get('platform', '')} devices{ring} "
-                '(jaxattn.sharding); the "flax 1 device" row is the same module on one device'
-            )
-        for col, justify in (
-            ("variant", "left"),
-            ("backend", "left"),
-            *((("vs", "left"),) if versus else ()),
-            ("dtype", "left"),
-            ("shape", "left"),
-            ("max abs err", "right"),
-            ("max rel err", "right"),
-            ("PCC", "right"),
-            ("ULP", "right"),
-            ("", "left"),
-        ):
-            table.add_column(col, justify=justify, no_wrap=True)
-        previous = None
-        for r in report.results:
-            if previous is not None and r.variant != previous:
-                table.add_section()
-            verdict = "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]"
-            table.add_row(
-                r.variant if r.variant != previous else "",
-                backend_label(r),
-                *((r.reference,) if versus else ()),
-                r.dtype,
-                "x".join(map(str, r.shape or [])),
-                _num(r.max_abs_err),
-                _num(r.max_rel_err),
-                _pcc(r.pcc),
-                _ulp(r.ulp),
-                verdict,
-            )
-            previous = r.variant
-        console.print(table)
+        _render_header(report, console)
+        console.print(_table(report, versus))
     for r in report.results:
         for failure in r.failures:
-            versus_rows = (report.mode or {}).get("check") in _VERSUS_CHECKS or report.sharding is not None
-            against = f" vs {r.reference}" if versus_rows else ""
+            against = f" vs {r.reference}" if versus else ""
             console.print(f"[red]FAIL[/red] {r.variant} / {backend_label(r)}{against}: {failure}", highlight=False)
     n_pass = sum(r.passed for r in report.results)
     total = len(report.results)
@@ -134,6 +60,85 @@ def render(report: Report, console, *, quiet: bool = False) -> None:
         console.print(
             f"[bold red]{total - n_pass} of {total} checks failed[/bold red]: {', '.join(report.failing_variants)}"
         )
+
+
+def _render_header(report: Report, console) -> None:
+    """What ran: input, weights, ttnn runtime, attention core, the check's settings, versions, precision, split."""
+    console.print(f"[bold]crosscheck[/bold]  input: {report.input.get('description', report.input.get('source'))}")
+    console.print(f"weights: {report.weights}")
+    if report.ttnn_runtime:
+        where = f" via {report.ttnn_runtime['python']}" if report.ttnn_runtime.get("python") else ""
+        console.print(
+            f"ttnn runtime: {report.ttnn_runtime.get('name')} - {report.ttnn_runtime.get('description')}{where}"
+        )
+    if report.attention_impl is not None:
+        from crosscheck.pipeline.flax_runner import describe_attention_impl
+
+        console.print(f"attention impl: {describe_attention_impl(report.attention_impl)}")
+    mode = report.mode or {}
+    if mode.get("check") == "decode":
+        counts = sorted(set((mode.get("flax_compilations") or {}).values()))
+        compiled = "" if not counts else "; flax jit compilations per variant: " + "/".join(map(str, counts))
+        console.print(
+            f"decode: prompt of {mode['prompt_len']} tokens, then one token at a time to {mode['tokens']}{compiled}"
+        )
+    elif mode.get("check") == "padding":
+        console.print(f"padding: {mode['side']}, pad lengths {mode['pad_lengths']}; real tokens vs each sequence alone")
+    elif mode.get("check") in ("train", "grad"):
+        _render_train_mode(mode, console)
+    v = report.versions
+    ttnn = v.get("ttnn") or f"absent ({v.get('ttnn_reason')})"
+    console.print(f"versions: torch {v.get('torch')}, jax {v.get('jax')}, flax {v.get('flax')}, ttnn {ttnn}")
+    precisions = sorted({f"{r.dtype} at {r.precision}" for r in report.results if r.backend == "flax" and r.precision})
+    if precisions:  # what "float32" meant for the JAX matmuls (TF32 below "highest" on a GPU)
+        console.print(f"flax matmul precision: {', '.join(precisions)}")
+    if report.sharding is not None:
+        sh = report.sharding
+        ring = ", attention as ring attention" if sh["mode"] == "sequence" else ""
+        console.print(
+            f"sharding: {sh['mode']} over {sh['devices']} {sh.get('platform', '')} devices{ring} "
+            '(jaxattn.sharding); the "flax 1 device" row is the same module on one device'
+        )
+
+
+def _table(report: Report, versus: bool):
+    """A row per result, a section per variant; ``versus``: a "vs" column naming each row's reference."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAVY, header_style="bold")
+    for col, justify in (
+        ("variant", "left"),
+        ("backend", "left"),
+        *((("vs", "left"),) if versus else ()),
+        ("dtype", "left"),
+        ("shape", "left"),
+        ("max abs err", "right"),
+        ("max rel err", "right"),
+        ("PCC", "right"),
+        ("ULP", "right"),
+        ("", "left"),
+    ):
+        table.add_column(col, justify=justify, no_wrap=True)
+    previous = None
+    for r in report.results:
+        if previous is not None and r.variant != previous:
+            table.add_section()
+        verdict = "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]"
+        table.add_row(
+            r.variant if r.variant != previous else "",
+            backend_label(r),
+            *((r.reference,) if versus else ()),
+            r.dtype,
+            "x".join(map(str, r.shape or [])),
+            _num(r.max_abs_err),
+            _num(r.max_rel_err),
+            _pcc(r.pcc),
+            _ulp(r.ulp),
+            verdict,
+        )
+        previous = r.variant
+    return table
 
 
 #: Checks whose rows name their reference in a "vs" column (several references per variant).

@@ -106,6 +106,23 @@ class Report:
         }
 
 
+@dataclass
+class CheckOutcome:
+    """What a check (:mod:`crosscheck.checks`) returns: its rows, and what the report says of the run beside them."""
+
+    results: list[Result]
+    #: The JSON ``"mode"`` record (``None``: the forward check).
+    mode: dict | None = None
+    #: The cases checked when not all those given (decode: those that decode); their configs are reported.
+    cases: list | None = None
+    #: ``{variant: input shape as run}`` when not the cases' own (padding: the padded batch).
+    shapes: dict[str, list[int]] | None = None
+    ttnn_runtime: dict | None = None
+    ttnn_versions: dict | None = None
+    #: ``--devices N --shard MODE``: the JSON ``"sharding"`` record.
+    sharding: dict | None = None
+
+
 def result_of(
     variant: str,
     backend: str,

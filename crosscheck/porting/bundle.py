@@ -37,7 +37,11 @@ import numpy as np
 
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
+from crosscheck.pipeline import budget
+from crosscheck.porting.arrays import to_numpy
 from crosscheck.porting.outputs import atomic_write, check_output_path
+from crosscheck.porting.tensorfiles import read_safetensors
+from crosscheck.variants import registry
 
 FORMAT_VERSION = 1
 BUNDLE_FORMAT = "crosscheck-bundle"
@@ -68,8 +72,6 @@ DECODE_PROMPT_LEN = "decode_prompt_len"
 
 def _as_array(value: Any, what: str) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
-        from crosscheck.porting.port import to_numpy
-
         value = to_numpy(value)
     array = np.ascontiguousarray(np.asarray(value))
     if array.dtype == object:
@@ -143,8 +145,6 @@ def check_config(variant, cfg: AttnConfig, where: str) -> None:
     variant's own constraints (``num_heads`` divides the width it splits, kv heads divide the heads, an
     even head dim for RoPE: :meth:`crosscheck.variants.registry.Variant.check_heads`), each message naming ``where``,
     the field, its value and the constraint. ``variant``: a :class:`crosscheck.variants.registry.Variant`."""
-    from crosscheck.pipeline import budget
-
     for name in ("d_in", "d_out", "context_length", "num_heads"):
         if getattr(cfg, name) < 1:
             raise BadInputError(f"{where}: config {name} must be >= 1, found {getattr(cfg, name)}")
@@ -174,9 +174,6 @@ def _check_case(case: BundleCase, where: str) -> None:
     stored as integers) and the memory the case needs (:func:`crosscheck.pipeline.budget.check_cases`, from the
     variant's porting table) are checked before any backend sees them.
     """
-    from crosscheck.pipeline import budget
-    from crosscheck.variants import registry
-
     cfg = case.config
     try:
         variant = registry.get(case.variant)
@@ -207,8 +204,6 @@ def _read_header(path: str, what: str) -> tuple[dict[str, np.ndarray], dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise BadInputError(f"{what} not found: {path}")
-    from crosscheck.porting.tensorfiles import read_safetensors
-
     tensors, metadata = read_safetensors(path, what)  # sizes checked against the budget before reading
     if _META_KEY not in metadata:
         raise BadInputError(f"{path} is a safetensors file but not a crosscheck {what} (no {_META_KEY!r} metadata)")

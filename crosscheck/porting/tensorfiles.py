@@ -15,6 +15,7 @@ numpy, safetensors and ml_dtypes at import; torch only when a ``.pt`` file is re
 from __future__ import annotations
 
 import json
+import pickle
 from typing import Any
 
 import numpy as np
@@ -102,8 +103,6 @@ def read_pt(path: str, what: str, as_what: str = "a state dict") -> Any:
     Raises :class:`BadInputError` naming the file (``what``: "weights file") and what it was read
     as (``as_what``) for whatever the unpickler raises.
     """
-    import pickle
-
     import torch
 
     def load(mmap: bool):

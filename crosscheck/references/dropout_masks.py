@@ -7,7 +7,8 @@ classes, one per head for ``MultiHeadAttentionWrapper``, one inside
 
 * Flax: :class:`SiteKeys` is the modules' ``attention_fn``. With dropout active the modules
   hand it ``dropout_rate`` and their own ``dropout_rng``; it replaces that key with its site's
-  key and calls :func:`jaxattn.dot_product_attention` (the naive kernel, the book's dropout),
+  key and calls :func:`jaxattn.dot_product_attention` with the table's dropout implementation
+  (:func:`jaxattn.implementations.for_dropout`: the naive kernel, the book's dropout),
   so the math is jaxattn's own; nothing here recomputes attention.
 * The mask itself: :func:`site_mask` reads back what the core applies with that key, through
   the core: uniform weights (zero queries and keys) times identity values give each weight's
@@ -86,14 +87,16 @@ class SiteKeys:
         dropout_rng=None,
         precision=None,
     ):
-        from jaxattn import dot_product_attention
+        from jaxattn import dot_product_attention, implementations
 
         extra = {} if precision is None else {"precision": precision}
         if dropout_rate > 0.0:
             batch, q_tokens, heads, _ = query.shape  # (b, T, N, hd)
             kv_tokens, kv_heads = key.shape[1], key.shape[2]  # (b, S, K, hd)
             extra.update(
-                implementation="naive", dropout_rate=dropout_rate, dropout_rng=site_key(self.seed, len(self.sites))
+                implementation=implementations.for_dropout(),
+                dropout_rate=dropout_rate,
+                dropout_rng=site_key(self.seed, len(self.sites)),
             )
             self.sites.append(Site(batch, heads, kv_heads, q_tokens, kv_tokens, float(dropout_rate)))
         return dot_product_attention(query, key, value, bias, mask, is_causal=is_causal, **extra)
@@ -118,7 +121,7 @@ def _kept_weights():
     import jax
     import jax.numpy as jnp
 
-    from jaxattn import dot_product_attention
+    from jaxattn import dot_product_attention, implementations
 
     def kept(key, site: Site):
         b, n, k, t, s = site.batch, site.heads, site.kv_heads, site.q_tokens, site.kv_tokens
@@ -127,7 +130,7 @@ def _kept_weights():
             jnp.zeros((b, t, n, 1), jnp.float32),
             jnp.zeros((b, s, k, 1), jnp.float32),
             eye,
-            implementation="naive",
+            implementation=implementations.for_dropout(),
             dropout_rate=site.rate,
             dropout_rng=key,
         )  # (b, T, N, S)

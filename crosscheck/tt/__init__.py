@@ -1,7 +1,9 @@
 """The ttnn execution path: host model, programs, porting, runtime selection.
 
 * :mod:`crosscheck.tt.host_model` — a numpy model of ttnn's numerics (not ttnn).
-* :mod:`crosscheck.tt.programs` — one ttnn program per variant, written against the real API.
+* :mod:`crosscheck.tt.ops` — the programs' building blocks: masks, attention, head layouts, stage taps.
+* :mod:`crosscheck.tt.programs`, :mod:`crosscheck.tt.gqa_programs` — one ttnn program per variant, written
+  against the real API; :mod:`crosscheck.tt.decode_programs` — their KV-cache decodes.
 * :mod:`crosscheck.tt.port` — torch state dict -> ttnn parameter tree (bf16, TILE, on device).
 * :mod:`crosscheck.tt.runtime` — ``open_runtime("auto"|"device"|"host")``, ``run_variant``, ``run_variant_decode``.
 
@@ -20,14 +22,16 @@ amplify errors (|scores| <= ~1 keeps softmax's sensitivity below 1). Outside tha
 regime (e.g. ``torch.rand`` weights at d_in=40, scores in the hundreds) the
 absolute error grows with the scores and only the PCC bar is meaningful.
 
-Each program's count of roundings lives on its :class:`crosscheck.variants.registry.Variant`
+Each program's count of roundings lives on its :class:`crosscheck.variants.variant.Variant`
 (``bf16_roundings``; reshape/permute/slice/concat and adding a 0 mask entry are exact):
 4 for ``SimplifiedSelfAttention`` (x, scores, softmax weights, context); 8 for the
 single-head projections (x, weight and bias, q/k/v, scores, the 1/sqrt(head_dim)
 scalar, scaled scores, weights, context); 10 with an output projection (its weight and
 its output). ``GroupedQueryAttention`` (Llama 3) adds three for RoPE (the bf16 cos/sin
 table, ``x * cos``, the sum) to 13; Qwen3's ``qk_norm`` two more (``rms_norm``'s output
-and its scale) to 15. :data:`BF16_ROUNDINGS` is the table read off the registry.
+and its scale) to 15. The tables read off the entries (``BF16_ROUNDINGS``, the ttnn tolerance
+table ``TTNN_BF16_TOLERANCE``) are in :mod:`crosscheck.variants.registry`: the entries hold this
+package's programs, so this package never imports the registry.
 
 PCC: 0.999, tt-metal's bar for bf16 linear layers (softmax tests use 0.997-0.999).
 Measured on the host model (seed sentence and 2x50x40 inputs): max-abs 1.4e-3 to
@@ -35,21 +39,8 @@ Measured on the host model (seed sentence and 2x50x40 inputs): max-abs 1.4e-3 to
 run with the programs' HiFi4 + fp32-accumulation + exact-exp kernel config.
 """
 
-from crosscheck.variants import registry
-
 #: bfloat16 unit roundoff (RNE, 8-bit significand).
 BF16_UNIT_ROUNDOFF = 2.0**-8
-
-#: bf16 roundings on each variant's longest data path, from the registry (see the module docstring).
-BF16_ROUNDINGS: dict[str, int] = {v.name: v.bf16_roundings for v in registry.VARIANTS}
-
-#: THE ttnn tolerance table: variant -> (max-abs budget for unit-scale data, min PCC) vs torch float32.
-TTNN_BF16_TOLERANCE: dict[str, tuple[float, float]] = {
-    name: (n * BF16_UNIT_ROUNDOFF, 0.999) for name, n in BF16_ROUNDINGS.items()
-}
-
-#: One number for callers that do not distinguish variants: the largest budget (10 u = 0.0390625).
-TTNN_BF16_ABS_BUDGET: float = max(budget for budget, _ in TTNN_BF16_TOLERANCE.values())
 
 #: The PCC bar for every variant.
 TTNN_MIN_PCC: float = 0.999

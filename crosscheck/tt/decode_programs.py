@@ -1,11 +1,10 @@
 """The ttnn KV-cache decode programs: one per causal program of :mod:`crosscheck.tt.programs`.
 
-Decoding (:data:`DECODE_PROGRAMS`, one entry per causal program, read with
-:func:`decode_program`): a prefill runs the prompt's ``P`` tokens like the forward program
-and writes their keys and values into caches ``(batch, heads, max_tokens, head_dim)`` that
-live on the device; each step projects one token at position ``pos``, appends its key and
-value, and attends to cache positions ``0 .. pos`` (an additive mask built per step with
-numpy hides the rest and the padded keys). The caches are written IN PLACE by ttnn's cache
+Decoding (each causal variant's ``Variant.ttnn_decode``, read with :func:`decode_program`): a prefill
+runs the prompt's ``P`` tokens like the forward program and writes their keys and values into caches
+``(batch, heads, max_tokens, head_dim)`` that live on the device; each step projects one token at
+position ``pos``, appends its key and value, and attends to cache positions ``0 .. pos`` (an additive
+mask built per step with numpy hides the rest and the padded keys). The caches are written IN PLACE by ttnn's cache
 ops, whose rules (tt-metal ``update_cache_device_operation.cpp``) hold for the book's
 shapes, head_dim = 1 included, because they compare padded shapes only:
 
@@ -39,16 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from crosscheck.tt.gqa_programs import gqa_expand, gqa_qkv, gqa_rope
+from crosscheck.tt.ops import attention, key_visibility, masked_attention
 from crosscheck.tt.programs import (
-    PROGRAMS,
-    attention,
     combined_output,
     combined_qkv_heads,
-    gqa_expand,
-    gqa_qkv,
-    gqa_rope,
-    key_visibility,
-    masked_attention,
     mha_output,
     mha_qkv,
     single_head_output,
@@ -203,9 +197,6 @@ class StackedHeads:
         )
 
 
-_CAUSAL_DECODE = CachedAttention(single_head_qkv, single_head_output, heads=lambda c: (1, c.d_out))
-
-
 def _split_heads_shape(config) -> tuple[int, int]:
     return config.num_heads, config.d_out // config.num_heads
 
@@ -214,29 +205,31 @@ def _kv_heads_shape(config) -> tuple[int, int]:
     return config.kv_heads(), config.resolved_head_dim()
 
 
-#: ``Variant.ttnn_program`` -> its KV-cache decode (causal programs only; :func:`decode_program`).
-DECODE_PROGRAMS: dict[str, Any] = {
-    "causal_attention": _CAUSAL_DECODE,
-    "multi_head_attention_wrapper": StackedHeads(_CAUSAL_DECODE),
-    "multi_head_attention": CachedAttention(mha_qkv, mha_output, heads=_split_heads_shape),
-    "multi_head_attention_combined_qkv": CachedAttention(combined_qkv_heads, combined_output, heads=_split_heads_shape),
-    "torch_multihead_attention": CachedAttention(
-        torch_mha_qkv, torch_mha_output, heads=_split_heads_shape, decodes=lambda c: bool(c.causal)
-    ),
-    "grouped_query_attention": CachedAttention(
-        gqa_qkv, mha_output, heads=_kv_heads_shape, positions=gqa_rope, expand=gqa_expand
-    ),
-}
+# --- the decode programs, each the ``Variant.ttnn_decode`` of the entries whose forward program it mirrors ---
+
+#: ``causal_attention``: one head ``(1, d_out)``.
+CAUSAL_DECODE = CachedAttention(single_head_qkv, single_head_output, heads=lambda c: (1, c.d_out))
+#: ``multi_head_attention_wrapper``: one cache per head.
+WRAPPER_DECODE = StackedHeads(CAUSAL_DECODE)
+#: ``multi_head_attention``.
+MHA_DECODE = CachedAttention(mha_qkv, mha_output, heads=_split_heads_shape)
+#: ``multi_head_attention_combined_qkv``.
+COMBINED_QKV_DECODE = CachedAttention(combined_qkv_heads, combined_output, heads=_split_heads_shape)
+#: ``torch_multihead_attention``: causal only when ``config.causal``.
+TORCH_MHA_DECODE = CachedAttention(
+    torch_mha_qkv, torch_mha_output, heads=_split_heads_shape, decodes=lambda c: bool(c.causal)
+)
+#: ``grouped_query_attention``: RoPE at the positions, ``kv_heads`` heads cached.
+GQA_DECODE = CachedAttention(gqa_qkv, mha_output, heads=_kv_heads_shape, positions=gqa_rope, expand=gqa_expand)
 
 
-def decode_program(program: str, config):
-    """``program``'s KV-cache decode at ``config`` (a resolved AttnConfig), or ``None`` where it has none (not causal).
+def decode_program(variant, config):
+    """``variant``'s KV-cache decode (its ``ttnn_decode``) at ``config`` (a resolved AttnConfig), or ``None``
+    where it has none (not causal).
 
     The result has ``allocate(ttnn, device, config, batch, max_tokens) -> cache``,
     ``prefill(ttnn, device, x, *, parameters, config, cache, attention_mask=None)`` and
     ``step(ttnn, device, x, *, parameters, config, cache, pos, attention_mask=None)``.
     """
-    if program not in PROGRAMS:
-        raise KeyError(f"unknown ttnn program {program!r}; known: {', '.join(PROGRAMS)}")
-    decoder = DECODE_PROGRAMS.get(program)
+    decoder = variant.ttnn_decode
     return decoder if decoder is not None and decoder.decodes(config) else None

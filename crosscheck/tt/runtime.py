@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from crosscheck.errors import BadInputError
-from crosscheck.tt import decode_programs, host_model, programs
+from crosscheck.tt import decode_programs, host_model, ops
 from crosscheck.tt.port import preprocess_parameters
 
 KINDS = ("auto", "device", "host")
@@ -234,9 +234,14 @@ def open_runtime(kind: str = "auto") -> Iterator[Runtime]:
 # --- running a variant -------------------------------------------------------------------------
 
 
+def _program(variant, cfg):
+    """The program :func:`run_variant` runs for ``variant`` at the resolved ``cfg`` (SDPA when head_dim % 32 == 0)."""
+    return ops.select(variant.ttnn_forward, variant.ttnn_sdpa, cfg)
+
+
 def program_name(variant, cfg) -> str:
-    """The program :func:`run_variant` runs for ``variant`` at ``cfg`` (SDPA when head_dim % 32 == 0)."""
-    return programs.select(variant.ttnn_program, variant.resolve(cfg))[0]
+    """The name of the program :func:`run_variant` runs for ``variant`` at ``cfg``."""
+    return _program(variant, variant.resolve(cfg)).__name__
 
 
 def _check_input(variant, cfg, x: np.ndarray) -> None:
@@ -299,17 +304,19 @@ def run_variant(
     ``state_dict`` is a torch-layout mapping (canonical torch keys) validated against
     the variant's port table; ``x`` is ``(tokens, d_in)`` or ``(batch, tokens, d_in)``.
     ``attention_mask``: ``x.shape[:-1]``, 1 = real token, 0 = padding (``None``: none).
-    ``program`` overrides the automatic choice (e.g. force the generic program).
+    ``program`` overrides the automatic choice by name: one of the variant's own programs (e.g. force
+    the generic program).
     """
     if program is None:
         fn = None
     else:
-        fn = {**programs.PROGRAMS, **{f.__name__: f for f in programs.SDPA_PROGRAMS.values()}}.get(program)
+        own = {f.__name__: f for f in (variant.ttnn_forward, variant.ttnn_sdpa) if f is not None}
+        fn = own.get(program)
         if fn is None:
-            raise BadInputError(f"unknown ttnn program {program!r}")
+            raise BadInputError(f"unknown ttnn program {program!r} for {variant.name}; its programs: {', '.join(own)}")
     cfg, x, mask, parameters = _prepare(runtime, variant, cfg, state_dict, x, attention_mask)
     if fn is None:
-        _, fn = programs.select(variant.ttnn_program, cfg)
+        fn = _program(variant, cfg)
     out = fn(
         runtime.ttnn, runtime.device, _to_device(runtime, x), parameters=parameters, config=cfg, attention_mask=mask
     )
@@ -318,7 +325,7 @@ def run_variant(
 
 def has_decode(variant, cfg) -> bool:
     """Whether ``variant`` at ``cfg`` has a ttnn KV-cache decode program (:func:`run_variant_decode`)."""
-    return decode_programs.decode_program(variant.ttnn_program, variant.resolve(cfg)) is not None
+    return decode_programs.decode_program(variant, variant.resolve(cfg)) is not None
 
 
 def run_variant_decode(
@@ -331,7 +338,7 @@ def run_variant_decode(
     the outputs are concatenated along the tokens. The caches hold ``tokens`` positions.
     ``attention_mask`` covers all of ``x``'s tokens; each call gets its own part.
     """
-    decoder = decode_programs.decode_program(variant.ttnn_program, variant.resolve(cfg))
+    decoder = decode_programs.decode_program(variant, variant.resolve(cfg))
     if decoder is None:
         raise BadInputError(
             f"{variant.name}: no ttnn KV-cache decode program at this config (decoding needs a causal variant)"

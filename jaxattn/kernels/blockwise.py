@@ -29,7 +29,8 @@ The book's semantics are kept: scores ``q @ k.T`` cast to ``softmax_dtype``,
 causal mask, the ``1/sqrt(head_dim)`` scale, softmax, weights ``@ v``; the scale is
 applied to the queries (:func:`jaxattn.ops.scale_queries` says why).
 Dropout is not implemented per block: with dropout active (training mode with a
-non-zero rate) the modules run the naive kernel, so dropout masks are
+non-zero rate) the modules run the table's dropout implementation
+(:func:`jaxattn.implementations.for_dropout`), so dropout masks are
 bit-identical whichever implementation is chosen for inference.
 
 Gradients come from JAX's autodiff through ``scan``/``cond``; the backward pass
@@ -317,6 +318,61 @@ def _block(x: Array | None, axis: int, start, size: int) -> Array | None:
     return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
+def _padded_heads_first(query, key, value, scale: float, group: int, padded_q: int, padded_kv: int):
+    """``q`` ``(B, K, G, T', H)`` scaled, ``k`` ``(B, K, S', H)``, ``v`` ``(B, K, S', Hv)``, zero-padded to blocks."""
+    batch, q_tokens, _, head_dim = query.shape
+    kv_tokens, kv_heads = key.shape[1], key.shape[2]
+    q = scale_queries(query, scale).reshape(batch, q_tokens, kv_heads, group, head_dim)
+    q = q.transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, padded_q - q_tokens), (0, 0)))
+    k = jnp.pad(jnp.swapaxes(key, 1, 2), ((0, 0), (0, 0), (0, padded_kv - kv_tokens), (0, 0)))  # (B, K, S', H)
+    v = jnp.pad(jnp.swapaxes(value, 1, 2), ((0, 0), (0, 0), (0, padded_kv - kv_tokens), (0, 0)))  # (B, K, S', Hv)
+    return q, k, v
+
+
+def _empty_rows(shape: tuple[int, ...], dv: int, acc_dtype) -> tuple[Array, Array, Array, Array]:
+    """The online softmax's start for query rows ``shape``: ``(m, l, acc, seen)`` = ``-inf``, 0, 0 ``(*shape, dv)``,
+    and False (seen: the row has met a visible key)."""
+    return (
+        jnp.full(shape, -jnp.inf, acc_dtype),
+        jnp.zeros(shape, acc_dtype),
+        jnp.zeros((*shape, dv), acc_dtype),
+        jnp.zeros(shape, jnp.bool_),
+    )
+
+
+def _key_block_step(carry, q_i, k_j, v_j, q_pos, k_pos, m_j, b_j, *, kv_tokens: int, is_causal: bool, precision):
+    """Fold key block ``j`` into the online softmax of query block ``i``.
+
+    ``carry`` = ``(m, l, acc, seen)`` ``(B, K, G, bq)`` (``acc`` ``(B, K, G, bq, Hv)``, accumulation dtype);
+    ``q_i`` ``(B, K, G, bq, H)`` scaled; ``k_j``/``v_j`` ``(B, K, bk, H)``/``(B, K, bk, Hv)``; ``q_pos``/``k_pos``
+    token positions; ``m_j``/``b_j`` this block pair's mask and bias (broadcastable) or ``None``.
+    """
+    m, l, acc, seen = carry
+    acc_dtype = acc.dtype
+    s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype, precision=precision).astype(
+        acc_dtype
+    )
+    visible = (k_pos < kv_tokens)[None, :]  # padded keys never count
+    if is_causal:
+        visible = visible & (k_pos[None, :] <= q_pos[:, None])  # (bq, bk)
+    visible = visible if m_j is None else visible & m_j
+    if b_j is not None:
+        s = s + b_j.astype(acc_dtype)
+        visible = visible & (b_j != -jnp.inf)  # a -inf bias entry masks its key; NaN stays NaN
+    s = jnp.where(visible, s, -jnp.inf)  # a masked score is never read, whatever it held
+    seen = seen | jnp.any(visible, axis=-1)
+    m_new = jnp.maximum(m, lax.stop_gradient(s.max(axis=-1)))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])  # (B, K, G, bq, bk)
+    correction = jnp.exp(m - m_safe)
+    l_new = l * correction + p.sum(axis=-1)
+    pv = jnp.einsum(
+        "bkgqs,bksh->bkgqh", p.astype(v_j.dtype), v_j, preferred_element_type=acc_dtype, precision=precision
+    )
+    return (m_new, l_new, acc * correction[..., None] + pv.astype(acc_dtype), seen)
+
+
 def general_blockwise_attention(
     query: Float[Array, "B T N H"],
     key: Float[Array, "B S K H"],
@@ -341,7 +397,7 @@ def general_blockwise_attention(
     not depend on it). A row that met no visible key (tracked apart from the scores)
     gives 0; any other row IEEE's answer, NaN included.
     """
-    batch, q_tokens, heads, head_dim = query.shape
+    batch, q_tokens, heads, _ = query.shape
     kv_tokens, kv_heads = key.shape[1], key.shape[2]
     group = heads // kv_heads
     dv = value.shape[-1]
@@ -352,11 +408,7 @@ def general_blockwise_attention(
     padded_q, padded_kv = _round_up(q_tokens, bq), _round_up(kv_tokens, bk)
     num_q, num_kv = padded_q // bq, padded_kv // bk
 
-    q = scale_queries(query, scale).reshape(batch, q_tokens, kv_heads, group, head_dim)
-    q = q.transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, padded_q - q_tokens), (0, 0)))
-    k = jnp.pad(jnp.swapaxes(key, 1, 2), ((0, 0), (0, 0), (0, padded_kv - kv_tokens), (0, 0)))  # (B, K, S', H)
-    v = jnp.pad(jnp.swapaxes(value, 1, 2), ((0, 0), (0, 0), (0, padded_kv - kv_tokens), (0, 0)))  # (B, K, S', Hv)
+    q, k, v = _padded_heads_first(query, key, value, scale, group, padded_q, padded_kv)
     mask5 = None if mask is None else _grouped_blocks(mask, kv_heads, group, padded_q, padded_kv, False)
     bias5 = None if bias is None else _grouped_blocks(bias, kv_heads, group, padded_q, padded_kv, 0)
     offset = jnp.asarray(q_offset)
@@ -365,41 +417,26 @@ def general_blockwise_attention(
         q_i = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)  # (B, K, G, bq, H)
         q_pos = offset + i * bq + jnp.arange(bq)  # (bq,)
         mask_i, bias_i = _block(mask5, 3, i * bq, bq), _block(bias5, 3, i * bq, bq)
-        carry = (
-            jnp.full((batch, kv_heads, group, bq), -jnp.inf, acc_dtype),
-            jnp.zeros((batch, kv_heads, group, bq), acc_dtype),
-            jnp.zeros((batch, kv_heads, group, bq, dv), acc_dtype),
-            jnp.zeros((batch, kv_heads, group, bq), jnp.bool_),  # seen: the row has met a visible key
-        )
+        carry = _empty_rows((batch, kv_heads, group, bq), dv, acc_dtype)
 
         def step(carry, j):
-            m, l, acc, seen = carry
             k_j = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)  # (B, K, bk, H)
             v_j = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
             k_pos = j * bk + jnp.arange(bk)  # (bk,)
-            s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype, precision=precision).astype(
-                acc_dtype
+            m_j, b_j = _block(mask_i, 4, j * bk, bk), _block(bias_i, 4, j * bk, bk)
+            return _key_block_step(
+                carry,
+                q_i,
+                k_j,
+                v_j,
+                q_pos,
+                k_pos,
+                m_j,
+                b_j,
+                kv_tokens=kv_tokens,
+                is_causal=is_causal,
+                precision=precision,
             )
-            visible = (k_pos < kv_tokens)[None, :]  # padded keys never count
-            if is_causal:
-                visible = visible & (k_pos[None, :] <= q_pos[:, None])  # (bq, bk)
-            m_j = _block(mask_i, 4, j * bk, bk)
-            visible = visible if m_j is None else visible & m_j
-            b_j = _block(bias_i, 4, j * bk, bk)
-            if b_j is not None:
-                s = s + b_j.astype(acc_dtype)
-                visible = visible & (b_j != -jnp.inf)  # a -inf bias entry masks its key; NaN stays NaN
-            s = jnp.where(visible, s, -jnp.inf)  # a masked score is never read, whatever it held
-            seen = seen | jnp.any(visible, axis=-1)
-            m_new = jnp.maximum(m, lax.stop_gradient(s.max(axis=-1)))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(s - m_safe[..., None])  # (B, K, G, bq, bk)
-            correction = jnp.exp(m - m_safe)
-            l_new = l * correction + p.sum(axis=-1)
-            pv = jnp.einsum(
-                "bkgqs,bksh->bkgqh", p.astype(value.dtype), v_j, preferred_element_type=acc_dtype, precision=precision
-            )
-            return (m_new, l_new, acc * correction[..., None] + pv.astype(acc_dtype), seen)
 
         def maybe_step(carry, j):
             if not is_causal:

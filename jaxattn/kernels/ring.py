@@ -41,6 +41,8 @@ This kernel knows arrays and a mesh only; the mesh and axis come from its caller
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +216,83 @@ def _fold(carry, q, k, v, q_pos, k_pos, mask, bias, *, tokens: int, is_causal: b
     return untile(m), untile(l), untile(acc), untile(seen)
 
 
+@dataclass(frozen=True)
+class _Ring:
+    """What every device of one ring call knows: the mesh axis, the zig-zag layout and the call's options."""
+
+    axis_name: str
+    devices: int
+    chunk: int  # tokens per zig-zag chunk: each device holds chunks d and 2n - 1 - d
+    block: int  # key block of the per-device fold
+    tokens: int  # the real (unpadded) sequence length
+    scale: float
+    is_causal: bool
+    precision: Precision | None
+    kv_heads: int
+    group: int  # query heads per kv head
+    acc_dtype: Any
+
+
+def _ring_device(ring: _Ring, q, k, v, mask, bias):
+    """One device: ``q``/``k``/``v`` ``(B, 2C, h, d)``, chunks ``2d`` and ``2d + 1``; mask/bias whole.
+
+    Folds its own keys, then the ``n - 1`` key chunks passed around the ring; returns its context rows.
+    """
+    batch, _, heads, head_dim = q.shape
+    dv = v.shape[-1]
+    devices, chunk, tokens, kv_heads, group = ring.devices, ring.chunk, ring.tokens, ring.kv_heads, ring.group
+    me = lax.axis_index(ring.axis_name)
+    q, k, v = (_to_zigzag(x, ring.axis_name, devices) for x in (q, k, v))
+    q_pos = zigzag_positions(me, devices, chunk)  # (2C,)
+    q = scale_queries(q, ring.scale).reshape(batch, 2 * chunk, kv_heads, group, head_dim)
+    q = q.transpose(0, 2, 3, 1, 4)  # (B, K, G, 2C, H)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, K, 2C, H), (B, K, 2C, Hv)
+    mask_rows = _take(_grouped(mask, kv_heads, group), q_pos, 3, tokens)  # (#B, #K, #G, #2C, #T)
+    bias_rows = _take(_grouped(bias, kv_heads, group), q_pos, 3, tokens)
+
+    def fold(carry, k, v, source):
+        k_pos = zigzag_positions(source, devices, chunk)
+        return _fold(
+            carry,
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            _take(mask_rows, k_pos, 4, tokens),
+            _take(bias_rows, k_pos, 4, tokens),
+            tokens=tokens,
+            is_causal=ring.is_causal,
+            block=ring.block,
+            precision=ring.precision,
+        )
+
+    carry = fold(_empty_carry((batch, kv_heads, group, 2 * chunk), dv, ring.acc_dtype), k, v, me)
+    neighbours = [(d, (d + 1) % devices) for d in range(devices)]
+
+    def ring_step(state, s):
+        carry, k, v = state
+        k, v = lax.ppermute(k, ring.axis_name, neighbours), lax.ppermute(v, ring.axis_name, neighbours)
+        return (fold(carry, k, v, (me - s) % devices), k, v), None
+
+    (carry, _, _), _ = lax.scan(ring_step, (carry, k, v), jnp.arange(1, devices))
+    _, l, acc, seen = carry
+    # Zeros for a row that saw no key; IEEE's answer (NaN included: l NaN, or 0 / 0) for any other.
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0).astype(v.dtype)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(batch, 2 * chunk, heads, dv)  # (B, 2C, N, Hv)
+    return _from_zigzag(out, ring.axis_name, devices)
+
+
+def _empty_carry(shape: tuple[int, ...], dv: int, acc_dtype):
+    """The online softmax's start for rows ``shape``: max -inf, sum 0, accumulator 0 ``(*shape, dv)``, nothing seen."""
+    return (
+        jnp.full(shape, -jnp.inf, acc_dtype),
+        jnp.zeros(shape, acc_dtype),
+        jnp.zeros((*shape, dv), acc_dtype),
+        jnp.zeros(shape, jnp.bool_),
+    )
+
+
 def ring_attention(
     query: Float[Array, "B T N H"],
     key: Float[Array, "B T K H"],
@@ -255,60 +334,14 @@ def ring_attention(
     def pad(x):  # (B, T, h, d) -> (B, padded, h, d)
         return jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0), (0, 0)))
 
+    ring = _Ring(axis_name, devices, chunk, block, tokens, scale, is_causal, precision, kv_heads, group, acc_dtype)
     has_mask, has_bias = mask is not None, bias is not None
 
     def local(q, k, v, *extra):
-        """One device: ``q``/``k``/``v`` ``(B, 2C, h, d)``, chunks ``2d`` and ``2d + 1``; mask/bias whole."""
         rest = list(extra)
         mask = rest.pop(0) if has_mask else None
         bias = rest.pop(0) if has_bias else None
-        me = lax.axis_index(axis_name)
-        q, k, v = (_to_zigzag(x, axis_name, devices) for x in (q, k, v))
-        q_pos = zigzag_positions(me, devices, chunk)  # (2C,)
-        q = scale_queries(q, scale).reshape(batch, 2 * chunk, kv_heads, group, head_dim)
-        q = q.transpose(0, 2, 3, 1, 4)  # (B, K, G, 2C, H)
-        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, K, 2C, H), (B, K, 2C, Hv)
-        mask_rows = _take(_grouped(mask, kv_heads, group), q_pos, 3, tokens)  # (#B, #K, #G, #2C, #T)
-        bias_rows = _take(_grouped(bias, kv_heads, group), q_pos, 3, tokens)
-
-        def fold(carry, k, v, source):
-            k_pos = zigzag_positions(source, devices, chunk)
-            return _fold(
-                carry,
-                q,
-                k,
-                v,
-                q_pos,
-                k_pos,
-                _take(mask_rows, k_pos, 4, tokens),
-                _take(bias_rows, k_pos, 4, tokens),
-                tokens=tokens,
-                is_causal=is_causal,
-                block=block,
-                precision=precision,
-            )
-
-        shape = (batch, kv_heads, group, 2 * chunk)
-        carry = (
-            jnp.full(shape, -jnp.inf, acc_dtype),
-            jnp.zeros(shape, acc_dtype),
-            jnp.zeros((*shape, dv), acc_dtype),
-            jnp.zeros(shape, jnp.bool_),
-        )
-        carry = fold(carry, k, v, me)
-        ring = [(d, (d + 1) % devices) for d in range(devices)]
-
-        def ring_step(state, s):
-            carry, k, v = state
-            k, v = lax.ppermute(k, axis_name, ring), lax.ppermute(v, axis_name, ring)
-            return (fold(carry, k, v, (me - s) % devices), k, v), None
-
-        (carry, _, _), _ = lax.scan(ring_step, (carry, k, v), jnp.arange(1, devices))
-        _, l, acc, seen = carry
-        # Zeros for a row that saw no key; IEEE's answer (NaN included: l NaN, or 0 / 0) for any other.
-        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0).astype(value.dtype)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, 2 * chunk, heads, dv)  # (B, 2C, N, Hv)
-        return _from_zigzag(out, axis_name, devices)
+        return _ring_device(ring, q, k, v, mask, bias)
 
     tokens_spec = PartitionSpec(None, axis_name, None, None)
     whole = [x for x in (mask, bias) if x is not None]  # replicated: each device gathers its rows and columns

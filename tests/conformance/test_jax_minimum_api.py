@@ -51,6 +51,7 @@ from jaxattn import (
     implementations,
     masks,
     multihead,
+    nnx_base,
     norms,
     ops,
     rope,
@@ -769,6 +770,8 @@ def test_dot_product_attention_and_its_kernels_against_numpy_and_jax_nn():
     "get",
     "select",
     "scores_bytes",
+    "for_dropout",
+    "requested",
 )
 @covers("jaxattn.kernels.cudnn", "refusal", "cudnn_attention")
 @covers("jaxattn.kernels.flash", "default_blocks")
@@ -790,6 +793,10 @@ def test_the_implementation_table_auto_choice_and_the_gpu_kernels_refusals():
     assert picked(platform="gpu", dtype="bfloat16", head_dim=12, value_head_dim=12) == "flash"  # cuDNN refuses 12
     assert implementations.scores_bytes(call(kv_tokens=7)) == 4 * 2 * 4 * 16 * 7
     assert implementations.get("naive").returns_weights and implementations.get("naive").dropout
+    assert implementations.for_dropout() == "naive"  # the first row that takes dropout
+    assert implementations.requested("blockwise", dropout=True) == "naive"
+    assert implementations.requested("auto", dropout=False) is None
+    assert implementations.requested("xla", dropout=False) == "xla"
     with pytest.raises(ValueError, match="unknown attention implementation"):
         implementations.get("fast")
     with pytest.raises(ValueError, match="'flash' cannot serve this call: it runs on gpu, not on cpu"):
@@ -1440,21 +1447,18 @@ def test_gqa_decode_token_by_token_equals_the_full_forward_linen_and_nnx():
 
 @covers(
     "jaxattn.nnx",
-    "AttentionModule",
     "CausalAttention",
     "GroupedQueryAttention",
     "MultiHeadAttention",
     "MultiHeadAttentionCombinedQKV",
     "MultiHeadAttentionWrapper",
     "RMSNorm",
+    "TorchMultiheadAttention",
     "SelfAttentionV1",
     "SelfAttentionV2",
     "SimplifiedSelfAttention",
-    "TorchMultiheadAttention",
-    "load_params",
-    "params_of",
-    "value_of",
 )
+@covers("jaxattn.nnx_base", "AttentionModule", "load_params", "params_of", "value_of", "required_rngs", "no_sow")
 def test_nnx_twins_load_the_linen_params_and_equal_the_numpy_forward():
     params, _, references = linen_run()
     models = {name: jn.load_params(case[3](nnx.Rngs(0)), params[name]) for name, case in MODULES.items()}
@@ -1482,6 +1486,9 @@ def test_nnx_twins_load_the_linen_params_and_equal_the_numpy_forward():
     )
     with pytest.raises(NotImplementedError, match="has no KV cache"):
         jn.AttentionModule().kv_shape()
+    with pytest.raises(ValueError, match="Probe: needs rngs=nnx.Rngs"):
+        nnx_base.required_rngs(None, "Probe")
+    assert nnx_base.no_sow("attn_weights", jnp.ones(2)) is None
     wrong = dict(params["SelfAttentionV2"], W_key={"kernel": np.zeros((4, 5), F32), "bias": np.zeros(6, F32)})
     with pytest.raises(ValueError, match=r"parameter W_key/kernel: expected shape \(4, 6\), found \(4, 5\)"):
         jn.load_params(models["SelfAttentionV2"], wrong)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from crosscheck.config import AttnConfig
-from crosscheck.tt import decode_programs, programs, runtime
+from crosscheck.tt import decode_programs, gqa_programs, runtime
 from crosscheck.tt import host_model as hm
 from crosscheck.tt.port import ParameterDict
 from crosscheck.variants import registry
@@ -90,10 +90,10 @@ def _run_gqa(ttnn, device, cfg, padding, prompt_len=2):
     def read(t):
         return np.asarray(ttnn.to_torch(t), dtype=np.float32)
 
-    program = programs.PROGRAMS["grouped_query_attention"]
+    program = gqa_programs.grouped_query_attention
     outs = [read(program(ttnn, device, send(x), parameters=parameters, config=cfg, attention_mask=mask))
             for mask in (None, padding)]
-    decoder = decode_programs.decode_program("grouped_query_attention", cfg)
+    decoder = decode_programs.GQA_DECODE
     batch, tokens = x.shape[:2]
     cache = decoder.allocate(ttnn, device, cfg, batch, tokens)
     parts = [read(decoder.prefill(ttnn, device, send(x[:, :prompt_len]), parameters=parameters, config=cfg,
@@ -141,14 +141,14 @@ def usage():
 
 def test_every_program_ran(usage):
     _, ran = usage
-    expected = set(programs.PROGRAMS) | {f.__name__ for f in programs.SDPA_PROGRAMS.values()}
+    expected = set(registry.ttnn_programs())
     assert {r for r in ran if isinstance(r, str)} == expected, f"programs never run here: {sorted(expected - set(ran))}"
 
 
 def test_every_decode_program_ran_through_the_cache_ops(usage):
     log, ran = usage
     decoded = {name for kind, name in (r for r in ran if isinstance(r, tuple)) if kind == "decode"}
-    assert decoded == set(decode_programs.DECODE_PROGRAMS), f"never decoded: {sorted(set(decode_programs.DECODE_PROGRAMS) - decoded)}"
+    assert decoded == set(registry.ttnn_decoders()), f"never decoded: {sorted(set(registry.ttnn_decoders()) - decoded)}"
     # grouped_query_attention also decoded with the hand-built trees: scaled RoPE, qk_norm, biases, MQA
     assert {label for kind, label in (r for r in ran if isinstance(r, tuple)) if kind == "gqa_decode"} == {
         label for label, _ in GQA_CASES}

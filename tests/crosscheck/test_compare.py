@@ -158,7 +158,7 @@ def test_policy_table_orders_by_precision():
 
 
 def test_ttnn_policy_comes_from_the_ttnn_path():
-    from crosscheck.tt import TTNN_BF16_TOLERANCE
+    from crosscheck.variants.registry import TTNN_BF16_TOLERANCE
 
     budget, min_pcc = TTNN_BF16_TOLERANCE["MultiHeadAttention"]
     tol = cmp.policy_for("ttnn", "bfloat16", "MultiHeadAttention")

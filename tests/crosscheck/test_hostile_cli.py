@@ -229,13 +229,13 @@ def assert_interrupted(code, err, tmp_path, keep=("mha.pt",)):
 def test_a_swallowed_interrupt_during_convert_is_exit_130_and_writes_nothing(swallow, mha_file, monkeypatch, capsys):
     from crosscheck.porting import convert
 
-    real = convert._flax_bytes
+    real = convert.flax_bytes
 
     def flax_bytes(*args, **kwargs):
         swallow()
         return real(*args, **kwargs)  # the run goes on, as it did, to its write
 
-    monkeypatch.setattr(convert, "_flax_bytes", flax_bytes)
+    monkeypatch.setattr(convert, "flax_bytes", flax_bytes)
     before = signal.getsignal(signal.SIGINT)
     code, err = run_cli(["convert", mha_file, mha_file.parent / "sig.msgpack", "--num-heads", "2", "--no-check"],
                         capsys)
@@ -245,13 +245,15 @@ def test_a_swallowed_interrupt_during_convert_is_exit_130_and_writes_nothing(swa
 
 
 def test_a_swallowed_interrupt_stops_the_run_report_and_bundle_export(tmp_path, monkeypatch, capsys):
-    real = engine.torch_outputs
+    from crosscheck.pipeline import backends
+
+    real = backends.torch_outputs
 
     def torch_outputs(case):
         interrupt_swallowed_by_except()
         return real(case)
 
-    monkeypatch.setattr(engine, "torch_outputs", torch_outputs)
+    monkeypatch.setattr(backends, "torch_outputs", torch_outputs)
     small = ["--variant", "CausalAttention", "--tokens", "3", "--d-in", "2", "--backends", "torch,flax"]
     code, err = run_cli([*small, "--json", tmp_path / "r.json"], capsys)
     assert_interrupted(code, err, tmp_path, keep=())

@@ -1,10 +1,12 @@
 """The registry is the one home of every per-variant fact: the facts are right, and nobody else holds one.
 
 The first tests read the source of ``crosscheck/`` with :mod:`ast`: a comparison with a
-variant's name (``name == "MultiHeadAttention"``, ``name in ("CausalAttention", ...)``)
-or ``registry.get("<variant>")`` outside ``registry.py`` is a fact living in the wrong
-place, so adding a variant would mean hunting for it. The rest check each entry's facts
-against the real torch and Flax modules.
+variant's name (``name == "MultiHeadAttention"``, ``name in ("CausalAttention", ...)``),
+a family's or a ttnn program's name (``"grouped-query"``, ``"simplified_self_attention"``),
+a comparison of an entry's family or ttnn program (``variant.family == ...``,
+``v.ttnn_program != ...``) or ``registry.get("<variant>")`` outside ``crosscheck/variants/``
+and ``crosscheck/tt/`` is a fact living in the wrong place, so adding a variant would mean
+hunting for it. The rest check each entry's facts against the real torch and Flax modules.
 """
 
 import ast
@@ -24,14 +26,20 @@ from crosscheck.variants import registry
 from tests.bounds import torch_layer_bound
 
 PACKAGE = Path(__file__).resolve().parents[2] / "crosscheck"
+#: The homes of per-variant facts: the entries (and their lookups), and the ttnn programs they point at.
+HOMES = ("crosscheck/variants/", "crosscheck/tt/")
 NAMES = frozenset(registry.names())
-_COMPARE_OPS = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)
+FAMILIES = frozenset(v.family for v in registry.VARIANTS)
+PROGRAMS = frozenset(registry.ttnn_programs())
+#: Entry fields that identify a family or a program: comparing them is branching on a name.
+IDENTITY_FIELDS = frozenset({"family", "ttnn_program", "ttnn_forward", "ttnn_sdpa", "ttnn_decode"})
+_COMPARE_OPS = (ast.Eq, ast.NotEq, ast.In, ast.NotIn, ast.Is, ast.IsNot)
 
 
 def _variant_names_in(node: ast.AST) -> list[str]:
-    """The variant names ``node`` spells as a string literal or a literal tuple/list/set of them."""
+    """The variant, family and program names ``node`` spells as a string literal or a literal tuple/list/set."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return [node.value] if node.value in NAMES else []
+        return [node.value] if node.value in NAMES | FAMILIES | PROGRAMS else []
     if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
         return [n for elt in node.elts for n in _variant_names_in(elt)]
     return []
@@ -42,14 +50,23 @@ def _is_registry_get(call: ast.Call) -> bool:
     return isinstance(f, ast.Attribute) and f.attr == "get" and isinstance(f.value, ast.Name) and f.value.id == "registry"
 
 
+def _identity_field(node: ast.AST) -> str | None:
+    """``family`` for ``variant.family`` (any object's), likewise the ttnn program fields; else ``None``."""
+    return node.attr if isinstance(node, ast.Attribute) and node.attr in IDENTITY_FIELDS else None
+
+
 def name_branches(source: str, filename: str, allow_registry_get: bool = False) -> list[str]:
-    """``file:line: what`` for every comparison with, and registry lookup of, a literal variant name."""
+    """``file:line: what`` for every comparison with, and registry lookup of, a literal variant, family or
+    program name, and every comparison of an entry's family or ttnn program."""
     found = []
     for node in ast.walk(ast.parse(source, filename)):
         if isinstance(node, ast.Compare) and any(isinstance(op, _COMPARE_OPS) for op in node.ops):
             for side in (node.left, *node.comparators):
                 for name in _variant_names_in(side):
                     found.append(f"{filename}:{node.lineno}: compares with {name!r}")
+                field = _identity_field(side)
+                if field:
+                    found.append(f"{filename}:{node.lineno}: compares .{field}")
         if isinstance(node, ast.Call) and _is_registry_get(node) and not allow_registry_get:
             for arg in node.args[:1]:
                 for name in _variant_names_in(arg):
@@ -67,9 +84,16 @@ def test_the_checker_sees_every_kind_of_name_branch():
         'v = registry.get("TorchMultiheadAttention")\n'
         'if name == "torch-book" or backend in ("torch", "flax"): pass\n'
         'v = registry.get(name)\n'
+        'if variant.family == "book": pass\n'
+        'if kind in ("grouped-query", "x"): pass\n'
+        'if v.ttnn_program != program: pass\n'
+        'if "simplified_self_attention" == p: pass\n'
+        'if v.ttnn_sdpa is None or v.ttnn_decode is not None: pass\n'
+        'if v.takes_attention_impl and v.fields == ("d_in",): pass\n'
     )
     found = name_branches(source, "x.py")
-    assert [line.split(":")[1] for line in found] == ["1", "2", "3", "4", "5"], found
+    lines = [line.split(":")[1] for line in found]
+    assert lines == ["1", "2", "3", "4", "5", "8", "8", "9", "10", "11", "12", "12"], found
 
 
 def test_no_code_outside_the_registry_branches_on_a_variant_name():
@@ -78,8 +102,16 @@ def test_no_code_outside_the_registry_branches_on_a_variant_name():
     found = []
     for path in files:
         rel = path.relative_to(PACKAGE.parent).as_posix()
-        found += name_branches(path.read_text(), rel, allow_registry_get=rel == "crosscheck/variants/registry.py")
-    assert not found, "per-variant facts belong on the Variant entry in crosscheck/variants/registry.py:\n" + "\n".join(found)
+        if not rel.startswith(HOMES):
+            found += name_branches(path.read_text(), rel)
+    assert not found, "per-variant facts belong on the Variant entry in crosscheck/variants/:\n" + "\n".join(found)
+
+
+def test_the_checker_scans_what_it_should():
+    """The homes are real folders, every entry names a family, and the names it looks for are the registry's."""
+    assert all((PACKAGE.parent / home).is_dir() for home in HOMES)
+    assert {"book", "torch-mha", "grouped-query", "transformers"} == FAMILIES
+    assert {"grouped_query_attention", "multi_head_attention_sdpa"} <= PROGRAMS
 
 
 # --- each entry's facts, checked against the real modules ----------------------------------------
@@ -169,7 +201,8 @@ def test_formats_that_share_a_flax_module_name_it():
 
 
 def test_bf16_roundings_and_the_ttnn_tables_derived_from_them():
-    from crosscheck.tt import BF16_ROUNDINGS, BF16_UNIT_ROUNDOFF, TTNN_BF16_TOLERANCE
+    from crosscheck.tt import BF16_UNIT_ROUNDOFF
+    from crosscheck.variants.registry import BF16_ROUNDINGS, TTNN_BF16_TOLERANCE
 
     assert BF16_ROUNDINGS == {
         "SimplifiedSelfAttention": 4, "SelfAttentionV1": 8, "SelfAttentionV2": 8, "CausalAttention": 8,

@@ -109,16 +109,16 @@ def shift_bias_torch(sd):
 
 
 def ttnn_no_scale(monkeypatch):
-    from crosscheck.tt import programs
+    from crosscheck.tt import ops
 
-    monkeypatch.setattr(programs, "math", types.SimpleNamespace(sqrt=lambda v: 1.0))
+    monkeypatch.setattr(ops, "math", types.SimpleNamespace(sqrt=lambda v: 1.0))
 
 
 def ttnn_no_causal_mask(monkeypatch):
-    from crosscheck.tt import programs
+    from crosscheck.tt import ops
 
-    honest = programs.key_visibility
-    monkeypatch.setattr(programs, "key_visibility", lambda *a, **kw: honest(*a, **{**kw, "causal": False}))
+    honest = ops.key_visibility
+    monkeypatch.setattr(ops, "key_visibility", lambda *a, **kw: honest(*a, **{**kw, "causal": False}))
 
 
 CORRUPTIONS = {

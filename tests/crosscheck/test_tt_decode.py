@@ -15,9 +15,10 @@ torch = pytest.importorskip("torch", reason="the torch reference needs torch")
 from crosscheck.config import AttnConfig  # noqa: E402
 from crosscheck.errors import BadInputError  # noqa: E402
 from crosscheck.porting import bundle as bd  # noqa: E402
-from crosscheck.tt import TTNN_BF16_TOLERANCE, decode_programs, programs, runtime, worker  # noqa: E402
+from crosscheck.tt import decode_programs, programs, runtime, worker  # noqa: E402
 from crosscheck.tt import host_model as ttnn  # noqa: E402
 from crosscheck.variants import registry  # noqa: E402
+from crosscheck.variants.registry import TTNN_BF16_TOLERANCE  # noqa: E402
 
 TOKENS = 24
 #: head_dim 4 (the generic programs) and head_dim 32 (the SDPA twins run the full forward).
@@ -60,11 +61,11 @@ def host():
 
 def test_the_decoding_programs_are_the_causal_ones():
     names = {v.ttnn_program for v in DECODING}
-    assert names == set(decode_programs.DECODE_PROGRAMS)
+    assert names == set(registry.ttnn_decoders())
     assert len(names) == 6 and not set(names) & {"self_attention_v1", "self_attention_v2", "simplified_self_attention"}
     mha = registry.get("TorchMultiheadAttention")
     assert runtime.has_decode(mha, SMALL) and not runtime.has_decode(mha, SMALL.replace(causal=False))
-    assert decode_programs.decode_program("self_attention_v2", SMALL) is None
+    assert decode_programs.decode_program(registry.get("SelfAttentionV2"), SMALL) is None
 
 
 # --- decoding ---------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def test_decode_steps_write_the_cache_in_place(host):
     variant = registry.get("MultiHeadAttention")
     _, state_dict = reference(variant, SMALL)
     x = inputs(variant, SMALL, tokens=6)
-    decoder = decode_programs.decode_program(variant.ttnn_program, SMALL)
+    decoder = decode_programs.decode_program(variant, SMALL)
     from crosscheck.tt.port import preprocess_parameters
 
     parameters = preprocess_parameters(ttnn, host.device, variant.portmap(SMALL), state_dict, variant.name)

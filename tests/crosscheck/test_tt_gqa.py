@@ -15,7 +15,7 @@ weights, context, out_proj's weight, the output; 15 with qk_norm: + rms_norm's o
 scale), PCC >= 0.999, on unit-scale data (weights uniform(-1, 1) /
 sqrt(fan-in), inputs uniform(-1, 1)).
 
-KV-cache decoding (``DECODE_PROGRAMS["grouped_query_attention"]``) runs through the runtime with the
+KV-cache decoding (``the entry's ``ttnn_decode````) runs through the runtime with the
 registry's ``GroupedQueryAttention``: it must equal the same runtime's full forward and this reference
 within the registry's budget (``TTNN_BF16_TOLERANCE``, 15 u), keep ``kv_heads`` heads in its caches,
 and rotate each step's query and key at the step's own position.
@@ -31,10 +31,11 @@ import pytest
 
 from crosscheck.config import AttnConfig
 from crosscheck.pipeline import compare
-from crosscheck.tt import BF16_UNIT_ROUNDOFF, TTNN_BF16_TOLERANCE, TTNN_MIN_PCC, decode_programs, programs, runtime
+from crosscheck.tt import BF16_UNIT_ROUNDOFF, TTNN_MIN_PCC, decode_programs, gqa_programs, runtime
 from crosscheck.tt import host_model as hm
 from crosscheck.tt.port import ParameterDict
 from crosscheck.variants import registry
+from crosscheck.variants.registry import TTNN_BF16_TOLERANCE
 from jaxattn.tolerance import gamma
 from tests.bounds import trig_error
 
@@ -173,7 +174,7 @@ def device():
 def run(device, weights, x, cfg, attention_mask=None):
     parameters = ttnn_parameters(hm, device, weights)
     tt_x = hm.from_torch(x, dtype=hm.bfloat16, layout=hm.TILE_LAYOUT, device=device)
-    out = programs.PROGRAMS["grouped_query_attention"](hm, device, tt_x, parameters=parameters, config=cfg,
+    out = gqa_programs.grouped_query_attention(hm, device, tt_x, parameters=parameters, config=cfg,
                                                        attention_mask=attention_mask)
     return np.asarray(hm.to_torch(out), dtype=np.float32)
 
@@ -268,23 +269,23 @@ def test_without_qk_norm_the_scales_are_not_read(device):
 def test_rope_tables_equal_the_book_and_scaling_matters():
     for theta in (10_000.0, 500_000.0):
         for scaling in (None, LLAMA3_SCALING):
-            cos, sin = programs.compute_rope_params(8, theta, 40, scaling)
+            cos, sin = gqa_programs.compute_rope_params(8, theta, 40, scaling)
             ref_cos, ref_sin = book_rope(8, theta, 40, scaling)
             assert cos.dtype == np.float32 and cos.shape == (40, 8)
             # float32 angles, as the book's torch code: p * inv_freq is off by a few roundings of it, relative
             bound = rope_table_error(8, theta, 40, scaling)
             for got, want in ((cos, ref_cos), (sin, ref_sin)):
                 assert np.all(np.abs(got - want) <= bound), (np.abs(got - want).max(), bound.min())
-    plain = programs.compute_rope_params(8, 10_000.0, 40)[1]
-    scaled = programs.compute_rope_params(8, 10_000.0, 40, LLAMA3_SCALING)[1]
-    slow = programs.compute_rope_params(8, 10_000.0 * 8.0 ** 2, 40)[1]  # inv_freq[2] / 8 (theta ** (4/8) * 8)
+    plain = gqa_programs.compute_rope_params(8, 10_000.0, 40)[1]
+    scaled = gqa_programs.compute_rope_params(8, 10_000.0, 40, LLAMA3_SCALING)[1]
+    slow = gqa_programs.compute_rope_params(8, 10_000.0 * 8.0 ** 2, 40)[1]  # inv_freq[2] / 8 (theta ** (4/8) * 8)
     assert np.array_equal(plain[:, 0], scaled[:, 0])  # high frequency: kept
     assert not np.allclose(plain[:, 1], scaled[:, 1], atol=1e-3)  # medium: smoothed
     bound = rope_table_error(8, 10_000.0, 40, LLAMA3_SCALING)[:, 2] + rope_table_error(8, 10_000.0 * 8.0**2, 40)[:, 2]
     assert np.all(np.abs(scaled[:, 2] - slow[:, 2]) <= bound)  # low: divided by factor (the same angles, exactly)
     np.testing.assert_array_equal(scaled[:, :4], scaled[:, 4:])  # the halves share their angles
     with pytest.raises(ValueError, match="even head_dim"):
-        programs.compute_rope_params(5)
+        gqa_programs.compute_rope_params(5)
 
 
 def test_rope_tables_equal_the_torch_reference():
@@ -293,7 +294,7 @@ def test_rope_tables_equal_the_torch_reference():
     torch_gqa = pytest.importorskip("crosscheck.references.torch_gqa")
     for scaling in (None, LLAMA3_SCALING):
         cos, sin = torch_gqa.compute_rope_params(8, theta_base=500_000.0, context_length=40, freq_config=scaling)
-        ours = programs.compute_rope_params(8, 500_000.0, 40, scaling)
+        ours = gqa_programs.compute_rope_params(8, 500_000.0, 40, scaling)
         bound = 2 * rope_table_error(8, 500_000.0, 40, scaling)  # two float32 tables of the same angles
         for got, want in ((ours[0], cos.numpy()), (ours[1], sin.numpy())):
             assert np.all(np.abs(got - want) <= bound), (np.abs(got - want).max(), bound.min())
@@ -302,9 +303,9 @@ def test_rope_tables_equal_the_torch_reference():
 def test_apply_rope_rotates_split_halves(device):
     """Position 0 is the identity; at position p, the pair (i, i + hd/2) turns by p * inv_freq[i]."""
     x = np.arange(1, 9, dtype=np.float32).reshape(1, 1, 1, 8).repeat(3, axis=2) / 8  # 3 positions, same vector
-    cos, sin = programs.compute_rope_params(8, 10_000.0, 3)
+    cos, sin = gqa_programs.compute_rope_params(8, 10_000.0, 3)
     send = lambda a: hm.from_torch(a, dtype=hm.bfloat16, layout=hm.TILE_LAYOUT, device=device)  # noqa: E731
-    out = hm.to_torch(programs.apply_rope(hm, send(x), send(cos[None, None]), send(sin[None, None]))).astype(np.float32)
+    out = hm.to_torch(gqa_programs.apply_rope(hm, send(x), send(cos[None, None]), send(sin[None, None]))).astype(np.float32)
     np.testing.assert_array_equal(out[0, 0, 0], x[0, 0, 0])
     angle = 2 * 1.0  # position 2, inv_freq[0] = 1
     expected = x[0, 0, 2, 0] * math.cos(angle) - x[0, 0, 2, 4] * math.sin(angle)
@@ -315,10 +316,10 @@ def test_kv_heads_are_repeated_interleaved(device):
     """[K1, K2] -> [K1, K1, K2, K2] (the book's repeat_interleave), not [K1, K2, K1, K2] (repeat)."""
     k = np.stack([np.full((3, 2), 1.0), np.full((3, 2), 2.0)])[None].astype(np.float32)  # (1, 2, 3, 2)
     t = hm.from_torch(k, dtype=hm.bfloat16, layout=hm.TILE_LAYOUT, device=device)
-    out = hm.to_torch(programs.expand_kv_heads(hm, t, 2)).astype(np.float32)
+    out = hm.to_torch(gqa_programs.expand_kv_heads(hm, t, 2)).astype(np.float32)
     assert out.shape == (1, 4, 3, 2)
     assert out[0, :, 0, 0].tolist() == [1.0, 1.0, 2.0, 2.0]
-    assert programs.expand_kv_heads(hm, t, 1) is t
+    assert gqa_programs.expand_kv_heads(hm, t, 1) is t
 
 
 def test_host_rms_norm_matches_the_book_and_checks_gamma(device):
@@ -405,7 +406,7 @@ def test_the_cache_holds_the_kv_heads_after_rope(host, kv):
     weights = random_weights(cfg)
     x = decode_inputs(cfg, tokens=7)
     parameters = ttnn_parameters(hm, host.device, weights)
-    decoder = decode_programs.decode_program("grouped_query_attention", cfg)
+    decoder = decode_programs.decode_program(registry.get("GroupedQueryAttention"), cfg)
     cache = decoder.allocate(hm, host.device, cfg, 2, 7)
     assert tuple(cache.keys.shape) == tuple(cache.values.shape) == (2, kv, 7, 4)
     keys_before = cache.keys
@@ -418,22 +419,22 @@ def test_the_cache_holds_the_kv_heads_after_rope(host, kv):
         decoder.step(hm, host.device, to_tt(x[:, pos : pos + 1]), parameters=parameters, config=cfg, cache=cache,
                      pos=pos)
     assert cache.keys is keys_before and tuple(cache.keys.shape) == (2, kv, 7, 4)
-    queries, keys, values = programs.gqa_qkv(hm, to_tt(x), parameters, cfg)
-    _, keys = programs.gqa_rope(hm, host.device, queries, keys, cfg)  # positions 0 .. 6
+    queries, keys, values = gqa_programs.gqa_qkv(hm, to_tt(x), parameters, cfg)
+    _, keys = gqa_programs.gqa_rope(hm, host.device, queries, keys, cfg)  # positions 0 .. 6
     read = lambda t: np.asarray(hm.to_torch(t), np.float32)  # noqa: E731
     np.testing.assert_array_equal(read(cache.keys), read(keys))
     np.testing.assert_array_equal(read(cache.values), read(values))
     assert cache.real.all()
 
 
-def test_a_step_rotates_at_its_own_position(host, monkeypatch):
+def test_a_step_rotates_at_its_own_position(host):
     """A step's one-row cos/sin table is the forward table's row ``pos``, bit for bit; and with q/k weights
     x3 a decode that rotated every step at position 0 misses the reference by more than the budget,
     so the sweep above could not pass a step that ignored its position."""
     cfg = gqa_config(num_heads=4, kv=2, scaling=LLAMA3_SCALING)
-    cos, sin = programs.rope_tables(hm, host.device, DECODE_TOKENS, cfg)
+    cos, sin = gqa_programs.rope_tables(hm, host.device, DECODE_TOKENS, cfg)
     for pos in (0, 5, 23):
-        one_cos, one_sin = programs.rope_tables(hm, host.device, 1, cfg, start=pos)
+        one_cos, one_sin = gqa_programs.rope_tables(hm, host.device, 1, cfg, start=pos)
         assert tuple(one_cos.shape) == (1, 1, 1, cfg.resolved_head_dim())
         np.testing.assert_array_equal(hm.to_torch(one_cos)[0, 0, 0], hm.to_torch(cos)[0, 0, pos])
         np.testing.assert_array_equal(hm.to_torch(one_sin)[0, 0, 0], hm.to_torch(sin)[0, 0, pos])
@@ -443,11 +444,10 @@ def test_a_step_rotates_at_its_own_position(host, monkeypatch):
     x = decode_inputs(cfg)
     ref = reference(weights, x, cfg).astype(np.float32)
     assert compare.max_abs_err(runtime.run_variant_decode(host, GQA, cfg, weights, x, 3), ref) <= DECODE_BUDGET
-    right = decode_programs.DECODE_PROGRAMS["grouped_query_attention"]
-    at_zero = dataclasses.replace(right, positions=lambda ttnn, device, q, k, c, start: programs.gqa_rope(
+    right = decode_programs.GQA_DECODE
+    at_zero = dataclasses.replace(right, positions=lambda ttnn, device, q, k, c, start: gqa_programs.gqa_rope(
         ttnn, device, q, k, c, 0))
-    monkeypatch.setitem(decode_programs.DECODE_PROGRAMS, "grouped_query_attention", at_zero)
-    wrong = runtime.run_variant_decode(host, GQA, cfg, weights, x, 3)
+    wrong = runtime.run_variant_decode(host, dataclasses.replace(GQA, ttnn_decode=at_zero), cfg, weights, x, 3)
     assert compare.max_abs_err(wrong, ref) > 1.5 * DECODE_BUDGET, "the case does not tell the step's position"
 
 

@@ -9,7 +9,9 @@ import pytest
 
 import jaxattn
 from jaxattn import core
-from jaxattn.blockwise import AUTO_BLOCKWISE_MIN_TOKENS, blockwise_causal_attention, fuse_qkv_params, fused_mha
+from jaxattn.fused import fuse_qkv_params, fused_mha
+from jaxattn.implementations import AUTO_BLOCKWISE_MIN_TOKENS
+from jaxattn.kernels.blockwise import blockwise_causal_attention
 from jaxattn.tolerance import attention_bound, attention_error, attention_grad_bound
 from tests.bounds import check_within, layer_bound, max_abs, one_head
 

@@ -8,8 +8,9 @@ torch = pytest.importorskip("torch", reason="the torch reference needs torch")
 from crosscheck.config import AttnConfig  # noqa: E402
 from crosscheck.errors import BadInputError  # noqa: E402
 from crosscheck.seed import INPUTS  # noqa: E402
-from crosscheck.tt import TTNN_BF16_TOLERANCE, host_model, programs, runtime  # noqa: E402
+from crosscheck.tt import host_model, ops, runtime  # noqa: E402
 from crosscheck.variants import registry  # noqa: E402
+from crosscheck.variants.registry import TTNN_BF16_TOLERANCE  # noqa: E402
 
 
 def pcc(a, b) -> float:
@@ -96,7 +97,7 @@ def test_torch_multihead_non_causal(host):
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])
-@pytest.mark.parametrize("name", sorted(programs.SDPA_PROGRAMS))
+@pytest.mark.parametrize("name", sorted({v.ttnn_program for v in registry.VARIANTS if v.ttnn_sdpa}))
 def test_sdpa_program_is_used_and_correct(name, head_dim, host, monkeypatch):
     variant = next(v for v in registry.VARIANTS if v.ttnn_program == name)
     cfg = variant.resolve(AttnConfig(d_in=2 * head_dim, d_out=2 * head_dim, context_length=40, num_heads=2,
@@ -129,5 +130,5 @@ def test_generic_and_sdpa_programs_agree(host):
 
 
 def test_mask_value_survives_bf16_as_a_large_negative():
-    stored = float(host_model.to_bfloat16(np.float32(programs.ADDITIVE_MASK_VALUE)).astype(np.float32))
+    stored = float(host_model.to_bfloat16(np.float32(ops.ADDITIVE_MASK_VALUE)).astype(np.float32))
     assert stored == -998244352.0 and np.exp(np.float32(stored)) == 0.0

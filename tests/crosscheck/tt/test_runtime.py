@@ -114,7 +114,7 @@ def test_device_runs_the_same_programs(variant):
 @pytest.mark.parametrize("variant", registry.VARIANTS, ids=lambda v: v.name)
 def test_device_agrees_with_the_host_model(variant):
     """Needs no torch: the ttnn interpreter can run it. Same program, device vs host model."""
-    from crosscheck.tt import TTNN_BF16_TOLERANCE
+    from crosscheck.variants.registry import TTNN_BF16_TOLERANCE
 
     cfg = variant.resolve(AttnConfig().replace(**dict(variant.defaults)))
     rng = np.random.default_rng(0)
