@@ -15,4 +15,28 @@ from crosscheck.errors import BadInputError, CrosscheckError, MismatchError, Por
 
 __version__ = "0.2.0"  # the jaxattn distribution's version (tests/test_packaging.py keeps them equal)
 
-__all__ = ["SEED_CONFIG", "AttnConfig", "BadInputError", "CrosscheckError", "MismatchError", "PortError"]
+__all__ = [
+    "SEED_CONFIG",
+    "AttnConfig",
+    "BadInputError",
+    "CrosscheckError",
+    "MismatchError",
+    "PortError",
+    "register_variant",
+    "unregister_variant",
+]
+
+#: Names this module gives from elsewhere on first use, keeping ``import crosscheck`` light.
+_LAZY = {
+    "register_variant": "crosscheck.variants.plugins",
+    "unregister_variant": "crosscheck.variants.plugins",
+}
+
+
+def __getattr__(name: str):
+    """:func:`crosscheck.variants.plugins.register_variant` and ``unregister_variant``, imported when asked."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'crosscheck' has no attribute {name!r}")

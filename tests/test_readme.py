@@ -39,6 +39,9 @@ def test_example_runs(page, index, tmp_path, monkeypatch):
 
     # The porting example loads "weights.safetensors" from the working directory.
     port.save_file(torch_ref.MultiHeadAttention(3, 2, 6, 0.0, 2).state_dict(), tmp_path / "weights.safetensors")
+    from crosscheck.variants.plugins import registrations
+
     namespace: dict = {}
     name = f"{page.relative_to(ROOT)}[python block {index}]"
-    exec(compile(python_blocks(page)[index], name, "exec"), namespace)
+    with registrations():  # a page's plugin (docs/own_attention.md) registers for its block only
+        exec(compile(python_blocks(page)[index], name, "exec"), namespace)

@@ -9,6 +9,10 @@ compared, as rows of one array:
 * torch decoding against the torch full forward (float32, the same module's weights);
 * Flax and ttnn decoding against torch decoding, and against their own full forward.
 
+With ``--jax-layers``, each other JAX library's layer with a cache decodes the input through it, one
+token a call (:mod:`crosscheck.jax_layers.rows`), against torch decoding; a layer without a cache is named
+in the report's ``mode["skipped_backends"]`` with why.
+
 A row's ``detail`` names the token with the largest error, so a drift that grows with
 the cache shows where it starts. Only the variants with a KV cache (the causal ones)
 decode; the engine refuses others by name.
@@ -21,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from crosscheck.errors import BadInputError
+from crosscheck.jax_layers import rows as jax_rows
 from crosscheck.pipeline import backends, flax_runner
 from crosscheck.pipeline import compare as cmp
 from crosscheck.pipeline.cases import Case
@@ -80,7 +85,8 @@ def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -
             raise BadInputError(f"--decode: none of the variants to run decodes; variants that decode: {names}")
     check_cases(cases, prompt_len)
     chosen = request.run_backends
-    steps = Steps(len(cases) * len(chosen), progress)
+    decoders = [layer for layer in jax_rows.chosen(request) if not layer.no_cache]
+    steps = Steps(len(cases) * (len(chosen) + len(decoders)), progress)
     results: dict[str, list[Result]] = {c.variant.name: [] for c in cases}
     torch_dec: dict[str, np.ndarray] = {}
     compilations: dict[str, int] = {}
@@ -100,6 +106,9 @@ def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -
             )
             results[name] += _flax_rows(case, request, out, torch_dec[name], prompt_len)
             steps.step(f"flax decode {name}")
+        for row in jax_rows.rows(case, request, _jax_layer_judge(name, dec, prompt_len), decode=True):
+            results[name].append(row)
+            steps.step(f"{row.backend} decode {name}")
     outcome = CheckOutcome([], cases=list(cases))
     if "ttnn" in chosen:
         outcome.ttnn_runtime, outcome.ttnn_versions = _ttnn_rows(cases, request, torch_dec, results, steps.step)
@@ -107,6 +116,8 @@ def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -
     outcome.mode = {"check": "decode", "prompt_len": prompt_len, "tokens": tokens}
     if compilations:
         outcome.mode["flax_compilations"] = compilations
+    if jax_rows.skipped(request, decode=True):
+        outcome.mode["skipped_backends"] = jax_rows.skipped(request, decode=True)
     outcome.results = [r for c in cases for r in results[c.variant.name]]
     return outcome
 
@@ -132,6 +143,26 @@ def _flax_rows(case: Case, request: RunRequest, out: np.ndarray, torch_dec: np.n
         r.attention_impl = impl
         rows.append(r)
     return rows
+
+
+def _jax_layer_judge(name: str, torch_dec: np.ndarray, prompt_len: int) -> jax_rows.Judge:
+    """Another JAX library's decoding (float32) against torch decoding."""
+
+    def judge(backend: str, runtime: str, out: np.ndarray, tol: cmp.Tolerance, seconds: float) -> Result:
+        return result_of(
+            name,
+            backend,
+            runtime,
+            jax_rows.DTYPE,
+            "torch decode",
+            out,
+            torch_dec,
+            tol,
+            seconds,
+            detail=detail(out, torch_dec, prompt_len),
+        )
+
+    return judge
 
 
 def _ttnn_rows(cases, request: RunRequest, torch_dec, results, step) -> tuple[dict, dict]:

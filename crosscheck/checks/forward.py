@@ -2,7 +2,8 @@
 
 Rows per variant: ``torch`` is the float32 reference against the same module in float64 (how far
 the reference is from exact arithmetic, the scale every other bound is judged on); ``flax`` (and
-``flax-nnx`` with ``--api nnx|both``) computes in the asked dtype; ``ttnn`` in bfloat16. Every
+``flax-nnx`` with ``--api nnx|both``) computes in the asked dtype; ``ttnn`` in bfloat16; with
+``--jax-layers``, a row per other JAX library's layer (:mod:`crosscheck.jax_layers.rows`, float32). Every
 backend runs in inference mode, where dropout is the identity.
 
 :func:`run_rows` takes the Flax rows of a case as a function, so that
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from crosscheck.errors import BadInputError
+from crosscheck.jax_layers import rows as jax_rows
 from crosscheck.pipeline import backends, flax_runner, placement
 from crosscheck.pipeline import compare as cmp
 from crosscheck.pipeline.cases import Case
@@ -60,7 +62,8 @@ def run_rows(
     """The forward check with the Flax rows of each case from ``flax_rows``."""
     chosen = request.run_backends
     apis = request.flax_apis if "flax" in chosen else ()
-    steps = Steps(len(cases) * (len(chosen) + ("flax" in chosen) * (len(request.flax_apis) - 1)), progress)
+    per_case = len(chosen) + ("flax" in chosen) * (len(request.flax_apis) - 1) + len(jax_rows.chosen(request))
+    steps = Steps(len(cases) * per_case, progress)
     by_variant: dict[str, list[Result]] = {c.variant.name: [] for c in cases}
     refs: dict[str, np.ndarray] = {}
     for case in cases:
@@ -74,11 +77,29 @@ def run_rows(
         for api in apis:  # a row per Flax API (--api)
             by_variant[name] += flax_rows(case, request, api, out32)
             steps.step(f"{FLAX_API_BACKENDS[api]} {name}")
+        for row in jax_rows.rows(case, request, _versus(name, "torch float32", out32)):  # --jax-layers
+            by_variant[name].append(row)
+            steps.step(f"{row.backend} {name}")
     outcome = CheckOutcome([])
     if "ttnn" in chosen:
-        outcome.ttnn_runtime, outcome.ttnn_versions = ttnn_rows(cases, request, refs, by_variant, steps.step)
+        on_ttnn = [c for c in cases if not c.variant.no_ttnn]  # a registered plugin may have no ttnn program
+        if on_ttnn:
+            outcome.ttnn_runtime, outcome.ttnn_versions = ttnn_rows(on_ttnn, request, refs, by_variant, steps.step)
+        why = [c.variant.no_ttnn for c in cases if c.variant.no_ttnn]
+        if why:  # left out, with the reason in the report's header and its JSON mode
+            skipped = {**(outcome.mode or {}).get("skipped_backends", {}), "ttnn": "not run: " + "; ".join(why)}
+            outcome.mode = {**(outcome.mode or {"check": "forward"}), "skipped_backends": skipped}
     outcome.results = [r for c in cases for r in by_variant[c.variant.name]]
     return outcome
+
+
+def _versus(name: str, reference: str, ref: np.ndarray) -> jax_rows.Judge:
+    """A float32 row of another JAX library's layer against ``ref``."""
+
+    def judge(backend: str, runtime: str, out: np.ndarray, tol: cmp.Tolerance, seconds: float) -> Result:
+        return result_of(name, backend, runtime, jax_rows.DTYPE, reference, out, ref, tol, seconds)
+
+    return judge
 
 
 def torch_row(name: str, out32: np.ndarray, out64: np.ndarray, seconds: float) -> Result:

@@ -10,6 +10,9 @@ counterpart), and any NaN or Inf anywhere in a padded output is a failure: a row
 no visible key must give zero context vectors, never NaN.
 
 Padding tokens are random values from their own generator, so a mask that leaks shows.
+
+With ``--jax-layers``, each other JAX library's layer runs the padded batch with the key-padding mask
+through its own mask argument (:mod:`crosscheck.jax_layers.rows`): a row each, judged the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from crosscheck.errors import BadInputError
+from crosscheck.jax_layers import rows as jax_rows
 from crosscheck.pipeline import budget, flax_runner
 from crosscheck.pipeline import compare as cmp
 from crosscheck.pipeline.backends import flax_output, torch_output, ttnn_outputs
@@ -112,6 +116,13 @@ def _row(name, backend, runtime, dtype, padded_out, ref, tol, pad_lengths, side)
     return r
 
 
+def _jax_layer_row(rows, name, ref, backend, runtime, padded_out, tol, seconds) -> Result:
+    """Another JAX library's padded output (float32) against ``ref``, as every padding row is judged."""
+    r = rows(name, backend, runtime, jax_rows.DTYPE, padded_out, ref, tol)
+    r.seconds = seconds
+    return r
+
+
 def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -> CheckOutcome:
     """Run the padded batch of every case on the request's backends, against the sequences one by one."""
     side, pad_lengths = str(request.padding), list(request.pad_lengths or ())
@@ -123,7 +134,7 @@ def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -
         "--pad-lengths",
     )
     chosen = request.run_backends
-    steps = Steps(len(cases) * len(chosen), progress)
+    steps = Steps(len(cases) * (len(chosen) + len(jax_rows.chosen(request))), progress)
     padded_cases, refs = [], {}
     results: dict[str, list[Result]] = {c.variant.name: [] for c in cases}
     for case in cases:
@@ -146,6 +157,11 @@ def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -
             )
             results[name].append(r)
             steps.step(f"flax padded {name}")
+        judge = functools.partial(_jax_layer_row, rows, name, refs[name])
+        real = functools.partial(real_rows, pad_lengths=pad_lengths, side=side)
+        for r in jax_rows.rows(case, request, judge, view=real):  # --jax-layers
+            results[name].append(r)
+            steps.step(f"{r.backend} padded {name}")
     outcome = CheckOutcome([], shapes={c.variant.name: list(c.x.shape) for c in padded_cases})
     if "ttnn" in chosen:
         outs, outcome.ttnn_runtime, outcome.ttnn_versions, _ = ttnn_outputs(

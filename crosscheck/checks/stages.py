@@ -200,6 +200,53 @@ def rerun_gqa(m, x, cfg, raw):
     return m.out_proj(_merge(context_vec))
 
 
+def submodule_stage(path: Sequence[str]) -> str:
+    """The stage of a submodule at Linen ``path`` (``("heads_0", "W_key")`` -> ``heads_0.W_key``): its torch
+    dotted name with list members as Linen names them; a name that is one of :data:`STAGES` gets ``()``."""
+    name = ".".join(path)
+    return f"{name}()" if name in STAGES else name
+
+
+def rerun_by_submodule(m, x, cfg, raw):
+    """Any torch layer (a registered plugin's): the output of every named submodule (its first call, where
+    it is an array of rank 2..4), recorded by forward hooks in the order they return."""
+    from crosscheck.variants.byname import flax_path
+
+    def record(stage):
+        def hook(module, args, out):
+            if hasattr(out, "dim") and 2 <= out.dim() <= 4 and stage not in raw:
+                raw[stage] = [out.detach().clone()]
+
+        return hook
+
+    handles = [
+        sub.register_forward_hook(record(submodule_stage(flax_path(f"{name}.x", "other")[:-1])))
+        for name, sub in m.named_modules()
+        if name
+    ]
+    try:
+        return m(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def flax_by_submodule(tree: Mapping, raw: Raw, cfg) -> None:
+    """Any Linen layer (a registered plugin's): every submodule's captured output (its first call) under the
+    stage its torch twin has (:func:`submodule_stage`); ``--stages`` compares the names both sides have."""
+
+    def walk(node: Mapping, path: tuple[str, ...]) -> None:
+        for key, sub in node.items():
+            if not isinstance(sub, Mapping):
+                continue
+            out = sub.get("__call__")
+            if isinstance(out, tuple) and out and hasattr(out[0], "ndim") and 2 <= out[0].ndim <= 4:
+                raw.setdefault(submodule_stage((*path, key)), [np.asarray(out[0])])
+            walk(sub, (*path, key))
+
+    walk(tree, ())
+
+
 def _no_torch_stages(m) -> BadInputError:
     return BadInputError(
         f"--stages: no stage breakdown of the torch layer {type(m).__name__} (transformers' layers); stages "
@@ -329,6 +376,8 @@ def ttnn_stages(cases: Sequence[Case], runtime: str = "auto") -> tuple[dict[str,
     with rt.open_runtime(runtime) as opened:
         info = {"name": opened.name, "description": opened.description, "python": None}
         for case in cases:
+            if case.variant.no_ttnn:  # no program to tap (a registered plugin without one)
+                continue
             with ops.recording_stages() as taps:
                 out = rt.run_variant(
                     opened, case.variant, case.config, case.state_dict, case.x, program=case.variant.ttnn_program
@@ -432,7 +481,7 @@ def _collect(cases: Sequence[Case], staged: Sequence[str], dtype: str, ttnn_runt
             step(f"flax stages {case.variant.name}")
     ttnn_raw: dict[str, Raw] = {}
     info = None
-    if "ttnn" in staged:
+    if "ttnn" in staged and any(not c.variant.no_ttnn for c in cases):
         ttnn_raw, info = ttnn_stages(cases, ttnn_runtime)
         for case in cases:
             step(f"ttnn stages {case.variant.name}")

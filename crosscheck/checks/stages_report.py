@@ -153,7 +153,8 @@ class StagesReport:
 def compare_stages(
     reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], tol: cmp.Tolerance, dtype: str
 ) -> list[StageRow]:
-    """A row per stage of ``reference`` (in :data:`STAGES` order); a stage the candidate lacks fails.
+    """A row per stage of ``reference`` (in :data:`STAGES` order, a plugin's submodules before ``output``); a
+    stage of :data:`STAGES` the candidate lacks fails, a submodule it lacks is left out.
 
     Every stage is held to ``tol``'s abs and rel bounds; PCC only at ``output`` (as the forward check
     does). Inside the layer PCC is ill-conditioned: an almost uniform softmax (SelfAttentionV2 on the
@@ -162,8 +163,14 @@ def compare_stages(
     """
     rows = []
     inner = replace(tol, min_pcc=None)
-    for stage in (s for s in STAGES if s in reference):
+    # A registered plugin's stages are its submodules, in the order torch ran them, before the output;
+    # they are compared where both sides have one of that name.
+    submodules = [s for s in reference if s not in STAGES]
+    order = [s for s in STAGES if s in reference and s != "output"] + submodules
+    for stage in [*order, *(["output"] if "output" in reference else [])]:
         if stage not in candidate:
+            if stage in submodules:
+                continue
             rows.append(StageRow(stage, None, None, None, None, False, [f"stage {stage} not exposed by this backend"]))
             continue
         c = cmp.compare(candidate[stage], reference[stage], tol if stage == "output" else inner, computed_in=dtype)

@@ -86,7 +86,7 @@ class FlaxTrainer:
         self.kwargs: dict[str, Any] = {"deterministic": not self.train} if "deterministic" in params else {}
         if case.attention_mask is not None:
             self.kwargs["attention_mask"] = jnp.asarray(case.attention_mask, dtype=jnp.bool_)
-        self.sites: list[dm.Site] = []
+        self.sites: Sequence[dm.Site | dm.LayerSite] = []
 
     def apply(self, variables, x):
         """The module's output; records the dropout sites while it is traced."""
@@ -99,10 +99,17 @@ class FlaxTrainer:
             self.sites = keys.sites  # filled as the module is traced
             # The modules draw their 'dropout' key before calling attention_fn, which replaces it.
             rngs = {"dropout": jax.random.key(self.seed)}
+        elif self.train:  # a module that drops with flax.linen.Dropout itself (a registered plugin)
+            from flax import linen as nn
+
+            sites = dm.DropoutSites(self.seed)
+            self.sites = sites.sites  # filled as the module is traced
+            with nn.intercept_methods(sites):
+                return module.apply(variables, x, rngs={"dropout": jax.random.key(self.seed)}, **self.kwargs)
         return module.apply(variables, x, rngs=rngs, **self.kwargs)
 
 
-def flax_train_output(case: Case, seed: int, train: bool = True) -> tuple[np.ndarray, list[dm.Site]]:
+def flax_train_output(case: Case, seed: int, train: bool = True) -> tuple[np.ndarray, list[dm.Site | dm.LayerSite]]:
     """``(output, dropout sites)`` of the jitted jaxattn module in training mode, float32 at precision highest."""
     import jax
     import jax.numpy as jnp
@@ -116,7 +123,7 @@ def flax_train_output(case: Case, seed: int, train: bool = True) -> tuple[np.nda
 # --- torch ---------------------------------------------------------------------------------------
 
 
-def torch_train_module(case: Case, masks: Sequence[np.ndarray], sites: Sequence[dm.Site], dtype=None):
+def torch_train_module(case: Case, masks: Sequence[np.ndarray], sites: Sequence[dm.Site | dm.LayerSite], dtype=None):
     """A copy of ``case``'s torch module, in ``dtype``, and ``forward(x)`` in training mode on the masks."""
     module = copy.deepcopy(case.torch_module)
     if dtype is not None:
@@ -155,7 +162,7 @@ def torch_train_output(case: Case, masks, sites, dtype: str = "float32") -> np.n
 # --- the check -----------------------------------------------------------------------------------
 
 
-def dropout_detail(case: Case, sites: Sequence[dm.Site], masks: Sequence[np.ndarray]) -> dict:
+def dropout_detail(case: Case, sites: Sequence[dm.Site | dm.LayerSite], masks: Sequence[np.ndarray]) -> dict:
     """What a training row reports about dropout: the rate, the sites and the fraction of weights kept."""
     if not sites:
         return {"dropout": "no dropout", "sites": 0}
@@ -242,6 +249,9 @@ def train_rows(run: TrainingRun, backends: Sequence[str], step: Callable[[str], 
 def run(cases: Sequence[Case], request: RunRequest, progress: Progress | None) -> CheckOutcome:
     """The training rows and/or gradient rows of every case (torch against Flax, float32)."""
     train, grad, seed = request.train, request.grad, request.seed
+    refused = [c.variant for c in cases if train and c.variant.no_train]
+    if refused:
+        raise BadInputError(f"--train cannot run {refused[0].name}: {refused[0].no_train}")
     step = Steps(len(cases) * len(request.run_backends), progress).step
     results: list[Result] = []
     dropouts = set()

@@ -230,6 +230,13 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_options(p)
+    p.add_argument(
+        "--plugin",
+        action="append",
+        metavar="FILE.py|MODULE",
+        help="import a plugin that registers attention layers of your own (crosscheck.register_variant), "
+        "before --variant is read; repeatable (installed packages: the crosscheck.variants entry points)",
+    )
     d = p.add_argument_group("decoding and padding (instead of the forward check)")
     d.add_argument(
         "--decode",
@@ -276,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("linen", "nnx", "both"),
         help="the Flax modules of the flax backend: Linen (rows 'flax'), the jaxattn.nnx twins (rows 'flax-nnx') "
         "or both; NNX runs the forward check only",
+    )
+    b.add_argument(
+        "--jax-layers",
+        metavar="NAMES",
+        help="also run other JAX libraries' attention layers, ported from TorchMultiheadAttention's weights, as rows "
+        "against torch: a comma list of jaxattn (the flax row), flax.linen, flax.nnx, equinox "
+        "(pip install 'jaxattn[equinox]'); in the forward, --padding and --decode checks",
     )
     _add_device_options(p)
     _add_shard_options(p)

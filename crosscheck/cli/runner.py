@@ -120,6 +120,16 @@ def check_json_path(path: str | None, read) -> None:
         check_output_path(path, "--json", read, what="JSON report")
 
 
+def load_plugins(specs) -> None:
+    """The installed packages' variants (entry points), then each ``--plugin`` (a file or a module), before
+    any variant name is read; a plugin that is missing or fails to import is an error naming it."""
+    from crosscheck.variants import plugins
+
+    plugins.load_entry_points()
+    for spec in specs or ():
+        plugins.load_plugin(spec)
+
+
 def request_of(args):
     """The :class:`~crosscheck.pipeline.request.RunRequest` of the parsed ``args`` (validated: exit 2 on a refusal)."""
     from crosscheck.checks.padding_check import parse_pad_lengths
@@ -144,6 +154,7 @@ def request_of(args):
         api=args.api,
         devices=args.devices,
         shard=args.shard,
+        jax_layers=getattr(args, "jax_layers", None),
         **overrides(args),
     )
 
@@ -156,6 +167,7 @@ def run(args) -> int:
         force_host_devices(args.devices)
     from crosscheck.pipeline import engine, placement
 
+    load_plugins(getattr(args, "plugin", None))
     check_json_path(
         args.json,
         [
@@ -190,6 +202,7 @@ def run_stages(args) -> int:
         ("--padding", args.padding),
         ("--ttnn-python", args.ttnn_python),
         ("--attention-impl", args.attention_impl),
+        ("--jax-layers", getattr(args, "jax_layers", None)),
     ):
         if value is not None:
             raise BadInputError(

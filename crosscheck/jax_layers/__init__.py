@@ -26,13 +26,17 @@ STAGES = ("query", "key", "value", "attention", "output")
 class JaxLayer:
     """One library's attention layer, as ``--jax-layers`` names it.
 
-    ``module``: the adapter module (in this package) with ``forward``, ``stages`` and, where the layer has a
-    cache, ``decode``. ``call``/``decode_call``: how the layer is called, as its documentation shows (named
-    in a FAIL row). ``no_cache``: why there is no decode row, where the layer has no cache.
+    ``module``: the adapter module (in this package) with ``stages`` and, where the layer has a cache,
+    ``decode_stages``. ``imports``: the library's module, ``distribution`` its package (whose version a row
+    names) and ``install`` how to get it. ``call``/``decode_call``: how the layer is called, as its
+    documentation shows (named in a FAIL row). ``no_cache``: why there is no decode row, where the layer has
+    no cache.
     """
 
     name: str
     distribution: str
+    imports: str
+    install: str
     module: str
     call: str
     decode_call: str | None = None
@@ -47,14 +51,10 @@ class JaxLayer:
     def available(self) -> str | None:
         """``None``, or why the library cannot be used here (not installed)."""
         try:
-            import_module(self.module_path)
+            import_module(self.imports)
         except ImportError:
-            return f"{self.name} is not installed (pip install {self.distribution})"
+            return f"--jax-layers {self.name}: {self.distribution} is not installed ({self.install})"
         return None
-
-    @property
-    def module_path(self) -> str:
-        return {"flax.linen": "flax.linen", "flax.nnx": "flax.nnx", "equinox": "equinox"}[self.name]
 
 
 LAYERS: dict[str, JaxLayer] = {
@@ -63,6 +63,8 @@ LAYERS: dict[str, JaxLayer] = {
         JaxLayer(
             name="flax.linen",
             distribution="flax",
+            imports="flax.linen",
+            install="pip install jaxattn",
             module="linen",
             call="nn.MultiHeadDotProductAttention(...).apply(params, x, mask=nn.make_causal_mask(...))",
             decode_call="nn.MultiHeadDotProductAttention(..., decode=True): one token per apply, mutable=['cache']",
@@ -70,6 +72,8 @@ LAYERS: dict[str, JaxLayer] = {
         JaxLayer(
             name="flax.nnx",
             distribution="flax",
+            imports="flax.nnx",
+            install="pip install jaxattn",
             module="nnx",
             call="nnx.MultiHeadAttention(...)(x, mask=..., is_causal=True)",
             decode_call="nnx.MultiHeadAttention(..., decode=True): init_cache, then one token per call, is_causal=True",
@@ -77,6 +81,8 @@ LAYERS: dict[str, JaxLayer] = {
         JaxLayer(
             name="equinox",
             distribution="equinox",
+            imports="equinox",
+            install="pip install 'jaxattn[equinox]'",
             module="equinox_mha",
             call="jax.vmap(eqx.nn.MultiheadAttention(...))(x, x, x, mask=causal & keys)",
             no_cache="equinox.nn.MultiheadAttention has no KV cache",
@@ -92,8 +98,10 @@ def parse(text: str) -> tuple[str, ...]:
     """``"jaxattn,flax.nnx"`` -> ``("jaxattn", "flax.nnx")``; an unknown name is a ``ValueError`` naming it."""
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in NAMES]
-    if unknown or not names:
+    if unknown:
         raise ValueError(f"--jax-layers: unknown layer(s) {unknown}; choose from {', '.join(NAMES)}")
+    if not names:
+        raise ValueError(f"--jax-layers: no layer named; choose from {', '.join(NAMES)}")
     return names
 
 

@@ -49,9 +49,12 @@ def params(weights: MhaWeights) -> dict:
 
 
 def mask(x: np.ndarray, causal: bool, attention_mask: np.ndarray | None):
-    """``(B, 1, T, T)`` or ``(B, 1, 1, T)`` bool, or ``None``."""
+    """``(B, 1, T, T)`` (Flax's float32 masks, 1 = attend), or ``None``: ``nn.make_causal_mask`` and, for the
+    real keys, ``nn.make_attention_mask(queries, keys)``, combined by ``nn.combine_masks``."""
     causal_mask = nn.make_causal_mask(jnp.ones(x.shape[:2])) if causal else None
-    keys = None if attention_mask is None else jnp.asarray(attention_mask, bool)[:, None, None, :]
+    keys = None
+    if attention_mask is not None:
+        keys = nn.make_attention_mask(jnp.ones(x.shape[:2], bool), jnp.asarray(attention_mask, bool))
     return nn.combine_masks(causal_mask, keys)
 
 

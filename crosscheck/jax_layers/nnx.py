@@ -32,14 +32,14 @@ def layer(weights: MhaWeights, *, decode: bool = False) -> nnx.MultiHeadAttentio
     for name, w, b in (("query", weights.w_q, weights.b_q), ("key", weights.w_k, weights.b_k),
                        ("value", weights.w_v, weights.b_v)):  # fmt: skip
         projection = getattr(module, name)
-        projection.kernel.value = jnp.asarray(w.T.reshape(e, n, h))
+        projection.kernel[...] = jnp.asarray(w.T.reshape(e, n, h))
         if b is not None:
             assert projection.bias is not None  # use_bias=weights.bias
-            projection.bias.value = jnp.asarray(b.reshape(n, h))
-    module.out.kernel.value = jnp.asarray(weights.w_o.T.reshape(n, h, e))
+            projection.bias[...] = jnp.asarray(b.reshape(n, h))
+    module.out.kernel[...] = jnp.asarray(weights.w_o.T.reshape(n, h, e))
     if weights.b_o is not None:
         assert module.out.bias is not None
-        module.out.bias.value = jnp.asarray(weights.b_o)
+        module.out.bias[...] = jnp.asarray(weights.b_o)
     return module
 
 

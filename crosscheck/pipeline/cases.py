@@ -327,7 +327,12 @@ def build_cases(
             _check_needs(chosen)
     inferred = {v.name: (port.infer_config(v, sd, _known(v, overrides)) if sd is not None else {}) for v in chosen}
     weight_d_in = {i["d_in"] for i in inferred.values() if "d_in" in i}
-    d_in_hint = overrides.get("d_in") or (weight_d_in.pop() if len(weight_d_in) == 1 else None)
+    default_d_in = {dict(v.defaults)["d_in"] for v in chosen if "d_in" in dict(v.defaults)}  # a plugin's own
+    d_in_hint = (
+        overrides.get("d_in")
+        or (weight_d_in.pop() if len(weight_d_in) == 1 else None)
+        or (default_d_in.pop() if len(default_d_in) == 1 else None)
+    )
     data = inp.resolve_inputs(inputs, d_in_hint)
     tokens, d_in = data.array.shape[-2], data.array.shape[-1]
     configs = [resolve_config(v, overrides, inferred[v.name], tokens, d_in, origins) for v in chosen]

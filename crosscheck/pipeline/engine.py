@@ -137,6 +137,10 @@ def run(
     ``api``: the Flax modules to run: ``"linen"`` (rows ``flax``), ``"nnx"`` (the :mod:`jaxattn.nnx`
     twins, rows ``flax-nnx``) or ``"both"``; NNX in the forward check only.
 
+    ``jax_layers``: other JAX libraries' attention layers (``"flax.linen,flax.nnx,equinox"``; ``jaxattn`` is the
+    ``flax`` row) ported from ``TorchMultiheadAttention``'s weights, a row each in the forward, padding and decode
+    checks (:mod:`crosscheck.jax_layers`).
+
     ``prefix``: the layer of a whole model's ``weights`` to check (``model.layers.0.self_attn.``);
     ``model_config``: a transformers ``config.json`` (heads, kv heads, head_dim, RoPE), whose
     values the flags must not contradict.
@@ -171,6 +175,9 @@ def _report(
     placement.describe(outcome.results)  # device and precision on every result
     checked = cases if outcome.cases is None else outcome.cases
     shapes = outcome.shapes or {c.variant.name: list(c.x.shape) for c in checked}
+    mode = outcome.mode
+    if request.jax_layers is not None:  # the layers asked (a layer without a row says why in the check's mode)
+        mode = {**(mode or {"check": "forward"}), "jax_layers": list(request.jax_layers)}
     return Report(
         results=outcome.results,
         configs={c.variant.name: c.variant.report_config(c.config) for c in checked},
@@ -181,7 +188,7 @@ def _report(
         backends=request.run_backends,
         seconds=time.perf_counter() - t_start,
         attention_impl=(request.attention_impl or flax_runner.AUTO) if "flax" in request.run_backends else None,
-        mode=outcome.mode,
+        mode=mode,
         sharding=outcome.sharding,
     )
 

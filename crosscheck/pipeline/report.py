@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+from crosscheck.jax_layers import LAYERS as JAX_LAYERS
 from crosscheck.pipeline.results import Report, Result
 from crosscheck.porting.outputs import atomic_write_text, check_output_path
 
@@ -21,6 +22,8 @@ def backend_label(r: Result) -> str:
         return f"flax-nnx ({r.device or r.runtime})"
     if r.backend == "ttnn":
         return {"host": "ttnn (host model)", "device": "ttnn (device)"}.get(r.runtime, f"ttnn ({r.runtime})")
+    if r.backend in JAX_LAYERS:  # another library's layer (--jax-layers) and its version: "flax.nnx 0.12.8"
+        return f"{r.backend} {r.runtime.rpartition(' ')[2]}"
     return r.backend
 
 
@@ -86,6 +89,10 @@ def _render_header(report: Report, console) -> None:
         console.print(f"padding: {mode['side']}, pad lengths {mode['pad_lengths']}; real tokens vs each sequence alone")
     elif mode.get("check") in ("train", "grad"):
         _render_train_mode(mode, console)
+    if mode.get("jax_layers"):
+        console.print(f"jax layers: {', '.join(mode['jax_layers'])} (float32, matmul precision highest)")
+    for backend, why in (mode.get("skipped_backends") or {}).items():
+        console.print(f"{backend}: {why}")
     v = report.versions
     ttnn = v.get("ttnn") or f"absent ({v.get('ttnn_reason')})"
     console.print(f"versions: torch {v.get('torch')}, jax {v.get('jax')}, flax {v.get('flax')}, ttnn {ttnn}")
@@ -125,6 +132,9 @@ def _table(report: Report, versus: bool):
         if previous is not None and r.variant != previous:
             table.add_section()
         verdict = "[green]PASS[/green]" if r.passed else "[bold red]FAIL[/bold red]"
+        stage = (r.detail or {}).get("first_diverging_stage")
+        if not r.passed and stage:  # --jax-layers: where the layer first leaves the float64 reference
+            verdict += f" at {stage}"
         table.add_row(
             r.variant if r.variant != previous else "",
             backend_label(r),
@@ -146,7 +156,7 @@ _VERSUS_CHECKS = ("decode", "padding", "train", "grad")
 
 
 def _render_train_mode(mode: dict, console) -> None:
-    """The header lines of a --train / --grad run: dropout, masks, loss, and the backends skipped and why."""
+    """The header lines of a --train / --grad run: dropout, masks, loss (the backends skipped follow)."""
     from rich.markup import escape  # the loss names default_rng([seed, 1]): brackets, not markup
 
     if mode.get("train"):
@@ -157,8 +167,6 @@ def _render_train_mode(mode: dict, console) -> None:
         console.print(
             f"gradients: loss {escape(str(mode.get('loss')))}, seed {mode.get('seed')}; torch autograd vs jax.grad"
         )
-    for backend, why in (mode.get("skipped_backends") or {}).items():
-        console.print(f"{backend}: {why}")
 
 
 def _timing(report: Report) -> str:

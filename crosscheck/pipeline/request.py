@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from crosscheck import jax_layers
 from crosscheck.errors import BadInputError
 from crosscheck.pipeline import budget, flax_runner, placement
 from crosscheck.pipeline import inputs as inp
@@ -49,7 +50,9 @@ class RunRequest:
     the state dict fits). ``overrides``: config fields (:data:`crosscheck.pipeline.cases.OVERRIDABLE`).
     ``backends`` are kept in canonical order. ``decode``/``padding``/``train``/``grad``/``shard``
     choose the check (:mod:`crosscheck.checks`); ``max_memory`` the budget
-    (:mod:`crosscheck.pipeline.budget`). :meth:`create` takes the config fields as keywords.
+    (:mod:`crosscheck.pipeline.budget`). ``jax_layers``: other JAX libraries' attention layers to add as
+    rows (:mod:`crosscheck.jax_layers`; a comma list or names). :meth:`create` takes the config fields as
+    keywords.
     """
 
     variants: tuple[str, ...] | None = None
@@ -73,6 +76,7 @@ class RunRequest:
     devices: int | None = None
     shard: str | None = None
     max_memory: int | str | None = None
+    jax_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         budget.budget_for(self.max_memory)  # a bad --max-memory first, as before any work
@@ -93,6 +97,8 @@ class RunRequest:
         if self.training:
             _check_training(self)
         _check_sharding(self)
+        if self.jax_layers is not None:
+            set_(self, "jax_layers", _check_jax_layers(self))
 
     @classmethod
     def create(cls, variants: Iterable[str] | None = None, **options: Any) -> RunRequest:
@@ -241,3 +247,34 @@ def _check_sharding(r: RunRequest) -> None:
             f"--shard sequence runs attention as ring attention; --attention-impl {r.attention_impl} "
             "cannot be combined with it"
         )
+
+
+def _check_jax_layers(r: RunRequest) -> tuple[str, ...]:
+    """``--jax-layers``: known, installed names, rows of the forward, decode or padding check of variants that
+    are a ``torch.nn.MultiheadAttention`` port (named, or matched to ``--weights`` and checked when they run)."""
+    given = r.jax_layers
+    try:
+        names = jax_layers.parse(given if isinstance(given, str) else ",".join(given or ()))
+    except ValueError as err:
+        raise BadInputError(str(err)) from None
+    others = r._modes(("--train/--grad",)) + (["--shard"] if r.shard is not None else [])
+    if others:
+        raise BadInputError(f"--jax-layers adds rows to the forward, --decode and --padding checks, not to {others[0]}")
+    ports = [v for v in registry.VARIANTS if v.jax_layers]
+    why = "the layers are ported from a torch.nn.MultiheadAttention state dict"
+    if r.variants:
+        for v in select_variants(r.variants):
+            if not v.jax_layers:
+                raise BadInputError(f"--jax-layers needs {', '.join(p.name for p in ports)} ({why}); got {v.name}")
+    elif r.weights is None:
+        raise BadInputError(
+            f"--jax-layers needs {', '.join(p.name for p in ports)} ({why}): name it with --variant "
+            "(the default run is the book's chapter-3 variants)"
+        )
+    if "jaxattn" in names and "flax" not in r.backends:
+        raise BadInputError("--jax-layers jaxattn is the flax backend's row: add flax to --backends")
+    for name in names:
+        missing = jax_layers.LAYERS[name].available() if name in jax_layers.LAYERS else None
+        if missing:
+            raise BadInputError(missing)
+    return names

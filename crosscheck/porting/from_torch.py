@@ -64,7 +64,7 @@ def recognise(torch_module, **options) -> tuple[registry.Variant, AttnConfig]:
     read is an error.
     """
     cls = type(torch_module).__name__
-    matches = [v for v in registry.VARIANTS if v.recognises(torch_module)]
+    matches = registry.recognising(torch_module)
     if not matches:
         raise BadInputError(
             f"cannot recognise torch module {cls}: expected one of the book's attention classes "

@@ -102,6 +102,61 @@ class SiteKeys:
         return dot_product_attention(query, key, value, bias, mask, is_causal=is_causal, **extra)
 
 
+@dataclass(frozen=True)
+class LayerSite:
+    """A dropout site of a Linen module that is not jaxattn's (a registered plugin): one ``nn.Dropout`` call,
+    whatever it drops (``shape``: its input's), found by :class:`DropoutSites`."""
+
+    shape: tuple[int, ...]
+    rate: float
+    #: The shape the mask is drawn at: ``shape`` with ``broadcast_dims`` set to 1.
+    draw_shape: tuple[int, ...]
+
+
+def layer_mask(seed: int, index: int, site: LayerSite) -> np.ndarray:
+    """``site.shape`` bool, True = kept: ``jax.random.bernoulli(site_key(seed, index), 1 - rate)`` at the draw
+    shape, broadcast: what :class:`DropoutSites` applies at that site."""
+    import jax
+
+    keep = jax.random.bernoulli(site_key(seed, index), 1.0 - site.rate, site.draw_shape)
+    return np.array(np.broadcast_to(np.asarray(jax.device_get(keep)), site.shape))  # a writable copy, for torch
+
+
+class DropoutSites:
+    """A Linen method interceptor (``nn.intercept_methods``) that gives every active ``nn.Dropout`` call its
+    site's mask: call ``i`` returns ``x * keep / (1 - rate)`` with ``keep`` = :func:`layer_mask` ``(seed, i)``,
+    the product ``nn.Dropout`` forms with its own draw. For modules that drop with ``flax.linen.Dropout``
+    rather than through jaxattn's ``attention_fn`` (:class:`SiteKeys`): registered plugins. ``sites``
+    lists the calls in order; it is filled while the module is traced. A ``broadcast_dims`` mask is drawn at
+    its broadcast shape and expanded, so torch gets the full mask its ``nn.Dropout`` multiplies by.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.sites: list[LayerSite] = []
+
+    def __call__(self, next_fun, args, kwargs, context):
+        import jax
+        import jax.numpy as jnp
+        from flax import linen as nn
+
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, nn.Dropout):
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        called = kwargs.get("deterministic", args[1] if len(args) > 1 else None)
+        deterministic = module.deterministic if called is None else called
+        if deterministic or module.rate == 0.0:
+            return next_fun(*args, **kwargs)
+        if module.rate >= 1.0:  # nn.Dropout's own rule: everything dropped
+            return jnp.zeros_like(x)
+        shape = tuple(1 if d in module.broadcast_dims else n for d, n in enumerate(x.shape))
+        keep = jax.random.bernoulli(site_key(self.seed, len(self.sites)), 1.0 - module.rate, shape)
+        self.sites.append(LayerSite(tuple(x.shape), float(module.rate), shape))
+        keep = jnp.broadcast_to(keep, x.shape)
+        return jnp.where(keep, x / (1.0 - module.rate), jnp.zeros_like(x))
+
+
 def site_mask(seed: int, index: int, site: Site) -> np.ndarray:
     """``(batch, heads, q_tokens, kv_tokens)`` bool, True = kept: what the core drops with site ``index``'s key.
 
@@ -138,9 +193,9 @@ def _kept_weights():
     return jax.jit(kept, static_argnums=1)
 
 
-def masks_for(seed: int, sites: Sequence[Site]) -> list[np.ndarray]:
+def masks_for(seed: int, sites: Sequence[Site | LayerSite]) -> list[np.ndarray]:
     """Every site's keep mask, in site order."""
-    return [site_mask(seed, i, s) for i, s in enumerate(sites)]
+    return [layer_mask(seed, i, s) if isinstance(s, LayerSite) else site_mask(seed, i, s) for i, s in enumerate(sites)]
 
 
 # --- torch ---------------------------------------------------------------------------------------
@@ -184,7 +239,7 @@ def dropout_modules(module) -> list[tuple[str, Any]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Dropout) and m.p > 0.0]
 
 
-def inject_masks(module, masks: Sequence[np.ndarray], sites: Sequence[Site]) -> list:
+def inject_masks(module, masks: Sequence[np.ndarray], sites: Sequence[Site | LayerSite]) -> list:
     """Replace ``module``'s ``nn.Dropout`` submodules by ``MaskDropout`` (in place); returns them.
 
     :class:`BadInputError` when the number of torch dropout modules, or one's rate, differs from the
@@ -250,7 +305,13 @@ def multihead_forward_masked(module, x, causal: bool, keep: np.ndarray, p: float
 
 
 def torch_forward_masked(
-    variant, module, x, cfg, masks: Sequence[np.ndarray], sites: Sequence[Site], attention_mask: Any | None = None
+    variant,
+    module,
+    x,
+    cfg,
+    masks: Sequence[np.ndarray],
+    sites: Sequence[Site | LayerSite],
+    attention_mask: Any | None = None,
 ):
     """The torch reference of ``variant`` in training mode on ``x`` with the sites' masks.
 

@@ -236,6 +236,8 @@ def open_runtime(kind: str = "auto") -> Iterator[Runtime]:
 
 def _program(variant, cfg):
     """The program :func:`run_variant` runs for ``variant`` at the resolved ``cfg`` (SDPA when head_dim % 32 == 0)."""
+    if variant.ttnn_forward is None:
+        raise BadInputError(f"{variant.name}: {variant.no_ttnn}")
     return ops.select(variant.ttnn_forward, variant.ttnn_sdpa, cfg)
 
 

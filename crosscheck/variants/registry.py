@@ -19,24 +19,33 @@ from crosscheck.variants.variant import FLAX_APIS, Shapes, Variant
 
 __all__ = [
     "BF16_ROUNDINGS",
+    "BUILT_IN",
     "FLAX_APIS",
     "TTNN_BF16_ABS_BUDGET",
     "TTNN_BF16_TOLERANCE",
     "VARIANTS",
     "Shapes",
     "Variant",
+    "add",
     "decoding",
     "default_run",
     "for_flax_class",
     "get",
     "missing_needs",
     "names",
+    "recognising",
+    "registered",
+    "remove",
     "takes_attention_impl",
     "ttnn_decoders",
     "ttnn_programs",
 ]
 
-VARIANTS: tuple[Variant, ...] = (*book.VARIANTS, *torch_mha.VARIANTS, *grouped_query.VARIANTS, *transformers.VARIANTS)
+#: The project's own entries; :data:`VARIANTS` adds those registered at run time
+#: (:func:`crosscheck.register_variant`, :mod:`crosscheck.variants.plugins`).
+BUILT_IN: tuple[Variant, ...] = (*book.VARIANTS, *torch_mha.VARIANTS, *grouped_query.VARIANTS, *transformers.VARIANTS)
+
+VARIANTS: tuple[Variant, ...] = BUILT_IN
 
 _BY_NAME = {v.name.lower(): v for v in VARIANTS}
 
@@ -48,6 +57,45 @@ def get(name: str) -> Variant:
     except KeyError:
         known = ", ".join(v.name for v in VARIANTS)
         raise KeyError(f"unknown variant {name!r}; known variants: {known}") from None
+
+
+def add(variant: Variant) -> None:
+    """Add a registered variant to every lookup; a name already taken (case-insensitively) is an error."""
+    global VARIANTS
+    taken = _BY_NAME.get(variant.name.lower())
+    if taken is not None:
+        what = "a built-in variant" if taken in BUILT_IN else "a variant registered before"
+        raise ValueError(f"cannot register {variant.name!r}: the name is taken by {what} ({taken.name})")
+    VARIANTS = (*VARIANTS, variant)
+    _BY_NAME[variant.name.lower()] = variant
+    BF16_ROUNDINGS[variant.name] = variant.bf16_roundings
+    TTNN_BF16_TOLERANCE[variant.name] = variant.ttnn_tolerance
+
+
+def remove(name: str) -> Variant:
+    """Take a registered variant out of every lookup (built-in ones stay); returns it."""
+    global VARIANTS
+    variant = get(name)
+    if variant in BUILT_IN:
+        raise ValueError(f"{variant.name} is a built-in variant; only registered ones can be removed")
+    VARIANTS = tuple(v for v in VARIANTS if v is not variant)
+    del _BY_NAME[variant.name.lower()]
+    BF16_ROUNDINGS.pop(variant.name, None)
+    TTNN_BF16_TOLERANCE.pop(variant.name, None)
+    return variant
+
+
+def registered() -> list[Variant]:
+    """The variants registered at run time, in the order they were."""
+    return [v for v in VARIANTS if v not in BUILT_IN]
+
+
+def recognising(torch_module) -> list[Variant]:
+    """The entries that recognise ``torch_module``; a registered class recognised as itself wins over the
+    built-in entries' structural tests (a plugin's layer may have the book's ``W_query``...)."""
+    found = [v for v in VARIANTS if v.recognises(torch_module)]
+    own = [v for v in found if v not in BUILT_IN]
+    return own or found
 
 
 def names() -> list[str]:

@@ -121,5 +121,7 @@ VARIANTS: tuple[Variant, ...] = (
         decodes_at=lambda cfg: cfg.causal,
         torch_masked_forward=_torch_mha_masked_forward,
         torch_stages="crosscheck.checks.stages:rerun_torch_mha",
+        # torch.nn.MultiheadAttention's own layout: what crosscheck.jax_layers ports from.
+        jax_layers=True,
     ),
 )

@@ -84,8 +84,10 @@ class Variant:
     #: ``kv_cache`` API); ``None``: the variant does not decode (it is not causal).
     make_torch_cached: Callable[[AttnConfig], Any] | None = None
     #: The ttnn program (:mod:`crosscheck.tt.programs`): ``(ttnn, device, x, *, parameters, config,
-    #: attention_mask=None)``.
-    ttnn_forward: Callable[..., Any]
+    #: attention_mask=None)``; ``None`` only with :attr:`no_ttnn` saying why (a registered plugin without one).
+    ttnn_forward: Callable[..., Any] | None = None
+    #: Why the variant has no ttnn program (``""``: it has one); the ttnn row is left out with this reason.
+    no_ttnn: str = ""
     #: Its twin through ttnn's fused SDPA kernel, run when every head's dim is a multiple of the tile size.
     ttnn_sdpa: Callable[..., Any] | None = None
     #: Its KV-cache decode (:mod:`crosscheck.tt.decode_programs`); ``None``: not causal.
@@ -152,6 +154,13 @@ class Variant:
     in_default_run: bool = True
     #: Optional packages (import names) the torch side needs, e.g. ``("transformers",)``.
     needs: tuple[str, ...] = ()
+    #: Why ``crosscheck --train`` cannot run the variant (``""``: it can); a registered plugin's modules do
+    #: not take the dropout masks the check injects.
+    no_train: str = ""
+    #: Its state dict is a ``torch.nn.MultiheadAttention``'s (``in_proj_weight``, ``out_proj``), which
+    #: ``crosscheck --jax-layers`` ports into other JAX libraries' attention layers
+    #: (:mod:`crosscheck.jax_layers`: Flax's Linen and NNX layers, Equinox's) as rows against torch.
+    jax_layers: bool = False
 
     # --- crosscheck --stages (:mod:`crosscheck.checks.stages`) ----------------------------------------
     #: ``"module:function"``: ``(torch_module, x, cfg, raw) -> output``, the functional re-run of the torch
@@ -164,6 +173,10 @@ class Variant:
     #: ``x`` itself: no projection stages to compare).
     projects_x: bool = True
 
+    def __post_init__(self) -> None:
+        if self.ttnn_forward is None and not self.no_ttnn:
+            raise ValueError(f"{self.name}: an entry without a ttnn program says why (no_ttnn=...)")
+
     @property
     def flax_class_name(self) -> str:
         """The jaxattn class this variant's Flax module is."""
@@ -171,8 +184,8 @@ class Variant:
 
     @property
     def ttnn_program(self) -> str:
-        """The ttnn program's name, as reports show it (code reads :attr:`ttnn_forward` itself)."""
-        return self.ttnn_forward.__name__
+        """The ttnn program's name, as reports show it (code reads :attr:`ttnn_forward` itself); ``""``: none."""
+        return "" if self.ttnn_forward is None else self.ttnn_forward.__name__
 
     @property
     def ttnn_tolerance(self) -> tuple[float, float]:
