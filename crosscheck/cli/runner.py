@@ -14,21 +14,6 @@ import sys
 from crosscheck.cli.parser import PROG
 from crosscheck.errors import BadInputError
 
-#: The config flags of the run, ``bundle export`` and ``convert`` (``prefix`` and ``model_config`` besides).
-CONFIG_FLAGS = (
-    "d_in",
-    "d_out",
-    "context_length",
-    "dropout",
-    "num_heads",
-    "qkv_bias",
-    "causal",
-    "num_kv_groups",
-    "head_dim",
-    "qk_norm",
-    "rope_theta",
-)
-
 
 def one_line(err: BaseException) -> str:
     """Multi-line errors (a port error lists one key a line) joined into the single stderr line."""
@@ -72,8 +57,12 @@ def inputs(args):
 
 
 def overrides(args) -> dict:
-    """The config flags, ``prefix`` and ``model_config`` (``--config``) as keywords."""
-    return {**{k: getattr(args, k) for k in CONFIG_FLAGS}, "prefix": args.prefix, "model_config": args.config}
+    """The config flags of the run, ``bundle export`` and ``convert`` (every overridable config field that has a
+    flag: ``rope_scaling`` comes from ``--config`` only), ``prefix`` and ``model_config`` as keywords."""
+    from crosscheck.pipeline.cases import OVERRIDABLE
+
+    flags = {k: getattr(args, k) for k in OVERRIDABLE if hasattr(args, k)}
+    return {**flags, "prefix": args.prefix, "model_config": args.config}
 
 
 def progress_bar(console):

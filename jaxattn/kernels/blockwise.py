@@ -341,8 +341,9 @@ def _empty_rows(shape: tuple[int, ...], dv: int, acc_dtype) -> tuple[Array, Arra
     )
 
 
-def _key_block_step(carry, q_i, k_j, v_j, q_pos, k_pos, m_j, b_j, *, kv_tokens: int, is_causal: bool, precision):
-    """Fold key block ``j`` into the online softmax of query block ``i``.
+def online_softmax_step(carry, q_i, k_j, v_j, q_pos, k_pos, m_j, b_j, *, kv_tokens: int, is_causal: bool, precision):
+    """Fold key block ``j`` into the online softmax of query block ``i`` (here, and one ring step of
+    :mod:`jaxattn.kernels.ring`).
 
     ``carry`` = ``(m, l, acc, seen)`` ``(B, K, G, bq)`` (``acc`` ``(B, K, G, bq, Hv)``, accumulation dtype);
     ``q_i`` ``(B, K, G, bq, H)`` scaled; ``k_j``/``v_j`` ``(B, K, bk, H)``/``(B, K, bk, Hv)``; ``q_pos``/``k_pos``
@@ -424,7 +425,7 @@ def general_blockwise_attention(
             v_j = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
             k_pos = j * bk + jnp.arange(bk)  # (bk,)
             m_j, b_j = _block(mask_i, 4, j * bk, bk), _block(bias_i, 4, j * bk, bk)
-            return _key_block_step(
+            return online_softmax_step(
                 carry,
                 q_i,
                 k_j,

@@ -51,6 +51,7 @@ from jax.lax import Precision
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float
 
+from jaxattn.kernels.blockwise import online_softmax_step
 from jaxattn.ops import accumulation_dtype, scale_queries
 
 #: The largest query/key tile inside a ring step. Scores per tile: (B, N, 512, 512) float32,
@@ -158,7 +159,6 @@ def _fold(carry, q, k, v, q_pos, k_pos, mask, bias, *, tokens: int, is_causal: b
     m_all, l_all, acc_all, seen_all = carry
     local = q.shape[3]
     tiles = local // block
-    acc_dtype = acc_all.dtype
 
     def query_tile(i):
         start = i * block
@@ -168,33 +168,14 @@ def _fold(carry, q, k, v, q_pos, k_pos, mask, bias, *, tokens: int, is_causal: b
         tile_carry = tuple(lax.dynamic_slice_in_dim(c, start, block, axis=3) for c in (m_all, l_all, acc_all, seen_all))
 
         def step(c, j):
-            m, l, acc, seen = c
             kstart = j * block
             k_j = lax.dynamic_slice_in_dim(k, kstart, block, axis=2)  # (B, K, bk, H)
             v_j = lax.dynamic_slice_in_dim(v, kstart, block, axis=2)
             kp = lax.dynamic_slice_in_dim(k_pos, kstart, block)  # (bk,)
-            s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=acc_dtype, precision=precision).astype(
-                acc_dtype
+            m_j, b_j = _tile(mask_i, 4, kstart, block), _tile(bias_i, 4, kstart, block)
+            return online_softmax_step(
+                c, q_i, k_j, v_j, qp, kp, m_j, b_j, kv_tokens=tokens, is_causal=is_causal, precision=precision
             )
-            visible = (kp < tokens)[None, :]  # padded keys never count
-            if is_causal:
-                visible = visible & (kp[None, :] <= qp[:, None])  # (bq, bk)
-            m_j = _tile(mask_i, 4, kstart, block)
-            visible = visible if m_j is None else visible & m_j
-            b_j = _tile(bias_i, 4, kstart, block)
-            if b_j is not None:
-                s = s + b_j.astype(acc_dtype)
-                visible = visible & (b_j != -jnp.inf)  # a -inf bias entry masks its key; NaN stays NaN
-            s = jnp.where(visible, s, -jnp.inf)  # a masked score is never read, whatever it held
-            seen = seen | jnp.any(visible, axis=-1)
-            m_new = jnp.maximum(m, lax.stop_gradient(s.max(axis=-1)))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(s - m_safe[..., None])  # (B, K, G, bq, bk)
-            correction = jnp.exp(m - m_safe)
-            pv = jnp.einsum(
-                "bkgqs,bksh->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=acc_dtype, precision=precision
-            )
-            return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv.astype(acc_dtype), seen
 
         def maybe_step(c, j):
             kp = lax.dynamic_slice_in_dim(k_pos, j * block, block)

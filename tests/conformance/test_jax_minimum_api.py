@@ -620,6 +620,31 @@ def test_rope_and_rms_norm_against_numpy():
 # --- the attention core and its kernels ---------------------------------------------------------------------
 
 
+@covers("jaxattn.kernels.blockwise", "online_softmax_step")
+def test_online_softmax_steps_over_two_key_blocks_give_softmax_attention():
+    """Two folds of the step shared by the blockwise and ring kernels, normalised at the end, against numpy."""
+    batch, tokens, kv_tokens, heads, head_dim, scale = 2, 3, 8, 2, 4, 0.5
+    q, k, v = rand(41, batch, tokens, heads, head_dim), rand(42, batch, kv_tokens, heads, head_dim), rand(
+        43, batch, kv_tokens, heads, head_dim
+    )
+    q_i = jnp.asarray(q * F32(scale)).transpose(0, 2, 1, 3)[:, :, None]  # (B, K, G=1, T, H), scaled
+    k_h, v_h = (jnp.asarray(a).transpose(0, 2, 1, 3) for a in (k, v))  # (B, K, S, H)
+    shape = (batch, heads, 1, tokens)
+    carry = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros((*shape, head_dim)), jnp.zeros(shape, bool))
+    half = kv_tokens // 2
+    for j in range(2):
+        keys = slice(j * half, (j + 1) * half)
+        carry = kb.online_softmax_step(
+            carry, q_i, k_h[:, :, keys], v_h[:, :, keys], jnp.arange(tokens), jnp.arange(kv_tokens)[keys], None,
+            None, kv_tokens=kv_tokens, is_causal=False, precision="highest",
+        )  # fmt: skip
+    m, l, acc, seen = (np.asarray(c) for c in carry)
+    got = (acc / l[..., None])[:, :, 0].transpose(0, 2, 1, 3)  # (B, T, N, H)
+    want, _ = np_attention(q, k, v, scale=scale)
+    assert seen.all()
+    assert_within(got, want, tolerance.attention_bound(q, k, v, scale=scale), "two online softmax steps")
+
+
 @covers("jaxattn.attention", "dot_product_attention", "attention_with_weights")
 @covers("jaxattn.kernels.naive", "naive_attention")
 @covers("jaxattn.kernels.blockwise", "blockwise_attention", "blockwise_causal_attention", "general_blockwise_attention")

@@ -3,27 +3,24 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 
 import crosscheck
 
 
 def slopes(num_heads):  # head h penalises distance by 2^(-8 (h + 1) / num_heads)
-    return 2.0 ** (-8.0 * np.arange(1, num_heads + 1, dtype=np.float32) / num_heads)
+    return [2.0 ** (-8.0 * h / num_heads) for h in range(1, num_heads + 1)]
 
 
 class TorchALiBiAttention(torch.nn.Module):
     def __init__(self, d_in, d_out, num_heads, context_length):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, d_out // num_heads
-        self.W_query = torch.nn.Linear(d_in, d_out, bias=False)
-        self.W_key = torch.nn.Linear(d_in, d_out, bias=False)
-        self.W_value = torch.nn.Linear(d_in, d_out, bias=False)
+        self.W_query, self.W_key, self.W_value = (torch.nn.Linear(d_in, d_out, bias=False) for _ in range(3))
         self.out_proj = torch.nn.Linear(d_out, d_out)
         pos = torch.arange(context_length)
         distance = (pos[:, None] - pos[None, :]).clamp(min=0)  # (T, T): how far back each key is
-        alibi = -torch.from_numpy(slopes(num_heads))[:, None, None] * distance  # (H, T, T)
+        alibi = -torch.tensor(slopes(num_heads))[:, None, None] * distance  # (H, T, T)
         self.register_buffer("alibi", alibi, persistent=False)
 
     def forward(self, x):
@@ -61,9 +58,7 @@ class ALiBiAttention(nn.Module):
         return nn.Dense(self.d_out, name="out_proj")(context)
 
 
+DEFAULTS = {"d_in": 3, "d_out": 4, "num_heads": 2, "context_length": 6}  # flags change them
 crosscheck.register_variant(
-    "ALiBiAttention",
-    torch_module=TorchALiBiAttention,
-    flax_module=ALiBiAttention,
-    config={"d_in": 3, "d_out": 4, "num_heads": 2, "context_length": 6},
+    "ALiBiAttention", torch_module=TorchALiBiAttention, flax_module=ALiBiAttention, config=DEFAULTS
 )
