@@ -181,7 +181,7 @@ _d = lambda cfg: dict(d_in=cfg.d_in, d_out=cfg.d_out)  # noqa: E731
 _dq = lambda cfg: dict(d_in=cfg.d_in, d_out=cfg.d_out, qkv_bias=cfg.qkv_bias)  # noqa: E731
 
 _CAUSAL_FIELDS = ("d_in", "d_out", "context_length", "dropout", "qkv_bias")
-_STAGES = "crosscheck.checks.stages:"
+_STAGES = "crosscheck.checks.stage_reruns:"
 #: What the causal entries share: a selectable attention core; the fused ones also split d_out into heads.
 _CAUSAL: dict = dict(takes_attention_impl=True, shard_modes=("batch", "sequence"))
 _SPLIT: dict = dict(takes_attention_impl=True, splits_heads_of="d_out", shard_modes=("batch", "heads", "sequence"))

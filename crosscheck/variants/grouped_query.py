@@ -303,7 +303,7 @@ GQA_COMMON: dict[str, Any] = dict(
     complete_config=complete_gqa,
     check_config=check_gqa,
     options=("rope_theta", "freq_config", "rope_scaling", "context_length"),
-    torch_stages="crosscheck.checks.stages:rerun_gqa",
+    torch_stages="crosscheck.checks.stage_reruns:rerun_gqa",
     flax_stages="crosscheck.checks.stages:flax_gqa",
 )
 

@@ -47,7 +47,7 @@ FAMILY = "plugin"
 #: callable that registers when called).
 ENTRY_POINT_GROUP = "crosscheck.variants"
 #: ``--stages`` of a registered variant: every submodule the two sides share by name (:mod:`crosscheck.checks.stages`).
-_STAGES = "crosscheck.checks.stages:"
+_STAGES = "crosscheck.checks.stage_reruns:"
 #: bf16 roundings assumed for a plugin's ttnn program when the registration does not count them.
 DEFAULT_BF16_ROUNDINGS = 8
 

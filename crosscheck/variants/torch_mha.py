@@ -120,7 +120,7 @@ VARIANTS: tuple[Variant, ...] = (
         # nn.MultiheadAttention decodes only as the causal self-attention it is run as.
         decodes_at=lambda cfg: cfg.causal,
         torch_masked_forward=_torch_mha_masked_forward,
-        torch_stages="crosscheck.checks.stages:rerun_torch_mha",
+        torch_stages="crosscheck.checks.stage_reruns:rerun_torch_mha",
         # torch.nn.MultiheadAttention's own layout: what crosscheck.jax_layers ports from.
         jax_layers=True,
     ),

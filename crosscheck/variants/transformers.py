@@ -199,6 +199,6 @@ VARIANTS: tuple[Variant, ...] = (
         in_default_run=False,
         needs=("transformers",),
         # The book's combined-QKV re-run, which names what it cannot break down (GPT-2 has no ``qkv``).
-        torch_stages="crosscheck.checks.stages:rerun_combined",
+        torch_stages="crosscheck.checks.stage_reruns:rerun_combined",
     ),
 )
