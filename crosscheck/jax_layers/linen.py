@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from crosscheck.jax_layers.weights import MhaWeights
+from crosscheck.jax_layers.weights import MhaWeights, merged_stages
 
 
 def layer(weights: MhaWeights, *, decode: bool = False) -> nn.MultiHeadDotProductAttention:
@@ -69,10 +69,6 @@ def _recording(record_into: dict):
     return record
 
 
-def _merged(found: dict, out, shape) -> dict:
-    return {**{name: np.asarray(a).reshape(*shape[:2], -1) for name, a in found.items()}, "output": np.asarray(out)}
-
-
 def stages(weights: MhaWeights, x: np.ndarray, *, causal: bool, attention_mask: np.ndarray | None = None) -> dict:
     """Every stage of one forward pass, each ``(B, T, E)``: the projections (``capture_intermediates``), the input
     of ``out`` (the heads merged; recorded by ``nn.intercept_methods``) and the output."""
@@ -85,7 +81,7 @@ def stages(weights: MhaWeights, x: np.ndarray, *, causal: bool, attention_mask: 
             capture_intermediates=True,
         )
     found = {name: state["intermediates"][name]["__call__"][0] for name in ("query", "key", "value")}
-    return _merged({**found, **recorded}, out, x.shape)
+    return merged_stages({**found, **recorded}, out, x.shape)
 
 
 def decode_stages(weights: MhaWeights, x: np.ndarray) -> dict:
@@ -106,5 +102,5 @@ def decode_stages(weights: MhaWeights, x: np.ndarray) -> dict:
             )
         cache = mutated["cache"]
         found = {name: mutated["intermediates"][name]["__call__"][0] for name in ("query", "key", "value")}
-        steps.append(_merged({**found, **recorded}, out, x[:, t : t + 1].shape))
+        steps.append(merged_stages({**found, **recorded}, out, x[:, t : t + 1].shape))
     return {name: np.concatenate([s[name] for s in steps], axis=1) for name in steps[0]}

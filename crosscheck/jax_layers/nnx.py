@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from crosscheck.jax_layers.weights import MhaWeights
+from crosscheck.jax_layers.weights import MhaWeights, merged_stages
 
 
 def layer(weights: MhaWeights, *, decode: bool = False) -> nnx.MultiHeadAttention:
@@ -62,8 +62,7 @@ def _stages_of_call(module, xs, recorded: dict, **call) -> dict:
     out = module(xs, **call)
     found = {name: getattr(module, name)(xs) for name in ("query", "key", "value")}
     found["attention"] = recorded["attention"]
-    merged = {name: np.asarray(a).reshape(*xs.shape[:2], -1) for name, a in found.items()}
-    return {**merged, "output": np.asarray(out)}
+    return merged_stages(found, out, xs.shape)
 
 
 def stages(weights: MhaWeights, x: np.ndarray, *, causal: bool, attention_mask: np.ndarray | None = None) -> dict:

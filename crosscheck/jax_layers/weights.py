@@ -97,3 +97,10 @@ def reference_stages(
 def project_out(weights: MhaWeights, attention: np.ndarray) -> np.ndarray:
     out = np.asarray(attention, np.float64) @ weights.w_o.astype(np.float64).T
     return out if weights.b_o is None else out + weights.b_o
+
+
+def merged_stages(found: dict, output, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A layer's stages as ``(B, T, E)`` numpy arrays (its heads merged) for an input of ``shape`` ``(B, T, E)``,
+    with its ``output``."""
+    merged = {name: np.asarray(a).reshape(*shape[:2], -1) for name, a in found.items()}
+    return {**merged, "output": np.asarray(output)}

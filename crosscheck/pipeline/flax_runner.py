@@ -62,9 +62,7 @@ def platform() -> str:
 def _jax_dtype(dtype: str):
     from crosscheck.pipeline import placement
 
-    if dtype not in DTYPES:
-        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    return placement.jax_dtype(dtype)
+    return placement.jax_dtype(dtype, DTYPES)
 
 
 def flax_module(variant: registry.Variant, cfg: AttnConfig, dtype: str = "float32", attention_impl: str | None = None):

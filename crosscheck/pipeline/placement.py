@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -80,29 +80,30 @@ def matmul_precision(dtype: str) -> str:
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 
-def _dtype_name(name: str) -> str:
-    if name not in DTYPE_NAMES:
-        raise BadInputError(f"dtype must be one of {', '.join(DTYPE_NAMES)}; got {name!r}")
+def check_dtype(name: str, allowed: Sequence[str] = DTYPE_NAMES) -> str:
+    """``name``, or a :class:`BadInputError` naming the ``allowed`` dtypes (a part may allow fewer than all)."""
+    if name not in allowed:
+        raise BadInputError(f"dtype must be one of {', '.join(allowed)}; got {name!r}")
     return name
 
 
-def jax_dtype(name: str):
-    """``jnp.float32``, ``jnp.bfloat16``, ... for a name of :data:`DTYPE_NAMES` (else a :class:`BadInputError`)."""
+def jax_dtype(name: str, allowed: Sequence[str] = DTYPE_NAMES):
+    """``jnp.float32``, ``jnp.bfloat16``, ... for a name of ``allowed`` (else a :class:`BadInputError`)."""
     import jax.numpy as jnp
 
-    return getattr(jnp, _dtype_name(name))
+    return getattr(jnp, check_dtype(name, allowed))
 
 
 def torch_dtype(name: str):
     """``torch.float32``, ``torch.bfloat16``, ... for a name of :data:`DTYPE_NAMES` (else a :class:`BadInputError`)."""
     import torch
 
-    return getattr(torch, _dtype_name(name))
+    return getattr(torch, check_dtype(name))
 
 
 def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype of a name of :data:`DTYPE_NAMES` (``bfloat16``: ml_dtypes', as JAX's)."""
-    if _dtype_name(name) == "bfloat16":
+    if check_dtype(name) == "bfloat16":
         import ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)

@@ -163,8 +163,7 @@ def check_choices(backends: Sequence[str], dtype: str, ttnn_runtime: str) -> tup
     bad = [b for b in backends if b not in BACKENDS]
     if bad or not backends:
         raise BadInputError(f"unknown backend(s) {bad or '(none)'}; choose from {', '.join(BACKENDS)}")
-    if dtype not in DTYPES:
-        raise BadInputError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    placement.check_dtype(dtype, DTYPES)
     if ttnn_runtime not in TTNN_RUNTIMES:
         raise BadInputError(f"ttnn runtime must be one of {', '.join(TTNN_RUNTIMES)}; got {ttnn_runtime!r}")
     return tuple(b for b in BACKENDS if b in backends)
