@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # before JAX starts: 2 CPU devices here
+# Before JAX starts: 2 CPU devices here, beside the compile flags the test passes on.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
 os.environ["JAX_PLATFORMS"] = "cpu"  # those, on a GPU machine too: the cluster is of host devices (gloo)
 
 import jax  # noqa: E402

@@ -1,8 +1,10 @@
 """The real console script (``.venv/bin/crosscheck``) in subprocesses, and ``cli.main`` in this process: exit
 codes, JSON, messages.
 
-Processes that do not depend on each other run two at a time (importing torch and JAX
-dominates); most bad-input cases use .safetensors weights so they never import torch.
+The script runs where the way in is the subject: the default run, ``python -m crosscheck``, and one bad
+input per way in (two at a time: importing torch and JAX dominates; most use .safetensors weights so they
+never import torch). Everything else is ``cli.main`` in this process (cli_in_process.py), the same code
+from argv to exit code without a new interpreter importing torch and JAX and tracing again.
 """
 
 import json
@@ -22,8 +24,11 @@ from crosscheck.porting.bundle import read_outputs, write_outputs
 from crosscheck.references import torch_ref
 from crosscheck.variants import registry
 
+from .cli_in_process import ENV as SCRIPT_ENV
+from .cli_in_process import main_in_process
+
 CROSSCHECK = str(Path(sys.executable).with_name("crosscheck"))
-ENV = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+ENV = {**os.environ, **SCRIPT_ENV}
 
 
 def run(args, cwd, timeout=300):
@@ -107,10 +112,11 @@ def test_default_run_table_names_the_ttnn_runtime(default_run):
 
 
 def test_help_documents_everything(tmp_path):
-    procs = run_all(
-        {"help": ["--help"], "bundle": ["bundle", "--help"], "export": ["bundle", "export", "--help"], "bench": ["bench", "--help"]},
-        tmp_path,
-    )
+    procs = {
+        name: main_in_process(args, tmp_path)
+        for name, args in {"help": ["--help"], "bundle": ["bundle", "--help"], "export": ["bundle", "export", "--help"],
+                           "bench": ["bench", "--help"]}.items()
+    }
     text = procs["help"].stdout
     assert procs["help"].returncode == 0
     for flag in (
@@ -122,6 +128,7 @@ def test_help_documents_everything(tmp_path):
         assert flag in text, flag
     assert "compare" in procs["bundle"].stdout and "--weights" in procs["export"].stdout
     assert procs["bench"].returncode == 0 and procs["bench"].stdout.startswith("usage: crosscheck bench")
+    # a new interpreter, through crosscheck/__main__.py: the same text as cli.main gives in this process
     module = subprocess.run([sys.executable, "-m", "crosscheck", "--help"], capture_output=True, text=True, env=ENV)
     assert module.returncode == 0 and module.stdout == text
 
@@ -131,13 +138,13 @@ def test_help_documents_everything(tmp_path):
 
 @pytest.mark.slow
 def test_state_dicts_round_trip(files):
-    procs = run_all(
-        {
+    procs = {
+        name: main_in_process(args, files)
+        for name, args in {
             "pt": ["--weights", "mha.pt", "--input", "x.npy", "--json", "pt.json", "-q"],
             "st": ["--weights", "mha.safetensors", "--variant", "multiheadattention", "--input", "x.npy", "--json", "st.json", "-q"],
-        },
-        files,
-    )
+        }.items()
+    }
     for name, proc in procs.items():
         assert proc.returncode == 0, (name, proc.stdout, proc.stderr)
     assert procs["pt"].stdout == "all 3 checks passed\n"  # -q: one line
@@ -155,19 +162,21 @@ def test_state_dicts_round_trip(files):
 
 @pytest.mark.slow
 def test_tampered_outputs_fail_with_the_variant_named(files):
-    assert run(["bundle", "export", "b.safetensors", "--variant", "CausalAttention", "--variant", "TorchMultiheadAttention"], files).returncode == 0
-    proc = run(["bundle", "run", "b.safetensors", "o.safetensors", "--backend", "ttnn", "--ttnn-runtime", "host"], files)
+    variants = ["--variant", "CausalAttention", "--variant", "TorchMultiheadAttention"]
+    assert main_in_process(["bundle", "export", "b.safetensors", *variants], files).returncode == 0
+    on_ttnn = ["bundle", "run", "b.safetensors", "o.safetensors", "--backend", "ttnn", "--ttnn-runtime", "host"]
+    proc = main_in_process(on_ttnn, files)
     assert proc.returncode == 0, proc.stderr
     outputs, meta = read_outputs(files / "o.safetensors")
     outputs["TorchMultiheadAttention"] = outputs["TorchMultiheadAttention"] + np.float32(0.1)  # offset: PCC-blind
     write_outputs(files / "t.safetensors", outputs, meta)
-    procs = run_all(
-        {
+    procs = {
+        name: main_in_process(args, files)
+        for name, args in {
             "good": ["bundle", "compare", "b.safetensors", "o.safetensors", "--json", "good.json"],
             "bad": ["bundle", "compare", "b.safetensors", "t.safetensors", "--json", "bad.json"],
-        },
-        files,
-    )
+        }.items()
+    }
     assert procs["good"].returncode == 0, procs["good"].stderr
     bad = procs["bad"]
     assert bad.returncode == 1
@@ -236,27 +245,11 @@ def bad_runs(files):
     return run_all({name: BAD[name][0] for name in THROUGH_THE_SCRIPT}, files)
 
 
-def main_exit_and_stderr(args, capsys) -> tuple[int, str]:
-    from crosscheck.cli import main
-
-    try:
-        code = main(args)
-    except SystemExit as exit_:  # argparse
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_exits_2_with_one_line(case, files, request, capsys, monkeypatch):
+def test_bad_input_exits_2_with_one_line(case, files, request):
     args, message = BAD[case]
-    if case in THROUGH_THE_SCRIPT:
-        proc = request.getfixturevalue("bad_runs")[case]
-        code, stderr = proc.returncode, proc.stderr
-    else:
-        for name, value in ENV.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.chdir(files)
-        code, stderr = main_exit_and_stderr(args, capsys)
+    proc = request.getfixturevalue("bad_runs")[case] if case in THROUGH_THE_SCRIPT else main_in_process(args, files)
+    code, stderr = proc.returncode, proc.stderr
     assert code == 2, stderr
     assert "Traceback" not in stderr
     lines = stderr.strip().splitlines()
@@ -271,21 +264,12 @@ IMPLS = ("naive", "blockwise", "xla")
 TAKERS = {v.name for v in registry.takes_attention_impl()}
 
 
-def main_in_process(args, capsys, monkeypatch):
-    """``(exit code, stdout, stderr)`` of the CLI's ``main`` without a new interpreter."""
-    from crosscheck.cli import main
-
-    monkeypatch.setenv("NO_COLOR", "1")
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("impl", IMPLS)
-def test_attention_impl_runs_every_variant_and_is_recorded(impl, tmp_path, capsys, monkeypatch):
+def test_attention_impl_runs_every_variant_and_is_recorded(impl, tmp_path):
     json_path = tmp_path / "r.json"
     args = ["--attention-impl", impl, "--backends", "torch,flax", "--json", str(json_path)]
-    code, out, err = main_in_process(args, capsys, monkeypatch)
+    proc = main_in_process(args)
+    code, out, err = proc.returncode, proc.stdout, proc.stderr
     assert code == 0, err
     assert f"attention impl: {impl}\n" in out and "all 16 checks passed" in out
     report = json.loads(json_path.read_text())
@@ -295,14 +279,14 @@ def test_attention_impl_runs_every_variant_and_is_recorded(impl, tmp_path, capsy
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_attention_impl_on_random_multi_head_inputs(impl, tmp_path, capsys, monkeypatch):
+def test_attention_impl_on_random_multi_head_inputs(impl, tmp_path):
     json_path = tmp_path / "r.json"
     args = [
         "--attention-impl", impl, "--backends", "torch,flax", "--variant", "MultiHeadAttention",
         "--batch", "2", "--tokens", "40", "--d-in", "16", "--d-out", "16", "--num-heads", "4", "--json", str(json_path),
     ]
-    code, _, err = main_in_process(args, capsys, monkeypatch)
-    assert code == 0, err
+    proc = main_in_process(args)
+    assert proc.returncode == 0, proc.stderr
     report = json.loads(json_path.read_text())
     assert report["attention_impl"] == impl and [r["shape"] for r in report["results"]] == [[2, 40, 16]] * 2
 
@@ -316,10 +300,9 @@ def test_attention_impl_on_random_multi_head_inputs(impl, tmp_path, capsys, monk
          "SimplifiedSelfAttention takes no --attention-impl"),
     ],
 )
-def test_bad_attention_impl_exits_2_with_one_line(args, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code, out, err = main_in_process([*args, "--backends", "torch,flax"] if args[0] != "bundle" else args,
-                                     capsys, monkeypatch)
+def test_bad_attention_impl_exits_2_with_one_line(args, message, tmp_path):
+    proc = main_in_process([*args, "--backends", "torch,flax"] if args[0] != "bundle" else args, tmp_path)
+    code, out, err = proc.returncode, proc.stdout, proc.stderr
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("crosscheck: error: ") and message in lines[0], err

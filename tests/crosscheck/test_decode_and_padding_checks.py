@@ -17,7 +17,7 @@ from crosscheck.references import torch_ref
 from crosscheck.variants import registry
 from tests.bounds import torch_layer_bound  # noqa: E402
 
-from .test_cli import run  # noqa: E402
+from .cli_in_process import main_in_process  # noqa: E402
 
 SMALL = dict(inputs=RandomInputs(batch=2, tokens=10, d_in=4, seed=1), d_out=4, num_heads=2)
 DECODERS = [v.name for v in registry.decoding() if v.in_default_run]
@@ -117,14 +117,14 @@ def test_bad_decode_and_padding_requests_are_named(kwargs, message):
 
 
 def test_cli_decode_and_padding(tmp_path):
-    out = run(["--decode", "2", "--backends", "torch,flax", "--json", str(tmp_path / "d.json")], tmp_path)
+    out = main_in_process(["--decode", "2", "--backends", "torch,flax", "--json", str(tmp_path / "d.json")], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "decode: prompt of 2 tokens, then one token at a time to 6" in out.stdout
     report = json.loads((tmp_path / "d.json").read_text())
     assert report["mode"]["check"] == "decode" and all(r["detail"]["steps"] == 4 for r in report["results"])
-    out = run(["--padding", "right", "--pad-lengths", "0,2", "--backends", "torch,flax", "-q"], tmp_path)
+    out = main_in_process(["--padding", "right", "--pad-lengths", "0,2", "--backends", "torch,flax", "-q"], tmp_path)
     assert out.returncode == 0 and "all 16 checks passed" in out.stdout, out.stdout + out.stderr
-    bad = run(["--padding", "left", "--pad-lengths", "1,-2"], tmp_path)
+    bad = main_in_process(["--padding", "left", "--pad-lengths", "1,-2"], tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == "crosscheck: error: --pad-lengths: must be >= 0, got -2"
     assert "Traceback" not in bad.stderr
 

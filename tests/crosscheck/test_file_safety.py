@@ -1,7 +1,8 @@
 """No run writes over its own inputs, every output path is checked before the work, writes are atomic.
 
-CLI cases run the console script (the ``run`` helper of test_cli.py) and hash every input before and
-after; the bad-path cases fail before torch or JAX is imported, so they take a fraction of a second.
+CLI cases run ``cli.main`` in this process (cli_in_process.py) and hash every input before and after; one
+``bundle run`` goes through the console script (the ``run`` helper of test_cli.py), another interpreter writing
+the outputs this one then overwrites.
 """
 
 import argparse
@@ -20,6 +21,7 @@ from crosscheck.pipeline.results import Report
 from crosscheck.porting import bundle as bd
 from crosscheck.porting import outputs
 
+from .cli_in_process import main_in_process
 from .test_cli import run
 
 
@@ -100,7 +102,7 @@ BAD_PATHS = {
 def test_an_input_is_never_an_output(files, case):
     args, message = INPUT_CLASHES[case]
     before = _hashes(files)
-    line = _one_error_line(run(args, files, timeout=120))
+    line = _one_error_line(main_in_process(args, files))
     assert message in line and "refusing to overwrite an input" in line
     assert _hashes(files) == before
 
@@ -109,37 +111,27 @@ def test_an_input_is_never_an_output(files, case):
 def test_bad_output_paths_fail_first_with_one_line(files, case):
     args, message = BAD_PATHS[case]
     before = _hashes(files)
-    line = _one_error_line(run(args, files, timeout=120))
+    line = _one_error_line(main_in_process(args, files))
     assert message in line
     assert _hashes(files) == before
     assert not (files / "nodir").exists() and not [p for p in files.iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.slow
-def test_bundle_round_trip_leaves_its_inputs_and_overwrites_its_own_outputs(tmp_path, capsys, monkeypatch):
+def test_bundle_round_trip_leaves_its_inputs_and_overwrites_its_own_outputs(tmp_path):
     """The happy path still works, twice: a previous outputs file or report is the user's output, not an input.
-    The first round runs the console script, the second ``cli.main`` in this process (the same code from argv
-    on, without two more interpreters importing JAX)."""
-    from crosscheck.cli import main
-
-    def through_the_script(args):
-        proc = run(args, tmp_path)
-        return proc.returncode, proc.stderr
-
-    def in_process(args):
-        code = main(args)
-        return code, capsys.readouterr().err
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("NO_COLOR", "1")
+    The first round's ``bundle run`` runs the console script (another interpreter writes the outputs, as the
+    ttnn one does); the rest is ``cli.main`` in this process (the same code from argv on, without more
+    interpreters importing JAX)."""
     np.save(tmp_path / "x.npy", _case().inputs)
-    assert run(["bundle", "export", "b.safetensors", "--variant", "CausalAttention", "--input", "x.npy"], tmp_path).returncode == 0
+    export = ["bundle", "export", "b.safetensors", "--variant", "CausalAttention", "--input", "x.npy"]
+    assert main_in_process(export, tmp_path).returncode == 0
     inputs = {"x.npy": sha(tmp_path / "x.npy"), "b.safetensors": sha(tmp_path / "b.safetensors")}
-    for call in (through_the_script, in_process):
-        code, stderr = call(["bundle", "run", "b.safetensors", "o.safetensors", "--backend", "flax"])
-        assert code == 0, stderr
-        code, stderr = call(["bundle", "compare", "b.safetensors", "o.safetensors", "--json", "r.json"])
-        assert code == 0, stderr
+    for bundle_run in (run, main_in_process):  # through the script, then in this process
+        proc = bundle_run(["bundle", "run", "b.safetensors", "o.safetensors", "--backend", "flax"], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        proc = main_in_process(["bundle", "compare", "b.safetensors", "o.safetensors", "--json", "r.json"], tmp_path)
+        assert proc.returncode == 0, proc.stderr
         assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
     assert {k: sha(tmp_path / k) for k in inputs} == inputs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors", "o.safetensors", "r.json", "x.npy"]

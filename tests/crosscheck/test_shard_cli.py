@@ -23,9 +23,9 @@ from tests.host_cpu import as_a_cpu_machine
 
 CROSSCHECK = str(Path(sys.executable).with_name("crosscheck"))
 # A fresh process with no device count of its own: the CLI must set it. Its devices are the host's
-# (a one-GPU machine has one GPU device).
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "NO_COLOR": "1", "COLUMNS": "200",
-       "JAX_PLATFORMS": "cpu"}
+# (a one-GPU machine has one GPU device). It compiles as the suite does (tests/conftest.py).
+ENV = {**os.environ, "XLA_FLAGS": os.environ.get("JAXATTN_TEST_COMPILE_FLAGS", ""), "NO_COLOR": "1",
+       "COLUMNS": "200", "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(autouse=True)

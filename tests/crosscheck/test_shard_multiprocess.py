@@ -28,7 +28,8 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_ring_attention_across_two_processes_equals_one_device():
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": str(ROOT)}
+    # Each worker sets its own device count; it compiles as the suite does (tests/conftest.py).
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("JAXATTN_TEST_COMPILE_FLAGS", ""), "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen([sys.executable, str(WORKER), str(port), str(i), "2"], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
