@@ -20,10 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crosscheck import cli
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
 from crosscheck.porting import bundle as bd
+
+from .cli_in_process import main_in_process
 
 torch = pytest.importorskip("torch")
 
@@ -38,16 +39,8 @@ VARIANTS = ("CausalAttention", "MultiHeadAttention", "MultiHeadAttentionWrapper"
 
 def _call(argv) -> tuple[int, str]:
     """``crosscheck.cli.main(argv)`` -> ``(exit code, stderr)``; argparse's SystemExit is its exit code."""
-    import contextlib
-    import io
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = cli.main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, err.getvalue()
+    proc = main_in_process(argv)
+    return proc.returncode, proc.stderr
 
 
 def _sha(path) -> str:

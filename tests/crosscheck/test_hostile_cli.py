@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from crosscheck import cli
 from crosscheck.config import AttnConfig
 from crosscheck.errors import BadInputError
 from crosscheck.pipeline import devices, engine
@@ -28,17 +27,15 @@ from crosscheck.references import hf
 from crosscheck.variants import registry
 from tests.host_cpu import as_a_cpu_machine
 
+from .cli_in_process import main_in_process
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(argv, capsys):
     """``(exit code, stderr)`` of ``cli.main(argv)``; argparse's SystemExit gives its code."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.err
+    proc = main_in_process(argv)
+    return proc.returncode, proc.stderr
 
 
 def refused(argv, capsys) -> str:
