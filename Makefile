@@ -85,8 +85,8 @@ docs: $(VENV)/.installed
 # `make test TEST_WORKERS=0` runs in one process.
 TEST_WORKERS ?= 2
 
-# tests/conftest.py compiles at XLA's backend optimisation level 0 with XLA:CPU's older emitters (a third
-# of the compile time). The tests of non-finite numerics (marker xla_optimized), where optimised code has
+# tests/conftest.py compiles at XLA's backend optimisation level 0 with XLA:CPU's older emitters (40 % of
+# level 0's compile time alone). The tests of non-finite numerics (marker xla_optimized), where optimised code has
 # shown bugs, run instead at XLA's default, as users compile: in test-xla-optimized, in one process beside
 # the oldest stack. Each test runs once in `make test`; a plain `pytest` runs them all at level 0.
 test-main: $(VENV)/.installed
