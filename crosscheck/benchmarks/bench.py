@@ -71,7 +71,7 @@ from crosscheck.benchmarks.bench_timing import (
     time_round_robin,
 )
 from crosscheck.errors import BadInputError
-from crosscheck.pipeline import budget
+from crosscheck.pipeline import budget, placement
 from crosscheck.porting.outputs import atomic_write_text, check_output_path, same_file
 
 TORCH_IMPLS = ("torch-book", "torch-sdpa", "torch-compile")
@@ -168,8 +168,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     bench_models.check_sizes(args)
     if args.warmup < 0:
         raise BadInputError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.dtype not in DTYPES:
-        raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    placement.check_dtype(args.dtype, DTYPES, what="--dtype")
     known = all_impls()
     impls = list(known)
     if args.impls:

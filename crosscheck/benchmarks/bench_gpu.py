@@ -96,8 +96,7 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     if not tokens or any(not MIN_TOKENS <= t <= MAX_TOKENS for t in tokens):
         raise BadInputError(f"--tokens: give token counts in [{MIN_TOKENS}, {MAX_TOKENS}], got {tokens}")
     bench_models.check_sizes(args, "pipeline")
-    if args.dtype not in DTYPES:
-        raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    placement.check_dtype(args.dtype, DTYPES, what="--dtype")
     known = gpu_impls()
     impls = list(known)
     if args.impls:

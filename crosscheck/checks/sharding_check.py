@@ -17,8 +17,8 @@ import numpy as np
 
 from crosscheck.checks import forward
 from crosscheck.errors import BadInputError
+from crosscheck.pipeline import backends, flax_runner
 from crosscheck.pipeline import compare as cmp
-from crosscheck.pipeline import flax_runner
 from crosscheck.pipeline.cases import Case
 from crosscheck.pipeline.progress import Progress
 from crosscheck.pipeline.request import SHARD_MODES, RunRequest
@@ -103,15 +103,7 @@ def one_device_row(
     case, dtype: str, attention_impl: str | None, sharded: np.ndarray, devices: int, shard: str
 ) -> Result:
     """The row comparing the sharded output with the same module on one device."""
-    single = flax_runner.run_flax(
-        case.variant,
-        case.config,
-        case.state_dict,
-        case.x,
-        dtype=dtype,
-        attention_impl=attention_impl,
-        attention_mask=case.attention_mask,
-    )
+    single = backends.flax_output(case, dtype, attention_impl)
     tol = cmp.policy_for("flax sharded", dtype) if dtype == "float32" else cmp.policy_for("flax", dtype)
     result = result_of(case.variant.name, "flax", flax_runner.platform(), dtype, ONE_DEVICE, sharded, single, tol)
     label(result, dtype, devices, shard)

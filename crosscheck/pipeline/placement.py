@@ -80,10 +80,11 @@ def matmul_precision(dtype: str) -> str:
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 
-def check_dtype(name: str, allowed: Sequence[str] = DTYPE_NAMES) -> str:
-    """``name``, or a :class:`BadInputError` naming the ``allowed`` dtypes (a part may allow fewer than all)."""
+def check_dtype(name: str, allowed: Sequence[str] = DTYPE_NAMES, what: str = "dtype") -> str:
+    """``name``, or a :class:`BadInputError` naming ``what`` was given (a flag, say) and the ``allowed`` dtypes
+    (a part may allow fewer than all)."""
     if name not in allowed:
-        raise BadInputError(f"dtype must be one of {', '.join(allowed)}; got {name!r}")
+        raise BadInputError(f"{what} must be one of {', '.join(allowed)}; got {name!r}")
     return name
 
 
